@@ -1,0 +1,11 @@
+"""gpurnn: RNN, LSTM and GRU with hand-written backpropagation through time.
+
+The NumPy backend is the reference; the CUDA backend (numba.cuda kernels and
+cuBLAS through CuPy) mirrors it. ``get_backend()`` says which one runs and why.
+"""
+
+from gpurnn.backend import get_backend
+from gpurnn.layers import GRU, LSTM, RNN
+
+__all__ = ["RNN", "LSTM", "GRU", "get_backend"]
+__version__ = "0.1.0"

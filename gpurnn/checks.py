@@ -1,0 +1,83 @@
+"""Argument checks shared by the public API.
+
+Every failure raises ``TypeError`` (wrong kind of thing) or ``ValueError``
+(right kind, wrong value or shape) with a message that names the argument,
+what was expected and what came.
+"""
+
+import numbers
+
+import numpy as np
+
+
+def positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive integer, got {value}")
+    return int(value)
+
+
+def flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def probability(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value}")
+    return float(value)
+
+
+def choice(name, value, options):
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
+    return value
+
+
+def float_dtype(name, value):
+    try:
+        dtype = np.dtype(value)
+    except TypeError as exc:
+        raise TypeError(f"{name}: expected 'float32' or 'float64', got {value!r}") from exc
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}: expected 'float32' or 'float64', got {value!r}")
+    return dtype
+
+
+def seed(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise TypeError(f"{name}: expected None or an integer, got {value!r}")
+    return value
+
+
+def array(name, a, shape, dtype, layout=""):
+    """Check ``a`` (already an array) against ``shape``: a tuple of ints, or
+    None for a free dimension; ``layout`` names the dimensions for the message."""
+    if a.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
+    where = f" {layout}" if layout else ""
+    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if a.ndim != len(shape):
+        raise ValueError(f"{name}: expected a {len(shape)}-D array of shape {want}{where}, "
+                         f"got shape {tuple(a.shape)}")
+    for want_size, got in zip(shape, a.shape):
+        if want_size is not None and want_size != got:
+            raise ValueError(f"{name}: expected shape {want}{where}, got {tuple(a.shape)}")
+    return a
+
+
+def lengths(name, host_lengths, B, T):
+    """host_lengths: a NumPy array; returns it as int32 [B] with 1 <= l <= T."""
+    a = host_lengths
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer array of shape [{B}], got dtype {a.dtype}")
+    if a.shape != (B,):
+        raise ValueError(f"{name}: expected shape [{B}] (one length per sequence), got {tuple(a.shape)}")
+    if a.size and (a.min() < 1 or a.max() > T):
+        raise ValueError(f"{name}: expected every length in [1, {T}] (T={T}), "
+                         f"got values from {a.min()} to {a.max()}")
+    return a.astype(np.int32)

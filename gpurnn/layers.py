@@ -1,0 +1,292 @@
+"""RNN, LSTM and GRU modules with PyTorch's API, shapes and parameter names.
+
+    out, h_n = rnn(x, h0=None, lengths=None)             # GRU the same
+    out, (h_n, c_n) = lstm(x, hx=None, lengths=None)     # hx = (h0, c0)
+    dx, dh0 = rnn.backward(d_out, d_hn=None)
+    dx, (dh0, dc0) = lstm.backward(d_out, d_hx=None)     # d_hx = (d_hn, d_cn)
+
+x: [T, B, I] ([B, T, I] with batch_first)   h0, c0, h_n, c_n: [L*D, B, H]
+out: [T, B, D*H] ([B, T, D*H] with batch_first)   lengths: [B], 1 <= l <= T
+
+``backward`` consumes the cache of the last training-mode forward and
+accumulates parameter gradients into ``m.grads`` (cleared by ``zero_grad``).
+Parameters and gradients are updated in place, never rebound, so a captured
+CUDA graph that points at them stays valid.
+"""
+
+from collections import OrderedDict
+
+import numpy as np
+
+from gpurnn import checks, stack
+from gpurnn.backend import get_backend
+from gpurnn.cells import NONLINEARITIES
+
+_MAX_WORKSPACES = 4  # buffers kept for this many recent [T, B] shapes
+
+
+class _RNNBase:
+    _cell = None
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype="float32", seed=None, nonlinearity=None):
+        self.input_size = checks.positive_int("input_size", input_size)
+        self.hidden_size = checks.positive_int("hidden_size", hidden_size)
+        self.num_layers = checks.positive_int("num_layers", num_layers)
+        self.bias = checks.flag("bias", bias)
+        self.batch_first = checks.flag("batch_first", batch_first)
+        self.dropout = checks.probability("dropout", dropout)
+        self.bidirectional = checks.flag("bidirectional", bidirectional)
+        self.dtype = checks.float_dtype("dtype", dtype)
+        checks.seed("seed", seed)
+        self.nonlinearity = nonlinearity
+        self.backend = get_backend()
+        self._ops = self.backend.ops
+        self._cfg = stack.Config(self._cell, self.input_size, self.hidden_size, self.num_layers,
+                                 self.bidirectional, nonlinearity)
+        self._rng = np.random.default_rng(seed)
+        self._params, self._grads = self._init_params()
+        public = [n for n in self._params if self.bias or not n.startswith("bias")]
+        self.params = {n: self._params[n] for n in public}  # the arrays themselves
+        self.grads = {n: self._grads[n] for n in public}
+        self.training = True
+        self._workspaces = OrderedDict()
+        self._cache = None  # (workspace, dropout_on) of the last training forward
+        self._cache_used = False
+
+    # ------------------------------------------------------------------ params
+    def _init_params(self):
+        """U(-1/sqrt(H), 1/sqrt(H)) like torch, in torch's order; zero biases if bias=False."""
+        cfg, xp = self._cfg, self.backend.xp
+        G = {"rnn": 1, "lstm": 4, "gru": 3}[self._cell]
+        k = 1.0 / np.sqrt(cfg.H)
+        params, grads = {}, {}
+        for layer in range(cfg.L):
+            for d in range(cfg.D):
+                shapes = ((G * cfg.H, cfg.layer_input_size(layer)), (G * cfg.H, cfg.H), (G * cfg.H,), (G * cfg.H,))
+                for name, shape in zip(cfg.param_names(layer, d), shapes):
+                    if name.startswith("bias") and not self.bias:
+                        value = np.zeros(shape)
+                    else:
+                        value = self._rng.uniform(-k, k, size=shape)
+                    params[name] = xp.asarray(value.astype(self.dtype))
+                    grads[name] = xp.zeros(shape, self.dtype)
+        return params, grads
+
+    def parameters(self):
+        """(name, array) pairs, in torch's order."""
+        return list(self.params.items())
+
+    def state_dict(self):
+        """Copies of the parameters, keyed by torch's names."""
+        return {n: p.copy() for n, p in self.params.items()}
+
+    def load_state_dict(self, state):
+        """Copy arrays (NumPy, or this backend's) into the parameters, in place."""
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state_dict: expected a mapping of names to arrays, got {type(state).__name__}")
+        missing = [n for n in self.params if n not in state]
+        extra = [n for n in state if n not in self.params]
+        if missing or extra:
+            raise ValueError(f"state_dict: keys do not match this model: missing {missing}, unexpected {extra}")
+        staged = {}
+        for name, p in self.params.items():
+            a = self._ops.asarray(state[name], f"state_dict[{name!r}]")
+            if tuple(a.shape) != tuple(p.shape):
+                raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(p.shape)}, got {tuple(a.shape)}")
+            if not np.issubdtype(a.dtype, np.floating):
+                raise TypeError(f"state_dict[{name!r}]: expected a floating-point array, got dtype {a.dtype}")
+            staged[name] = a
+        for name, a in staged.items():  # only after every key passed: no half-loaded model
+            self.params[name][...] = a
+
+    def zero_grad(self):
+        for g in self._grads.values():
+            g[...] = 0
+
+    def train(self, mode=True):
+        self.training = checks.flag("mode", mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # ----------------------------------------------------------------- forward
+    def _input(self, value, name, shape, layout):
+        a = self._ops.asarray(value, name)
+        return checks.array(name, a, shape, self.dtype, layout)
+
+    def _workspace(self, T, B, dropout_on):
+        key = (T, B, dropout_on)
+        ws = self._workspaces.pop(key, None)
+        if ws is None:
+            ws = stack.Workspace(self.backend.xp, self._cfg, T, B, self.dtype, dropout_on)
+            if len(self._workspaces) >= _MAX_WORKSPACES:
+                evicted = self._workspaces.popitem(last=False)[1]
+                if self._cache is not None and self._cache[0] is evicted:
+                    self._cache = None
+        self._workspaces[key] = ws  # most recent last
+        return ws
+
+    def _forward(self, x, h0, c0, lengths):
+        cfg, xp = self._cfg, self.backend.xp
+        layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
+        x = self._input(x, "x", (None, None, cfg.I), layout)
+        if self.batch_first:
+            x = x.transpose(1, 0, 2)
+        T, B = x.shape[0], x.shape[1]
+        if T == 0 or B == 0:
+            raise ValueError(f"x: expected at least one time step and one sequence, got shape {tuple(x.shape)}")
+        state_shape, state_layout = (cfg.L * cfg.D, B, cfg.H), "[num_layers*D, B, H]"
+        if h0 is not None:
+            h0 = self._input(h0, "h0", state_shape, state_layout)
+        if c0 is not None:
+            c0 = self._input(c0, "c0", state_shape, state_layout)
+        if lengths is not None:
+            lengths = checks.lengths("lengths", np.asarray(self._ops.to_host(lengths)), B, T)
+
+        dropout_on = self.training and self.dropout > 0 and cfg.L > 1
+        ws = self._workspace(T, B, dropout_on)
+        ws.x[...] = x
+        ws.lengths[...] = xp.asarray(lengths if lengths is not None else np.full(B, T, np.int32))
+        ws.h0[...] = 0 if h0 is None else h0
+        if cfg.cell == "lstm":
+            ws.c0[...] = 0 if c0 is None else c0
+        if dropout_on:
+            keep = 1.0 - self.dropout
+            for layer in range(1, cfg.L):
+                mask = (self._rng.random(ws.masks[layer].shape) < keep) / keep  # inverted dropout
+                ws.masks[layer][...] = xp.asarray(mask.astype(self.dtype))
+
+        self._ops.run((id(ws), "forward"), lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on))
+        self._cache = (ws, dropout_on) if self.training else None
+        self._cache_used = False
+
+        out = ws.out[-1].transpose(1, 0, 2) if self.batch_first else ws.out[-1]
+        out = xp.ascontiguousarray(out)
+        if out is ws.out[-1]:
+            out = out.copy()  # the workspace is overwritten by the next call
+        return out, ws.h_n.copy(), (ws.c_n.copy() if cfg.cell == "lstm" else None)
+
+    # ---------------------------------------------------------------- backward
+    def _backward(self, d_out, d_hn, d_cn):
+        if not self.training:
+            raise RuntimeError("backward: the model is in eval mode, which keeps no cache; "
+                               "call train() and run forward again")
+        if self._cache is None:
+            raise RuntimeError("backward: no forward pass to differentiate; call the model in train mode first")
+        if self._cache_used:
+            raise RuntimeError("backward: this forward's cache was already used; run forward again")
+        cfg = self._cfg
+        ws, dropout_on = self._cache
+        T, B = ws.T, ws.B
+        DH = cfg.D * cfg.H
+        if self.batch_first:
+            d_out = self._input(d_out, "d_out", (B, T, DH), "[B, T, D*H] (batch_first)").transpose(1, 0, 2)
+        else:
+            d_out = self._input(d_out, "d_out", (T, B, DH), "[T, B, D*H]")
+        state_shape, state_layout = (cfg.L * cfg.D, B, cfg.H), "[num_layers*D, B, H]"
+        if d_hn is not None:
+            d_hn = self._input(d_hn, "d_hn", state_shape, state_layout)
+        if d_cn is not None:
+            d_cn = self._input(d_cn, "d_cn", state_shape, state_layout)
+
+        ws.d_out[...] = d_out
+        ws.d_hn[...] = 0 if d_hn is None else d_hn
+        if cfg.cell == "lstm":
+            ws.d_cn[...] = 0 if d_cn is None else d_cn
+        self._cache_used = True
+        self._ops.run((id(ws), "backward"),
+                      lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on))
+
+        dx = ws.dx.transpose(1, 0, 2) if self.batch_first else ws.dx
+        dx = self.backend.xp.ascontiguousarray(dx)
+        if dx is ws.dx:
+            dx = dx.copy()
+        return dx, ws.dh0.copy(), (ws.dc0.copy() if cfg.cell == "lstm" else None)
+
+    def __repr__(self):
+        extra = f", nonlinearity={self.nonlinearity!r}" if self._cell == "rnn" else ""
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+                f"{extra}, bidirectional={self.bidirectional}, dtype={self.dtype.name}, "
+                f"backend={self.backend.name})")
+
+
+class RNN(_RNNBase):
+    """Elman RNN: h_t = phi(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
+
+    phi is ``nonlinearity``: tanh, relu (as torch), sigmoid, leaky_relu (slope
+    0.01) or elu (alpha 1). Parameters per layer k: weight_ih_l{k} [H, I],
+    weight_hh_l{k} [H, H], bias_ih_l{k} [H], bias_hh_l{k} [H] (+ _reverse).
+    """
+
+    _cell = "rnn"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype="float32", seed=None):
+        checks.choice("nonlinearity", nonlinearity, NONLINEARITIES)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, dtype, seed, nonlinearity)
+
+    def __call__(self, x, h0=None, lengths=None):
+        out, h_n, _ = self._forward(x, h0, None, lengths)
+        return out, h_n
+
+    def backward(self, d_out, d_hn=None):
+        dx, dh0, _ = self._backward(d_out, d_hn, None)
+        return dx, dh0
+
+
+class GRU(RNN):
+    """Gated recurrent unit (PyTorch/cuDNN convention, gates r, z, n):
+
+        r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
+        z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+        h' = (1 - z) * n + z * h
+
+    The textbook form with z and 1 - z swapped is the same cell with the
+    update gate negated (its weights and biases multiplied by -1).
+    Parameters: weight_ih_l{k} [3H, I], weight_hh_l{k} [3H, H], biases [3H].
+    """
+
+    _cell = "gru"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype="float32", seed=None):
+        _RNNBase.__init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                          bidirectional, dtype, seed)
+
+
+class LSTM(_RNNBase):
+    """Long short-term memory (gates i, f, g, o in torch's order):
+
+        i = sigmoid(W_ii x + b_ii + W_hi h + b_hi)
+        f = sigmoid(W_if x + b_if + W_hf h + b_hf)
+        g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+        o = sigmoid(W_io x + b_io + W_ho h + b_ho)
+        c' = f * c + i * g
+        h' = o * tanh(c')
+
+    Parameters: weight_ih_l{k} [4H, I], weight_hh_l{k} [4H, H], biases [4H].
+    """
+
+    _cell = "lstm"
+
+    def __call__(self, x, hx=None, lengths=None):
+        h0, c0 = _pair("hx", hx)
+        out, h_n, c_n = self._forward(x, h0, c0, lengths)
+        return out, (h_n, c_n)
+
+    def backward(self, d_out, d_hx=None):
+        d_hn, d_cn = _pair("d_hx", d_hx)
+        dx, dh0, dc0 = self._backward(d_out, d_hn, d_cn)
+        return dx, (dh0, dc0)
+
+
+def _pair(name, value):
+    if value is None:
+        return None, None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name}: expected a pair (h, c) or None, got {type(value).__name__}")
+    return value[0], value[1]

@@ -1,0 +1,115 @@
+"""Time-loop drivers: one layer, one direction, forward and BPTT, written once.
+
+The drivers only call backend operations (``ops``): ``gemm``, ``add_bias`` and
+the per-cell pointwise steps of ``gpurnn.cells`` (NumPy) or their numba.cuda
+twins. They allocate nothing: every buffer comes in through a ``Direction``
+workspace, so the CUDA backend can capture a whole call as one CUDA graph.
+
+Structure (haste's): forward does one GEMM for the input projection of all
+T*B rows, then per step only the recurrent GEMM and one fused pointwise step.
+Backward does per step only the fused pointwise step and ``dgates @ W_hh``;
+dW_ih, dW_hh, the bias gradients and dx are single large GEMMs after the loop.
+"""
+
+from dataclasses import dataclass
+
+GATE_BLOCKS = {"rnn": 1, "lstm": 4, "gru": 3}
+SAVED_BLOCKS = {"rnn": 0, "lstm": 4, "gru": 4}  # GRU keeps r, z, n and U_n h + b_hn
+
+
+@dataclass
+class Direction:
+    """Buffers of one layer and one direction for sequences of shape [T, B, ·].
+
+    gx: [T, B, G*H]   input projection x W_ih^T + b_ih
+    gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T
+    h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
+    c:  [T+1, B, H]   LSTM cell states (None otherwise)
+    gates: [T, B, S*H] saved activations (None for the plain RNN)
+    dgx: [T, B, G*H]  gradient of the input projection
+    dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only; else dgx)
+    dh, dc: [B, H]    gradient carried back through h (and c)
+    """
+
+    gx: object
+    gh: object
+    h: object
+    c: object
+    gates: object
+    dgx: object
+    dgh: object
+    dh: object
+    dc: object
+
+    @classmethod
+    def allocate(cls, xp, cell, T, B, H, dtype):
+        G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
+        dgx = xp.empty((T, B, G * H), dtype)
+        return cls(
+            gx=xp.empty((T, B, G * H), dtype),
+            gh=xp.empty((B, G * H), dtype),
+            h=xp.empty((T + 1, B, H), dtype),
+            c=xp.empty((T + 1, B, H), dtype) if cell == "lstm" else None,
+            gates=xp.empty((T, B, S * H), dtype) if S else None,
+            dgx=dgx,
+            dgh=xp.empty((T, B, G * H), dtype) if cell == "gru" else dgx,
+            dh=xp.empty((B, H), dtype),
+            dc=xp.empty((B, H), dtype) if cell == "lstm" else None,
+        )
+
+
+def _time_order(T, reverse):
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y):
+    """Run one direction of one layer over the whole sequence.
+
+    x: [T, B, I]   w_ih: [G*H, I]   w_hh: [G*H, H]   b_ih, b_hh: [G*H]
+    lengths: [B] int32   reverse: 0 or 1
+    ws: Direction with the initial state(s) already in place
+    y: [T, B, H] output (a view into the layer output [T, B, D*H])
+    """
+    T, B, I = x.shape
+    # forward pass: one GEMM for the input projections of all T*B rows
+    ops.gemm(x.reshape(T * B, I), w_ih, ws.gx.reshape(T * B, -1), trans_b=True)
+    ops.add_bias(ws.gx.reshape(T * B, -1), b_ih)
+    for t in _time_order(T, reverse):
+        ops.gemm(ws.h[t + reverse], w_hh, ws.gh, trans_b=True)  # only this GEMM is recurrent
+        if cell == "rnn":
+            ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, y, lengths, nonlinearity)
+        elif cell == "lstm":
+            ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, ws.c, ws.gates, y, lengths)
+        else:
+            ops.gru_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, ws.gates, y, lengths)
+
+
+def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, ones,
+             dx, dw_ih, dw_hh, db_ih, db_hh):
+    """BPTT through one direction of one layer, after ``forward`` on the same ws.
+
+    dy: [T, B, H]  gradient of this direction's outputs (a view)
+    ws.dh (ws.dc): [B, H] in: gradient of the final state; out: of the initial state
+    ones: [1, T*B] ones, to sum the bias gradients as a GEMM
+    dx: [T, B, I]            accumulates the gradient of x
+    dw_ih: [G*H, I]  dw_hh: [G*H, H]  db_ih, db_hh: [G*H]   accumulate
+    """
+    T, B, I = x.shape
+    # backward pass: steps in the opposite order of the forward
+    for t in _time_order(T, not reverse):
+        if cell == "rnn":
+            ops.rnn_backward(t, reverse, ws.h, dy, ws.dh, ws.dgx, lengths, nonlinearity)
+        elif cell == "lstm":
+            ops.lstm_backward(t, reverse, ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgx, lengths)
+        else:
+            ops.gru_backward(t, reverse, ws.h, ws.gates, dy, ws.dh, ws.dgx, ws.dgh, lengths)
+        ops.gemm(ws.dgh[t], w_hh, ws.dh, beta=1.0)  # dh_prev += dgates_t W_hh
+    # weight gradients: single GEMMs over all T*B rows
+    dgx = ws.dgx.reshape(T * B, -1)
+    dgh = ws.dgh.reshape(T * B, -1)
+    h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
+    ops.gemm(dgx, x.reshape(T * B, I), dw_ih, trans_a=True, beta=1.0)
+    ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)
+    ops.gemm(ones, dgx, db_ih.reshape(1, -1), beta=1.0)
+    ops.gemm(ones, dgh, db_hh.reshape(1, -1), beta=1.0)
+    ops.gemm(dgx, w_ih, dx.reshape(T * B, I), beta=1.0)

@@ -1,0 +1,131 @@
+"""A stack of layers (and directions) run over one workspace.
+
+``Workspace`` holds every buffer one forward and one backward of a given
+``[T, B]`` need; ``forward`` and ``backward`` compute purely from and into
+it (and into the model's parameter and gradient arrays), allocating nothing.
+The model stages its inputs into the workspace, calls these through
+``ops.run`` (where the CUDA backend captures and replays them as graphs) and
+copies the results out.
+"""
+
+from gpurnn import sequence
+from gpurnn.sequence import Direction
+
+
+class Config:
+    """What a stack computes: cell, sizes, directions, nonlinearity."""
+
+    def __init__(self, cell, input_size, hidden_size, num_layers, bidirectional, nonlinearity):
+        self.cell = cell
+        self.I = input_size
+        self.H = hidden_size
+        self.L = num_layers
+        self.D = 2 if bidirectional else 1
+        self.nonlinearity = nonlinearity
+
+    def layer_input_size(self, layer):
+        return self.I if layer == 0 else self.D * self.H
+
+    def param_names(self, layer, direction):
+        """torch's names: weight_ih_l{k}[_reverse], weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}."""
+        sfx = f"l{layer}" + ("_reverse" if direction else "")
+        return (f"weight_ih_{sfx}", f"weight_hh_{sfx}", f"bias_ih_{sfx}", f"bias_hh_{sfx}")
+
+
+class Workspace:
+    """All buffers of a [T, B] forward + backward.
+
+    x: [T, B, I]          staged input          lengths: [B] int32
+    h0, c0: [L*D, B, H]   staged initial states (c0 for LSTM only)
+    masks[l]: [T, B, D*H] inverted-dropout mask applied to layer l's input (l >= 1)
+    inp[l]: [T, B, D*H]   masked input of layer l (l >= 1, when dropout is on)
+    out[l]: [T, B, D*H]   output of layer l
+    h_n, c_n: [L*D, B, H] final states
+    d_out: [T, B, D*H]    staged gradient of the top output
+    d_hn, d_cn: [L*D, B, H] staged gradients of the final states
+    d_in[l]: [T, B, D*H]  gradient of layer l's input (l >= 1)
+    dx: [T, B, I]         gradient of x       dh0, dc0: [L*D, B, H]
+    ones: [1, T*B]        for the bias-gradient GEMMs
+    dirs[k]: Direction    per layer and direction, k = l*D + d
+    """
+
+    def __init__(self, xp, cfg, T, B, dtype, dropout):
+        L, D, H = cfg.L, cfg.D, cfg.H
+        lstm = cfg.cell == "lstm"
+        self.T, self.B = T, B
+        self.x = xp.empty((T, B, cfg.I), dtype)
+        self.lengths = xp.empty((B,), xp.int32)
+        self.h0 = xp.empty((L * D, B, H), dtype)
+        self.c0 = xp.empty((L * D, B, H), dtype) if lstm else None
+        self.masks = [None] + [xp.empty((T, B, D * H), dtype) if dropout else None for _ in range(1, L)]
+        self.inp = [None] + [xp.empty((T, B, D * H), dtype) if dropout else None for _ in range(1, L)]
+        self.out = [xp.empty((T, B, D * H), dtype) for _ in range(L)]
+        self.h_n = xp.empty((L * D, B, H), dtype)
+        self.c_n = xp.empty((L * D, B, H), dtype) if lstm else None
+        self.d_out = xp.empty((T, B, D * H), dtype)
+        self.d_hn = xp.empty((L * D, B, H), dtype)
+        self.d_cn = xp.empty((L * D, B, H), dtype) if lstm else None
+        self.d_in = [None] + [xp.empty((T, B, D * H), dtype) for _ in range(1, L)]
+        self.dx = xp.empty((T, B, cfg.I), dtype)
+        self.dh0 = xp.empty((L * D, B, H), dtype)
+        self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
+        self.ones = xp.ones((1, T * B), dtype)
+        self.dirs = [Direction.allocate(xp, cfg.cell, T, B, H, dtype) for _ in range(L * D)]
+
+    def layer_input(self, layer, dropout_on):
+        if layer == 0:
+            return self.x
+        return self.inp[layer] if dropout_on else self.out[layer - 1]
+
+
+def forward(ops, cfg, params, ws, dropout_on):
+    """Every layer and direction, bottom to top, from ws.x/h0/c0 into ws.out/h_n/c_n."""
+    xp = ops.xp
+    H, D = cfg.H, cfg.D
+    first, last = (0, -1), (-1, 0)  # state index of h0 and of h_n: forward, reverse
+    for layer in range(cfg.L):
+        if layer and dropout_on:
+            xp.multiply(ws.out[layer - 1], ws.masks[layer], out=ws.inp[layer])  # dropout between layers
+        x = ws.layer_input(layer, dropout_on)
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh = (params[n] for n in cfg.param_names(layer, d))
+            wsd = ws.dirs[k]
+            wsd.h[first[d]] = ws.h0[k]
+            if cfg.cell == "lstm":
+                wsd.c[first[d]] = ws.c0[k]
+            y = ws.out[layer][:, :, d * H:(d + 1) * H]
+            sequence.forward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh,
+                             ws.lengths, d, wsd, y)
+            ws.h_n[k] = wsd.h[last[d]]
+            if cfg.cell == "lstm":
+                ws.c_n[k] = wsd.c[last[d]]
+
+
+def backward(ops, cfg, params, grads, ws, dropout_on):
+    """BPTT through the stack, top to bottom, from ws.d_out/d_hn/d_cn into
+    ws.dx/dh0/dc0; parameter gradients accumulate into ``grads``."""
+    H, D = cfg.H, cfg.D
+    d_layer_out = ws.d_out
+    for layer in reversed(range(cfg.L)):
+        x = ws.layer_input(layer, dropout_on)
+        dx = ws.dx if layer == 0 else ws.d_in[layer]
+        dx[...] = 0  # both directions accumulate into it
+        for d in range(D):
+            k = layer * D + d
+            names = cfg.param_names(layer, d)
+            w_ih, w_hh = params[names[0]], params[names[1]]
+            dw_ih, dw_hh, db_ih, db_hh = (grads[n] for n in names)
+            wsd = ws.dirs[k]
+            wsd.dh[...] = ws.d_hn[k]
+            if cfg.cell == "lstm":
+                wsd.dc[...] = ws.d_cn[k]
+            dy = d_layer_out[:, :, d * H:(d + 1) * H]
+            sequence.backward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd,
+                              dy, ws.ones, dx, dw_ih, dw_hh, db_ih, db_hh)
+            ws.dh0[k] = wsd.dh
+            if cfg.cell == "lstm":
+                ws.dc0[k] = wsd.dc
+        if layer and dropout_on:
+            dx *= ws.masks[layer]  # backprop through the same dropout mask
+        d_layer_out = dx
