@@ -15,7 +15,9 @@ buffers are indexed by time for both directions:
     reverse  (reverse=1): reads state t+1, writes state t     (h[T] = h0)
 
 ``lengths`` (``[B]``) masks padded steps: where ``t >= lengths[b]`` the state is
-carried unchanged, the output is 0 and the saved gates are 0. That gives
+carried unchanged, the output is 0 and the saved gates and gate gradients are 0
+(here: computed for every row, then the finished rows are overwritten; the
+CUDA kernels branch per element instead). That gives
 PyTorch's packed-sequence semantics: the forward direction's final state is
 the state at each sequence's last valid step, and the reverse direction starts
 from h0 at each sequence's own last step.
@@ -38,10 +40,13 @@ LEAKY_RELU_SLOPE = 0.01  # torch.nn.LeakyReLU's default
 ELU_ALPHA = 1.0  # torch.nn.ELU's default
 
 
-def sigmoid(x):
-    """Logistic function without overflow: exp only ever sees -|x|."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+def sigmoid(x, out=None):
+    """Logistic function as 0.5 tanh(x/2) + 0.5: never overflows, any |x|."""
+    out = np.multiply(x, 0.5, out=out)
+    np.tanh(out, out=out)
+    out *= 0.5
+    out += 0.5
+    return out
 
 
 def activate(nonlinearity, a):
@@ -79,9 +84,10 @@ def _steps(t, reverse):
     return t + reverse, t + 1 - reverse
 
 
-def _valid(t, lengths):
-    """[B, 1] boolean: which sequences are still running at timestep t."""
-    return (t < lengths)[:, None]
+def _blocks(a, n):
+    """The n gate blocks [B, H] of a [B, n*H] array, as views."""
+    H = a.shape[-1] // n
+    return [a[:, k * H:(k + 1) * H] for k in range(n)]
 
 
 # --------------------------------------------------------------------------- RNN
@@ -92,20 +98,25 @@ def rnn_forward(t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
     y: [T, B, H] (writes y[t])   lengths: [B]
     """
     prev, nxt = _steps(t, reverse)
-    valid = _valid(t, lengths)
-    h_new = activate(nonlinearity, gx[t] + gh + b_hh)
-    h[nxt] = np.where(valid, h_new, h[prev])  # padded steps carry the state
-    y[t] = np.where(valid, h_new, 0)
+    h[nxt] = activate(nonlinearity, gx[t] + gh + b_hh)
+    y[t] = h[nxt]
+    done = t >= lengths
+    if done.any():  # padded steps carry the state and output 0
+        h[nxt, done] = h[prev, done]
+        y[t, done] = 0
 
 
 def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
     """h: [T+1, B, H]  dy: [T, B, H]  dh: [B, H] (in/out)  dgates: [T, B, H] (writes dgates[t])."""
     prev, nxt = _steps(t, reverse)
-    valid = _valid(t, lengths)
+    done = t >= lengths
+    dh_carried = dh[done]
     dh_total = dh + dy[t]  # output at t plus what flows back from t+1
-    da = dh_total * activate_grad(nonlinearity, h[nxt])  # backprop through phi
-    dgates[t] = np.where(valid, da, 0)
-    dh[...] = np.where(valid, 0, dh)  # h_{t-1} reaches h_t only through W_hh
+    np.multiply(dh_total, activate_grad(nonlinearity, h[nxt]), out=dgates[t])  # backprop through phi
+    dh[...] = 0  # h_{t-1} reaches h_t only through W_hh
+    if done.any():
+        dgates[t, done] = 0
+        dh[done] = dh_carried
 
 
 # -------------------------------------------------------------------------- LSTM
@@ -117,19 +128,26 @@ def lstm_forward(t, reverse, gx, gh, b_hh, h, c, gates, y, lengths):
     y: [T, B, H]   lengths: [B]
     """
     prev, nxt = _steps(t, reverse)
-    valid = _valid(t, lengths)
     H = h.shape[-1]
-    a = gx[t] + gh + b_hh
-    i = sigmoid(a[:, 0 * H:1 * H])
-    f = sigmoid(a[:, 1 * H:2 * H])
-    g = np.tanh(a[:, 2 * H:3 * H])
-    o = sigmoid(a[:, 3 * H:4 * H])
-    c_new = f * c[prev] + i * g
-    h_new = o * np.tanh(c_new)
-    c[nxt] = np.where(valid, c_new, c[prev])
-    h[nxt] = np.where(valid, h_new, h[prev])
-    y[t] = np.where(valid, h_new, 0)
-    gates[t] = np.where(valid, np.concatenate([i, f, g, o], axis=1), 0)
+    act = gates[t]
+    np.add(gx[t], gh, out=act)
+    act += b_hh  # pre-activations, turned into activations in place
+    i, f, g, o = _blocks(act, 4)
+    sigmoid(act[:, :2 * H], out=act[:, :2 * H])  # i and f are adjacent
+    np.tanh(g, out=g)
+    sigmoid(o, out=o)
+    c_new, h_new = c[nxt], h[nxt]
+    np.multiply(f, c[prev], out=c_new)
+    c_new += i * g
+    np.tanh(c_new, out=h_new)
+    h_new *= o
+    y[t] = h_new
+    done = t >= lengths
+    if done.any():  # padded steps carry the state and output 0
+        c[nxt, done] = c[prev, done]
+        h[nxt, done] = h[prev, done]
+        y[t, done] = 0
+        gates[t, done] = 0
 
 
 def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
@@ -138,19 +156,22 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     dgates: [T, B, 4H] (writes dgates[t])
     """
     prev, nxt = _steps(t, reverse)
-    valid = _valid(t, lengths)
-    H = c.shape[-1]
-    i, f, g, o = (gates[t, :, k * H:(k + 1) * H] for k in range(4))
+    done = t >= lengths
+    dh_carried, dc_carried = dh[done], dc[done]
+    i, f, g, o = _blocks(gates[t], 4)
+    di, df, dg, do = _blocks(dgates[t], 4)
     tanh_c = np.tanh(c[nxt])
     dh_total = dh + dy[t]
     dc_total = dc + dh_total * o * (1 - tanh_c * tanh_c)  # backprop through tanh(c_t)
-    di = dc_total * g * i * (1 - i)
-    df = dc_total * c[prev] * f * (1 - f)
-    dg = dc_total * i * (1 - g * g)
-    do = dh_total * tanh_c * o * (1 - o)
-    dgates[t] = np.where(valid, np.concatenate([di, df, dg, do], axis=1), 0)
-    dc[...] = np.where(valid, dc_total * f, dc)
-    dh[...] = np.where(valid, 0, dh)
+    np.multiply(dc_total * g, i * (1 - i), out=di)
+    np.multiply(dc_total * c[prev], f * (1 - f), out=df)
+    np.multiply(dc_total * i, 1 - g * g, out=dg)
+    np.multiply(dh_total * tanh_c, o * (1 - o), out=do)
+    np.multiply(dc_total, f, out=dc)
+    dh[...] = 0  # h_{t-1} reaches the gates only through W_hh
+    if done.any():
+        dgates[t, done] = 0
+        dh[done], dc[done] = dh_carried, dc_carried
 
 
 # --------------------------------------------------------------------------- GRU
@@ -163,18 +184,27 @@ def gru_forward(t, reverse, gx, gh, b_hh, h, gates, y, lengths):
     y: [T, B, H]   lengths: [B]
     """
     prev, nxt = _steps(t, reverse)
-    valid = _valid(t, lengths)
     H = h.shape[-1]
-    gx_t = gx[t]
-    a_h = gh + b_hh
-    r = sigmoid(gx_t[:, 0 * H:1 * H] + a_h[:, 0 * H:1 * H])
-    z = sigmoid(gx_t[:, 1 * H:2 * H] + a_h[:, 1 * H:2 * H])
-    hn = a_h[:, 2 * H:3 * H]
-    n = np.tanh(gx_t[:, 2 * H:3 * H] + r * hn)
-    h_new = (1 - z) * n + z * h[prev]
-    h[nxt] = np.where(valid, h_new, h[prev])
-    y[t] = np.where(valid, h_new, 0)
-    gates[t] = np.where(valid, np.concatenate([r, z, n, hn], axis=1), 0)
+    act = gates[t]
+    rz, n, hn = act[:, :2 * H], act[:, 2 * H:3 * H], act[:, 3 * H:]
+    np.add(gh, b_hh, out=act[:, :3 * H])
+    hn[...] = act[:, 2 * H:3 * H]  # U_n h + b_hn, kept apart: r scales it
+    rz += gx[t][:, :2 * H]
+    sigmoid(rz, out=rz)
+    r, z = rz[:, :H], rz[:, H:]
+    np.multiply(r, hn, out=n)
+    n += gx[t][:, 2 * H:]
+    np.tanh(n, out=n)
+    h_new = h[nxt]
+    np.subtract(h[prev], n, out=h_new)
+    h_new *= z
+    h_new += n  # (1 - z) n + z h_prev = n + z (h_prev - n)
+    y[t] = h_new
+    done = t >= lengths
+    if done.any():  # padded steps carry the state and output 0
+        h[nxt, done] = h[prev, done]
+        y[t, done] = 0
+        gates[t, done] = 0
 
 
 def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
@@ -184,13 +214,18 @@ def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
          in the n block, where U_n h is scaled by r
     """
     prev, nxt = _steps(t, reverse)
-    valid = _valid(t, lengths)
-    H = h.shape[-1]
-    r, z, n, hn = (gates[t, :, k * H:(k + 1) * H] for k in range(4))
+    done = t >= lengths
+    dh_carried = dh[done]
+    r, z, n, hn = _blocks(gates[t], 4)
+    dr, dz, dn = _blocks(dgx[t], 3)
     dh_total = dh + dy[t]
-    dn = dh_total * (1 - z) * (1 - n * n)  # backprop through tanh
-    dz = dh_total * (h[prev] - n) * z * (1 - z)
-    dr = dn * hn * r * (1 - r)
-    dgx[t] = np.where(valid, np.concatenate([dr, dz, dn], axis=1), 0)
-    dgh[t] = np.where(valid, np.concatenate([dr, dz, dn * r], axis=1), 0)
-    dh[...] = np.where(valid, dh_total * z, dh)  # the z h_{t-1} path skips W_hh
+    np.multiply(dh_total * (1 - z), 1 - n * n, out=dn)  # backprop through tanh
+    np.multiply(dh_total * (h[prev] - n), z * (1 - z), out=dz)
+    np.multiply(dn * hn, r * (1 - r), out=dr)
+    dgh[t] = dgx[t]
+    dgh[t, :, 2 * dh.shape[-1]:] *= r
+    np.multiply(dh_total, z, out=dh)  # the z h_{t-1} path skips W_hh
+    if done.any():
+        dgx[t, done] = 0
+        dgh[t, done] = 0
+        dh[done] = dh_carried

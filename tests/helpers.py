@@ -1,0 +1,75 @@
+"""Shared test helpers: model construction, random inputs, a torch oracle."""
+
+import numpy as np
+
+import gpurnn
+
+MODELS = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU}
+
+
+def make(cell, *args, nonlinearity="tanh", **kwargs):
+    if cell == "rnn":
+        kwargs["nonlinearity"] = nonlinearity
+    return MODELS[cell](*args, **kwargs)
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| (0 when both are 0)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    denom = np.linalg.norm(b)
+    diff = np.linalg.norm(a - b)
+    return diff / denom if denom else diff
+
+
+def run(model, x, h0=None, c0=None, lengths=None):
+    """Forward with the cell's own state convention: (out, h_n, c_n or None)."""
+    if isinstance(model, gpurnn.LSTM):
+        hx = None if h0 is None else (h0, c0)
+        out, (h_n, c_n) = model(x, hx, lengths=lengths)
+        return out, h_n, c_n
+    out, h_n = model(x, h0, lengths=lengths)
+    return out, h_n, None
+
+
+def back(model, d_out, d_hn=None, d_cn=None):
+    """Backward with the cell's own state convention: (dx, dh0, dc0 or None)."""
+    if isinstance(model, gpurnn.LSTM):
+        dx, (dh0, dc0) = model.backward(d_out, None if d_hn is None else (d_hn, d_cn))
+        return dx, dh0, dc0
+    dx, dh0 = model.backward(d_out, d_hn)
+    return dx, dh0, None
+
+
+def torch_reference(cell, model, x, h0, c0, lengths, d_out, d_hn, d_cn):
+    """The same computation in torch (same weights, same dtype); returns
+    (out, h_n, c_n, dx, dh0, dc0, grads) as NumPy arrays."""
+    import torch
+
+    cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+    kwargs = dict(num_layers=model.num_layers, bias=model.bias, batch_first=model.batch_first,
+                  bidirectional=model.bidirectional)
+    if cell == "rnn":
+        kwargs["nonlinearity"] = model.nonlinearity
+    tdtype = torch.float64 if model.dtype == np.float64 else torch.float32
+    tm = cls(model.input_size, model.hidden_size, **kwargs).to(tdtype)
+    tm.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in model.state_dict().items()})
+    xt = torch.tensor(np.asarray(x), requires_grad=True)
+    h0t = torch.tensor(np.asarray(h0), requires_grad=True)
+    c0t = torch.tensor(np.asarray(c0), requires_grad=True) if cell == "lstm" else None
+    inp = xt
+    if lengths is not None:
+        inp = torch.nn.utils.rnn.pack_padded_sequence(xt, torch.tensor(np.asarray(lengths)),
+                                                      batch_first=model.batch_first, enforce_sorted=False)
+    out, hn = tm(inp, (h0t, c0t) if cell == "lstm" else h0t)
+    if lengths is not None:
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=model.batch_first,
+                                                        total_length=xt.shape[1 if model.batch_first else 0])
+    hn, cn = hn if cell == "lstm" else (hn, None)
+    loss = (out * torch.from_numpy(d_out)).sum() + (hn * torch.from_numpy(d_hn)).sum()
+    if cell == "lstm":
+        loss = loss + (cn * torch.from_numpy(d_cn)).sum()
+    loss.backward()
+    grads = {k: p.grad.numpy() for k, p in tm.named_parameters()}
+    as_np = lambda t: None if t is None else t.detach().numpy()  # noqa: E731
+    return (as_np(out), as_np(hn), as_np(cn), xt.grad.numpy(), h0t.grad.numpy(),
+            None if c0t is None else c0t.grad.numpy(), grads)

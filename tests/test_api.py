@@ -1,0 +1,213 @@
+"""Module behaviour: state dicts, init, modes, cache rules, dropout, dtypes, stability."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpurnn
+from helpers import back, make, rel_err, run
+
+CELLS = ["rnn", "lstm", "gru"]
+
+
+def test_backend_is_numpy_here():
+    b = gpurnn.get_backend()
+    assert b.name in ("numpy", "cuda", "cudasim")
+    assert b.xp is not None and isinstance(b.reason, str) and b.reason
+
+
+def test_backend_env_choices():
+    code = "import gpurnn; b = gpurnn.get_backend(); print(b.name, '|', b.reason)"
+    env = dict(os.environ, GPURNN_BACKEND="numpy")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("numpy | GPURNN_BACKEND=numpy")
+    env["GPURNN_BACKEND"] = "tpu"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "GPURNN_BACKEND" in bad.stderr and "'tpu'" in bad.stderr
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_param_names_shapes_and_init(cell):
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    m = make(cell, 5, 8, num_layers=2, bidirectional=True, seed=0)
+    expected = {}
+    for k in range(2):
+        for sfx in ("", "_reverse"):
+            inp = 5 if k == 0 else 16
+            expected[f"weight_ih_l{k}{sfx}"] = (G * 8, inp)
+            expected[f"weight_hh_l{k}{sfx}"] = (G * 8, 8)
+            expected[f"bias_ih_l{k}{sfx}"] = (G * 8,)
+            expected[f"bias_hh_l{k}{sfx}"] = (G * 8,)
+    sd = m.state_dict()
+    assert {k: v.shape for k, v in sd.items()} == expected
+    assert list(sd) == list(expected)  # torch's order
+    bound = 1 / np.sqrt(8)
+    for v in sd.values():
+        assert v.dtype == np.float32 and np.all(np.abs(v) <= bound) and v.std() > bound / 3
+    assert all(np.array_equal(a, b) for a, b in zip(sd.values(), make(cell, 5, 8, num_layers=2,
+               bidirectional=True, seed=0).state_dict().values()))
+    assert not np.array_equal(sd["weight_hh_l0"], make(cell, 5, 8, num_layers=2, bidirectional=True,
+                                                       seed=1).state_dict()["weight_hh_l0"])
+
+
+def test_bias_false_has_no_bias_params():
+    m = gpurnn.LSTM(3, 4, bias=False)
+    assert set(m.state_dict()) == {"weight_ih_l0", "weight_hh_l0"}
+    assert set(m.grads) == {"weight_ih_l0", "weight_hh_l0"}
+
+
+def test_state_dict_round_trip_and_copy():
+    a, b = gpurnn.GRU(3, 4, seed=1), gpurnn.GRU(3, 4, seed=2)
+    b.load_state_dict(a.state_dict())
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    assert np.array_equal(a(x)[0], b(x)[0])
+    sd = a.state_dict()
+    sd["weight_ih_l0"][...] = 0  # a copy: the model is untouched
+    assert np.any(a.params["weight_ih_l0"] != 0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_accumulates_and_zero_grad_clears(cell):
+    rng = np.random.default_rng(0)
+    m = make(cell, 3, 4, dtype="float64", seed=0)
+    x = rng.standard_normal((5, 2, 3))
+    d_out = rng.standard_normal((5, 2, 4))
+    run(m, x)
+    back(m, d_out)
+    once = {k: g.copy() for k, g in m.grads.items()}
+    run(m, x)
+    back(m, d_out)
+    for k, g in m.grads.items():
+        assert np.allclose(g, 2 * once[k])
+    m.zero_grad()
+    assert all(not np.any(g) for g in m.grads.values())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cache_rules(cell):
+    m = make(cell, 3, 4, seed=0)
+    x = np.zeros((2, 1, 3), np.float32) + 0.5
+    d = np.ones((2, 1, 4), np.float32)
+    with pytest.raises(RuntimeError, match="no forward"):
+        back(m, d)
+    run(m, x)
+    back(m, d)
+    with pytest.raises(RuntimeError, match="already used"):
+        back(m, d)
+    m.eval()
+    run(m, x)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        back(m, d)
+    m.train()
+    with pytest.raises(RuntimeError, match="no forward"):  # eval forward kept no cache
+        back(m, d)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_first_matches_time_major(cell):
+    rng = np.random.default_rng(1)
+    tm = make(cell, 3, 4, num_layers=2, bidirectional=True, seed=5)
+    bf = make(cell, 3, 4, num_layers=2, bidirectional=True, batch_first=True, seed=5)
+    x = rng.standard_normal((6, 2, 3)).astype(np.float32)
+    lengths = np.array([6, 3])
+    out, h_n, _ = run(tm, x, lengths=lengths)
+    out_bf, h_n_bf, _ = run(bf, x.transpose(1, 0, 2), lengths=lengths)
+    assert np.array_equal(out.transpose(1, 0, 2), out_bf) and np.array_equal(h_n, h_n_bf)
+    d_out = rng.standard_normal(out.shape).astype(np.float32)
+    dx, _, _ = back(tm, d_out)
+    dx_bf, _, _ = back(bf, d_out.transpose(1, 0, 2))
+    assert np.array_equal(dx.transpose(1, 0, 2), dx_bf)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_lengths_semantics(cell):
+    """Padded outputs are 0, h_n is the last valid state, and padding changes nothing."""
+    rng = np.random.default_rng(2)
+    m = make(cell, 3, 4, bidirectional=True, dtype="float64", seed=3)
+    x = rng.standard_normal((6, 2, 3))
+    out, h_n, _ = run(m, x, lengths=np.array([6, 2]))
+    assert np.all(out[2:, 1] == 0)
+    short, h_short, _ = run(m, x[:2, 1:2])  # the second sequence alone, unpadded
+    assert np.allclose(out[:2, 1:2], short) and np.allclose(h_n[:, 1:2], h_short)
+
+
+def test_dropout_between_layers_reproducible_and_inverted():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    a = gpurnn.LSTM(5, 6, num_layers=3, dropout=0.5, seed=11)
+    b = gpurnn.LSTM(5, 6, num_layers=3, dropout=0.5, seed=11)
+    out_a, _ = a(x)
+    out_b, _ = b(x)
+    assert np.array_equal(out_a, out_b)  # same seed, same masks
+    out_a2, _ = a(x)
+    assert not np.array_equal(out_a, out_a2)  # fresh masks each forward
+    ws = a._cache[0]
+    for mask in ws.masks[1:]:
+        assert set(np.unique(mask)) <= {0.0, 2.0} and 0.3 < mask.mean() / 2 < 0.7
+    a.eval()
+    e1, _ = a(x)
+    e2, _ = a(x)
+    assert np.array_equal(e1, e2)  # no dropout in eval mode
+    nodrop = gpurnn.LSTM(5, 6, num_layers=3, seed=11)
+    nodrop.load_state_dict(a.state_dict())
+    assert np.allclose(nodrop(x)[0], e1)
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    """Gradcheck through dropout: the mask is frozen by re-using the model's RNG state."""
+    rng = np.random.default_rng(4)
+    m = gpurnn.GRU(3, 4, num_layers=2, dropout=0.4, dtype="float64", seed=9)
+    x = rng.standard_normal((3, 2, 3))
+    R = rng.standard_normal((3, 2, 4))
+    state = m._rng.bit_generator.state
+
+    def loss():
+        m._rng.bit_generator.state = state  # same mask every evaluation
+        return (m(x)[0] * R).sum()
+
+    loss()
+    dx, _ = m.backward(R)
+    eps, num = 1e-6, np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + eps
+        up = loss()
+        x[i] = old - eps
+        num[i] = (up - loss()) / (2 * eps)
+        x[i] = old
+    assert rel_err(dx, num) < 1e-6
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_and_float64_dtypes(cell):
+    for dtype in (np.float32, np.float64):
+        m = make(cell, 3, 4, dtype=dtype.__name__, seed=0)
+        out, h_n, c_n = run(m, np.ones((2, 1, 3), dtype))
+        assert out.dtype == dtype and h_n.dtype == dtype
+        dx, dh0, _ = back(m, np.ones((2, 1, 4), dtype))
+        assert dx.dtype == dtype and all(g.dtype == dtype for g in m.grads.values())
+
+
+@pytest.mark.parametrize("cell, nonlinearity", [("lstm", "tanh"), ("gru", "tanh")] + [
+    ("rnn", n) for n in ["tanh", "sigmoid", "relu", "leaky_relu", "elu"]])
+def test_huge_preactivations_stay_finite(cell, nonlinearity):
+    """|x| up to 1e4 saturates without overflow warnings (the suite makes them errors)."""
+    m = make(cell, 2, 3, nonlinearity=nonlinearity, dtype="float32", seed=0)
+    x = np.array([[[1e4, -1e4]], [[-1e4, 1e4]]], np.float32)
+    for p in m.params.values():
+        p[...] = np.sign(p) * 1.0
+    out, h_n, _ = run(m, x)
+    dx, _, _ = back(m, np.ones_like(out))
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(dx))
+
+
+def test_outputs_are_fresh_arrays():
+    m = gpurnn.RNN(2, 3, seed=0)
+    x = np.ones((2, 1, 2), np.float32)
+    out1, h1 = m(x)
+    keep = out1.copy()
+    m(x * 2)
+    assert np.array_equal(out1, keep)  # the workspace re-use does not leak into results

@@ -1,0 +1,95 @@
+"""Cross-check against torch.nn.RNN/LSTM/GRU on randomized configurations."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from helpers import back, make, rel_err, run, torch_reference
+
+torch = pytest.importorskip("torch")
+
+
+@st.composite
+def configs(draw):
+    cell = draw(st.sampled_from(["rnn", "lstm", "gru"]))
+    return dict(
+        cell=cell,
+        nonlinearity=draw(st.sampled_from(["tanh", "relu"])) if cell == "rnn" else "tanh",
+        num_layers=draw(st.integers(1, 3)),
+        bidirectional=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        use_lengths=draw(st.booleans()),
+        T=draw(st.integers(1, 7)),
+        B=draw(st.integers(1, 4)),
+        I=draw(st.integers(1, 6)),
+        H=draw(st.integers(1, 7)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def check_against_torch(c, dtype, fwd_tol, grad_tol):
+    rng = np.random.default_rng(c["seed"])
+    model = make(c["cell"], c["I"], c["H"], nonlinearity=c["nonlinearity"], num_layers=c["num_layers"],
+                 bidirectional=c["bidirectional"], batch_first=c["batch_first"], bias=c["bias"],
+                 dtype=dtype, seed=c["seed"])
+    T, B, H = c["T"], c["B"], c["H"]
+    D = 2 if c["bidirectional"] else 1
+    LD = c["num_layers"] * D
+    x = rng.standard_normal((B, T, c["I"]) if c["batch_first"] else (T, B, c["I"])).astype(dtype)
+    h0 = rng.standard_normal((LD, B, H)).astype(dtype)
+    c0 = rng.standard_normal((LD, B, H)).astype(dtype)
+    lengths = rng.integers(1, T + 1, size=B) if c["use_lengths"] else None
+    d_out = rng.standard_normal((B, T, D * H) if c["batch_first"] else (T, B, D * H)).astype(dtype)
+    d_hn, d_cn = rng.standard_normal((2, LD, B, H)).astype(dtype)
+    if lengths is not None:  # torch's padded outputs are constants: their gradient is dropped
+        mask = np.arange(T)[:, None] < lengths[None, :]
+        d_out *= (mask.T if c["batch_first"] else mask)[:, :, None]
+
+    out, h_n, c_n = run(model, x, h0, c0, lengths)
+    dx, dh0, dc0 = back(model, d_out, d_hn, d_cn)
+    t_out, t_hn, t_cn, t_dx, t_dh0, t_dc0, t_grads = torch_reference(
+        c["cell"], model, x, h0, c0, lengths, d_out, d_hn, d_cn)
+
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert rel_err(out, t_out) < fwd_tol
+    assert rel_err(h_n, t_hn) < fwd_tol
+    assert rel_err(dx, t_dx) < grad_tol
+    assert rel_err(dh0, t_dh0) < grad_tol
+    if c["cell"] == "lstm":
+        assert rel_err(c_n, t_cn) < fwd_tol
+        assert rel_err(dc0, t_dc0) < grad_tol
+    assert set(model.grads) == set(t_grads)
+    for name, g in t_grads.items():
+        assert rel_err(model.grads[name], g) < grad_tol, name
+
+
+@settings(max_examples=60, deadline=None)
+@given(configs())
+def test_matches_torch_float32(c):
+    check_against_torch(c, np.float32, 1e-5, 1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(configs())
+def test_matches_torch_float64(c):
+    check_against_torch(c, np.float64, 1e-12, 1e-10)
+
+
+@pytest.mark.parametrize("nonlinearity", ["sigmoid", "leaky_relu", "elu"])
+def test_extra_nonlinearities_match_torch_functions(nonlinearity):
+    """torch.nn.RNN has no such option: compare with the cell written in torch ops."""
+    rng = np.random.default_rng(0)
+    T, B, I, H = 5, 3, 4, 6
+    model = make("rnn", I, H, nonlinearity=nonlinearity, dtype="float64", seed=0)
+    x = rng.standard_normal((T, B, I))
+    out, h_n, _ = run(model, x)
+    phi = {"sigmoid": torch.sigmoid, "leaky_relu": torch.nn.functional.leaky_relu,
+           "elu": torch.nn.functional.elu}[nonlinearity]
+    p = {k: torch.from_numpy(v) for k, v in model.params.items()}
+    h = torch.zeros(B, H, dtype=torch.float64)
+    for t in range(T):
+        h = phi(torch.from_numpy(x[t]) @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h @ p["weight_hh_l0"].T
+                + p["bias_hh_l0"])
+        assert rel_err(out[t], h.numpy()) < 1e-12
+    assert rel_err(h_n[0], h.numpy()) < 1e-12
