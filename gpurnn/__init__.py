@@ -4,8 +4,8 @@ The NumPy backend is the reference; the CUDA backend (numba.cuda kernels and
 cuBLAS through CuPy) mirrors it. ``get_backend()`` says which one runs and why.
 """
 
-from gpurnn.backend import get_backend
+from gpurnn.backend import get_backend, set_math_mode
 from gpurnn.layers import GRU, LSTM, RNN
 
-__all__ = ["RNN", "LSTM", "GRU", "get_backend"]
+__all__ = ["RNN", "LSTM", "GRU", "get_backend", "set_math_mode"]
 __version__ = "0.1.0"

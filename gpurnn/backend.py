@@ -16,6 +16,7 @@ A backend carries ``name``, ``xp`` (the array module), ``reason`` (why it was
 chosen) and ``ops`` (the operations the time-loop drivers call).
 """
 
+import contextlib
 import os
 import sys
 
@@ -24,6 +25,21 @@ import numpy as np
 from gpurnn import cells
 
 CHOICES = ("auto", "numpy", "cuda", "cudasim")
+MATH_MODES = ("fp32", "tf32")
+_math_mode = "fp32"
+
+
+def set_math_mode(mode):
+    """"fp32" (default): strict float32 GEMMs. "tf32": float32 GEMMs on TF32
+    tensor cores (CUDA backend; the NumPy backend has no such unit and ignores it)."""
+    global _math_mode
+    if mode not in MATH_MODES:
+        raise ValueError(f"mode: expected one of {MATH_MODES}, got {mode!r}")
+    _math_mode = mode
+
+
+def math_mode():
+    return _math_mode
 
 
 class BackendUnavailable(RuntimeError):
@@ -34,8 +50,14 @@ class Backend:
     def __init__(self, name, xp, reason, ops):
         self.name = name
         self.xp = xp
-        self.reason = reason
+        self._reason = reason
         self.ops = ops
+
+    @property
+    def reason(self):
+        """Why this backend runs (and, for CUDA, whether its loops run as graphs)."""
+        note = getattr(self.ops, "capture_note", "")
+        return f"{self._reason}; {note}" if note else self._reason
 
     def __repr__(self):
         return f"Backend(name={self.name!r}, reason={self.reason!r})"
@@ -70,9 +92,14 @@ class NumpyOps:
         out += bias
 
     @staticmethod
-    def run(key, fn):
-        """Run a whole forward or backward; the CUDA backend replays graphs here."""
+    def run(ws, name, fn):
+        """Run a whole forward or backward over workspace ws; the CUDA backend
+        captures and replays it as a graph."""
         fn()
+
+    @staticmethod
+    def on_stream():
+        return contextlib.nullcontext()
 
     @staticmethod
     def asarray(value, name):
@@ -92,24 +119,36 @@ class NumpyOps:
         return np.asarray(a)
 
 
-_backend = None
+_backends = {}
 
 
-def get_backend():
-    """The process-wide backend (chosen on first call from GPURNN_BACKEND)."""
-    global _backend
-    if _backend is None:
-        _backend = _choose(os.environ.get("GPURNN_BACKEND", "auto").strip().lower() or "auto")
-    return _backend
+def get_backend(name=None):
+    """The backend called ``name`` (numpy, cuda, cudasim), or with None the
+    process default chosen on first call from GPURNN_BACKEND (default auto)."""
+    if name is None:
+        name = os.environ.get("GPURNN_BACKEND", "auto").strip().lower() or "auto"
+        if name not in CHOICES:
+            raise ValueError(f"GPURNN_BACKEND: expected one of {CHOICES}, got {name!r}")
+    elif name not in CHOICES:
+        raise ValueError(f"backend: expected one of {CHOICES}, got {name!r}")
+    if name not in _backends:
+        _backends[name] = _choose(name)
+    return _backends[name]
 
 
 def _choose(request):
-    if request not in CHOICES:
-        raise ValueError(f"GPURNN_BACKEND: expected one of {CHOICES}, got {request!r}")
     if request == "numpy":
-        return Backend("numpy", np, "GPURNN_BACKEND=numpy", NumpyOps())
+        return Backend("numpy", np, "GPURNN_BACKEND=numpy" if _env_asked("numpy") else "asked for numpy",
+                       NumpyOps())
     if request == "cudasim":
-        return _cudasim_backend()
+        _require_numba_mode(simulate=True)
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # numba reads it when numba.cuda is first imported
+        if "numba" in sys.modules:
+            sys.modules["numba"].config.ENABLE_CUDASIM = 1
+        from gpurnn.cuda.ops import CudaOps
+
+        return Backend("cudasim", np, "numba CUDA simulator with NumPy matmuls (GPURNN_BACKEND=cudasim)",
+                       CudaOps(simulate=True))
     try:
         return _cuda_backend()
     except BackendUnavailable as exc:
@@ -118,9 +157,65 @@ def _choose(request):
         return Backend("numpy", np, f"auto: CUDA backend unavailable ({exc})", NumpyOps())
 
 
+def _env_asked(name):
+    return os.environ.get("GPURNN_BACKEND", "").strip().lower() == name
+
+
 def _cuda_backend():
-    raise BackendUnavailable("the CUDA backend is not built yet")
+    try:
+        cupy = load_cupy()
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # ImportError, or CUDARuntimeError without a driver
+        raise BackendUnavailable(f"CuPy cannot reach a GPU: {type(exc).__name__}: {exc}; "
+                                 "install gpurnn[cuda12] or gpurnn[cuda13] on a machine with an NVIDIA GPU") from None
+    if n == 0:
+        raise BackendUnavailable("CuPy sees no GPU")
+    _require_numba_mode(simulate=False)
+    try:
+        cuda = load_numba_cuda()
+        if _simulating():
+            raise BackendUnavailable("numba.cuda runs the simulator here (NUMBA_ENABLE_CUDASIM is set)")
+        if not cuda.is_available():
+            raise BackendUnavailable("numba.cuda sees no usable GPU")
+    except ImportError as exc:
+        raise BackendUnavailable(f"numba.cuda does not import ({exc}); install numba-cuda") from None
+    from gpurnn.cuda.ops import CudaOps
+
+    ops = CudaOps(simulate=False)
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    return Backend("cuda", cupy, f"CUDA on {name} (CuPy {cupy.__version__})", ops)
 
 
-def _cudasim_backend():
-    raise BackendUnavailable("the CUDA simulator backend is not built yet")
+def _require_numba_mode(simulate):
+    """numba reads NUMBA_ENABLE_CUDASIM once, at import: the two modes cannot mix."""
+    if "numba.cuda" not in sys.modules:
+        return
+    if _simulating() != simulate:
+        have = "the CUDA simulator" if _simulating() else "a real GPU"
+        want = "cudasim" if simulate else "cuda"
+        raise BackendUnavailable(
+            f"backend {want!r}: numba.cuda was already imported for {have} in this process; "
+            f"set GPURNN_BACKEND={want} before anything imports numba.cuda")
+
+
+def load_numba_cuda():
+    """numba.cuda, with NumPy >= 2.5's removed np.row_stack aliased back first:
+    numba-cuda 0.30.x calls it at its first kernel compile."""
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack
+    from numba import cuda
+
+    return cuda
+
+
+def _simulating():
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def load_cupy():
+    import cupy
+
+    return cupy

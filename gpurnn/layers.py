@@ -29,7 +29,8 @@ class _RNNBase:
     _cell = None
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype="float32", seed=None, nonlinearity=None):
+                 dropout=0.0, bidirectional=False, dtype="float32", seed=None, nonlinearity=None,
+                 backend=None):
         self.input_size = checks.positive_int("input_size", input_size)
         self.hidden_size = checks.positive_int("hidden_size", hidden_size)
         self.num_layers = checks.positive_int("num_layers", num_layers)
@@ -40,7 +41,7 @@ class _RNNBase:
         self.dtype = checks.float_dtype("dtype", dtype)
         checks.seed("seed", seed)
         self.nonlinearity = nonlinearity
-        self.backend = get_backend()
+        self.backend = get_backend(backend)
         self._ops = self.backend.ops
         self._cfg = stack.Config(self._cell, self.input_size, self.hidden_size, self.num_layers,
                                  self.bidirectional, nonlinearity)
@@ -146,27 +147,34 @@ class _RNNBase:
             lengths = checks.lengths("lengths", np.asarray(self._ops.to_host(lengths)), B, T)
 
         dropout_on = self.training and self.dropout > 0 and cfg.L > 1
-        ws = self._workspace(T, B, dropout_on)
-        ws.x[...] = x
-        ws.lengths[...] = xp.asarray(lengths if lengths is not None else np.full(B, T, np.int32))
-        ws.h0[...] = 0 if h0 is None else h0
-        if cfg.cell == "lstm":
-            ws.c0[...] = 0 if c0 is None else c0
+        if lengths is None:
+            lengths = np.full(B, T, np.int32)
+        masks = [None] * cfg.L
         if dropout_on:
             keep = 1.0 - self.dropout
-            for layer in range(1, cfg.L):
-                mask = (self._rng.random(ws.masks[layer].shape) < keep) / keep  # inverted dropout
-                ws.masks[layer][...] = xp.asarray(mask.astype(self.dtype))
+            for layer in range(1, cfg.L):  # inverted dropout, drawn from the model's seeded RNG
+                masks[layer] = ((self._rng.random((T, B, cfg.D * cfg.H)) < keep) / keep).astype(self.dtype)
 
-        self._ops.run((id(ws), "forward"), lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on))
+        ws = self._workspace(T, B, dropout_on)
+        with self._ops.on_stream():
+            ws.x[...] = x
+            ws.lengths[...] = xp.asarray(lengths)
+            ws.h0[...] = 0 if h0 is None else h0
+            if cfg.cell == "lstm":
+                ws.c0[...] = 0 if c0 is None else c0
+            for layer in range(1, cfg.L if dropout_on else 1):
+                ws.masks[layer][...] = xp.asarray(masks[layer])
+            self._ops.run(ws, "forward", lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on))
+            result = (self._time_major_out(ws.out[-1]), ws.h_n.copy(),
+                      ws.c_n.copy() if cfg.cell == "lstm" else None)
         self._cache = (ws, dropout_on) if self.training else None
         self._cache_used = False
+        return result
 
-        out = ws.out[-1].transpose(1, 0, 2) if self.batch_first else ws.out[-1]
-        out = xp.ascontiguousarray(out)
-        if out is ws.out[-1]:
-            out = out.copy()  # the workspace is overwritten by the next call
-        return out, ws.h_n.copy(), (ws.c_n.copy() if cfg.cell == "lstm" else None)
+    def _time_major_out(self, a):
+        """A fresh copy of a [T, B, ·] workspace buffer, in the user's layout
+        (the workspace is overwritten by the next call)."""
+        return (a.transpose(1, 0, 2) if self.batch_first else a).copy(order="C")
 
     # ---------------------------------------------------------------- backward
     def _backward(self, d_out, d_hn, d_cn):
@@ -191,19 +199,16 @@ class _RNNBase:
         if d_cn is not None:
             d_cn = self._input(d_cn, "d_cn", state_shape, state_layout)
 
-        ws.d_out[...] = d_out
-        ws.d_hn[...] = 0 if d_hn is None else d_hn
-        if cfg.cell == "lstm":
-            ws.d_cn[...] = 0 if d_cn is None else d_cn
-        self._cache_used = True
-        self._ops.run((id(ws), "backward"),
-                      lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on))
-
-        dx = ws.dx.transpose(1, 0, 2) if self.batch_first else ws.dx
-        dx = self.backend.xp.ascontiguousarray(dx)
-        if dx is ws.dx:
-            dx = dx.copy()
-        return dx, ws.dh0.copy(), (ws.dc0.copy() if cfg.cell == "lstm" else None)
+        with self._ops.on_stream():
+            ws.d_out[...] = d_out
+            ws.d_hn[...] = 0 if d_hn is None else d_hn
+            if cfg.cell == "lstm":
+                ws.d_cn[...] = 0 if d_cn is None else d_cn
+            self._cache_used = True
+            self._ops.run(ws, "backward",
+                          lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on))
+            return (self._time_major_out(ws.dx), ws.dh0.copy(),
+                    ws.dc0.copy() if cfg.cell == "lstm" else None)
 
     def __repr__(self):
         extra = f", nonlinearity={self.nonlinearity!r}" if self._cell == "rnn" else ""
@@ -223,10 +228,11 @@ class RNN(_RNNBase):
     _cell = "rnn"
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, dtype="float32", seed=None):
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype="float32", seed=None,
+                 backend=None):
         checks.choice("nonlinearity", nonlinearity, NONLINEARITIES)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, dtype, seed, nonlinearity)
+                         bidirectional, dtype, seed, nonlinearity, backend)
 
     def __call__(self, x, h0=None, lengths=None):
         out, h_n, _ = self._forward(x, h0, None, lengths)
@@ -253,9 +259,9 @@ class GRU(RNN):
     _cell = "gru"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype="float32", seed=None):
+                 dropout=0.0, bidirectional=False, dtype="float32", seed=None, backend=None):
         _RNNBase.__init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                          bidirectional, dtype, seed)
+                          bidirectional, dtype, seed, backend=backend)
 
 
 class LSTM(_RNNBase):

@@ -47,6 +47,7 @@ class Workspace:
     dx: [T, B, I]         gradient of x       dh0, dc0: [L*D, B, H]
     ones: [1, T*B]        for the bias-gradient GEMMs
     dirs[k]: Direction    per layer and direction, k = l*D + d
+    graphs: dict          CUDA graphs captured over these buffers (CUDA backend)
     """
 
     def __init__(self, xp, cfg, T, B, dtype, dropout):
@@ -71,6 +72,7 @@ class Workspace:
         self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
         self.ones = xp.ones((1, T * B), dtype)
         self.dirs = [Direction.allocate(xp, cfg.cell, T, B, H, dtype) for _ in range(L * D)]
+        self.graphs = {}
 
     def layer_input(self, layer, dropout_on):
         if layer == 0:

@@ -1,0 +1,261 @@
+"""numba.cuda twins of ``gpurnn.cells``: one kernel per pointwise op.
+
+Each kernel has the name, arguments and in-place behaviour of its NumPy spec
+(the RNN ``nonlinearity`` comes as an integer code, ``NONLINEARITY_CODES``).
+One thread owns one element ``(b, j)`` of the ``[B, H]`` step: it reads the
+gate pre-activations of its unit from every gate block, applies all
+activations, updates the state and writes what backward needs, so each step
+is one launch. Padded steps (``t >= lengths[b]``) branch per thread: carry the
+state, write zeros.
+
+Constants come from ``constants(h)`` in the buffers' dtype, so float32
+kernels stay in float32 (a bare Python float would promote them to float64).
+Launch with ``grid(B * H)`` threads; ``cuda.grid(1)`` beyond ``B * H`` returns.
+"""
+
+import math
+
+import numpy as np
+
+from gpurnn.backend import load_numba_cuda
+from gpurnn.cells import ELU_ALPHA, LEAKY_RELU_SLOPE, NONLINEARITIES
+
+cuda = load_numba_cuda()
+
+NONLINEARITY_CODES = {name: code for code, name in enumerate(NONLINEARITIES)}
+TANH, RELU, SIGMOID, LEAKY_RELU, ELU = (NONLINEARITY_CODES[n] for n in NONLINEARITIES)
+
+
+@cuda.jit(device=True, inline=True)
+def sigmoid(x, half):
+    return half * math.tanh(half * x) + half  # = 1 / (1 + e^-x), never overflows
+
+
+@cuda.jit(device=True, inline=True)
+def constants(x):
+    """(zero, one, half, slope, alpha) in the dtype of the array x."""
+    return (x.dtype.type(0), x.dtype.type(1), x.dtype.type(0.5),
+            x.dtype.type(LEAKY_RELU_SLOPE), x.dtype.type(ELU_ALPHA))
+
+
+@cuda.jit(device=True, inline=True)
+def activate(nonlinearity, a, k):
+    """phi(a); k holds the constants (zero, one, half, slope, alpha) in a's type."""
+    zero, one, half, slope, alpha = k
+    if nonlinearity == TANH:
+        return math.tanh(a)
+    if nonlinearity == SIGMOID:
+        return sigmoid(a, half)
+    if nonlinearity == RELU:
+        return a if a > zero else zero
+    if nonlinearity == LEAKY_RELU:
+        return a if a > zero else a * slope
+    return a if a > zero else alpha * math.expm1(a)  # ELU
+
+
+@cuda.jit(device=True, inline=True)
+def activate_grad(nonlinearity, h, k):
+    """phi'(a) from the output h = phi(a)."""
+    zero, one, half, slope, alpha = k
+    if nonlinearity == TANH:
+        return one - h * h
+    if nonlinearity == SIGMOID:
+        return h * (one - h)
+    if nonlinearity == RELU:
+        return one if h > zero else zero
+    if nonlinearity == LEAKY_RELU:
+        return one if h > zero else slope
+    return one if h > zero else h + alpha  # ELU: alpha e^a = h + alpha
+
+
+# --------------------------------------------------------------------------- RNN
+@cuda.jit(cache=True)
+def rnn_forward(t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
+    """gx: [T, B, H]  gh: [B, H]  b_hh: [H]  h: [T+1, B, H]  y: [T, B, H]  lengths: [B]"""
+    B, H = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx >= B * H:
+        return
+    b, j = idx // H, idx % H
+    prev, nxt = t + reverse, t + 1 - reverse
+    k = constants(h)
+    if t >= lengths[b]:  # padded step: carry the state, output 0
+        h[nxt, b, j] = h[prev, b, j]
+        y[t, b, j] = k[0]
+        return
+    h_new = activate(nonlinearity, gx[t, b, j] + gh[b, j] + b_hh[j], k)
+    h[nxt, b, j] = h_new
+    y[t, b, j] = h_new
+
+
+@cuda.jit(cache=True)
+def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
+    """h: [T+1, B, H]  dy: [T, B, H]  dh: [B, H] (in/out)  dgates: [T, B, H]"""
+    B, H = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx >= B * H:
+        return
+    b, j = idx // H, idx % H
+    nxt = t + 1 - reverse
+    k = constants(h)
+    if t >= lengths[b]:  # padded step: the gradient passes through untouched
+        dgates[t, b, j] = k[0]
+        return
+    dh_total = dh[b, j] + dy[t, b, j]  # output at t plus what flows back from t+1
+    dgates[t, b, j] = dh_total * activate_grad(nonlinearity, h[nxt, b, j], k)
+    dh[b, j] = k[0]  # h_{t-1} reaches h_t only through W_hh
+
+
+# -------------------------------------------------------------------------- LSTM
+@cuda.jit(cache=True)
+def lstm_forward(t, reverse, gx, gh, b_hh, h, c, gates, y, lengths):
+    """gx: [T, B, 4H] (i, f, g, o)  gh: [B, 4H]  b_hh: [4H]  h, c: [T+1, B, H]
+    gates: [T, B, 4H]  y: [T, B, H]  lengths: [B]"""
+    B, H = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx >= B * H:
+        return
+    b, j = idx // H, idx % H
+    prev, nxt = t + reverse, t + 1 - reverse
+    zero, one, half, _, _ = constants(h)
+    if t >= lengths[b]:  # padded step: carry the state, output 0
+        c[nxt, b, j] = c[prev, b, j]
+        h[nxt, b, j] = h[prev, b, j]
+        y[t, b, j] = zero
+        for k in range(4):
+            gates[t, b, k * H + j] = zero
+        return
+    i = sigmoid(gx[t, b, j] + gh[b, j] + b_hh[j], half)
+    f = sigmoid(gx[t, b, H + j] + gh[b, H + j] + b_hh[H + j], half)
+    g = math.tanh(gx[t, b, 2 * H + j] + gh[b, 2 * H + j] + b_hh[2 * H + j])
+    o = sigmoid(gx[t, b, 3 * H + j] + gh[b, 3 * H + j] + b_hh[3 * H + j], half)
+    c_new = f * c[prev, b, j] + i * g
+    h_new = o * math.tanh(c_new)
+    c[nxt, b, j] = c_new
+    h[nxt, b, j] = h_new
+    y[t, b, j] = h_new
+    gates[t, b, j] = i
+    gates[t, b, H + j] = f
+    gates[t, b, 2 * H + j] = g
+    gates[t, b, 3 * H + j] = o
+
+
+@cuda.jit(cache=True)
+def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
+    """c: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh, dc: [B, H] (in/out)
+    dgates: [T, B, 4H]"""
+    B, H = c.shape[1], c.shape[2]
+    idx = cuda.grid(1)
+    if idx >= B * H:
+        return
+    b, j = idx // H, idx % H
+    prev, nxt = t + reverse, t + 1 - reverse
+    zero, one, half, _, _ = constants(c)
+    if t >= lengths[b]:  # padded step: the gradients pass through untouched
+        for k in range(4):
+            dgates[t, b, k * H + j] = zero
+        return
+    i = gates[t, b, j]
+    f = gates[t, b, H + j]
+    g = gates[t, b, 2 * H + j]
+    o = gates[t, b, 3 * H + j]
+    tanh_c = math.tanh(c[nxt, b, j])
+    dh_total = dh[b, j] + dy[t, b, j]
+    dc_total = dc[b, j] + dh_total * o * (one - tanh_c * tanh_c)  # backprop through tanh(c_t)
+    dgates[t, b, j] = dc_total * g * i * (one - i)
+    dgates[t, b, H + j] = dc_total * c[prev, b, j] * f * (one - f)
+    dgates[t, b, 2 * H + j] = dc_total * i * (one - g * g)
+    dgates[t, b, 3 * H + j] = dh_total * tanh_c * o * (one - o)
+    dc[b, j] = dc_total * f
+    dh[b, j] = zero  # h_{t-1} reaches the gates only through W_hh
+
+
+# --------------------------------------------------------------------------- GRU
+@cuda.jit(cache=True)
+def gru_forward(t, reverse, gx, gh, b_hh, h, gates, y, lengths):
+    """gx: [T, B, 3H] (r, z, n)  gh: [B, 3H]  b_hh: [3H]  h: [T+1, B, H]
+    gates: [T, B, 4H] (r, z, n, hn)  y: [T, B, H]  lengths: [B]"""
+    B, H = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx >= B * H:
+        return
+    b, j = idx // H, idx % H
+    prev, nxt = t + reverse, t + 1 - reverse
+    zero, one, half, _, _ = constants(h)
+    if t >= lengths[b]:  # padded step: carry the state, output 0
+        h[nxt, b, j] = h[prev, b, j]
+        y[t, b, j] = zero
+        for k in range(4):
+            gates[t, b, k * H + j] = zero
+        return
+    r = sigmoid(gx[t, b, j] + gh[b, j] + b_hh[j], half)
+    z = sigmoid(gx[t, b, H + j] + gh[b, H + j] + b_hh[H + j], half)
+    hn = gh[b, 2 * H + j] + b_hh[2 * H + j]  # U_n h + b_hn, kept apart: r scales it
+    n = math.tanh(gx[t, b, 2 * H + j] + r * hn)
+    h_prev = h[prev, b, j]
+    h_new = n + z * (h_prev - n)  # (1 - z) n + z h_prev
+    h[nxt, b, j] = h_new
+    y[t, b, j] = h_new
+    gates[t, b, j] = r
+    gates[t, b, H + j] = z
+    gates[t, b, 2 * H + j] = n
+    gates[t, b, 3 * H + j] = hn
+
+
+@cuda.jit(cache=True)
+def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
+    """h: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh: [B, H] (in/out)
+    dgx, dgh: [T, B, 3H]"""
+    B, H = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx >= B * H:
+        return
+    b, j = idx // H, idx % H
+    prev = t + reverse
+    zero, one, half, _, _ = constants(h)
+    if t >= lengths[b]:  # padded step: the gradient passes through untouched
+        for k in range(3):
+            dgx[t, b, k * H + j] = zero
+            dgh[t, b, k * H + j] = zero
+        return
+    r = gates[t, b, j]
+    z = gates[t, b, H + j]
+    n = gates[t, b, 2 * H + j]
+    hn = gates[t, b, 3 * H + j]
+    dh_total = dh[b, j] + dy[t, b, j]
+    dn = dh_total * (one - z) * (one - n * n)  # backprop through tanh
+    dz = dh_total * (h[prev, b, j] - n) * z * (one - z)
+    dr = dn * hn * r * (one - r)
+    dgx[t, b, j] = dr
+    dgx[t, b, H + j] = dz
+    dgx[t, b, 2 * H + j] = dn
+    dgh[t, b, j] = dr
+    dgh[t, b, H + j] = dz
+    dgh[t, b, 2 * H + j] = dn * r
+    dh[b, j] = dh_total * z  # the z h_{t-1} path skips W_hh
+
+
+KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
+           "lstm_forward": lstm_forward, "lstm_backward": lstm_backward,
+           "gru_forward": gru_forward, "gru_backward": gru_backward}
+
+
+def signature(name, dtype):
+    """The numba signature a launch on workspace buffers compiles: the output
+    and output-gradient views (y, dy) may be strided, everything else is
+    C-contiguous. Used by the PTX report."""
+    from numba import types
+
+    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    i64 = types.int64
+    c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
+    a3 = types.Array(f, 3, "A")
+    lengths = types.Array(types.int32, 1, "C")
+    return {
+        "rnn_forward": (i64, i64, c3, c2, c1, c3, a3, lengths, i64),
+        "rnn_backward": (i64, i64, c3, a3, c2, c3, lengths, i64),
+        "lstm_forward": (i64, i64, c3, c2, c1, c3, c3, c3, a3, lengths),
+        "lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths),
+        "gru_forward": (i64, i64, c3, c2, c1, c3, c3, a3, lengths),
+        "gru_backward": (i64, i64, c3, c3, a3, c2, c3, c3, lengths),
+    }[name]

@@ -1,0 +1,218 @@
+"""The backend operations of the CUDA code path: kernel launches, GEMMs, graphs.
+
+``CudaOps`` offers the interface of ``gpurnn.backend.NumpyOps`` (the per-cell
+steps, ``gemm``, ``add_bias``, ``run``, ``asarray``, ``to_host``):
+
+- real GPU: CuPy arrays, numba kernels launched on our own CuPy stream with
+  pre-wrapped device arrays, GEMMs through cuBLAS (``cublas.py``), and
+  ``run`` capturing each whole forward/backward as a CUDA graph on its second
+  call per workspace, replaying it afterwards;
+- simulator (``simulate=True``): NumPy arrays, the same kernels run by numba's
+  CUDA simulator, NumPy GEMMs, ``run`` eager.
+
+Every launch checks its buffers' shapes and dtypes against each other first
+and raises ``ValueError`` before anything reaches the device.
+"""
+
+import contextlib
+import warnings
+
+import numpy as np
+
+from gpurnn.backend import NumpyOps, load_cupy, load_numba_cuda, math_mode
+from gpurnn.cuda import kernels
+
+THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
+
+
+class CudaOps:
+    def __init__(self, simulate):
+        self.simulate = simulate
+        self.cuda = load_numba_cuda()
+        self.capture_note = ""
+        self._wrapped = {}
+        if simulate:
+            self.name, self.xp = "cudasim", np
+            self._stream = None
+            self._nb_stream = None
+            self._cublas = None
+        else:
+            from gpurnn.cuda.cublas import Cublas
+
+            cupy = load_cupy()
+            self.name, self.xp = "cuda", cupy
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+            self._nb_stream = self.cuda.external_stream(self._stream.ptr)
+            self._cublas = Cublas(cupy)
+            self._capture_ok = True
+            self.capture_note = "time loops run as CUDA graphs"
+
+    # ------------------------------------------------------------- arrays
+    def asarray(self, value, name):
+        if self.simulate:
+            return NumpyOps.asarray(value, name)
+        cupy = self.xp
+        try:
+            if isinstance(value, cupy.ndarray):
+                return value
+            if hasattr(value, "__cuda_array_interface__"):
+                return cupy.asarray(value)  # zero-copy view of another GPU library's array
+            if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+                return cupy.from_dlpack(value)
+            return cupy.asarray(np.asarray(value))
+        except Exception as exc:
+            raise TypeError(f"{name}: expected a NumPy or GPU array, got {type(value).__name__} ({exc})") from exc
+
+    def to_host(self, a):
+        return np.asarray(a) if self.simulate else self.xp.asnumpy(a)
+
+    @contextlib.contextmanager
+    def on_stream(self):
+        """Run the enclosed work on our stream, ordered after and before the caller's."""
+        if self.simulate:
+            yield
+            return
+        caller = self.xp.cuda.get_current_stream()
+        self._stream.wait_event(caller.record())
+        with self._stream:
+            yield
+        caller.wait_event(self._stream.record())
+
+    # ------------------------------------------------------------- GEMMs
+    def gemm(self, a, b, out, trans_a=False, trans_b=False, beta=0.0):
+        """out = op(a) @ op(b) + beta * out, with beta 0 or 1."""
+        M, K = (a.shape[1], a.shape[0]) if trans_a else a.shape
+        K2, N = (b.shape[1], b.shape[0]) if trans_b else b.shape
+        if K != K2 or out.shape != (M, N) or not (a.dtype == b.dtype == out.dtype):
+            raise ValueError(f"gemm: shapes do not chain: op(a) {M}x{K}, op(b) {K2}x{N}, out {out.shape}; "
+                             f"dtypes {a.dtype}, {b.dtype}, {out.dtype}")
+        if self.simulate:
+            NumpyOps.gemm(a, b, out, trans_a, trans_b, beta)
+            return
+        for arr in (a, b, out):
+            if arr.strides[1] != arr.itemsize:
+                raise ValueError(f"gemm: operands need unit inner stride, got strides {arr.strides}")
+        self._cublas.gemm(self._stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode())
+
+    add_bias = staticmethod(NumpyOps.add_bias)  # a CuPy/NumPy broadcast add, capturable
+
+    # ------------------------------------------------------------ kernels
+    def _launch(self, kernel, B, H, *args):
+        blocks = (B * H + THREADS - 1) // THREADS
+        if self.simulate:
+            kernel[blocks, THREADS](*(self._sim_wrap(a) for a in args))
+        else:
+            kernel[blocks, THREADS, self._nb_stream](*(self._wrap(a) for a in args))
+
+    def _wrap(self, a):
+        """A numba view of a CuPy array, made once per buffer (passing CuPy arrays
+        directly costs ~50 us per launch)."""
+        if not hasattr(a, "__cuda_array_interface__"):
+            return a
+        desc = a.__cuda_array_interface__
+        key = (desc["data"][0], desc["shape"], desc["strides"], desc["typestr"])
+        view = self._wrapped.get(key)
+        if view is None:
+            if len(self._wrapped) > 4096:
+                self._wrapped.clear()
+            view = self.cuda.from_cuda_array_interface(desc, owner=None, sync=False)
+            self._wrapped[key] = view
+        return view
+
+    def _sim_wrap(self, a):
+        """The simulator copies plain NumPy arguments (and refuses strided views);
+        its own device-array wrapper makes the kernel work on the array itself."""
+        if not isinstance(a, np.ndarray):
+            return a
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(a)
+
+    def rnn_forward(self, t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
+        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, y=y, lengths=lengths, G=1)
+        self._launch(kernels.rnn_forward, B, H, t, reverse, gx, gh, b_hh, h, y, lengths,
+                     kernels.NONLINEARITY_CODES[nonlinearity])
+
+    def rnn_backward(self, t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
+        T, B, H = _check_step(t, reverse, h, dy=dy, dh=dh, dgx=dgates, lengths=lengths, G=1)
+        self._launch(kernels.rnn_backward, B, H, t, reverse, h, dy, dh, dgates, lengths,
+                     kernels.NONLINEARITY_CODES[nonlinearity])
+
+    def lstm_forward(self, t, reverse, gx, gh, b_hh, h, c, gates, y, lengths):
+        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, c=c, gates=gates, y=y,
+                              lengths=lengths, G=4)
+        self._launch(kernels.lstm_forward, B, H, t, reverse, gx, gh, b_hh, h, c, gates, y, lengths)
+
+    def lstm_backward(self, t, reverse, c, gates, dy, dh, dc, dgates, lengths):
+        T, B, H = _check_step(t, reverse, c, gates=gates, dy=dy, dh=dh, dc=dc, dgx=dgates,
+                              lengths=lengths, G=4)
+        self._launch(kernels.lstm_backward, B, H, t, reverse, c, gates, dy, dh, dc, dgates, lengths)
+
+    def gru_forward(self, t, reverse, gx, gh, b_hh, h, gates, y, lengths):
+        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, gates=gates, y=y,
+                              lengths=lengths, G=3)
+        self._launch(kernels.gru_forward, B, H, t, reverse, gx, gh, b_hh, h, gates, y, lengths)
+
+    def gru_backward(self, t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
+        T, B, H = _check_step(t, reverse, h, gates=gates, dy=dy, dh=dh, dgx=dgx, dgh=dgh,
+                              lengths=lengths, G=3)
+        self._launch(kernels.gru_backward, B, H, t, reverse, h, gates, dy, dh, dgx, dgh, lengths)
+
+    # ------------------------------------------------------------- graphs
+    def run(self, ws, name, fn):
+        """Run ``fn`` (a whole stack forward or backward over workspace ``ws``).
+
+        First call per (workspace, name, math mode): eager, which also compiles
+        the kernels and creates the cuBLAS handle. Second: capture into a CUDA
+        graph. Later: replay it. If capture fails, warn once and stay eager.
+        """
+        if self.simulate:
+            fn()
+            return
+        key = (name, math_mode())
+        graphs = ws.__dict__.setdefault("graphs", {})
+        entry = graphs.get(key)
+        if entry is not None and entry != "eager":
+            entry.launch(self._stream)
+            return
+        fn()
+        if entry is None and self._capture_ok:
+            graphs[key] = self._capture(fn)
+        else:
+            graphs[key] = "eager"
+
+    def _capture(self, fn):
+        try:
+            self._stream.begin_capture()
+            try:
+                fn()
+            finally:
+                graph = self._stream.end_capture()
+            return graph
+        except Exception as exc:  # capture unsupported here: fall back, say why once
+            self._capture_ok = False
+            self.capture_note = f"time loops run eagerly: CUDA graph capture failed ({type(exc).__name__}: {exc})"
+            warnings.warn(f"gpurnn: {self.capture_note}", RuntimeWarning, stacklevel=4)
+            return "eager"
+
+
+def _check_step(t, reverse, state, G, lengths, **bufs):
+    """Check every buffer of one step launch against the state buffer's [T+1, B, H]."""
+    if state.ndim != 3:
+        raise ValueError(f"kernel launch: state buffer must be [T+1, B, H], got shape {state.shape}")
+    T, B, H = state.shape[0] - 1, state.shape[1], state.shape[2]
+    if not 0 <= t < T or reverse not in (0, 1):
+        raise ValueError(f"kernel launch: t must be in [0, {T}) and reverse 0 or 1, got t={t}, reverse={reverse}")
+    saved = 4 if G in (3, 4) else 0
+    expected = {"gx": (T, B, G * H), "gh": (B, G * H), "b_hh": (G * H,), "c": (T + 1, B, H),
+                "gates": (T, B, saved * H), "y": (T, B, H), "dy": (T, B, H), "dh": (B, H), "dc": (B, H),
+                "dgx": (T, B, G * H), "dgh": (T, B, G * H)}
+    for name, a in bufs.items():
+        if tuple(a.shape) != expected[name]:
+            raise ValueError(f"kernel launch: {name} must have shape {expected[name]} for state "
+                             f"{tuple(state.shape)}, got {tuple(a.shape)}")
+        if a.dtype != state.dtype:
+            raise ValueError(f"kernel launch: {name} must have dtype {state.dtype}, got {a.dtype}")
+    if tuple(lengths.shape) != (B,) or lengths.dtype != np.int32:
+        raise ValueError(f"kernel launch: lengths must be int32 of shape ({B},), got {lengths.dtype} {tuple(lengths.shape)}")
+    return T, B, H
