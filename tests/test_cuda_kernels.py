@@ -1,0 +1,171 @@
+"""The CUDA code path under numba's CUDA simulator: every kernel against its
+NumPy spec, whole models against the numpy backend, and launch checks."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpurnn import backend as backend_module
+from gpurnn import cells
+from helpers import back, make, rel_err, run
+
+CELLS = ["rnn", "lstm", "gru"]
+
+
+@pytest.fixture(scope="module")
+def sim():
+    try:
+        return backend_module.get_backend("cudasim")
+    except (backend_module.BackendUnavailable, ImportError) as exc:
+        pytest.skip(f"cudasim unavailable in this process: {exc}")
+
+
+def step_buffers(cell, T, B, H, rng, dtype=np.float64):
+    """Random buffers for one step launch of ``cell`` (names as in cells.py)."""
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    S = {"rnn": 0, "lstm": 4, "gru": 4}[cell]
+    r = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
+    gates = rng.uniform(0.05, 0.95, (T, B, S * H)).astype(dtype)  # activations live in (0, 1)
+    return dict(gx=r(T, B, G * H), gh=r(B, G * H), b_hh=r(G * H), h=r(T + 1, B, H), c=r(T + 1, B, H),
+                gates=gates, y=r(T, B, H), dy=r(T, B, H), dh=r(B, H), dc=r(B, H),
+                dgx=r(T, B, G * H), dgh=r(T, B, G * H))
+
+
+ARGS = {  # argument names of each op, in order, after (t, reverse)
+    "rnn_forward": ["gx", "gh", "b_hh", "h", "y", "lengths"],
+    "rnn_backward": ["h", "dy", "dh", "dgx", "lengths"],
+    "lstm_forward": ["gx", "gh", "b_hh", "h", "c", "gates", "y", "lengths"],
+    "lstm_backward": ["c", "gates", "dy", "dh", "dc", "dgx", "lengths"],
+    "gru_forward": ["gx", "gh", "b_hh", "h", "gates", "y", "lengths"],
+    "gru_backward": ["h", "gates", "dy", "dh", "dgx", "dgh", "lengths"],
+}
+
+
+OPS = [(op, "tanh") for op in sorted(ARGS)] + [  # the nonlinearity only matters to the plain RNN
+    (op, n) for op in ("rnn_forward", "rnn_backward") for n in ("relu", "sigmoid", "leaky_relu", "elu")]
+
+
+@pytest.mark.parametrize("op, nonlinearity", OPS)
+@pytest.mark.parametrize("T, B, H", [(1, 3, 33), (4, 3, 33), (3, 2, 1), (2, 5, 130)])
+@pytest.mark.parametrize("reverse", [0, 1])
+def test_kernel_matches_spec(sim, op, nonlinearity, T, B, H, reverse):
+    cell = op.split("_")[0]
+    rng = np.random.default_rng(T * 100 + B * 10 + H)
+    lengths = rng.integers(1, T + 1, size=B).astype(np.int32)
+    lengths[0] = T
+    if B > 1:
+        lengths[-1] = 1  # at least one padded sequence whenever T > 1
+    bufs = step_buffers(cell, T, B, H, rng)
+    if cell == "rnn" and op.endswith("backward"):
+        bufs["h"] = cells.activate(nonlinearity, bufs["h"])  # saved states are phi outputs
+    for t in range(T):
+        spec_bufs = {k: v.copy() for k, v in bufs.items()}
+        kern_bufs = {k: v.copy() for k, v in bufs.items()}
+        extra = [nonlinearity] if cell == "rnn" else []
+        getattr(cells, op)(t, reverse, *[lengths if n == "lengths" else spec_bufs[n] for n in ARGS[op]], *extra)
+        getattr(sim.ops, op)(t, reverse, *[lengths if n == "lengths" else kern_bufs[n] for n in ARGS[op]], *extra)
+        for name in ARGS[op]:
+            if name != "lengths":
+                np.testing.assert_allclose(kern_bufs[name], spec_bufs[name], rtol=1e-12, atol=1e-13,
+                                           err_msg=f"{op} t={t} buffer {name}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("num_layers, bidirectional, batch_first, with_lengths", [
+    (1, False, False, False), (2, True, False, True), (2, False, True, True), (1, True, True, False),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_model_parity_with_numpy_backend(sim, cell, num_layers, bidirectional, batch_first, with_lengths, dtype):
+    rng = np.random.default_rng(5)
+    T, B, I, H = 5, 3, 4, 33
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, dtype=dtype, seed=3)
+    ref = make(cell, I, H, backend="numpy", **kw)
+    cud = make(cell, I, H, backend="cudasim", **kw)
+    assert cud.backend.name == "cudasim"
+    LD = num_layers * (2 if bidirectional else 1)
+    x = rng.standard_normal((B, T, I) if batch_first else (T, B, I)).astype(dtype)
+    h0, c0, d_hn, d_cn = rng.standard_normal((4, LD, B, H)).astype(dtype)
+    lengths = np.array([5, 2, 4]) if with_lengths else None
+    tol = 1e-12 if dtype == "float64" else 2e-5
+    for repeat in range(2):  # second round: re-used workspace, accumulated grads
+        outs = [run(m, x, h0, c0, lengths) for m in (ref, cud)]
+        d_out = rng.standard_normal(outs[0][0].shape).astype(dtype)
+        grads_in = [back(m, d_out, d_hn, d_cn) for m in (ref, cud)]
+        for a, b in zip(outs[1] + grads_in[1], outs[0] + grads_in[0]):
+            if b is not None:
+                assert a.dtype == b.dtype and rel_err(a, b) < tol
+        for k in ref.grads:
+            assert rel_err(cud.grads[k], ref.grads[k]) < tol, k
+
+
+def test_dropout_matches_numpy_backend_with_same_seed(sim):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 2, 3))
+    ref = make("lstm", 3, 5, num_layers=3, dropout=0.3, seed=8, dtype="float64", backend="numpy")
+    cud = make("lstm", 3, 5, num_layers=3, dropout=0.3, seed=8, dtype="float64", backend="cudasim")
+    d = rng.standard_normal((4, 2, 5))
+    o1, o2 = run(ref, x)[0], run(cud, x)[0]
+    assert rel_err(o2, o1) < 1e-12
+    assert rel_err(back(cud, d)[0], back(ref, d)[0]) < 1e-12
+
+
+def test_launch_with_mismatched_buffers_is_refused(sim):
+    rng = np.random.default_rng(0)
+    bufs = step_buffers("lstm", 3, 2, 4, rng)
+    lengths = np.array([3, 3], np.int32)
+    ops = sim.ops
+    good = [bufs[n] for n in ARGS["lstm_forward"][:-1]]
+    before = {k: v.copy() for k, v in bufs.items()}
+    bad_gx = np.zeros((3, 2, 12))
+    with pytest.raises(ValueError, match=r"gx must have shape \(3, 2, 16\).*got \(3, 2, 12\)"):
+        ops.lstm_forward(0, 0, bad_gx, *good[1:], lengths)
+    with pytest.raises(ValueError, match="t must be in"):
+        ops.lstm_forward(3, 0, *good, lengths)
+    with pytest.raises(ValueError, match="lengths must be int32"):
+        ops.lstm_forward(0, 0, *good, lengths.astype(np.int64))
+    with pytest.raises(ValueError, match="dtype"):
+        ops.lstm_forward(0, 0, *good[:3], bufs["h"].astype(np.float32), *good[4:], lengths)
+    with pytest.raises(ValueError, match="gemm: shapes do not chain"):
+        ops.gemm(np.ones((2, 3)), np.ones((4, 5)), np.ones((2, 5)))
+    assert all(np.array_equal(bufs[k], before[k]) for k in bufs)  # nothing was written
+
+
+def test_cudasim_after_real_numba_cuda_import_is_refused(tmp_path):
+    code = ("import os, numba.cuda, gpurnn\n"
+            "os.environ['GPURNN_BACKEND'] = 'cudasim'\n"
+            "gpurnn.get_backend()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPURNN_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "BackendUnavailable" in out.stderr and "before anything imports numba.cuda" in out.stderr
+
+
+def test_cuda_request_without_gpu_says_what_is_missing():
+    code = "import gpurnn; gpurnn.get_backend('cuda')"
+    env = {k: v for k, v in os.environ.items() if k != "GPURNN_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode == 0:
+        pytest.skip("this machine has a working CUDA backend")
+    assert "BackendUnavailable" in out.stderr and ("CuPy" in out.stderr or "GPU" in out.stderr)
+
+
+def test_auto_falls_back_to_numpy_with_reason():
+    code = "import gpurnn; b = gpurnn.get_backend(); print(b.name); print(b.reason)"
+    env = dict(os.environ, GPURNN_BACKEND="auto")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    name, reason = out.stdout.splitlines()[:2]
+    assert name in ("numpy", "cuda")
+    assert reason.startswith("auto: CUDA backend unavailable (") if name == "numpy" else "CUDA on" in reason
+
+
+def test_cudasim_env_runs_the_kernels_in_a_fresh_process():
+    code = ("import numpy as np, gpurnn\n"
+            "m = gpurnn.GRU(3, 4, seed=0)\n"
+            "out, h = m(np.ones((2, 1, 3), np.float32))\n"
+            "print(gpurnn.get_backend().name, out.shape)\n")
+    env = dict(os.environ, GPURNN_BACKEND="cudasim")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "cudasim (2, 1, 4)"
