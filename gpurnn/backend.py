@@ -204,8 +204,9 @@ def load_numba_cuda():
     numba-cuda 0.30.x calls it at its first kernel compile."""
     if not hasattr(np, "row_stack"):
         np.row_stack = np.vstack
-    from numba import cuda
+    from numba import config, cuda
 
+    config.CUDA_LOW_OCCUPANCY_WARNINGS = False  # the per-step grids are small by design
     return cuda
 
 

@@ -40,9 +40,9 @@ def back(model, d_out, d_hn=None, d_cn=None):
     return dx, dh0, None
 
 
-def torch_reference(cell, model, x, h0, c0, lengths, d_out, d_hn, d_cn):
-    """The same computation in torch (same weights, same dtype); returns
-    (out, h_n, c_n, dx, dh0, dc0, grads) as NumPy arrays."""
+def torch_reference(cell, model, x, h0, c0, lengths, d_out, d_hn, d_cn, device="cpu"):
+    """The same computation in torch (same weights, same dtype, on ``device``);
+    returns (out, h_n, c_n, dx, dh0, dc0, grads) as NumPy arrays."""
     import torch
 
     cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
@@ -51,25 +51,26 @@ def torch_reference(cell, model, x, h0, c0, lengths, d_out, d_hn, d_cn):
     if cell == "rnn":
         kwargs["nonlinearity"] = model.nonlinearity
     tdtype = torch.float64 if model.dtype == np.float64 else torch.float32
-    tm = cls(model.input_size, model.hidden_size, **kwargs).to(tdtype)
+    tm = cls(model.input_size, model.hidden_size, **kwargs).to(tdtype).to(device)
     tm.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in model.state_dict().items()})
-    xt = torch.tensor(np.asarray(x), requires_grad=True)
-    h0t = torch.tensor(np.asarray(h0), requires_grad=True)
-    c0t = torch.tensor(np.asarray(c0), requires_grad=True) if cell == "lstm" else None
+    leaf = lambda a: torch.tensor(np.asarray(a), device=device, requires_grad=True)  # noqa: E731
+    xt, h0t = leaf(x), leaf(h0)
+    c0t = leaf(c0) if cell == "lstm" else None
     inp = xt
     if lengths is not None:
-        inp = torch.nn.utils.rnn.pack_padded_sequence(xt, torch.tensor(np.asarray(lengths)),
+        inp = torch.nn.utils.rnn.pack_padded_sequence(xt, torch.tensor(np.asarray(lengths)),  # lengths on CPU
                                                       batch_first=model.batch_first, enforce_sorted=False)
     out, hn = tm(inp, (h0t, c0t) if cell == "lstm" else h0t)
     if lengths is not None:
         out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=model.batch_first,
                                                         total_length=xt.shape[1 if model.batch_first else 0])
     hn, cn = hn if cell == "lstm" else (hn, None)
-    loss = (out * torch.from_numpy(d_out)).sum() + (hn * torch.from_numpy(d_hn)).sum()
+    const = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    loss = (out * const(d_out)).sum() + (hn * const(d_hn)).sum()
     if cell == "lstm":
-        loss = loss + (cn * torch.from_numpy(d_cn)).sum()
+        loss = loss + (cn * const(d_cn)).sum()
     loss.backward()
-    grads = {k: p.grad.numpy() for k, p in tm.named_parameters()}
-    as_np = lambda t: None if t is None else t.detach().numpy()  # noqa: E731
-    return (as_np(out), as_np(hn), as_np(cn), xt.grad.numpy(), h0t.grad.numpy(),
-            None if c0t is None else c0t.grad.numpy(), grads)
+    as_np = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
+    grads = {k: as_np(p.grad) for k, p in tm.named_parameters()}
+    return (as_np(out), as_np(hn), as_np(cn), as_np(xt.grad), as_np(h0t.grad),
+            None if c0t is None else as_np(c0t.grad), grads)

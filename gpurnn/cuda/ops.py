@@ -43,9 +43,16 @@ class CudaOps:
             self.name, self.xp = "cuda", cupy
             self._stream = cupy.cuda.Stream(non_blocking=True)
             self._nb_stream = self.cuda.external_stream(self._stream.ptr)
-            self._cublas = Cublas(cupy)
-            self._capture_ok = True
-            self.capture_note = "time loops run as CUDA graphs"
+            try:
+                self._cublas = Cublas(cupy)
+                self._capture_ok = True
+                self.capture_note = "time loops run as CUDA graphs"
+            except (OSError, AttributeError) as exc:  # no libcublas symbols to call: CuPy's matmul, eager
+                self._cublas = None
+                self._capture_ok = False
+                self.capture_note = (f"time loops run eagerly: cuBLAS not callable through ctypes ({exc}), "
+                                     "so GEMMs go through CuPy, which cannot be captured")
+                warnings.warn(f"gpurnn: {self.capture_note}", UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------- arrays
     def asarray(self, value, name):
@@ -88,6 +95,13 @@ class CudaOps:
                              f"dtypes {a.dtype}, {b.dtype}, {out.dtype}")
         if self.simulate:
             NumpyOps.gemm(a, b, out, trans_a, trans_b, beta)
+            return
+        if self._cublas is None:  # CuPy's matmul (cannot be captured)
+            a, b = (a.T if trans_a else a), (b.T if trans_b else b)
+            if beta:
+                out += a @ b
+            else:
+                self.xp.matmul(a, b, out=out)
             return
         for arr in (a, b, out):
             if arr.strides[1] != arr.itemsize:
@@ -192,7 +206,7 @@ class CudaOps:
         except Exception as exc:  # capture unsupported here: fall back, say why once
             self._capture_ok = False
             self.capture_note = f"time loops run eagerly: CUDA graph capture failed ({type(exc).__name__}: {exc})"
-            warnings.warn(f"gpurnn: {self.capture_note}", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"gpurnn: {self.capture_note}", UserWarning, stacklevel=4)
             return "eager"
 
 

@@ -1,0 +1,142 @@
+"""The one GPU check: gpu tests, time to first forward, ceilings, and the benchmark matrix.
+
+    PYTHONPATH=. python kernels/gpu_check.py [--out DIR] [--quick]
+
+1. ``pytest -m gpu`` on the CUDA backend (parity with NumPy and cuDNN, graph
+   replay = eager, poisoned buffers overwritten);
+2. a fresh process's time from ``import gpurnn`` to its first forward on the
+   GPU, twice (the second run reads numba's on-disk kernel cache);
+3. copy bandwidth and fp32/TF32 GEMM ceilings;
+4. BENCHMARKS.md's matrix (configs A-E x LSTM/GRU/RNN x fwd, fwd+bwd x fp32, TF32)
+   against cuDNN in this process.
+Writes ``kernels/results/<date>-<gpu>.json`` (and a copy under --out) and prints
+the ratio table last. Each stage is guarded so one failure still reports the rest.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+FIRST_FORWARD = """
+import time
+t0 = time.perf_counter()
+import numpy as np, cupy, gpurnn
+t1 = time.perf_counter()
+m = gpurnn.LSTM(512, 512, seed=0, backend="cuda")
+out, _ = m(np.ones((100, 64, 512), np.float32))
+cupy.cuda.get_current_stream().synchronize()
+t2 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t1:.3f}")
+"""
+
+
+def stage(report, name, fn):
+    t0 = time.perf_counter()
+    try:
+        report[name] = fn()
+    except Exception:
+        report[name] = {"error": traceback.format_exc()}
+        print(f"[{name}] FAILED\n{report[name]['error']}", flush=True)
+    print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def gpu_tests(timeout, out_dir):
+    env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "--tb=short", "-p", "no:cacheprovider",
+           "tests/test_gpu.py"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    log = done.stdout + done.stderr
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu_tests.log"), "w") as f:
+            f.write(log)
+    tail = log.strip().splitlines()
+    print("\n".join(tail[-40:]), flush=True)
+    summary = next((line for line in reversed(tail) if re.search(r"\d+ (passed|failed|error)", line)), "")
+    return dict(returncode=done.returncode, summary=summary.strip("= "))
+
+
+def first_forward():
+    env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", FIRST_FORWARD], env=env, capture_output=True, text=True,
+                             timeout=300, check=True).stdout.split()
+        runs.append(dict(import_s=float(out[0]), import_to_first_forward_s=float(out[1])))
+    return runs
+
+
+def versions():
+    import cupy
+    import numba
+    import numpy
+    import torch
+
+    try:
+        from importlib.metadata import version
+        numba_cuda = version("numba-cuda")
+    except Exception:
+        numba_cuda = "?"
+    return dict(device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
+                cudnn=torch.backends.cudnn.version(), cupy=cupy.__version__, numba=numba.__version__,
+                numba_cuda=numba_cuda, numpy=numpy.__version__,
+                commit=os.environ.get("GPURNN_COMMIT", "unknown"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--quick", action="store_true", help="configs A and D, LSTM, fp32 only")
+    ap.add_argument("--test-timeout", type=int, default=240)
+    args = ap.parse_args()
+    import bench_gpu
+
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    stage(report, "versions", versions)
+    stage(report, "gpu_tests", lambda: gpu_tests(args.test_timeout, args.out))
+    stage(report, "first_forward", first_forward)
+    stage(report, "ceilings", bench_gpu.ceilings)
+    bench_args = ["--configs", "A", "D", "--cells", "lstm", "--modes", "fp32"] if args.quick else []
+    stage(report, "benchmarks", lambda: bench_gpu.main(bench_args))
+
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", report["versions"].get("device", "gpu")).strip("-").lower()
+    name = f"{report['date'][:10]}-{gpu}.json"
+    paths = [os.path.join(HERE, "results", name)] + ([os.path.join(args.out, name)] if args.out else [])
+    for path in paths:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+    print("\n==== gpurnn GPU check ====")
+    v = report["versions"]
+    if "error" not in v:
+        print(f"{v['device']}  torch {v['torch']} cuDNN {v['cudnn']}  CuPy {v['cupy']}  "
+              f"numba-cuda {v['numba_cuda']}  NumPy {v['numpy']}  commit {v['commit'][:10]}")
+    t = report["gpu_tests"]
+    print("gpu tests:", t.get("summary") or t.get("error", "")[-300:])
+    ff = report["first_forward"]
+    if isinstance(ff, list):
+        print("import -> first forward (s):", ", ".join(f"{r['import_to_first_forward_s']:.2f}" for r in ff),
+              "(second run uses the kernel cache)")
+    c = report["ceilings"]
+    if "error" not in c:
+        print(f"ceilings: copy {c['copy_TBps']:.2f} TB/s, fp32 GEMM {c['fp32_gemm_TFLOPs']:.1f} TFLOP/s, "
+              f"TF32 GEMM {c['tf32_gemm_TFLOPs']:.1f} TFLOP/s")
+    rows = report["benchmarks"]
+    if isinstance(rows, list):
+        print(bench_gpu.table(rows))
+    print("written:", ", ".join(paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Compile every gpurnn kernel to PTX on the CPU and read its registers and spills with ptxas.
+
+    python kernels/ptx_report.py [--out kernels/results/ptx-report.json]
+
+For each kernel of gpurnn.cuda.kernels, float32 and float64, sm_80 and sm_90:
+numba.cuda.compile_ptx (no GPU needed) with the signature a launch on
+workspace buffers compiles, then ``ptxas -v`` from the nvidia-cuda-nvcc wheel
+(the same CUDA minor as the NVVM that wrote the PTX). Writes a JSON report
+and prints a table; exits 1 if any kernel spills.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.pop("NUMBA_ENABLE_CUDASIM", None)  # PTX needs the real compiler, not the simulator
+
+ARCHS = ((8, 0), (9, 0))
+
+
+def find_ptxas():
+    """ptxas from the nvidia-cuda-nvcc wheel, else the PATH's."""
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            for sub in ("cu13/bin", "cuda_nvcc/bin", "cu12/bin"):
+                path = os.path.join(root, sub, "ptxas")
+                if os.path.exists(path):
+                    return path
+    except ImportError:
+        pass
+    return shutil.which("ptxas")
+
+
+def ptxas_stats(ptxas, ptx, arch):
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-v", f"-arch=sm_{arch[0]}{arch[1]}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {done.stderr.strip()}")
+    text = done.stderr + done.stdout
+
+    def number(pattern):
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+
+    return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ptx-report.json"))
+    args = ap.parse_args()
+    from gpurnn.backend import load_numba_cuda
+    cuda = load_numba_cuda()
+    from gpurnn.cuda import kernels
+
+    ptxas = find_ptxas()
+    if ptxas is None:
+        sys.exit("ptxas not found: pip install nvidia-cuda-nvcc (the gpurnn[cudasim] extra)")
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    rows = []
+    for name, kernel in kernels.KERNELS.items():
+        for dtype in (np.float32, np.float64):
+            for arch in ARCHS:
+                ptx, _ = cuda.compile_ptx(kernel.py_func, kernels.signature(name, dtype), cc=arch)
+                rows.append(dict(kernel=name, dtype=np.dtype(dtype).name, arch=f"sm_{arch[0]}{arch[1]}",
+                                 **ptxas_stats(ptxas, ptx, arch)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(ptxas=version, rows=rows), f, indent=1)
+    print(f"{'kernel':<15}{'dtype':<9}{'arch':<7}{'regs':>5}{'spill st':>10}{'spill ld':>10}{'stack':>7}")
+    for r in rows:
+        print(f"{r['kernel']:<15}{r['dtype']:<9}{r['arch']:<7}{r['registers']:>5}{r['spill_stores']:>10}"
+              f"{r['spill_loads']:>10}{r['stack_frame']:>7}")
+    spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    if spilling:
+        sys.exit(f"{len(spilling)} kernel builds spill registers")
+
+
+if __name__ == "__main__":
+    main()

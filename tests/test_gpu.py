@@ -1,0 +1,185 @@
+"""Real-GPU tests (marker ``gpu``; skipped without a working CUDA backend).
+
+Run them with ``GPURNN_BACKEND=cuda python -m pytest -m gpu``
+(``python kernels/gpu_check.py`` does, then benchmarks).
+"""
+
+import numpy as np
+import pytest
+
+from gpurnn import backend as backend_module
+from helpers import back, make, rel_err, run, torch_reference
+
+pytestmark = pytest.mark.gpu
+CELLS = ["rnn", "lstm", "gru"]
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    try:
+        return backend_module.get_backend("cuda")
+    except (backend_module.BackendUnavailable, ImportError) as exc:
+        pytest.skip(f"no CUDA backend: {exc}")
+
+
+def host(a):
+    return None if a is None else (a.get() if hasattr(a, "get") else np.asarray(a))
+
+
+def inputs(cell, m, T, B, rng, dtype):
+    D = 2 if m.bidirectional else 1
+    LD = m.num_layers * D
+    x = rng.standard_normal((B, T, m.input_size) if m.batch_first else (T, B, m.input_size)).astype(dtype)
+    h0, c0, d_hn, d_cn = rng.standard_normal((4, LD, B, m.hidden_size)).astype(dtype)
+    d_out = rng.standard_normal((B, T, D * m.hidden_size) if m.batch_first else (T, B, D * m.hidden_size)
+                                ).astype(dtype)
+    return x, h0, c0, d_hn, d_cn, d_out
+
+
+CONFIGS = [  # cell, layers, bidirectional, batch_first, lengths, T, B, I, H
+    (c, L, bi, bf, ln, T, B, I, H) for c in CELLS for (L, bi, bf, ln, T, B, I, H) in [
+        (1, False, False, False, 7, 3, 5, 33),
+        (2, True, True, True, 9, 4, 6, 64),
+        (3, False, False, True, 1, 1, 3, 17),
+        (1, True, False, True, 12, 130, 32, 130),
+    ]]
+
+
+@pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_parity_with_numpy_backend(gpu, cell, L, bi, bf, with_lengths, T, B, I, H, dtype):
+    rng = np.random.default_rng(T * B + H)
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, dtype=dtype, seed=4)
+    ref, cud = make(cell, I, H, backend="numpy", **kw), make(cell, I, H, backend="cuda", **kw)
+    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, ref, T, B, rng, dtype)
+    lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    for _ in range(3):  # eager, then captured, then replayed
+        expect = run(ref, x, h0, c0, lengths) + back(ref, d_out, d_hn, d_cn)
+        got = run(cud, x, h0, c0, lengths) + back(cud, d_out, d_hn, d_cn)
+        for a, b in zip(got, expect):
+            if b is not None:
+                assert type(a).__module__.startswith("cupy")
+                assert rel_err(host(a), b) < tol
+        for k in ref.grads:
+            assert rel_err(host(cud.grads[k]), ref.grads[k]) < tol, k
+
+
+@pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)
+def test_parity_with_torch_on_gpu(gpu, cell, L, bi, bf, with_lengths, T, B, I, H):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rng = np.random.default_rng(1)
+    m = make(cell, I, H, num_layers=L, bidirectional=bi, batch_first=bf, seed=2, backend="cuda")
+    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, m, T, B, rng, np.float32)
+    lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
+    if lengths is not None:  # torch drops the gradient of padded outputs
+        mask = (np.arange(T)[:, None] < lengths[None, :])
+        d_out *= (mask.T if bf else mask)[:, :, None]
+    got = run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)
+    expect = torch_reference(cell, _HostView(m), x, h0, c0, lengths, d_out, d_hn, d_cn, device="cuda")
+    for a, b in zip(got, expect[:6]):
+        if b is not None:
+            assert rel_err(host(a), b) < 1e-4
+    for k, g in expect[6].items():
+        assert rel_err(host(m.grads[k]), g) < 1e-4, k
+
+
+class _HostView:
+    """The model's config with a host copy of its state dict (for the torch oracle)."""
+
+    def __init__(self, m):
+        self._m = m
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def state_dict(self):
+        return {k: host(v) for k, v in self._m.state_dict().items()}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_graph_replay_equals_eager_loop(gpu, cell):
+    rng = np.random.default_rng(0)
+    m = make(cell, 16, 32, num_layers=2, bidirectional=True, seed=0, backend="cuda")
+    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, m, 20, 5, rng, np.float32)
+    lengths = np.array([20, 3, 11, 20, 1])
+    eager = run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)  # first call runs eagerly
+    eager_grads = {k: g.copy() for k, g in m.grads.items()}
+    ws = m._cache[0]
+    assert set(ws.graphs) == {("forward", "fp32"), ("backward", "fp32")}
+    assert all(g != "eager" for g in ws.graphs.values()), gpu.reason
+    m.zero_grad()
+    replay = run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)
+    for a, b in zip(replay, eager):
+        if b is not None:
+            np.testing.assert_allclose(host(a), host(b), rtol=1e-5, atol=1e-6)
+    for k in eager_grads:
+        np.testing.assert_allclose(host(m.grads[k]), host(eager_grads[k]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_poisoned_workspace_is_fully_overwritten(gpu, cell):
+    rng = np.random.default_rng(3)
+    m = make(cell, 8, 24, num_layers=2, bidirectional=True, seed=1, backend="cuda")
+    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, m, 6, 3, rng, np.float32)
+    lengths = np.array([6, 2, 5])
+    clean = [host(a) for a in run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)]
+    for replay in range(2):  # graphs replay over NaN-filled buffers
+        ws = next(reversed(m._workspaces.values()))
+        for buf in _buffers(ws):
+            buf.fill(np.nan)
+        m.zero_grad()
+        got = [host(a) for a in run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)]
+        for a, b in zip(got, clean):
+            if b is not None:
+                assert np.all(np.isfinite(a))
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _buffers(ws):
+    """Every float output/scratch buffer of a workspace (not ones, not staged inputs)."""
+    bufs = [ws.h_n, ws.c_n, ws.dx, ws.dh0, ws.dc0, *ws.out, *ws.d_in[1:], *ws.inp[1:]]
+    for d in ws.dirs:
+        bufs += [d.gx, d.gh, d.h, d.c, d.gates, d.dgx, d.dgh, d.dh, d.dc]
+    return [b for b in bufs if b is not None]
+
+
+def test_inputs_from_numpy_cupy_and_torch(gpu):
+    import cupy
+
+    rng = np.random.default_rng(0)
+    m = make("lstm", 4, 8, seed=0, backend="cuda")
+    x = rng.standard_normal((5, 2, 4)).astype(np.float32)
+    ref = host(run(m, x)[0])
+    assert rel_err(host(run(m, cupy.asarray(x))[0]), ref) < 1e-6
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        assert rel_err(host(run(m, torch.from_numpy(x).cuda())[0]), ref) < 1e-6
+
+
+def test_tf32_mode_runs_close_to_fp32(gpu):
+    import gpurnn
+
+    rng = np.random.default_rng(0)
+    m = make("lstm", 256, 256, seed=0, backend="cuda")
+    x = rng.standard_normal((10, 16, 256)).astype(np.float32)
+    strict = host(run(m, x)[0])
+    gpurnn.set_math_mode("tf32")
+    try:
+        fast = host(run(m, x)[0])
+        assert ("forward", "tf32") in next(reversed(m._workspaces.values())).graphs
+    finally:
+        gpurnn.set_math_mode("fp32")
+    assert 0 < rel_err(fast, strict) < 1e-2  # different, and close
+
+
+def test_numpy_model_refuses_gpu_arrays(gpu):
+    import cupy
+
+    m = make("gru", 3, 4, backend="numpy")
+    with pytest.raises(TypeError, match="x: expected a NumPy array on the numpy backend"):
+        run(m, cupy.ones((2, 1, 3), dtype=cupy.float32))
