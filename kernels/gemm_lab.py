@@ -1,0 +1,116 @@
+"""Lab: where a captured forward spends its time, and which cuBLAS call suits the per-step GEMM.
+
+    PYTHONPATH=. python kernels/gemm_lab.py
+
+For the recurrent GEMM of each BENCHMARKS.md config (LSTM: out[B, 4H] = h[B, H] W_hh[4H, H]^T,
+and backward dh[B, H] += dgates[B, 4H] W_hh), timed as 100 calls captured in one CUDA graph:
+  gemmex_tn   cublasGemmEx, CUBLAS_COMPUTE_32F, W as stored (what gpurnn does)
+  sgemm_tn    cublasSgemm_v2, same layout
+  gemmex_nn   cublasGemmEx on a transposed copy of W (W^T [H, 4H] contiguous)
+Then, per config, a whole LSTM forward: the full call vs the graph replay alone,
+and the pointwise kernel alone (100 launches captured). Prints microseconds.
+"""
+
+import ctypes
+import os
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import cupy  # noqa: E402
+
+import gpurnn  # noqa: E402
+from gpurnn.cuda import cublas as cublas_module  # noqa: E402
+
+CONFIGS = {"A": (100, 64, 512), "B": (100, 256, 1024), "C": (1000, 32, 256), "D": (50, 8, 128)}
+
+
+def graph_us(stream, fn, calls=100, repeats=20):
+    """Median microseconds per call of fn, captured ``calls`` times in one graph."""
+    with stream:
+        fn()
+        stream.begin_capture()
+        for _ in range(calls):
+            fn()
+        g = stream.end_capture()
+        g.launch(stream)
+        stream.synchronize()
+        times = []
+        for _ in range(repeats):
+            a, b = cupy.cuda.Event(), cupy.cuda.Event()
+            a.record(stream)
+            g.launch(stream)
+            b.record(stream)
+            b.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(a, b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def main():
+    backend = gpurnn.get_backend("cuda")
+    ops = backend.ops
+    lib = ctypes.CDLL(cublas_module._find_libcublas())
+    sgemm = lib.cublasSgemm_v2
+    vp, i32 = ctypes.c_void_p, ctypes.c_int
+    sgemm.argtypes = [vp, i32, i32, i32, i32, i32, vp, vp, i32, vp, i32, vp, vp, i32]
+    handle = cupy.cuda.device.get_cublas_handle()
+    one, zero = ctypes.c_float(1), ctypes.c_float(0)
+    stream = ops._stream
+    print(f"{'cfg':<4}{'gemm':<9}{'gemmex_tn':>10}{'sgemm_tn':>10}{'gemmex_nn':>10}")
+    for name, (T, B, H) in CONFIGS.items():
+        rng = np.random.default_rng(0)
+        h = cupy.asarray(rng.standard_normal((B, H)).astype(np.float32))
+        W = cupy.asarray(rng.standard_normal((4 * H, H)).astype(np.float32))
+        Wt = cupy.ascontiguousarray(W.T)
+        out = cupy.empty((B, 4 * H), np.float32)
+        dg = cupy.asarray(rng.standard_normal((B, 4 * H)).astype(np.float32))
+        dh = cupy.zeros((B, H), np.float32)
+
+        def sg_fwd():
+            lib.cublasSetStream_v2(vp(handle), vp(stream.ptr))
+            sgemm(handle, 1, 0, 4 * H, B, H, ctypes.addressof(one), W.data.ptr, H, h.data.ptr, H,
+                  ctypes.addressof(zero), out.data.ptr, 4 * H)
+
+        variants = {
+            "fwd": [lambda: ops.gemm(h, W, out, trans_b=True), sg_fwd, lambda: ops.gemm(h, Wt, out)],
+            "bwd": [lambda: ops.gemm(dg, W, dh, beta=1.0), None, lambda: ops.gemm(dg, Wt, dh, trans_b=True, beta=1.0)],
+        }
+        for which, fns in variants.items():
+            cells = [f"{graph_us(stream, f):10.2f}" if f else f"{'-':>10}" for f in fns]
+            print(f"{name:<4}{which:<9}" + "".join(cells), flush=True)
+
+    print(f"\n{'cfg':<4}{'full call us':>14}{'replay us':>11}{'pointwise us':>14}")
+    for name, (T, B, H) in CONFIGS.items():
+        m = gpurnn.LSTM(H, H, seed=0, backend="cuda")
+        m.eval()
+        x = cupy.asarray(np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32))
+        for _ in range(3):
+            m(x)
+        ws = next(reversed(m._workspaces.values()))
+        graph = ws.graphs[("forward", "fp32")]
+        times_full, times_replay = [], []
+        for _ in range(20):
+            a, b = cupy.cuda.Event(), cupy.cuda.Event()
+            a.record()
+            m(x)
+            b.record()
+            b.synchronize()
+            times_full.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
+            a.record(stream)
+            graph.launch(stream)
+            b.record(stream)
+            b.synchronize()
+            times_replay.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
+        d = ws.dirs[0]
+        y = ws.out[0]
+        pw = graph_us(stream, lambda: ops.lstm_forward(0, 0, d.gx, d.gh, m.params["bias_hh_l0"], d.h, d.c,
+                                                        d.gates, y, ws.lengths))
+        print(f"{name:<4}{statistics.median(times_full):14.1f}{statistics.median(times_replay):11.1f}{pw:14.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
