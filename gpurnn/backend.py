@@ -87,6 +87,11 @@ class NumpyOps:
             np.matmul(a, b, out=out)
 
     @staticmethod
+    def recurrent_operand(w_hh, w_hh_t, batch):
+        """(W, trans_b) for the per-step GEMM h_prev @ op(W): NumPy uses W_hh as stored."""
+        return w_hh, True
+
+    @staticmethod
     def add_bias(out, bias):
         """out: [N, K] += bias: [K]"""
         out += bias

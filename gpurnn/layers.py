@@ -147,8 +147,6 @@ class _RNNBase:
             lengths = checks.lengths("lengths", np.asarray(self._ops.to_host(lengths)), B, T)
 
         dropout_on = self.training and self.dropout > 0 and cfg.L > 1
-        if lengths is None:
-            lengths = np.full(B, T, np.int32)
         masks = [None] * cfg.L
         if dropout_on:
             keep = 1.0 - self.dropout
@@ -158,10 +156,10 @@ class _RNNBase:
         ws = self._workspace(T, B, dropout_on)
         with self._ops.on_stream():
             ws.x[...] = x
-            ws.lengths[...] = xp.asarray(lengths)
-            ws.h0[...] = 0 if h0 is None else h0
+            ws.stage("lengths", None if lengths is None else xp.asarray(lengths), default=T)
+            ws.stage("h0", h0)
             if cfg.cell == "lstm":
-                ws.c0[...] = 0 if c0 is None else c0
+                ws.stage("c0", c0)
             for layer in range(1, cfg.L if dropout_on else 1):
                 ws.masks[layer][...] = xp.asarray(masks[layer])
             self._ops.run(ws, "forward", lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on))
@@ -201,9 +199,9 @@ class _RNNBase:
 
         with self._ops.on_stream():
             ws.d_out[...] = d_out
-            ws.d_hn[...] = 0 if d_hn is None else d_hn
+            ws.stage("d_hn", d_hn)
             if cfg.cell == "lstm":
-                ws.d_cn[...] = 0 if d_cn is None else d_cn
+                ws.stage("d_cn", d_cn)
             self._cache_used = True
             self._ops.run(ws, "backward",
                           lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on))

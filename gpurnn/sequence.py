@@ -23,6 +23,7 @@ class Direction:
 
     gx: [T, B, G*H]   input projection x W_ih^T + b_ih
     gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T
+    w_hh_t: [H, G*H]  room for W_hh^T, for backends whose GEMM is faster on it
     h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
     c:  [T+1, B, H]   LSTM cell states (None otherwise)
     gates: [T, B, S*H] saved activations (None for the plain RNN)
@@ -33,6 +34,7 @@ class Direction:
 
     gx: object
     gh: object
+    w_hh_t: object
     h: object
     c: object
     gates: object
@@ -48,6 +50,7 @@ class Direction:
         return cls(
             gx=xp.empty((T, B, G * H), dtype),
             gh=xp.empty((B, G * H), dtype),
+            w_hh_t=xp.empty((H, G * H), dtype),
             h=xp.empty((T + 1, B, H), dtype),
             c=xp.empty((T + 1, B, H), dtype) if cell == "lstm" else None,
             gates=xp.empty((T, B, S * H), dtype) if S else None,
@@ -74,8 +77,9 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
     # forward pass: one GEMM for the input projections of all T*B rows
     ops.gemm(x.reshape(T * B, I), w_ih, ws.gx.reshape(T * B, -1), trans_b=True)
     ops.add_bias(ws.gx.reshape(T * B, -1), b_ih)
+    w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
     for t in _time_order(T, reverse):
-        ops.gemm(ws.h[t + reverse], w_hh, ws.gh, trans_b=True)  # only this GEMM is recurrent
+        ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
         if cell == "rnn":
             ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, y, lengths, nonlinearity)
         elif cell == "lstm":

@@ -48,6 +48,8 @@ class Workspace:
     ones: [1, T*B]        for the bias-gradient GEMMs
     dirs[k]: Direction    per layer and direction, k = l*D + d
     graphs: dict          CUDA graphs captured over these buffers (CUDA backend)
+    zeroed: set           staged buffers known to hold zeros (and lengths == T), so
+                          that calls without them skip re-writing them
     """
 
     def __init__(self, xp, cfg, T, B, dtype, dropout):
@@ -73,6 +75,18 @@ class Workspace:
         self.ones = xp.ones((1, T * B), dtype)
         self.dirs = [Direction.allocate(xp, cfg.cell, T, B, H, dtype) for _ in range(L * D)]
         self.graphs = {}
+        self.zeroed = set()
+
+    def stage(self, name, value, default=0):
+        """Copy ``value`` into the buffer ``name``; None means ``default``,
+        written only if the buffer does not hold it already."""
+        buf = getattr(self, name)
+        if value is not None:
+            buf[...] = value
+            self.zeroed.discard(name)
+        elif name not in self.zeroed:
+            buf[...] = default
+            self.zeroed.add(name)
 
     def layer_input(self, layer, dropout_on):
         if layer == 0:

@@ -211,3 +211,22 @@ def test_outputs_are_fresh_arrays():
     keep = out1.copy()
     m(x * 2)
     assert np.array_equal(out1, keep)  # the workspace re-use does not leak into results
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_staged_inputs_do_not_leak_between_calls(cell):
+    """A call without h0 / lengths / d_hn after one with them sees zeros / full lengths again."""
+    rng = np.random.default_rng(6)
+    m = make(cell, 3, 4, num_layers=2, dtype="float64", seed=0)
+    fresh = make(cell, 3, 4, num_layers=2, dtype="float64", seed=0)
+    x = rng.standard_normal((5, 2, 3))
+    h0, c0, d_hn, d_cn = rng.standard_normal((4, 2, 2, 4))
+    d_out = rng.standard_normal((5, 2, 4))
+    run(m, x, h0, c0, lengths=np.array([2, 5]))
+    back(m, d_out, d_hn, d_cn)
+    out, h_n, _ = run(m, x)
+    dx, dh0, _ = back(m, d_out)
+    out_f, h_n_f, _ = run(fresh, x)
+    dx_f, dh0_f, _ = back(fresh, d_out)
+    for a, b in ((out, out_f), (h_n, h_n_f), (dx, dx_f), (dh0, dh0_f)):
+        np.testing.assert_array_equal(a, b)
