@@ -183,3 +183,23 @@ def test_numpy_model_refuses_gpu_arrays(gpu):
     m = make("gru", 3, 4, backend="numpy")
     with pytest.raises(TypeError, match="x: expected a NumPy array on the numpy backend"):
         run(m, cupy.ones((2, 1, 3), dtype=cupy.float32))
+
+
+def test_both_recurrent_gemm_layouts_agree(gpu):
+    """W_hh as stored and its transposed copy give the same forward, replayed too."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 5, 8)).astype(np.float32)
+    ref = host(run(make("lstm", 8, 16, seed=0, backend="numpy"), x)[0])
+    key = (5, (64, 16), np.dtype(np.float32).str, "fp32")
+    try:
+        for transposed in (False, True):
+            gpu.ops._transpose_faster[key] = transposed
+            m = make("lstm", 8, 16, seed=0, backend="cuda")
+            for _ in range(3):  # eager, captured, replayed
+                assert rel_err(host(run(m, x)[0]), ref) < 1e-5
+            m.params["weight_hh_l0"] *= 0.5  # an in-place update reaches the transposed copy
+            expect = make("lstm", 8, 16, seed=0, backend="numpy")
+            expect.params["weight_hh_l0"] *= 0.5
+            assert rel_err(host(run(m, x)[0]), run(expect, x)[0]) < 1e-5
+    finally:
+        gpu.ops._transpose_faster.pop(key, None)
