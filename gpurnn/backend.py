@@ -92,6 +92,11 @@ class NumpyOps:
         return w_hh, True
 
     @staticmethod
+    def scatter_add(target, indices, values):
+        """target[indices[k]] += values[k], repeated indices adding up."""
+        np.add.at(target, indices, values)
+
+    @staticmethod
     def add_bias(out, bias):
         """out: [N, K] += bias: [K]"""
         out += bias
@@ -129,7 +134,10 @@ _backends = {}
 
 def get_backend(name=None):
     """The backend called ``name`` (numpy, cuda, cudasim), or with None the
-    process default chosen on first call from GPURNN_BACKEND (default auto)."""
+    process default chosen on first call from GPURNN_BACKEND (default auto).
+    A Backend passed in is returned as it is."""
+    if isinstance(name, Backend):
+        return name
     if name is None:
         name = os.environ.get("GPURNN_BACKEND", "auto").strip().lower() or "auto"
         if name not in CHOICES:
@@ -219,6 +227,11 @@ def _simulating():
     from numba import config
 
     return bool(config.ENABLE_CUDASIM)
+
+
+def array_module(a):
+    """numpy for NumPy arrays, cupy for CuPy arrays."""
+    return np if isinstance(a, (np.ndarray, np.generic)) else load_cupy()
 
 
 def load_cupy():

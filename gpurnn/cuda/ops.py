@@ -111,6 +111,14 @@ class CudaOps:
 
     add_bias = staticmethod(NumpyOps.add_bias)  # a CuPy/NumPy broadcast add, capturable
 
+    def scatter_add(self, target, indices, values):
+        if self.simulate:
+            NumpyOps.scatter_add(target, indices, values)
+        else:
+            import cupyx
+
+            cupyx.scatter_add(target, indices, values)
+
     def recurrent_operand(self, w_hh, w_hh_t, batch):
         """(W, trans_b) for the per-step GEMM h_prev [B, H] @ op(W) -> [B, G*H].
 

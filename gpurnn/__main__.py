@@ -1,0 +1,5 @@
+import sys
+
+from gpurnn.cli import main
+
+sys.exit(main())

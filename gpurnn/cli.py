@@ -1,0 +1,175 @@
+"""The ``gpurnn`` command (also ``python -m gpurnn``): train, sample, info.
+
+Usage problems and bad input end with one line on stderr (``gpurnn: error: ...``)
+and a non-zero exit code: 2 for bad arguments or data, 3 for a loss that became
+NaN/inf. Nothing on disk is touched before the arguments have been checked.
+"""
+
+import argparse
+import os
+import platform
+import sys
+
+from gpurnn.data import DataError
+
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+TRAIN_SIZES = ("hidden", "layers", "seq_len", "batch", "steps", "lr")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="gpurnn", description="RNN/LSTM/GRU with hand-written BPTT.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (defaults: a character LM on Python's own stdlib)")
+    t.add_argument("--task", choices=("charlm", "adding", "copy"), default="charlm")
+    t.add_argument("--text", help="UTF-8 text file for charlm (default: the Python standard library sources)")
+    t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
+    t.add_argument("--nonlinearity", choices=("tanh", "relu", "sigmoid", "leaky_relu", "elu"), default="tanh")
+    t.add_argument("--hidden", type=_positive_int)
+    t.add_argument("--layers", type=_positive_int)
+    t.add_argument("--seq-len", type=_positive_int)
+    t.add_argument("--batch", type=_positive_int)
+    t.add_argument("--steps", type=_positive_int)
+    t.add_argument("--optim", choices=("adam", "sgd", "adagrad"), default="adam")
+    t.add_argument("--lr", type=_positive_float)
+    clip = t.add_mutually_exclusive_group()
+    clip.add_argument("--clip-norm", type=_positive_float, default=5.0)
+    clip.add_argument("--clip-value", type=_positive_float)
+    t.add_argument("--backend", choices=("auto", "numpy", "cuda"), default="auto")
+    t.add_argument("--out", default="runs/latest")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=_positive_int, default=100)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="generate text from a charlm checkpoint")
+    s.add_argument("--checkpoint", required=True, help="a run directory written by gpurnn train")
+    s.add_argument("--prime", default="def ")
+    s.add_argument("--length", type=_positive_int, default=300)
+    s.add_argument("--temperature", type=_positive_float, default=0.8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--backend", choices=("auto", "numpy", "cuda"), default="auto")
+
+    sub.add_parser("info", help="the backend chosen and why, versions, GPU name")
+    return ap
+
+
+def _backend(name):
+    from gpurnn.backend import get_backend
+
+    return get_backend(None if name == "auto" else name)
+
+
+def cmd_train(args, explicit):
+    from gpurnn import train as training
+
+    backend = _backend(args.backend)
+    if args.text is not None and args.task != "charlm":
+        raise DataError("--text: only the charlm task reads a text file")
+    if args.text is not None and not os.path.isfile(args.text):
+        raise DataError(f"--text {args.text}: no such file")
+    cfg = dict(task=args.task, text=args.text, cell=args.cell, nonlinearity=args.nonlinearity, optim=args.optim,
+               clip_norm=None if args.clip_value else args.clip_norm, clip_value=args.clip_value,
+               seed=args.seed, save_every=args.save_every)
+    sizes = training.defaults(args.task, backend.name)
+    for key in TRAIN_SIZES:
+        cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]
+    cfg["_explicit"] = sorted(k for k in explicit if k in cfg and k != "steps")
+    print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units "
+          f"on {backend.name} ({backend.reason}); output in {args.out}", file=sys.stderr)
+    history, task = training.train(cfg, backend, args.out, args.resume, progress=not args.no_progress,
+                                   log=lambda m: print(m, file=sys.stderr))
+    if history:
+        first, last = history[0][1], history[-1][1]
+        print(f"step {history[-1][0]}: loss {last:.4f} (first step {first:.4f}); "
+              f"{os.path.join(args.out, 'metrics.csv')}, loss.png, checkpoint.npz")
+    if task.name == "charlm":
+        print("--- sample ---")
+        print(training.sample(task.model, task.vocab, "def ", 300, 0.8, seed=args.seed))
+
+
+def cmd_sample(args):
+    from gpurnn import train as training
+    from gpurnn.model import CharLM
+
+    record, arrays = training.load_checkpoint(args.checkpoint)
+    cfg = record["config"]
+    if cfg["task"] != "charlm" or not record.get("vocab"):
+        raise training.TrainingError(f"{args.checkpoint}: a {cfg['task']} checkpoint; sample needs a charlm one")
+    model = CharLM(len(record["vocab"]), cfg["hidden"], num_layers=cfg["layers"], cell=cfg["cell"],
+                   nonlinearity=cfg["nonlinearity"], backend=_backend(args.backend).name)
+    try:
+        model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+    except (ValueError, TypeError) as exc:
+        raise training.TrainingError(f"{args.checkpoint}: the checkpoint does not fit its model: {exc}") from None
+    print(training.sample(model, record["vocab"], args.prime, args.length, args.temperature, args.seed))
+
+
+def cmd_info():
+    import numpy
+
+    import gpurnn
+
+    backend = gpurnn.get_backend()
+    print(f"gpurnn {gpurnn.__version__}  Python {platform.python_version()}  NumPy {numpy.__version__}")
+    print(f"backend: {backend.name} ({backend.reason})")
+    for module in ("cupy", "numba", "torch"):
+        try:
+            mod = __import__(module)
+            print(f"{module}: {mod.__version__}")
+        except ImportError:
+            print(f"{module}: not installed")
+    if backend.name == "cuda":
+        props = backend.xp.cuda.runtime.getDeviceProperties(backend.xp.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        print(f"GPU: {name}")
+
+
+def main(argv=None):
+    from gpurnn.backend import BackendUnavailable
+    from gpurnn.train import Diverged, TrainingError
+
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    explicit = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    try:
+        if args.command == "train":
+            cmd_train(args, explicit)
+        elif args.command == "sample":
+            cmd_sample(args)
+        else:
+            cmd_info()
+    except TrainingError as exc:
+        print(f"gpurnn: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED if isinstance(exc, Diverged) else EXIT_USAGE
+    except (DataError, BackendUnavailable, ValueError, TypeError, OSError) as exc:
+        print(f"gpurnn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Whole models: embedding -> recurrent stack -> linear -> loss, and a sequence regressor.
+
+    lm = gpurnn.CharLM(vocab_size, hidden_size, num_layers, cell="lstm")
+    loss, state = lm.forward(inputs, targets, state)   # inputs, targets: [T, B] int
+    lm.backward()                                      # grads accumulate in lm.grads
+    logits, state = lm.predict(inputs, state)          # no cache, no loss
+
+``state`` is the recurrent state to start from (None: zeros) and the one the
+chunk ended in, detached: truncated BPTT carries it to the next chunk without
+back-propagating into it.
+"""
+
+import numpy as np
+
+from gpurnn import checks, nn
+from gpurnn.layers import GRU, LSTM, RNN
+
+CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+
+
+def _make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, seed, backend, nonlinearity):
+    checks.choice("cell", cell, tuple(CELLS))
+    kwargs = dict(num_layers=num_layers, dropout=dropout, dtype=dtype, seed=seed, backend=backend)
+    if cell == "rnn":
+        kwargs["nonlinearity"] = nonlinearity
+    return CELLS[cell](input_size, hidden_size, **kwargs)
+
+
+def _run(rnn, x, state):
+    """(out, state) with the cell's own state convention."""
+    if isinstance(rnn, LSTM):
+        out, (h, c) = rnn(x, state)
+        return out, (h, c)
+    return rnn(x, state)
+
+
+class _Composite:
+    """Parameters of the parts under prefixed names: embedding.weight, rnn.weight_ih_l0, head.weight, ..."""
+
+    def _collect(self, parts):
+        self.params, self.grads = {}, {}
+        for prefix, part in parts.items():
+            for name in part.params:
+                self.params[f"{prefix}.{name}"] = part.params[name]
+                self.grads[f"{prefix}.{name}"] = part.grads[name]
+        self._parts = parts
+
+    def parameters(self):
+        return list(self.params.items())
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g[...] = 0
+
+    def train(self, mode=True):
+        self.rnn.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state_dict(self):
+        return {n: p.copy() for n, p in self.params.items()}
+
+    def load_state_dict(self, state):
+        missing = sorted(set(self.params) - set(state))
+        extra = sorted(set(state) - set(self.params))
+        if missing or extra:
+            raise ValueError(f"state_dict: keys do not match this model: missing {missing}, unexpected {extra}")
+        for prefix, part in self._parts.items():
+            part.load_state_dict({n: state[f"{prefix}.{n}"] for n in part.params})
+
+
+class CharLM(_Composite):
+    def __init__(self, vocab_size, hidden_size, num_layers=1, cell="lstm", embedding_dim=None, dropout=0.0,
+                 nonlinearity="tanh", ignore_index=None, dtype="float32", seed=None, backend=None):
+        self.vocab_size = checks.positive_int("vocab_size", vocab_size)
+        embedding_dim = hidden_size if embedding_dim is None else embedding_dim
+        self.config = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, cell=cell,
+                           embedding_dim=embedding_dim, dropout=dropout, nonlinearity=nonlinearity)
+        seeds = np.random.SeedSequence(seed).spawn(3)
+        self.rnn = _make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, dtype,
+                             int(seeds[1].generate_state(1)[0]), backend, nonlinearity)
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, dtype, int(seeds[0].generate_state(1)[0]),
+                                    backend)
+        self.head = nn.Linear(hidden_size, vocab_size, dtype=dtype, seed=int(seeds[2].generate_state(1)[0]),
+                            backend=backend)
+        self.loss_fn = nn.SoftmaxCrossEntropy("mean", ignore_index)
+        self.backend = self.rnn.backend
+        self._collect({"embedding": self.embedding, "rnn": self.rnn, "head": self.head})
+
+    def predict(self, inputs, state=None):
+        """logits [T, B, V] and the final state, in eval mode (no cache)."""
+        training = self.rnn.training
+        self.rnn.eval()
+        try:
+            out, state = _run(self.rnn, self.embedding(inputs), state)
+            logits = self.head(out)
+        finally:
+            self.rnn.train(training)
+            self.embedding._cache = self.head._cache = None
+        return logits, state
+
+    def forward(self, inputs, targets, state=None):
+        """Mean cross-entropy of the next-symbol predictions, and the final state."""
+        out, state = _run(self.rnn, self.embedding(inputs), state)
+        loss = self.loss_fn(self.head(out), self.backend.ops.asarray(targets, "targets"))
+        return loss, state
+
+    __call__ = forward
+
+    def backward(self):
+        d_logits = self.loss_fn.backward()
+        d_out = self.head.backward(d_logits)
+        dx = self.rnn.backward(d_out)[0]  # the incoming state is a constant: its gradient is dropped
+        self.embedding.backward(dx)
+
+
+class SequenceRegressor(_Composite):
+    """inputs [T, B, I] -> recurrent stack -> linear on the last step's output -> MSE against [B, O]."""
+
+    def __init__(self, input_size, hidden_size, output_size=1, num_layers=1, cell="lstm", nonlinearity="tanh",
+                 dtype="float32", seed=None, backend=None):
+        self.config = dict(input_size=input_size, hidden_size=hidden_size, output_size=output_size,
+                           num_layers=num_layers, cell=cell, nonlinearity=nonlinearity)
+        seeds = np.random.SeedSequence(seed).spawn(2)
+        self.rnn = _make_rnn(cell, input_size, hidden_size, num_layers, 0.0, dtype,
+                             int(seeds[0].generate_state(1)[0]), backend, nonlinearity)
+        self.head = nn.Linear(hidden_size, output_size, dtype=dtype, seed=int(seeds[1].generate_state(1)[0]),
+                            backend=backend)
+        self.loss_fn = nn.MSELoss()
+        self.backend = self.rnn.backend
+        self._collect({"rnn": self.rnn, "head": self.head})
+
+    def predict(self, x):
+        training = self.rnn.training
+        self.rnn.eval()
+        try:
+            out, _ = _run(self.rnn, x, None)
+            return self.head(out[-1])
+        finally:
+            self.rnn.train(training)
+            self.head._cache = None
+
+    def forward(self, x, target, state=None):
+        out, state = _run(self.rnn, x, state)
+        self._T = out.shape[0]
+        return self.loss_fn(self.head(out[-1]), self.backend.ops.asarray(target, "target")), state
+
+    __call__ = forward
+
+    def backward(self):
+        d_last = self.head.backward(self.loss_fn.backward())
+        xp = self.backend.xp
+        d_out = xp.zeros((self._T,) + tuple(d_last.shape), d_last.dtype)
+        d_out[-1] = d_last  # only the last step feeds the head
+        self.rnn.backward(d_out)

@@ -1,0 +1,191 @@
+"""The pieces around the recurrent stack: embedding, the output map, losses.
+
+Each has ``forward`` (``__call__``) and ``backward``; parameter gradients
+accumulate into ``.grads`` (same keys as ``.params``) until ``zero_grad``.
+Arrays are the backend's (NumPy, or CuPy on the CUDA backend).
+
+    Embedding:            ids [T, B] int        -> [T, B, E]
+    Linear (o = V h + c): x [..., I]            -> [..., O]
+    SoftmaxCrossEntropy:  logits [T, B, V], targets [T, B] -> scalar loss
+    MSELoss:              pred [B, O], target [B, O]       -> scalar loss
+"""
+
+import numpy as np
+
+from gpurnn import checks
+from gpurnn.backend import array_module, get_backend
+
+
+class _Module:
+    def __init__(self, backend):
+        self.backend = get_backend(backend)
+        self.xp = self.backend.xp
+        self.params, self.grads = {}, {}
+        self._cache = None
+
+    def _param(self, name, value):
+        self.params[name] = self.xp.asarray(value)
+        self.grads[name] = self.xp.zeros_like(self.params[name])
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g[...] = 0
+
+    def state_dict(self):
+        return {n: p.copy() for n, p in self.params.items()}
+
+    def load_state_dict(self, state):
+        """Copy arrays into the parameters in place, after checking every key and shape."""
+        missing = sorted(set(self.params) - set(state))
+        extra = sorted(set(state) - set(self.params))
+        if missing or extra:
+            raise ValueError(f"state_dict: keys do not match: missing {missing}, unexpected {extra}")
+        for name, p in self.params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(p.shape)}, "
+                                 f"got {tuple(state[name].shape)}")
+        for name, p in self.params.items():
+            p[...] = self.backend.ops.asarray(state[name], f"state_dict[{name!r}]")
+
+    def _take_cache(self, who):
+        if self._cache is None:
+            raise RuntimeError(f"{who}.backward: no forward pass to differentiate (or it was already used)")
+        cache, self._cache = self._cache, None
+        return cache
+
+
+class Embedding(_Module):
+    """weight: [num_embeddings, dim], initialised N(0, 1) like torch.nn.Embedding."""
+
+    def __init__(self, num_embeddings, embedding_dim, dtype="float32", seed=None, backend=None):
+        super().__init__(backend)
+        self.num_embeddings = checks.positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = checks.positive_int("embedding_dim", embedding_dim)
+        self.dtype = checks.float_dtype("dtype", dtype)
+        rng = np.random.default_rng(seed)
+        self._param("weight", rng.standard_normal((num_embeddings, embedding_dim)).astype(self.dtype))
+
+    def __call__(self, ids):
+        ids = self.backend.ops.asarray(ids, "ids")
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"ids: expected an integer array, got dtype {ids.dtype}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise ValueError(f"ids: expected values in [0, {self.num_embeddings}), "
+                             f"got values from {int(ids.min())} to {int(ids.max())}")
+        self._cache = ids
+        return self.params["weight"][ids]
+
+    def backward(self, d_out):
+        ids = self._take_cache("Embedding")
+        # rows used several times receive the sum of their gradients
+        self.backend.ops.scatter_add(self.grads["weight"], ids.reshape(-1),
+                                     d_out.reshape(-1, self.embedding_dim))
+
+
+class Linear(_Module):
+    """o = x W^T + b. weight: [O, I], bias: [O], U(-1/sqrt(I), 1/sqrt(I)) like torch."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=None, backend=None):
+        super().__init__(backend)
+        self.in_features = checks.positive_int("in_features", in_features)
+        self.out_features = checks.positive_int("out_features", out_features)
+        self.dtype = checks.float_dtype("dtype", dtype)
+        rng = np.random.default_rng(seed)
+        k = 1.0 / np.sqrt(in_features)
+        self._param("weight", rng.uniform(-k, k, (out_features, in_features)).astype(self.dtype))
+        if checks.flag("bias", bias):
+            self._param("bias", rng.uniform(-k, k, out_features).astype(self.dtype))
+
+    def __call__(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        self._cache = x
+        out = x @ self.params["weight"].T
+        if "bias" in self.params:
+            out += self.params["bias"]
+        return out
+
+    def backward(self, d_out):
+        """d_out: [..., O] -> dx: [..., I]; dW += d_out^T x, db += sum(d_out)."""
+        x = self._take_cache("Linear")
+        d2 = d_out.reshape(-1, self.out_features)
+        self.grads["weight"] += d2.T @ x.reshape(-1, self.in_features)
+        if "bias" in self.params:
+            self.grads["bias"] += d2.sum(axis=0)
+        return d_out @ self.params["weight"]
+
+
+class SoftmaxCrossEntropy:
+    """Per-timestep softmax + cross-entropy with a stable log-sum-exp.
+
+    reduction "mean" averages over the counted positions, "sum" adds them.
+    Positions are not counted where ``targets == ignore_index`` or, with
+    ``lengths`` ([B]), where ``t >= lengths[b]``.
+    """
+
+    def __init__(self, reduction="mean", ignore_index=None):
+        self.reduction = checks.choice("reduction", reduction, ("mean", "sum"))
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise TypeError(f"ignore_index: expected None or an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+        self._cache = None
+
+    def __call__(self, logits, targets, lengths=None):
+        xp = array_module(logits)
+        if logits.ndim != 3:
+            raise ValueError(f"logits: expected [T, B, V], got shape {tuple(logits.shape)}")
+        T, B, V = logits.shape
+        if tuple(targets.shape) != (T, B):
+            raise ValueError(f"targets: expected shape ({T}, {B}), got {tuple(targets.shape)}")
+        if targets.dtype == np.bool_ or not np.issubdtype(targets.dtype, np.integer):
+            raise TypeError(f"targets: expected an integer array, got dtype {targets.dtype}")
+        mask = xp.ones((T, B), bool)
+        if self.ignore_index is not None:
+            mask &= targets != self.ignore_index
+        if lengths is not None:
+            mask &= xp.arange(T)[:, None] < xp.asarray(lengths)[None, :]
+        safe = xp.where(mask, targets, 0)
+        if targets.size and (int(safe.min()) < 0 or int(safe.max()) >= V):
+            raise ValueError(f"targets: expected class indices in [0, {V}), "
+                             f"got values from {int(safe.min())} to {int(safe.max())}")
+        shifted = logits - logits.max(axis=-1, keepdims=True)  # log-sum-exp without overflow
+        log_z = xp.log(xp.exp(shifted).sum(axis=-1))
+        picked = xp.take_along_axis(shifted, safe[..., None], axis=-1)[..., 0]
+        nll = (log_z - picked) * mask
+        count = max(int(mask.sum()), 1)
+        scale = 1.0 / count if self.reduction == "mean" else 1.0
+        self._cache = (shifted, log_z, safe, mask, scale)
+        return float(nll.sum() * scale)
+
+    def backward(self):
+        """dlogits [T, B, V] = (softmax - onehot) * mask * scale."""
+        if self._cache is None:
+            raise RuntimeError("SoftmaxCrossEntropy.backward: no forward pass to differentiate")
+        shifted, log_z, safe, mask, scale = self._cache
+        self._cache = None
+        xp = array_module(shifted)
+        d = xp.exp(shifted - log_z[..., None])  # softmax
+        rows = d.reshape(-1, d.shape[-1])
+        rows[xp.arange(rows.shape[0]), safe.reshape(-1)] -= 1  # minus the one-hot target
+        d *= (mask * scale)[..., None].astype(d.dtype)
+        return d
+
+
+class MSELoss:
+    """Mean squared error over every element (torch.nn.MSELoss's default)."""
+
+    def __init__(self):
+        self._cache = None
+
+    def __call__(self, pred, target):
+        if tuple(pred.shape) != tuple(target.shape):
+            raise ValueError(f"target: expected shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+        diff = pred - target
+        self._cache = diff
+        return float((diff * diff).mean())
+
+    def backward(self):
+        if self._cache is None:
+            raise RuntimeError("MSELoss.backward: no forward pass to differentiate")
+        diff, self._cache = self._cache, None
+        return 2 * diff / diff.size

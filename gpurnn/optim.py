@@ -1,0 +1,151 @@
+"""Optimizers and gradient clipping, step for step as torch.optim computes them.
+
+    opt = gpurnn.optim.Adam(model.params, model.grads, lr=1e-3)
+    norm = gpurnn.optim.clip_grad_norm(model.grads, max_norm=5.0)
+    opt.step(); model.zero_grad()
+
+``params`` and ``grads`` are dicts of arrays with the same keys; parameters
+are updated in place (a captured CUDA graph keeps pointing at them). State
+round-trips through ``state_dict()`` / ``load_state_dict()`` as NumPy arrays.
+"""
+
+import math
+
+import numpy as np
+
+from gpurnn.backend import array_module
+
+
+def _positive(name, value, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} finite number, "
+                         f"got {value}")
+    return float(value)
+
+
+class Optimizer:
+    _state_names = ()
+
+    def __init__(self, params, grads, lr):
+        if set(params) != set(grads):
+            raise ValueError(f"grads: expected the keys of params, got missing {sorted(set(params) - set(grads))}, "
+                             f"unexpected {sorted(set(grads) - set(params))}")
+        self.params, self.grads = params, grads
+        self.lr = _positive("lr", lr)
+        self.steps = 0
+        self.state = {s: {n: array_module(p).zeros_like(p) for n, p in params.items()} for s in self._state_names}
+
+    def step(self):
+        self.steps += 1
+        for name, p in self.params.items():
+            self._update(name, p, self.grads[name])
+
+    def state_dict(self):
+        host = lambda a: a.get() if hasattr(a, "get") else np.array(a)  # noqa: E731
+        return {"steps": self.steps, **{f"{s}/{n}": host(a) for s, d in self.state.items() for n, a in d.items()}}
+
+    def load_state_dict(self, state):
+        expected = {f"{s}/{n}" for s in self.state for n in self.params}
+        got = {k for k in state if k != "steps"}
+        if got != expected or "steps" not in state:
+            raise ValueError(f"optimizer state: keys do not match: missing {sorted(expected - got)}, "
+                             f"unexpected {sorted(got - expected)}")
+        for s, d in self.state.items():
+            for n, a in d.items():
+                value = state[f"{s}/{n}"]
+                if tuple(value.shape) != tuple(a.shape):
+                    raise ValueError(f"optimizer state {s}/{n}: expected shape {tuple(a.shape)}, "
+                                     f"got {tuple(value.shape)}")
+                a[...] = array_module(a).asarray(value)
+        self.steps = int(state["steps"])
+
+
+class SGD(Optimizer):
+    """buf = momentum * buf + g (buf = g at the first step); p -= lr * buf."""
+
+    _state_names = ("momentum_buffer",)
+
+    def __init__(self, params, grads, lr, momentum=0.0):
+        super().__init__(params, grads, lr)
+        self.momentum = _positive("momentum", momentum, allow_zero=True)
+
+    def _update(self, name, p, g):
+        if self.momentum:
+            buf = self.state["momentum_buffer"][name]
+            if self.steps == 1:
+                buf[...] = g
+            else:
+                buf *= self.momentum
+                buf += g
+            g = buf
+        p -= self.lr * g
+
+
+class Adagrad(Optimizer):
+    """sum += g^2; p -= lr * g / (sqrt(sum) + eps)."""
+
+    _state_names = ("sum",)
+
+    def __init__(self, params, grads, lr=1e-2, eps=1e-10):
+        super().__init__(params, grads, lr)
+        self.eps = _positive("eps", eps)
+
+    def _update(self, name, p, g):
+        acc = self.state["sum"][name]
+        acc += g * g
+        p -= self.lr * g / (array_module(acc).sqrt(acc) + self.eps)
+
+
+class Adam(Optimizer):
+    """m, v: running moments of g and g^2, bias-corrected; p -= lr m_hat / (sqrt(v_hat) + eps)."""
+
+    _state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, grads, lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = _positive("eps", eps)
+
+    def _update(self, name, p, g):
+        b1, b2 = self.betas
+        m, v = self.state["exp_avg"][name], self.state["exp_avg_sq"][name]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * g * g
+        bias1, bias2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        denom = array_module(v).sqrt(v) / math.sqrt(bias2) + self.eps
+        p -= (self.lr / bias1) * m / denom
+
+
+OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
+
+
+def global_norm(grads):
+    """sqrt of the sum of every gradient element squared."""
+    return math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients by max_norm / (norm + 1e-6) when that is below 1 (as torch).
+    Returns the norm before clipping."""
+    max_norm = _positive("max_norm", max_norm)
+    norm = global_norm(grads)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1:
+        for g in grads.values():
+            g *= coef
+    return norm
+
+
+def clip_grad_value(grads, threshold):
+    """Clamp every gradient element to [-threshold, threshold]. Returns the norm before clipping."""
+    threshold = _positive("threshold", threshold)
+    norm = global_norm(grads)
+    for g in grads.values():
+        array_module(g).clip(g, -threshold, threshold, out=g)
+    return norm

@@ -1,0 +1,264 @@
+"""The training job behind ``gpurnn train``: tasks, the loop, checkpoints, metrics.
+
+A run lives in one directory:
+    checkpoint.npz   parameters, optimizer state, carried recurrent state, and a JSON
+                     record (config, step, vocabulary, RNG states, loss history);
+                     written to a temporary file and renamed, so it is never half-written
+    metrics.csv      step, loss, gradient norm, tokens/s (rewritten whole at each save)
+    loss.png         the loss curve
+Resuming restores all of it, so an interrupted and resumed run computes the same
+losses as an uninterrupted one.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+import zipfile
+
+import numpy as np
+
+from gpurnn import optim
+from gpurnn.data import CharCorpus, adding_problem, copy_task
+from gpurnn.model import CharLM, SequenceRegressor
+
+TASKS = ("charlm", "adding", "copy")
+COPY_SYMBOLS, COPY_LENGTH = 8, 10
+
+
+class TrainingError(RuntimeError):
+    """A problem the user can act on; the message is the whole story."""
+
+
+class Diverged(TrainingError):
+    """The loss became NaN or infinite."""
+
+
+def defaults(task, backend_name):
+    """Sizes that show learning in about 3 minutes on 2 CPU cores; larger on a GPU."""
+    gpu = backend_name == "cuda"
+    if task == "charlm":
+        return dict(hidden=512 if gpu else 256, layers=2 if gpu else 1, seq_len=128 if gpu else 64,
+                    batch=64 if gpu else 32, steps=3000 if gpu else 1500, lr=2e-3)
+    if task == "adding":
+        return dict(hidden=64 if gpu else 32, layers=1, seq_len=100 if gpu else 20, batch=64, steps=1500, lr=1e-2)
+    return dict(hidden=128 if gpu else 64, layers=1, seq_len=20, batch=64, steps=1500 if gpu else 800, lr=1e-2)
+
+
+class Task:
+    """The model, its data and one training step's loss, for one of TASKS."""
+
+    def __init__(self, cfg, backend, vocab=None):
+        self.cfg = cfg
+        self.name = cfg["task"]
+        common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
+                      seed=cfg["seed"], backend=backend)
+        if self.name == "charlm":
+            self.corpus = CharCorpus.from_file(cfg["text"]) if cfg["text"] else CharCorpus.python_stdlib()
+            if vocab is not None and self.corpus.vocab != vocab:  # resuming: it must be the same text
+                raise TrainingError(f"{self.corpus.source} changed since the checkpoint (different vocabulary)")
+            self.corpus.chunks_per_epoch(cfg["seq_len"], cfg["batch"])  # fails early if the text is too short
+            self.model = CharLM(len(self.corpus.vocab), cfg["hidden"], **common)
+        elif self.name == "copy":
+            self.model = CharLM(COPY_SYMBOLS + 2, cfg["hidden"], ignore_index=-1, **common)
+        else:
+            self.model = SequenceRegressor(2, cfg["hidden"], 1, **common)
+
+    @property
+    def vocab(self):
+        return self.corpus.vocab if self.name == "charlm" else None
+
+    def tokens_per_step(self):
+        return self.cfg["seq_len"] * self.cfg["batch"]
+
+    def loss(self, step, state):
+        """Forward one batch (the cache stays for backward); returns (loss, state to carry)."""
+        cfg = self.cfg
+        if self.name == "charlm":
+            x, y, new_epoch = self.corpus.batch_at(step, cfg["seq_len"], cfg["batch"])
+            return self.model.forward(x, y, None if new_epoch else state)  # state resets each epoch
+        seed = (cfg["seed"] or 0) * 1_000_003 + step
+        if self.name == "copy":
+            x, y = copy_task(cfg["batch"], cfg["seq_len"], seed, COPY_SYMBOLS, COPY_LENGTH)
+            return self.model.forward(x, y)[0], None
+        x, y = adding_problem(cfg["batch"], cfg["seq_len"], seed)
+        return self.model.forward(x, y)[0], None
+
+
+# ------------------------------------------------------------------ checkpoints
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def save_checkpoint(out_dir, task, opt, step, state, history, rng_state):
+    record = dict(format=1, config=task.cfg, step=step, vocab=task.vocab, history=history, rng=rng_state,
+                  optimizer=dict(name=task.cfg["optim"], lr=task.cfg["lr"]))
+    arrays = {f"param/{k}": _host(v) for k, v in task.model.params.items()}
+    arrays.update({f"optim/{k}": np.asarray(v) for k, v in opt.state_dict().items()})
+    for i, s in enumerate(state if isinstance(state, tuple) else (() if state is None else (state,))):
+        arrays[f"state/{i}"] = _host(s)
+    arrays["record"] = np.frombuffer(json.dumps(record).encode(), np.uint8)
+    path = os.path.join(out_dir, "checkpoint.npz")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: the old checkpoint stays whole until the new one is
+    return path
+
+
+def load_checkpoint(out_dir):
+    """(record dict, arrays dict) or a TrainingError that says what is wrong."""
+    path = os.path.join(out_dir, "checkpoint.npz")
+    if not os.path.exists(path):
+        raise TrainingError(f"{path}: no checkpoint there")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        record = json.loads(arrays.pop("record").tobytes().decode())
+        if record.get("format") != 1:
+            raise ValueError(f"unknown format {record.get('format')!r}")
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"{path}: cannot read the checkpoint, it is corrupt or truncated "
+                            f"({type(exc).__name__}: {exc})") from None
+    return record, arrays
+
+
+def restore(task, opt, record, arrays):
+    """Put parameters, optimizer state and the carried state back; returns the state."""
+    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    try:
+        task.model.load_state_dict(params)
+        opt.load_state_dict({k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")})
+    except (ValueError, TypeError) as exc:
+        raise TrainingError(f"the checkpoint does not fit its model: {exc}") from None
+    xp = task.model.backend.xp
+    state = [xp.asarray(arrays[f"state/{i}"]) for i in range(2) if f"state/{i}" in arrays]
+    return tuple(state) if len(state) == 2 else (state[0] if state else None)
+
+
+# ------------------------------------------------------------------- metrics
+def write_metrics(out_dir, history):
+    path = os.path.join(out_dir, "metrics.csv")
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "grad_norm", "tokens_per_s"])
+        w.writerows(history)
+    os.replace(path + ".tmp", path)
+
+
+def plot_loss(out_dir, history, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h[0] for h in history]
+    ax.plot(steps, [h[1] for h in history], lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# ---------------------------------------------------------------------- loop
+def sample(model, corpus_vocab, prime, length, temperature, seed=0):
+    """Feed ``prime`` through the LM, then draw ``length`` characters one at a time."""
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise TrainingError(f"--temperature: expected a positive number, got {temperature}")
+    index = {ch: i for i, ch in enumerate(corpus_vocab)}
+    unknown = sorted(set(prime) - set(index))
+    if unknown:
+        raise TrainingError(f"--prime: characters not in the model's vocabulary: {''.join(unknown)!r}")
+    rng = np.random.default_rng(seed)
+    ids = [index[ch] for ch in prime] or [index.get("\n", 0)]
+    logits, state = model.predict(np.array(ids, np.int32)[:, None])
+    out = []
+    for _ in range(length):
+        z = _host(logits[-1, 0]).astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        nxt = int(rng.choice(len(p), p=p / p.sum()))
+        out.append(corpus_vocab[nxt])
+        logits, state = model.predict(np.array([[nxt]], np.int32), state)
+    return prime + "".join(out)
+
+
+def train(cfg, backend, out_dir, resume, progress=True, log=print):
+    """Run (or continue) a training job; returns (loss history, task)."""
+    os.makedirs(out_dir, exist_ok=True)
+    record = arrays = None
+    if resume:
+        record, arrays = load_checkpoint(out_dir)
+        saved = record["config"]
+        clash = {k: (saved[k], cfg[k]) for k in cfg if k in cfg.get("_explicit", ()) and saved.get(k) != cfg[k]}
+        if clash:
+            what = ", ".join(f"--{k.replace('_', '-')} {new} (checkpoint: {old})" for k, (old, new) in clash.items()
+                             if k != "steps")
+            if what:
+                raise TrainingError(f"--resume: the checkpoint in {out_dir} was made with other settings: {what}")
+        cfg = dict(saved, steps=cfg["steps"])
+    task = Task(cfg, backend, vocab=record["vocab"] if record else None)
+    model = task.model
+    opt = optim.OPTIMIZERS[cfg["optim"]](model.params, model.grads, lr=cfg["lr"])
+    state, history, step = None, [], 0
+    if record:
+        state = restore(task, opt, record, arrays)
+        history, step = [list(h) for h in record["history"]], record["step"]
+        model.rnn._rng.bit_generator.state = record["rng"]
+    if step >= cfg["steps"]:
+        log(f"already at step {step} of {cfg['steps']}: nothing to do")
+        return history, task
+
+    stop = {"now": False}
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # finish the step, then save
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg["steps"], initial=step, unit="step", dynamic_ncols=True)
+    good_step = step
+    try:
+        while step < cfg["steps"] and not stop["now"]:
+            t0 = time.perf_counter()
+            loss, new_state = task.loss(step, state)
+            if not math.isfinite(loss):
+                raise Diverged(
+                    f"the loss became {loss} at step {step + 1}; the last good checkpoint (step {good_step}) "
+                    f"is kept in {out_dir}. Try --clip-norm 1.0 or a lower --lr")
+            model.backward()
+            if cfg["clip_norm"]:
+                norm = optim.clip_grad_norm(model.grads, cfg["clip_norm"])
+            elif cfg["clip_value"]:
+                norm = optim.clip_grad_value(model.grads, cfg["clip_value"])
+            else:
+                norm = optim.global_norm(model.grads)
+            opt.step()
+            model.zero_grad()
+            state = new_state
+            step += 1
+            tokens_s = task.tokens_per_step() / (time.perf_counter() - t0)
+            history.append([step, loss, norm, tokens_s])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_s:,.0f}")
+            if step % cfg["save_every"] == 0 or step == cfg["steps"] or stop["now"]:
+                save_checkpoint(out_dir, task, opt, step, state, history, model.rnn._rng.bit_generator.state)
+                write_metrics(out_dir, history)
+                good_step = step
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+    if stop["now"]:
+        log(f"interrupted: saved step {step} in {out_dir} (continue with --resume)")
+    plot_loss(out_dir, history, f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}")
+    return history, task
