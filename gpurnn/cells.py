@@ -157,19 +157,29 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     """
     prev, nxt = _steps(t, reverse)
     done = t >= lengths
-    dh_carried, dc_carried = dh[done], dc[done]
-    i, f, g, o = _blocks(gates[t], 4)
-    di, df, dg, do = _blocks(dgates[t], 4)
+    any_done = done.any()
+    if any_done:
+        dh_carried, dc_carried = dh[done], dc[done]
+    H = c.shape[-1]
+    act, dact = gates[t], dgates[t]
+    i, f, g, o = _blocks(act, 4)
+    di, df, dg, do = _blocks(dact, 4)
     tanh_c = np.tanh(c[nxt])
     dh_total = dh + dy[t]
-    dc_total = dc + dh_total * o * (1 - tanh_c * tanh_c)  # backprop through tanh(c_t)
-    np.multiply(dc_total * g, i * (1 - i), out=di)
-    np.multiply(dc_total * c[prev], f * (1 - f), out=df)
-    np.multiply(dc_total * i, 1 - g * g, out=dg)
-    np.multiply(dh_total * tanh_c, o * (1 - o), out=do)
+    dc_total = dh_total * o
+    dc_total *= 1 - tanh_c * tanh_c  # backprop through tanh(c_t)
+    dc_total += dc
+    np.multiply(dc_total, g, out=di)  # gradients of the activations i, f, g, o ...
+    np.multiply(dc_total, c[prev], out=df)
+    np.multiply(dc_total, i, out=dg)
+    np.multiply(dh_total, tanh_c, out=do)
+    i_f = act[:, :2 * H]  # ... then of their pre-activations: s' = s (1 - s), tanh' = 1 - g^2
+    dact[:, :2 * H] *= i_f * (1 - i_f)
+    do *= o * (1 - o)
+    dg *= 1 - g * g
     np.multiply(dc_total, f, out=dc)
     dh[...] = 0  # h_{t-1} reaches the gates only through W_hh
-    if done.any():
+    if any_done:
         dgates[t, done] = 0
         dh[done], dc[done] = dh_carried, dc_carried
 

@@ -100,10 +100,11 @@ class Linear(_Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         self._cache = x
-        out = x @ self.params["weight"].T
+        x2 = x.reshape(-1, self.in_features)  # 2-D: BLAS's fast path, not a batched matmul
+        out = x2 @ self.params["weight"].T
         if "bias" in self.params:
             out += self.params["bias"]
-        return out
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def backward(self, d_out):
         """d_out: [..., O] -> dx: [..., I]; dW += d_out^T x, db += sum(d_out)."""
@@ -112,7 +113,7 @@ class Linear(_Module):
         self.grads["weight"] += d2.T @ x.reshape(-1, self.in_features)
         if "bias" in self.params:
             self.grads["bias"] += d2.sum(axis=0)
-        return d_out @ self.params["weight"]
+        return (d2 @ self.params["weight"]).reshape(*d_out.shape[:-1], self.in_features)
 
 
 class SoftmaxCrossEntropy:

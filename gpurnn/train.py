@@ -41,7 +41,7 @@ def defaults(task, backend_name):
     gpu = backend_name == "cuda"
     if task == "charlm":
         return dict(hidden=512 if gpu else 256, layers=2 if gpu else 1, seq_len=128 if gpu else 64,
-                    batch=64 if gpu else 32, steps=3000 if gpu else 1500, lr=2e-3)
+                    batch=64 if gpu else 128, steps=3000 if gpu else 800, lr=2e-3)
     if task == "adding":
         return dict(hidden=64 if gpu else 32, layers=1, seq_len=100 if gpu else 20, batch=64, steps=1500, lr=1e-2)
     return dict(hidden=128 if gpu else 64, layers=1, seq_len=20, batch=64, steps=1500 if gpu else 800, lr=1e-2)
@@ -181,15 +181,20 @@ def sample(model, corpus_vocab, prime, length, temperature, seed=0):
         raise TrainingError(f"--prime: characters not in the model's vocabulary: {''.join(unknown)!r}")
     rng = np.random.default_rng(seed)
     ids = [index[ch] for ch in prime] or [index.get("\n", 0)]
+    with np.errstate(over="ignore", invalid="ignore"):  # diverged weights are reported below
+        return prime + "".join(_draw(model, corpus_vocab, ids, length, temperature, rng))
+
+
+def _draw(model, vocab, ids, length, temperature, rng):
     logits, state = model.predict(np.array(ids, np.int32)[:, None])
-    out = []
     for _ in range(length):
         z = _host(logits[-1, 0]).astype(np.float64) / temperature
+        if not np.all(np.isfinite(z)):
+            raise TrainingError("the model's outputs are not finite: its weights have diverged")
         p = np.exp(z - z.max())
         nxt = int(rng.choice(len(p), p=p / p.sum()))
-        out.append(corpus_vocab[nxt])
+        yield vocab[nxt]
         logits, state = model.predict(np.array([[nxt]], np.int32), state)
-    return prime + "".join(out)
 
 
 def train(cfg, backend, out_dir, resume, progress=True, log=print):
@@ -229,18 +234,20 @@ def train(cfg, backend, out_dir, resume, progress=True, log=print):
     try:
         while step < cfg["steps"] and not stop["now"]:
             t0 = time.perf_counter()
-            loss, new_state = task.loss(step, state)
-            if not math.isfinite(loss):
+            with np.errstate(over="ignore", invalid="ignore"):  # divergence is checked for just below
+                loss, new_state = task.loss(step, state)
+                if math.isfinite(loss):
+                    model.backward()
+                    norm = optim.global_norm(model.grads)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm}"
                 raise Diverged(
-                    f"the loss became {loss} at step {step + 1}; the last good checkpoint (step {good_step}) "
+                    f"{what} at step {step + 1}; the last good checkpoint (step {good_step}) "
                     f"is kept in {out_dir}. Try --clip-norm 1.0 or a lower --lr")
-            model.backward()
             if cfg["clip_norm"]:
-                norm = optim.clip_grad_norm(model.grads, cfg["clip_norm"])
+                optim.clip_grad_norm(model.grads, cfg["clip_norm"])
             elif cfg["clip_value"]:
-                norm = optim.clip_grad_value(model.grads, cfg["clip_value"])
-            else:
-                norm = optim.global_norm(model.grads)
+                optim.clip_grad_value(model.grads, cfg["clip_value"])
             opt.step()
             model.zero_grad()
             state = new_state

@@ -1,0 +1,170 @@
+"""The gpurnn command through subprocess: train, resume, sample, info, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--hidden", "16", "--seq-len", "12", "--batch", "4", "--no-progress", "--backend", "numpy"]
+
+
+def gpurnn(*args, timeout=120, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "gpurnn", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=kw.get("cwd", ROOT))
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text("def f(x):\n    return x + 1\n\n" * 40, encoding="utf-8")
+    return str(path)
+
+
+def losses(run_dir):
+    rows = open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1:]
+    return [(int(r.split(",")[0]), r.split(",")[1]) for r in rows]
+
+
+def test_train_writes_metrics_plot_checkpoint_and_sample(tmp_path, text):
+    out = tmp_path / "run"
+    done = gpurnn("train", "--text", text, "--steps", "15", "--out", str(out), *SMALL)
+    assert done.returncode == 0, done.stderr
+    assert {"metrics.csv", "loss.png", "checkpoint.npz"} <= set(os.listdir(out))
+    assert len(losses(out)) == 15
+    assert "--- sample ---" in done.stdout and "def " in done.stdout
+    assert open(out / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    sample = gpurnn("sample", "--checkpoint", str(out), "--prime", "def", "--length", "20", "--backend", "numpy")
+    assert sample.returncode == 0 and sample.stdout.startswith("def") and len(sample.stdout.rstrip("\n")) >= 23
+
+
+def test_resume_gives_the_same_losses_as_one_run(tmp_path, text):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ["--text", text, "--layers", "2", "--save-every", "4", *SMALL]
+    assert gpurnn("train", "--steps", "12", "--out", str(whole), *common).returncode == 0
+    assert gpurnn("train", "--steps", "6", "--out", str(split), *common).returncode == 0
+    resumed = gpurnn("train", "--steps", "12", "--out", str(split), "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(whole) == losses(split) and len(losses(whole)) == 12
+
+
+def test_resume_with_another_model_shape_is_refused(tmp_path, text):
+    out = tmp_path / "run"
+    assert gpurnn("train", "--text", text, "--steps", "2", "--out", str(out), *SMALL).returncode == 0
+    before = open(out / "checkpoint.npz", "rb").read()
+    other = ["--hidden", "32", "--seq-len", "12", "--batch", "4", "--no-progress", "--backend", "numpy"]
+    done = gpurnn("train", "--text", text, "--steps", "4", "--out", str(out), "--resume", *other)
+    assert done.returncode == 2 and done.stderr.count("\n") == 2  # the banner line, then the error line
+    assert "--hidden 32 (checkpoint: 16)" in done.stderr and "Traceback" not in done.stderr
+    assert open(out / "checkpoint.npz", "rb").read() == before
+
+
+def test_tasks_adding_and_copy_train(tmp_path):
+    for task in ("adding", "copy"):
+        done = gpurnn("train", "--task", task, "--steps", "5", "--out", str(tmp_path / task), *SMALL)
+        assert done.returncode == 0, done.stderr
+        assert len(losses(tmp_path / task)) == 5
+
+
+def test_info_and_python_dash_m(tmp_path):
+    done = gpurnn("info")
+    assert done.returncode == 0 and "backend:" in done.stdout
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    script = subprocess.run([sys.executable, "-c", "from gpurnn.cli import main; raise SystemExit(main(['info']))"],
+                            capture_output=True, text=True, env=env)
+    assert script.stdout == done.stdout
+
+
+def one_line_error(done, *words):
+    assert done.returncode != 0
+    lines = [l for l in done.stderr.splitlines() if l.startswith("gpurnn: error:") or "error" in l]
+    assert lines and "Traceback" not in done.stderr, done.stderr
+    for w in words:
+        assert w in done.stderr, (w, done.stderr)
+
+
+def test_bad_text_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(b"abc\0def" * 10)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    out = str(tmp_path / "o")
+    one_line_error(gpurnn("train", "--text", str(tmp_path / "missing.txt"), "--out", out, *SMALL), "no such file")
+    one_line_error(gpurnn("train", "--text", str(empty), "--out", out, *SMALL), "empty")
+    one_line_error(gpurnn("train", "--text", str(binary), "--out", out, *SMALL), "binary")
+    one_line_error(gpurnn("train", "--text", str(latin), "--out", out, *SMALL), "UTF-8")
+    one_line_error(gpurnn("train", "--text", str(short), "--out", out, *SMALL), "--seq-len")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--hidden", "0"], ["--hidden", "positive"]), (["--steps", "-3"], ["--steps"]),
+    (["--lr", "nan"], ["--lr"]), (["--batch", "two"], ["--batch", "'two'"]),
+])
+def test_bad_sizes(tmp_path, args, words):
+    done = gpurnn("train", "--out", str(tmp_path / "o"), "--no-progress", *args)
+    one_line_error(done, *words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_truncated_and_wrong_checkpoints(tmp_path, text):
+    good = tmp_path / "good"
+    assert gpurnn("train", "--text", text, "--steps", "2", "--out", str(good), *SMALL).returncode == 0
+    data = open(good / "checkpoint.npz", "rb").read()
+    for name, content in (("truncated", data[: len(data) // 2]), ("corrupt", b"not a zip file" * 10)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "checkpoint.npz").write_bytes(content)
+        one_line_error(gpurnn("sample", "--checkpoint", str(d), "--backend", "numpy"), "corrupt or truncated")
+        one_line_error(gpurnn("train", "--text", text, "--out", str(d), "--resume", *SMALL), "corrupt or truncated")
+        assert (d / "checkpoint.npz").read_bytes() == content  # left as it was
+    one_line_error(gpurnn("sample", "--checkpoint", str(tmp_path / "nowhere"), "--backend", "numpy"),
+                   "no checkpoint")
+    # a checkpoint whose arrays do not fit the model its record describes
+    z = dict(np.load(good / "checkpoint.npz"))
+    z["param/head.weight"] = np.zeros((3, 3), np.float32)
+    bad = tmp_path / "mismatch"
+    bad.mkdir()
+    np.savez(bad / "checkpoint.npz", **z)
+    one_line_error(gpurnn("sample", "--checkpoint", str(bad), "--backend", "numpy"), "does not fit")
+    adding = tmp_path / "adding"
+    assert gpurnn("train", "--task", "adding", "--steps", "1", "--out", str(adding), *SMALL).returncode == 0
+    one_line_error(gpurnn("sample", "--checkpoint", str(adding), "--backend", "numpy"), "charlm")
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text):
+    out = tmp_path / "run"
+    done = gpurnn("train", "--text", text, "--steps", "30", "--save-every", "1", "--optim", "sgd", "--lr", "1e38",
+                  "--clip-value", "1e30", "--out", str(out), *SMALL)
+    assert done.returncode == 3, done.stderr
+    assert "became" in done.stderr and "--clip-norm" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 2  # the banner, then the one-line error
+    kept = losses(out)
+    assert kept and all(np.isfinite(float(loss)) for _, loss in kept)
+
+
+def test_ctrl_c_saves_and_exits_zero(tmp_path, text):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "gpurnn", "train", "--text", text, "--steps", "100000",
+                             "--save-every", "1000000", "--out", str(out), *SMALL],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while not (out / "checkpoint.npz").exists() and time.time() < deadline:
+        time.sleep(0.5)
+        if os.path.exists(out) and time.time() > deadline - 55:
+            break
+    time.sleep(2)  # some steps in
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "interrupted: saved step" in stderr
+    assert (out / "checkpoint.npz").exists() and len(losses(out)) > 0
