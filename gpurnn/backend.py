@@ -116,7 +116,7 @@ class NumpyOps:
         out += bias
 
     @staticmethod
-    def run(ws, name, fn):
+    def run(ws, name, fn, capture=True):
         """Run a whole forward or backward over workspace ws; the CUDA backend
         captures and replays it as a graph."""
         fn()

@@ -1,4 +1,4 @@
-"""The ``gpurnn`` command (also ``python -m gpurnn``): train, sample, info.
+"""The ``gpurnn`` command (also ``python -m gpurnn``): train, sample, diagnose, info.
 
 Usage problems and bad input end with one line on stderr (``gpurnn: error: ...``)
 and a non-zero exit code: 2 for bad arguments or data, 3 for a loss that became
@@ -36,17 +36,24 @@ def _positive_float(text):
 
 
 TRAIN_SIZES = ("hidden", "layers", "seq_len", "batch", "steps", "lr")
+NONLINEARITIES = ("tanh", "relu", "sigmoid", "leaky_relu", "elu")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, no usage block: ``gpurnn train: error: argument --hidden: ...``."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="gpurnn", description="RNN/LSTM/GRU with hand-written BPTT.")
+    ap = _Parser(prog="gpurnn", description="RNN/LSTM/GRU with hand-written BPTT.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (defaults: a character LM on Python's own stdlib)")
     t.add_argument("--task", choices=("charlm", "adding", "copy"), default="charlm")
     t.add_argument("--text", help="UTF-8 text file for charlm (default: the Python standard library sources)")
     t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
-    t.add_argument("--nonlinearity", choices=("tanh", "relu", "sigmoid", "leaky_relu", "elu"), default="tanh")
+    t.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh")
     t.add_argument("--hidden", type=_positive_int)
     t.add_argument("--layers", type=_positive_int)
     t.add_argument("--seq-len", type=_positive_int)
@@ -71,6 +78,19 @@ def build_parser():
     s.add_argument("--temperature", type=_positive_float, default=0.8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--backend", choices=("auto", "numpy", "cuda"), default="auto")
+
+    d = sub.add_parser("diagnose", help="how the gradient decays (or explodes) back through time")
+    d.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
+    d.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh")
+    d.add_argument("--seq-len", type=_positive_int, default=100)
+    d.add_argument("--hidden", type=_positive_int, default=32)
+    d.add_argument("--batch", type=_positive_int, default=8)
+    d.add_argument("--init-scale", type=_positive_float, default=1.0,
+                   help="multiply the recurrent weights W_hh by this after the standard init")
+    d.add_argument("--forget-bias", type=float, help="LSTM: set the forget-gate bias (e.g. 1.0)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="gradient_flow.png")
+    d.add_argument("--backend", choices=("auto", "numpy", "cuda"), default="auto")
 
     sub.add_parser("info", help="the backend chosen and why, versions, GPU name")
     return ap
@@ -127,6 +147,43 @@ def cmd_sample(args):
     print(training.sample(model, record["vocab"], args.prime, args.length, args.temperature, args.seed))
 
 
+def cmd_diagnose(args):
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    from gpurnn import diagnostics, plot
+    from gpurnn.model import CELLS
+
+    if not args.out.lower().endswith(".png"):
+        raise DataError(f"--out: expected a .png file name, got {args.out!r}")
+    if args.forget_bias is not None and args.cell != "lstm":
+        raise DataError("--forget-bias: only the lstm cell has a forget gate")
+    backend = _backend(args.backend)
+    kwargs = dict(nonlinearity=args.nonlinearity) if args.cell == "rnn" else {}
+    model = CELLS[args.cell](args.hidden, args.hidden, seed=args.seed, dtype="float64", backend=backend, **kwargs)
+    for name, p in model.params.items():
+        if name.startswith("weight_hh"):
+            p *= args.init_scale
+    if args.forget_bias is not None:
+        diagnostics.set_forget_bias(model, args.forget_bias)
+    x = np.random.default_rng(args.seed).standard_normal((args.seq_len, args.batch, args.hidden))
+    flow = diagnostics.gradient_flow(model, x)
+    rel = flow.at_distance(0) / flow.at_distance(0)[0]
+    label = args.cell if args.cell != "rnn" else f"rnn ({args.nonlinearity})"
+    rho = diagnostics.spectral_radius(model.params["weight_hh_l0"]) if args.cell == "rnn" else None
+    print(f"{label}, hidden {args.hidden}, T={args.seq_len}, W_hh x {args.init_scale}"
+          + (f", spectral radius of W_hh {rho:.2f}" if rho is not None else ""))
+    print("gradient from the last step; ||dL/dh_t|| relative to the last step, by distance:")
+    print(f"{'distance':>10}{'norm':>12}")
+    last = args.seq_len - 1
+    for k in sorted({k for k in (1, 10, 50, 100, 200, 500, 1000) if k < last} | {last}):
+        print(f"{k:>10}{rel[k]:>12.3e}")
+    print(f"mean local gain ||dh_t/dh_t-1|| along the gradient: {flow.jac[0].mean():.3f}")
+    plot.save(plot.gradient_flow({label: flow}), args.out)
+    print(f"plot: {args.out}")
+
+
 def cmd_info():
     import numpy
 
@@ -160,6 +217,8 @@ def main(argv=None):
             cmd_train(args, explicit)
         elif args.command == "sample":
             cmd_sample(args)
+        elif args.command == "diagnose":
+            cmd_diagnose(args)
         else:
             cmd_info()
     except TrainingError as exc:

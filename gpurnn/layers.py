@@ -23,6 +23,8 @@ from gpurnn.backend import get_backend
 from gpurnn.cells import NONLINEARITIES
 
 _MAX_WORKSPACES = 4  # buffers kept for this many recent [T, B] shapes
+RECORD_LIMIT_BYTES = 2 << 30  # record=True refuses to keep more than this
+RECORDED = {"rnn": ("a",), "lstm": ("i", "f", "g", "o", "c"), "gru": ("r", "z", "n")}
 
 
 class _RNNBase:
@@ -54,6 +56,7 @@ class _RNNBase:
         self._workspaces = OrderedDict()
         self._cache = None  # (workspace, dropout_on) of the last training forward
         self._cache_used = False
+        self._recorded = None
 
     # ------------------------------------------------------------------ params
     def _init_params(self):
@@ -129,7 +132,16 @@ class _RNNBase:
         self._workspaces[key] = ws  # most recent last
         return ws
 
-    def _forward(self, x, h0, c0, lengths):
+    @property
+    def recorded(self):
+        """Per-timestep internals of the last ``model(x, record=True)``: a dict of
+        [num_layers*D, T, B, H] arrays (RNN "a" = pre-activation; LSTM "i", "f",
+        "g", "o", "c"; GRU "r", "z", "n"); zeros at padded steps."""
+        if self._recorded is None:
+            raise RuntimeError("recorded: nothing recorded yet; call the model with record=True first")
+        return self._recorded
+
+    def _forward(self, x, h0, c0, lengths, record=False):
         cfg, xp = self._cfg, self.backend.xp
         layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
         x = self._input(x, "x", (None, None, cfg.I), layout)
@@ -146,6 +158,13 @@ class _RNNBase:
         if lengths is not None:
             lengths = checks.lengths("lengths", np.asarray(self._ops.to_host(lengths)), B, T)
 
+        if record:
+            names = RECORDED[cfg.cell]
+            need = len(names) * cfg.L * cfg.D * T * B * cfg.H * self.dtype.itemsize
+            if need > RECORD_LIMIT_BYTES:
+                raise ValueError(f"record=True would keep {len(names)} arrays of shape "
+                                 f"[{cfg.L * cfg.D}, {T}, {B}, {cfg.H}] ({need / 2**30:.1f} GiB), over the "
+                                 f"{RECORD_LIMIT_BYTES / 2**30:.0f} GiB limit; record a shorter or smaller batch")
         dropout_on = self.training and self.dropout > 0 and cfg.L > 1
         masks = [None] * cfg.L
         if dropout_on:
@@ -165,9 +184,29 @@ class _RNNBase:
             self._ops.run(ws, "forward", lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on))
             result = (self._time_major_out(ws.out[-1]), ws.h_n.copy(),
                       ws.c_n.copy() if cfg.cell == "lstm" else None)
+            self._recorded = self._record(ws) if record else None
         self._cache = (ws, dropout_on) if self.training else None
         self._cache_used = False
         return result
+
+    def _record(self, ws):
+        """Copy the per-timestep internals out of the workspace (see ``recorded``)."""
+        cfg, xp = self._cfg, self.backend.xp
+        T, B, H = ws.T, ws.B, cfg.H
+        valid = (xp.arange(T)[:, None] < ws.lengths[None, :])[..., None]  # [T, B, 1]
+        out = {name: xp.empty((cfg.L * cfg.D, T, B, H), self.dtype) for name in RECORDED[cfg.cell]}
+        for k, d in enumerate(ws.dirs):
+            reverse = k % cfg.D
+            if cfg.cell == "rnn":  # the pre-activation was not kept: recompute it from the saved states
+                _, w_hh, _, b_hh = (self._params[n] for n in cfg.param_names(k // cfg.D, reverse))
+                h_prev = (d.h[1:] if reverse else d.h[:-1]).reshape(T * B, H)
+                out["a"][k] = (d.gx + (h_prev @ w_hh.T).reshape(T, B, H) + b_hh) * valid
+                continue
+            for j, name in enumerate(RECORDED[cfg.cell][:3 if cfg.cell == "gru" else 4]):
+                out[name][k] = d.gates[:, :, j * H:(j + 1) * H]
+            if cfg.cell == "lstm":
+                out["c"][k] = (d.c[:-1] if reverse else d.c[1:]) * valid  # the state each step wrote
+        return out
 
     def _time_major_out(self, a):
         """A fresh copy of a [T, B, ·] workspace buffer, in the user's layout
@@ -175,7 +214,7 @@ class _RNNBase:
         return (a.transpose(1, 0, 2) if self.batch_first else a).copy(order="C")
 
     # ---------------------------------------------------------------- backward
-    def _backward(self, d_out, d_hn, d_cn):
+    def _backward(self, d_out, d_hn, d_cn, recorders=None):
         if not self.training:
             raise RuntimeError("backward: the model is in eval mode, which keeps no cache; "
                                "call train() and run forward again")
@@ -204,7 +243,8 @@ class _RNNBase:
                 ws.stage("d_cn", d_cn)
             self._cache_used = True
             self._ops.run(ws, "backward",
-                          lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on))
+                          lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on, recorders),
+                          capture=recorders is None)
             return (self._time_major_out(ws.dx), ws.dh0.copy(),
                     ws.dc0.copy() if cfg.cell == "lstm" else None)
 
@@ -232,8 +272,8 @@ class RNN(_RNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed, nonlinearity, backend)
 
-    def __call__(self, x, h0=None, lengths=None):
-        out, h_n, _ = self._forward(x, h0, None, lengths)
+    def __call__(self, x, h0=None, lengths=None, record=False):
+        out, h_n, _ = self._forward(x, h0, None, lengths, record)
         return out, h_n
 
     def backward(self, d_out, d_hn=None):
@@ -277,9 +317,9 @@ class LSTM(_RNNBase):
 
     _cell = "lstm"
 
-    def __call__(self, x, hx=None, lengths=None):
+    def __call__(self, x, hx=None, lengths=None, record=False):
         h0, c0 = _pair("hx", hx)
-        out, h_n, c_n = self._forward(x, h0, c0, lengths)
+        out, h_n, c_n = self._forward(x, h0, c0, lengths, record)
         return out, (h_n, c_n)
 
     def backward(self, d_out, d_hx=None):

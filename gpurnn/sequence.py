@@ -88,8 +88,19 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
             ops.gru_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, ws.gates, y, lengths)
 
 
+def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):
+    """One BPTT step: the fused pointwise backward, then dh_prev += dgates_t W_hh."""
+    if cell == "rnn":
+        ops.rnn_backward(t, reverse, ws.h, dy, ws.dh, ws.dgx, lengths, nonlinearity)
+    elif cell == "lstm":
+        ops.lstm_backward(t, reverse, ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgx, lengths)
+    else:
+        ops.gru_backward(t, reverse, ws.h, ws.gates, dy, ws.dh, ws.dgx, ws.dgh, lengths)
+    ops.gemm(ws.dgh[t], w_hh, ws.dh, beta=1.0)
+
+
 def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, ones,
-             dx, dw_ih, dw_hh, db_ih, db_hh):
+             dx, dw_ih, dw_hh, db_ih, db_hh, recorder=None):
     """BPTT through one direction of one layer, after ``forward`` on the same ws.
 
     dy: [T, B, H]  gradient of this direction's outputs (a view)
@@ -97,17 +108,14 @@ def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, o
     ones: [1, T*B] ones, to sum the bias gradients as a GEMM
     dx: [T, B, I]            accumulates the gradient of x
     dw_ih: [G*H, I]  dw_hh: [G*H, H]  db_ih, db_hh: [G*H]   accumulate
+    recorder: None, or gpurnn.diagnostics' recorder, shown each step before it runs
     """
     T, B, I = x.shape
     # backward pass: steps in the opposite order of the forward
     for t in _time_order(T, not reverse):
-        if cell == "rnn":
-            ops.rnn_backward(t, reverse, ws.h, dy, ws.dh, ws.dgx, lengths, nonlinearity)
-        elif cell == "lstm":
-            ops.lstm_backward(t, reverse, ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgx, lengths)
-        else:
-            ops.gru_backward(t, reverse, ws.h, ws.gates, dy, ws.dh, ws.dgx, ws.dgh, lengths)
-        ops.gemm(ws.dgh[t], w_hh, ws.dh, beta=1.0)  # dh_prev += dgates_t W_hh
+        if recorder is not None:
+            recorder.observe(t, ws, dy)
+        backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths)
     # weight gradients: single GEMMs over all T*B rows
     dgx = ws.dgx.reshape(T * B, -1)
     dgh = ws.dgh.reshape(T * B, -1)

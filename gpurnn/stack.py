@@ -118,9 +118,10 @@ def forward(ops, cfg, params, ws, dropout_on):
                 ws.c_n[k] = wsd.c[last[d]]
 
 
-def backward(ops, cfg, params, grads, ws, dropout_on):
+def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None):
     """BPTT through the stack, top to bottom, from ws.d_out/d_hn/d_cn into
-    ws.dx/dh0/dc0; parameter gradients accumulate into ``grads``."""
+    ws.dx/dh0/dc0; parameter gradients accumulate into ``grads``.
+    recorders: None, or one gradient-flow recorder per layer and direction."""
     H, D = cfg.H, cfg.D
     d_layer_out = ws.d_out
     for layer in reversed(range(cfg.L)):
@@ -138,7 +139,8 @@ def backward(ops, cfg, params, grads, ws, dropout_on):
                 wsd.dc[...] = ws.d_cn[k]
             dy = d_layer_out[:, :, d * H:(d + 1) * H]
             sequence.backward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd,
-                              dy, ws.ones, dx, dw_ih, dw_hh, db_ih, db_hh)
+                              dy, ws.ones, dx, dw_ih, dw_hh, db_ih, db_hh,
+                              recorder=None if recorders is None else recorders[k])
             ws.dh0[k] = wsd.dh
             if cfg.cell == "lstm":
                 ws.dc0[k] = wsd.dc

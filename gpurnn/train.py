@@ -151,23 +151,12 @@ def write_metrics(out_dir, history):
 
 
 def plot_loss(out_dir, history, title):
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no display, no global backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gpurnn import plot
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [h[0] for h in history]
-    ax.plot(steps, [h[1] for h in history], lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    ax = Figure(figsize=(7, 4)).subplots()
+    plot.save(plot.training_curves({"training loss": history}, ax=ax, title=title), os.path.join(out_dir, "loss.png"))
 
 
 # ---------------------------------------------------------------------- loop

@@ -219,27 +219,28 @@ class CudaOps:
         self._launch(kernels.gru_backward, B, H, t, reverse, h, gates, dy, dh, dgx, dgh, lengths)
 
     # ------------------------------------------------------------- graphs
-    def run(self, ws, name, fn):
+    def run(self, ws, name, fn, capture=True):
         """Run ``fn`` (a whole stack forward or backward over workspace ``ws``).
 
-        First call per (workspace, name, math mode): eager, which also compiles
-        the kernels and creates the cuBLAS handle. Second: capture into a CUDA
-        graph. Later: replay it. If capture fails, warn once and stay eager.
+        The first call per (workspace, name, math mode) runs eagerly, which also
+        compiles the kernels and sets up cuBLAS, and is then captured into a
+        CUDA graph; later calls replay the graph. If capture fails, warn once and
+        stay eager. ``capture=False`` (diagnostics, which read norms on the host
+        every step) always runs eagerly.
         """
-        if self.simulate:
+        if self.simulate or not capture:
             fn()
             return
         key = (name, math_mode())
-        graphs = ws.__dict__.setdefault("graphs", {})
-        entry = graphs.get(key)
+        entry = ws.graphs.get(key)
         if entry is not None and entry != "eager":
             entry.launch(self._stream)
             return
         fn()
         if entry is None and self._capture_ok:
-            graphs[key] = self._capture(fn)
+            ws.graphs[key] = self._capture(fn)
         else:
-            graphs[key] = "eager"
+            ws.graphs[key] = "eager"
 
     def _capture(self, fn):
         try:

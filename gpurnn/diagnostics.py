@@ -1,0 +1,190 @@
+"""Watching BPTT: gradient flow through time, and a public gradient check.
+
+    flow = gpurnn.diagnostics.gradient_flow(model, x)      # d_out=None: gradient from the last step only
+    flow.dh    # [num_layers*D, T]  ||dL/dh_t|| over batch and units, per layer/direction and time t
+    flow.dc    # [num_layers*D, T]  ||dL/dc_t|| (LSTM; None otherwise)
+    flow.jac   # [num_layers*D, T]  local gain ||dh_t/dh_{t-1}||, estimated along the gradient
+    worst = gpurnn.diagnostics.gradcheck(model, x)          # {name: relative error}, float64 models
+
+The norms are taken inside the backward loop (a recorder the driver shows each
+step to), not by re-running it. ``jac[k, t]`` is ||J_t^T u|| with
+J_t = dh_t/dh_{t-1} (c_{t-1} held fixed for the LSTM) and u the unit vector
+along the gradient arriving at h_t: one extra pointwise step and GEMM per step.
+It never exceeds the spectral norm of J_t and approaches it as backpropagation
+aligns the gradient with J's leading direction (power iteration along the chain).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from gpurnn import sequence
+from gpurnn.layers import LSTM, _RNNBase
+
+
+@dataclasses.dataclass
+class GradientFlow:
+    dh: np.ndarray
+    dc: object
+    jac: np.ndarray
+    cell: str
+    reverse: np.ndarray  # [num_layers*D] 1 where the row is a reverse direction
+
+    def at_distance(self, row=0):
+        """dh of one row ordered by distance from where the gradient enters
+        (t = T-1 for a forward direction, t = 0 for a reverse one)."""
+        return self.dh[row][::-1] if not self.reverse[row] else self.dh[row]
+
+
+class _Recorder:
+    """Per layer and direction: norms filled step by step during BPTT."""
+
+    def __init__(self, model, layer, direction, T, B):
+        xp, cfg = model.backend.xp, model._cfg
+        self.ops, self.cfg, self.xp = model.backend.ops, cfg, xp
+        self.reverse = direction
+        self.w_hh = model._params[cfg.param_names(layer, direction)[1]]
+        self.dh, self.dc, self.jac = np.zeros(T), np.zeros(T), np.zeros(T)
+        G = sequence.GATE_BLOCKS[cfg.cell]
+        dgx = xp.empty((T, B, G * cfg.H), model.dtype)
+        self.probe = dict(dh=xp.empty((B, cfg.H), model.dtype), dc=xp.zeros((B, cfg.H), model.dtype), dgx=dgx,
+                          dgh=xp.empty_like(dgx) if cfg.cell == "gru" else dgx)
+        self.zeros = xp.zeros((T, B, cfg.H), model.dtype)
+        self.lengths = None
+
+    def observe(self, t, ws, dy):
+        xp, cfg = self.xp, self.cfg
+        g = ws.dh + dy[t]  # dL/dh_t: what flowed back from t+1 plus the output's own gradient at t
+        norm = float(xp.linalg.norm(g))
+        self.dh[t] = norm
+        if cfg.cell == "lstm":  # dL/dc_t, as the step will compute it
+            H, nxt = cfg.H, t + 1 - self.reverse
+            o, tanh_c = ws.gates[t, :, 3 * H:], xp.tanh(ws.c[nxt])
+            self.dc[t] = float(xp.linalg.norm(ws.dc + g * o * (1 - tanh_c * tanh_c)))
+        # local gain: one backward step of the unit vector u = g / |g| alone (no c path, no output)
+        probe = dataclasses.replace(ws, **self.probe)
+        probe.dh[...] = g / norm if norm > 0 else 1 / np.sqrt(g.size)
+        if probe.dc is not None:
+            probe.dc[...] = 0
+        sequence.backward_step(self.ops, cfg.cell, cfg.nonlinearity, t, self.reverse, probe, self.zeros,
+                               self.w_hh, self.lengths)
+        self.jac[t] = float(xp.linalg.norm(probe.dh))
+
+
+def gradient_flow(model, x, d_out=None, lengths=None):
+    """Forward and backward through ``model`` (an RNN, LSTM or GRU), recording
+    gradient norms per layer, direction and timestep. The model's own gradients
+    are left as they were. With ``d_out=None`` the loss is the sum of the last
+    valid output of each sequence (the long-range case)."""
+    if not isinstance(model, _RNNBase):
+        raise TypeError(f"model: expected gpurnn.RNN, LSTM or GRU, got {type(model).__name__}")
+    if x is None:
+        raise ValueError("x: gradient_flow needs an input sequence [T, B, I], got None")
+    was_training = model.training
+    saved = {n: g.copy() for n, g in model.grads.items()}
+    xp = model.backend.xp
+    try:
+        model.train()
+        out = (model(x, lengths=lengths)[0])
+        T, B = (out.shape[1], out.shape[0]) if model.batch_first else (out.shape[0], out.shape[1])
+        if d_out is None:
+            last = np.full(B, T - 1) if lengths is None else np.asarray(lengths) - 1
+            d_tm = xp.zeros((T, B, out.shape[-1]), model.dtype)
+            d_tm[xp.asarray(last), xp.arange(B)] = 1
+            d_out = d_tm.transpose(1, 0, 2) if model.batch_first else d_tm
+        cfg = model._cfg
+        recorders = [_Recorder(model, k // cfg.D, k % cfg.D, T, B) for k in range(cfg.L * cfg.D)]
+        ws = model._cache[0]
+        for r in recorders:
+            r.lengths = ws.lengths
+        model._backward(d_out, None, None, recorders=recorders)
+    finally:
+        for n, g in model.grads.items():
+            g[...] = saved[n]
+        model.train(was_training)
+    return GradientFlow(dh=np.stack([r.dh for r in recorders]),
+                        dc=np.stack([r.dc for r in recorders]) if isinstance(model, LSTM) else None,
+                        jac=np.stack([r.jac for r in recorders]), cell=cfg.cell,
+                        reverse=np.array([r.reverse for r in recorders]))
+
+
+def gradcheck(model, x, h0=None, lengths=None, eps=1e-6, seed=0):
+    """Central differences against BPTT for every parameter, ``x`` and ``h0``.
+
+    Loss: sum(out * R) + sum(h_n * Rh) with fixed random R, Rh. Needs a float64
+    model. Returns {name: ||analytic - numeric|| / max(||analytic||, ||numeric||)}.
+    """
+    if not isinstance(model, _RNNBase):
+        raise TypeError(f"model: expected gpurnn.RNN, LSTM or GRU, got {type(model).__name__}")
+    if model.dtype != np.float64:
+        raise TypeError(f"model: gradcheck needs a float64 model (dtype='float64'), got {model.dtype}")
+    if model.backend.name != "numpy":
+        raise ValueError(f"model: gradcheck runs on the numpy backend, got {model.backend.name}")
+    x = np.array(x, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    lstm = isinstance(model, LSTM)
+    out, h_n = _run(model, x, h0, lengths)
+    R, Rh = rng.standard_normal(out.shape), rng.standard_normal(h_n.shape)
+    h0 = np.zeros(h_n.shape) if h0 is None else np.array(h0, dtype=np.float64)
+    saved = {n: g.copy() for n, g in model.grads.items()}
+    was_training = model.training
+    model.train()
+    try:
+        model.zero_grad()
+        _run(model, x, h0, lengths)
+        dx, dh0 = model.backward(R, (Rh, None) if lstm else Rh)
+        if lstm:
+            dh0 = dh0[0]
+        analytic = {"x": dx, "h0": dh0, **{n: g.copy() for n, g in model.grads.items()}}
+
+        def loss():
+            o, h = _run(model, x, h0, lengths)
+            return float((o * R).sum() + (h * Rh).sum())
+
+        targets = {"x": x, "h0": h0, **model.params}
+        worst = {}
+        for name, a in targets.items():
+            num = np.zeros_like(a)
+            for i in np.ndindex(a.shape):
+                old = a[i]
+                a[i] = old + eps
+                up = loss()
+                a[i] = old - eps
+                num[i] = (up - loss()) / (2 * eps)
+                a[i] = old
+            scale = max(np.linalg.norm(analytic[name]), np.linalg.norm(num))
+            worst[name] = float(np.linalg.norm(analytic[name] - num) / scale) if scale else 0.0
+    finally:
+        for n, g in model.grads.items():
+            g[...] = saved[n]
+        model.train(was_training)
+    return worst
+
+
+def _run(model, x, h0, lengths):
+    if isinstance(model, LSTM):
+        out, (h_n, _) = model(x, None if h0 is None else (h0, np.zeros_like(h0)), lengths=lengths)
+        return out, h_n
+    return model(x, h0, lengths=lengths)
+
+
+def set_forget_bias(lstm, value=1.0):
+    """Set every LSTM forget-gate bias (bias_ih, f block) to ``value`` and bias_hh's to 0,
+    the usual remedy that keeps c_t's gradient path open from the start."""
+    if not isinstance(lstm, LSTM):
+        raise TypeError(f"lstm: expected gpurnn.LSTM, got {type(lstm).__name__}")
+    if not lstm.bias:
+        raise ValueError("lstm: the model has no biases (bias=False)")
+    H = lstm.hidden_size
+    for name, p in lstm.params.items():
+        if name.startswith("bias_ih"):
+            p[H:2 * H] = value
+        elif name.startswith("bias_hh"):
+            p[H:2 * H] = 0
+    return lstm
+
+
+def spectral_radius(w):
+    """Largest |eigenvalue| of a square matrix (NumPy or CuPy)."""
+    w = w.get() if hasattr(w, "get") else np.asarray(w)
+    return float(np.max(np.abs(np.linalg.eigvals(w))))
