@@ -4,12 +4,12 @@ The NumPy backend is the reference; the CUDA backend (numba.cuda kernels and
 cuBLAS through CuPy) mirrors it. ``get_backend()`` says which one runs and why.
 """
 
-from gpurnn import data, optim
+from gpurnn import data, diagnostics, optim, plot
 from gpurnn.backend import get_backend, set_math_mode
 from gpurnn.layers import GRU, LSTM, RNN
 from gpurnn.model import CharLM, SequenceRegressor
 from gpurnn.nn import Embedding, Linear, MSELoss, SoftmaxCrossEntropy
 
 __all__ = ["RNN", "LSTM", "GRU", "Embedding", "Linear", "SoftmaxCrossEntropy", "MSELoss", "CharLM",
-           "SequenceRegressor", "data", "optim", "get_backend", "set_math_mode"]
+           "SequenceRegressor", "data", "optim", "diagnostics", "plot", "get_backend", "set_math_mode"]
 __version__ = "0.1.0"
