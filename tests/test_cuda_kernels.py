@@ -169,3 +169,19 @@ def test_cudasim_env_runs_the_kernels_in_a_fresh_process():
     env = dict(os.environ, GPURNN_BACKEND="cudasim")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cudasim (2, 1, 4)"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_diagnostics_on_the_cuda_code_path(sim, cell):
+    from gpurnn import diagnostics
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 2, 3))
+    ref = make(cell, 3, 5, num_layers=2, bidirectional=True, dtype="float64", seed=1, backend="numpy")
+    cud = make(cell, 3, 5, num_layers=2, bidirectional=True, dtype="float64", seed=1, backend="cudasim")
+    a, b = diagnostics.gradient_flow(ref, x, lengths=[6, 4]), diagnostics.gradient_flow(cud, x, lengths=[6, 4])
+    assert rel_err(b.dh, a.dh) < 1e-12 and rel_err(b.jac, a.jac) < 1e-12
+    for m in (ref, cud):
+        m(x, lengths=[6, 4], record=True)
+    for k, v in ref.recorded.items():
+        assert rel_err(cud.recorded[k], v) < 1e-12, k
