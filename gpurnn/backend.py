@@ -86,6 +86,21 @@ class NumpyOps:
         else:
             np.matmul(a, b, out=out)
 
+    input_spans = 1  # one input-projection GEMM: nothing to overlap on a CPU
+
+    @staticmethod
+    def side_stream():
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def mark():
+        """A point in the side stream's work to wait for (None: work is in order)."""
+        return None
+
+    @staticmethod
+    def wait(mark):
+        pass
+
     @staticmethod
     def recurrent_operand(w_hh, w_hh_t, batch):
         """(W, trans_b) for the per-step GEMM h_prev @ op(W). OpenBLAS runs h @ W^T

@@ -65,6 +65,14 @@ def _time_order(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
+def _spans(T, n, reverse):
+    """n (at most T) spans of time covering [0, T), in processing order."""
+    n = max(1, min(n, T))
+    edges = [T * k // n for k in range(n + 1)]
+    spans = list(zip(edges[:-1], edges[1:]))
+    return spans[::-1] if reverse else spans
+
+
 def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y):
     """Run one direction of one layer over the whole sequence.
 
@@ -74,11 +82,22 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
     y: [T, B, H] output (a view into the layer output [T, B, D*H])
     """
     T, B, I = x.shape
-    # forward pass: one GEMM for the input projections of all T*B rows
-    ops.gemm(x.reshape(T * B, I), w_ih, ws.gx.reshape(T * B, -1), trans_b=True)
-    ops.add_bias(ws.gx.reshape(T * B, -1), b_ih)
+    # forward pass: the input projections of all T*B rows, as a few large GEMMs
+    # over spans of time; where the backend has a side stream they run there, so
+    # every span but the first overlaps the recurrence of the spans before it
+    spans = _spans(T, ops.input_spans, reverse)
+    ready = []
+    with ops.side_stream():
+        for start, stop in spans:
+            gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
+            ops.gemm(x[start:stop].reshape((stop - start) * B, I), w_ih, gx, trans_b=True)
+            ops.add_bias(gx, b_ih)
+            ready.append(ops.mark())
     w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
+    first_steps = {stop - 1 if reverse else start: k for k, (start, stop) in enumerate(spans)}
     for t in _time_order(T, reverse):
+        if t in first_steps:
+            ops.wait(ready[first_steps[t]])  # this span's input projection is done
         ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
         if cell == "rnn":
             ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, y, lengths, nonlinearity)

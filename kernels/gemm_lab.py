@@ -7,8 +7,10 @@ and backward dh[B, H] += dgates[B, 4H] W_hh), timed as 100 calls captured in one
   gemmex_tn   cublasGemmEx, CUBLAS_COMPUTE_32F, W as stored (what gpurnn does)
   sgemm_tn    cublasSgemm_v2, same layout
   gemmex_nn   cublasGemmEx on a transposed copy of W (W^T [H, 4H] contiguous)
-Then, per config, a whole LSTM forward: the full call vs the graph replay alone,
-and the pointwise kernel alone (100 launches captured). Prints microseconds.
+Then, per config and number of input-projection spans (1: one GEMM before the
+recurrence; 4: overlapped with it on a side stream), a whole LSTM forward (the
+full call, and the graph replay alone), forward+backward, and the pointwise kernel
+alone (100 launches captured). Prints microseconds.
 """
 
 import ctypes
@@ -82,34 +84,39 @@ def main():
             cells = [f"{graph_us(stream, f):10.2f}" if f else f"{'-':>10}" for f in fns]
             print(f"{name:<4}{which:<9}" + "".join(cells), flush=True)
 
-    print(f"\n{'cfg':<4}{'full call us':>14}{'replay us':>11}{'pointwise us':>14}")
+    print(f"\n{'cfg':<4}{'spans':>6}{'fwd call us':>13}{'fwd replay us':>15}{'fwd+bwd us':>12}{'pointwise us':>14}")
     for name, (T, B, H) in CONFIGS.items():
-        m = gpurnn.LSTM(H, H, seed=0, backend="cuda")
-        m.eval()
-        x = cupy.asarray(np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32))
-        for _ in range(3):
-            m(x)
-        ws = next(reversed(m._workspaces.values()))
-        graph = ws.graphs[("forward", "fp32")]
-        times_full, times_replay = [], []
-        for _ in range(20):
-            a, b = cupy.cuda.Event(), cupy.cuda.Event()
-            a.record()
-            m(x)
-            b.record()
-            b.synchronize()
-            times_full.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
-            a.record(stream)
-            graph.launch(stream)
-            b.record(stream)
-            b.synchronize()
-            times_replay.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
-        d = ws.dirs[0]
-        y = ws.out[0]
-        pw = graph_us(stream, lambda: ops.lstm_forward(0, 0, d.gx, d.gh, m.params["bias_hh_l0"], d.h, d.c,
-                                                        d.gates, y, ws.lengths))
-        print(f"{name:<4}{statistics.median(times_full):14.1f}{statistics.median(times_replay):11.1f}{pw:14.2f}",
-              flush=True)
+        for spans in (1, 4):
+            ops.input_spans = spans
+            m = gpurnn.LSTM(H, H, seed=0, backend="cuda")
+            x = cupy.asarray(np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32))
+            d = cupy.asarray(np.random.default_rng(2).standard_normal((T, B, H)).astype(np.float32))
+            for _ in range(3):
+                m(x)
+                m.backward(d)
+            ws = next(reversed(m._workspaces.values()))
+            graph = ws.graphs[("forward", "fp32")]
+            full, replay, train = [], [], []
+            for _ in range(20):
+                for times, fn in ((full, lambda: m(x)), (train, lambda: (m(x), m.backward(d)))):
+                    a, b = cupy.cuda.Event(), cupy.cuda.Event()
+                    a.record()
+                    fn()
+                    b.record()
+                    b.synchronize()
+                    times.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
+                a, b = cupy.cuda.Event(), cupy.cuda.Event()
+                a.record(stream)
+                graph.launch(stream)
+                b.record(stream)
+                b.synchronize()
+                replay.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
+            dd = ws.dirs[0]
+            pw = graph_us(stream, lambda: ops.lstm_forward(0, 0, dd.gx, dd.gh, m.params["bias_hh_l0"], dd.h, dd.c,
+                                                            dd.gates, ws.out[0], ws.lengths))
+            med = statistics.median
+            print(f"{name:<4}{spans:>6}{med(full):13.1f}{med(replay):15.1f}{med(train):12.1f}{pw:14.2f}", flush=True)
+    ops.input_spans = 4
 
 
 if __name__ == "__main__":

@@ -203,3 +203,39 @@ def test_both_recurrent_gemm_layouts_agree(gpu):
             assert rel_err(host(run(m, x)[0]), run(expect, x)[0]) < 1e-5
     finally:
         gpu.ops._transpose_faster.pop(key, None)
+
+
+def test_diagnostics_on_gpu(gpu):
+    from gpurnn import diagnostics
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((30, 3, 4))
+    ref = make("lstm", 4, 8, num_layers=2, dtype="float64", seed=0, backend="numpy")
+    cud = make("lstm", 4, 8, num_layers=2, dtype="float64", seed=0, backend="cuda")
+    a, b = diagnostics.gradient_flow(ref, x), diagnostics.gradient_flow(cud, x)
+    assert rel_err(b.dh, a.dh) < 1e-10 and rel_err(b.dc, a.dc) < 1e-10 and rel_err(b.jac, a.jac) < 1e-10
+    for m in (ref, cud):
+        m(x, record=True)
+    for k, v in ref.recorded.items():
+        assert rel_err(host(cud.recorded[k]), v) < 1e-10, k
+
+
+def test_charlm_training_step_on_gpu(gpu):
+    import gpurnn
+
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, 20, (12, 4)), rng.integers(0, 20, (12, 4))
+    models = [gpurnn.CharLM(20, 16, num_layers=2, seed=0, dtype="float64", backend=b) for b in ("numpy", "cuda")]
+    opts = [gpurnn.optim.Adam(m.params, m.grads, lr=1e-2) for m in models]
+    for _ in range(3):
+        losses = []
+        for m, opt in zip(models, opts):
+            loss, _ = m.forward(x, y)
+            m.backward()
+            gpurnn.optim.clip_grad_norm(m.grads, 1.0)
+            opt.step()
+            m.zero_grad()
+            losses.append(loss)
+        assert abs(losses[0] - losses[1]) < 1e-10 * abs(losses[0])
+    for k, p in models[0].params.items():
+        assert rel_err(host(models[1].params[k]), p) < 1e-10, k

@@ -23,6 +23,7 @@ from gpurnn.backend import NumpyOps, load_cupy, load_numba_cuda, math_mode
 from gpurnn.cuda import kernels
 
 THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
+INPUT_SPANS = 4  # input-projection GEMMs per layer and direction, overlapped with the recurrence
 
 
 class CudaOps:
@@ -32,9 +33,10 @@ class CudaOps:
         self.capture_note = ""
         self._wrapped = {}
         self._transpose_faster = {}
+        self.input_spans = INPUT_SPANS
         if simulate:
             self.name, self.xp = "cudasim", np
-            self._stream = None
+            self._stream = self._side = None
             self._nb_stream = None
             self._cublas = None
         else:
@@ -43,6 +45,7 @@ class CudaOps:
             cupy = load_cupy()
             self.name, self.xp = "cuda", cupy
             self._stream = cupy.cuda.Stream(non_blocking=True)
+            self._side = cupy.cuda.Stream(non_blocking=True)
             self._nb_stream = self.cuda.external_stream(self._stream.ptr)
             try:
                 self._cublas = Cublas(cupy)
@@ -86,6 +89,24 @@ class CudaOps:
             yield
         caller.wait_event(self._stream.record())
 
+    @contextlib.contextmanager
+    def side_stream(self):
+        """Work that may overlap the main stream: it starts after everything
+        already issued there, and the main stream ``wait``s for its ``mark``s."""
+        if self.simulate:
+            yield
+            return
+        self._side.wait_event(self._stream.record())
+        with self._side:
+            yield
+
+    def mark(self):
+        return None if self.simulate else self.xp.cuda.get_current_stream().record()
+
+    def wait(self, mark):
+        if mark is not None:
+            self._stream.wait_event(mark)
+
     # ------------------------------------------------------------- GEMMs
     def gemm(self, a, b, out, trans_a=False, trans_b=False, beta=0.0):
         """out = op(a) @ op(b) + beta * out, with beta 0 or 1."""
@@ -107,7 +128,8 @@ class CudaOps:
         for arr in (a, b, out):
             if arr.strides[1] != arr.itemsize:
                 raise ValueError(f"gemm: operands need unit inner stride, got strides {arr.strides}")
-        self._cublas.gemm(self._stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode())
+        stream = self.xp.cuda.get_current_stream()  # ours, or the side stream
+        self._cublas.gemm(stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode())
 
     add_bias = staticmethod(NumpyOps.add_bias)  # a CuPy/NumPy broadcast add, capturable
 
