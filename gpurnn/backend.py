@@ -86,7 +86,9 @@ class NumpyOps:
         else:
             np.matmul(a, b, out=out)
 
-    input_spans = 1  # one input-projection GEMM: nothing to overlap on a CPU
+    @staticmethod
+    def input_spans(batch, gates_width):
+        return 1  # one input-projection GEMM: nothing to overlap on a CPU
 
     @staticmethod
     def side_stream():
@@ -159,6 +161,7 @@ class NumpyOps:
 
 
 _backends = {}
+_NUMPY_OPS = NumpyOps()
 
 
 def get_backend(name=None):
@@ -256,6 +259,11 @@ def _simulating():
     from numba import config
 
     return bool(config.ENABLE_CUDASIM)
+
+
+def ops_for(a):
+    """The backend operations that work on array a (NumPy's, or the CUDA backend's)."""
+    return _NUMPY_OPS if isinstance(a, (np.ndarray, np.generic)) else get_backend("cuda").ops
 
 
 def array_module(a):

@@ -69,9 +69,9 @@ class Embedding(_Module):
         ids = self.backend.ops.asarray(ids, "ids")
         if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"ids: expected an integer array, got dtype {ids.dtype}")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(f"ids: expected values in [0, {self.num_embeddings}), "
-                             f"got values from {int(ids.min())} to {int(ids.max())}")
+        lo, hi = _min_max(ids)
+        if lo < 0 or hi >= self.num_embeddings:
+            raise ValueError(f"ids: expected values in [0, {self.num_embeddings}), got values from {lo} to {hi}")
         self._cache = ids
         return self.params["weight"][ids]
 
@@ -146,17 +146,16 @@ class SoftmaxCrossEntropy:
         if lengths is not None:
             mask &= xp.arange(T)[:, None] < xp.asarray(lengths)[None, :]
         safe = xp.where(mask, targets, 0)
-        if targets.size and (int(safe.min()) < 0 or int(safe.max()) >= V):
-            raise ValueError(f"targets: expected class indices in [0, {V}), "
-                             f"got values from {int(safe.min())} to {int(safe.max())}")
+        lo, hi = _min_max(safe)
+        if lo < 0 or hi >= V:
+            raise ValueError(f"targets: expected class indices in [0, {V}), got values from {lo} to {hi}")
         shifted = logits - logits.max(axis=-1, keepdims=True)  # log-sum-exp without overflow
         log_z = xp.log(xp.exp(shifted).sum(axis=-1))
         picked = xp.take_along_axis(shifted, safe[..., None], axis=-1)[..., 0]
-        nll = (log_z - picked) * mask
-        count = max(int(mask.sum()), 1)
-        scale = 1.0 / count if self.reduction == "mean" else 1.0
+        total, count = (float(v) for v in _host(xp.stack([((log_z - picked) * mask).sum(), mask.sum()])))
+        scale = 1.0 / max(count, 1) if self.reduction == "mean" else 1.0
         self._cache = (shifted, log_z, safe, mask, scale)
-        return float(nll.sum() * scale)
+        return total * scale
 
     def backward(self):
         """dlogits [T, B, V] = (softmax - onehot) * mask * scale."""
@@ -170,6 +169,19 @@ class SoftmaxCrossEntropy:
         rows[xp.arange(rows.shape[0]), safe.reshape(-1)] -= 1  # minus the one-hot target
         d *= (mask * scale)[..., None].astype(d.dtype)
         return d
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def _min_max(a):
+    """(min, max) of an integer array as Python ints, with one device sync; (0, 0) if empty."""
+    if a.size == 0:
+        return 0, 0
+    xp = array_module(a)
+    lo, hi = _host(xp.stack([a.min(), a.max()]))
+    return int(lo), int(hi)
 
 
 class MSELoss:

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from gpurnn.backend import array_module
+from gpurnn.backend import array_module, ops_for
 
 
 def _positive(name, value, allow_zero=False):
@@ -39,8 +39,10 @@ class Optimizer:
 
     def step(self):
         self.steps += 1
-        for name, p in self.params.items():
-            self._update(name, p, self.grads[name])
+        ops = ops_for(next(iter(self.params.values())))
+        with ops.on_stream():  # the CUDA backend's kernels run in order with the caller's work
+            for name, p in self.params.items():
+                self._update(ops, name, p, self.grads[name])
 
     def state_dict(self):
         host = lambda a: a.get() if hasattr(a, "get") else np.array(a)  # noqa: E731
@@ -71,7 +73,7 @@ class SGD(Optimizer):
         super().__init__(params, grads, lr)
         self.momentum = _positive("momentum", momentum, allow_zero=True)
 
-    def _update(self, name, p, g):
+    def _update(self, ops, name, p, g):
         if self.momentum:
             buf = self.state["momentum_buffer"][name]
             if self.steps == 1:
@@ -92,7 +94,7 @@ class Adagrad(Optimizer):
         super().__init__(params, grads, lr)
         self.eps = _positive("eps", eps)
 
-    def _update(self, name, p, g):
+    def _update(self, ops, name, p, g):
         acc = self.state["sum"][name]
         acc += g * g
         p -= self.lr * g / (array_module(acc).sqrt(acc) + self.eps)
@@ -110,24 +112,35 @@ class Adam(Optimizer):
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = _positive("eps", eps)
 
-    def _update(self, name, p, g):
+    def _update(self, ops, name, p, g):
         b1, b2 = self.betas
         m, v = self.state["exp_avg"][name], self.state["exp_avg_sq"][name]
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * g * g
-        bias1, bias2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
-        denom = array_module(v).sqrt(v) / math.sqrt(bias2) + self.eps
-        p -= (self.lr / bias1) * m / denom
+        step_size = self.lr / (1 - b1 ** self.steps)
+        bias2_sqrt = math.sqrt(1 - b2 ** self.steps)
+        if isinstance(p, np.ndarray):
+            adam_update(p, g, m, v, step_size, b1, b2, self.eps, bias2_sqrt)
+        else:  # one fused kernel per parameter instead of a dozen array operations
+            ops.adam_update(p, g, m, v, step_size, b1, b2, self.eps, bias2_sqrt)
+
+
+def adam_update(p, g, m, v, step_size, beta1, beta2, eps, bias2_sqrt):
+    """One Adam step in place (the spec of the CUDA kernel of the same name):
+    m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= step_size m / (sqrt(v) / bias2_sqrt + eps)
+    with step_size = lr / (1 - b1^t) and bias2_sqrt = sqrt(1 - b2^t), as torch.optim.Adam."""
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * g * g
+    p -= step_size * m / (np.sqrt(v) / bias2_sqrt + eps)
 
 
 OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
 
 
 def global_norm(grads):
-    """sqrt of the sum of every gradient element squared."""
-    return math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    """sqrt of the sum of every gradient element squared (one device sync on a GPU)."""
+    total = sum((g * g).sum() for g in grads.values())
+    return math.sqrt(float(total))
 
 
 def clip_grad_norm(grads, max_norm):

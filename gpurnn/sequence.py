@@ -85,7 +85,7 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
     # forward pass: the input projections of all T*B rows, as a few large GEMMs
     # over spans of time; where the backend has a side stream they run there, so
     # every span but the first overlaps the recurrence of the spans before it
-    spans = _spans(T, ops.input_spans, reverse)
+    spans = _spans(T, ops.input_spans(B, w_ih.shape[0]), reverse)
     ready = []
     with ops.side_stream():
         for start, stop in spans:

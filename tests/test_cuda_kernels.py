@@ -185,3 +185,22 @@ def test_diagnostics_on_the_cuda_code_path(sim, cell):
         m(x, lengths=[6, 4], record=True)
     for k, v in ref.recorded.items():
         assert rel_err(cud.recorded[k], v) < 1e-12, k
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_kernel_matches_spec(sim, dtype):
+    from gpurnn.optim import adam_update
+
+    rng = np.random.default_rng(3)
+    p, g, m, v = (rng.standard_normal((7, 5)).astype(dtype) for _ in range(4))
+    v = np.abs(v)
+    spec = [a.copy() for a in (p, g, m, v)]
+    kern = [a.copy() for a in (p, g, m, v)]
+    args = (0.01 / (1 - 0.9 ** 3), 0.9, 0.999, 1e-8, np.sqrt(1 - 0.999 ** 3))
+    adam_update(*spec, *args)
+    sim.ops.adam_update(*kern, *args)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for a, b in zip(kern, spec):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="adam_update: p, g, m, v must share shape"):
+        sim.ops.adam_update(p, g[:3], m, v, *args)

@@ -235,13 +235,30 @@ def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
     dh[b, j] = dh_total * z  # the z h_{t-1} path skips W_hh
 
 
+# ----------------------------------------------------------------- optimizer
+@cuda.jit(cache=True)
+def adam_update(p, g, m, v, step_size, beta1, beta2, eps, bias2_sqrt):
+    """Twin of gpurnn.optim.adam_update. p, g, m, v: [N] (flattened); scalars in p's type."""
+    i = cuda.grid(1)
+    if i >= p.shape[0]:
+        return
+    one = p.dtype.type(1)
+    gi = g[i]
+    mi = beta1 * m[i] + (one - beta1) * gi
+    vi = beta2 * v[i] + (one - beta2) * gi * gi
+    m[i] = mi
+    v[i] = vi
+    p[i] -= step_size * mi / (math.sqrt(vi) / bias2_sqrt + eps)
+
+
 KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
            "lstm_forward": lstm_forward, "lstm_backward": lstm_backward,
-           "gru_forward": gru_forward, "gru_backward": gru_backward}
+           "gru_forward": gru_forward, "gru_backward": gru_backward, "adam_update": adam_update}
 
 
 def signature(name, dtype):
-    """The numba signature a launch on workspace buffers compiles: the output
+    """The numba signature a launch on workspace buffers compiles (the RNN steps:
+    the output
     and output-gradient views (y, dy) may be strided, everything else is
     C-contiguous. Used by the PTX report."""
     from numba import types
@@ -258,4 +275,5 @@ def signature(name, dtype):
         "lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths),
         "gru_forward": (i64, i64, c3, c2, c1, c3, c3, a3, lengths),
         "gru_backward": (i64, i64, c3, c3, a3, c2, c3, c3, lengths),
+        "adam_update": (c1, c1, c1, c1, f, f, f, f, f),
     }[name]
