@@ -70,6 +70,16 @@ def array(name, a, shape, dtype, layout=""):
     return a
 
 
+def state_keys(state, expected):
+    """A state dict must have exactly the ``expected`` keys."""
+    if not hasattr(state, "keys"):
+        raise TypeError(f"state_dict: expected a mapping of names to arrays, got {type(state).__name__}")
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"state_dict: keys do not match this model: missing {missing}, unexpected {extra}")
+
+
 def lengths(name, host_lengths, B, T):
     """host_lengths: a NumPy array; returns it as int32 [B] with 1 <= l <= T."""
     a = host_lengths

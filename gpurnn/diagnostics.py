@@ -144,14 +144,7 @@ def gradcheck(model, x, h0=None, lengths=None, eps=1e-6, seed=0):
         targets = {"x": x, "h0": h0, **model.params}
         worst = {}
         for name, a in targets.items():
-            num = np.zeros_like(a)
-            for i in np.ndindex(a.shape):
-                old = a[i]
-                a[i] = old + eps
-                up = loss()
-                a[i] = old - eps
-                num[i] = (up - loss()) / (2 * eps)
-                a[i] = old
+            num = numeric_gradient(loss, a, eps)
             scale = max(np.linalg.norm(analytic[name]), np.linalg.norm(num))
             worst[name] = float(np.linalg.norm(analytic[name] - num) / scale) if scale else 0.0
     finally:
@@ -159,6 +152,20 @@ def gradcheck(model, x, h0=None, lengths=None, eps=1e-6, seed=0):
             g[...] = saved[n]
         model.train(was_training)
     return worst
+
+
+def numeric_gradient(f, a, eps=1e-6):
+    """Central differences of the scalar f() with respect to every element of
+    the array a, perturbed in place and restored."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + eps
+        up = f()
+        a[i] = old - eps
+        g[i] = (up - f()) / (2 * eps)
+        a[i] = old
+    return g
 
 
 def _run(model, x, h0, lengths):

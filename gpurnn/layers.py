@@ -87,12 +87,7 @@ class _RNNBase:
 
     def load_state_dict(self, state):
         """Copy arrays (NumPy, or this backend's) into the parameters, in place."""
-        if not hasattr(state, "keys"):
-            raise TypeError(f"state_dict: expected a mapping of names to arrays, got {type(state).__name__}")
-        missing = [n for n in self.params if n not in state]
-        extra = [n for n in state if n not in self.params]
-        if missing or extra:
-            raise ValueError(f"state_dict: keys do not match this model: missing {missing}, unexpected {extra}")
+        checks.state_keys(state, self.params)
         staged = {}
         for name, p in self.params.items():
             a = self._ops.asarray(state[name], f"state_dict[{name!r}]")

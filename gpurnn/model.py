@@ -63,10 +63,7 @@ class _Composite:
         return {n: p.copy() for n, p in self.params.items()}
 
     def load_state_dict(self, state):
-        missing = sorted(set(self.params) - set(state))
-        extra = sorted(set(state) - set(self.params))
-        if missing or extra:
-            raise ValueError(f"state_dict: keys do not match this model: missing {missing}, unexpected {extra}")
+        checks.state_keys(state, self.params)
         for prefix, part in self._parts.items():
             part.load_state_dict({n: state[f"{prefix}.{n}"] for n in part.params})
 

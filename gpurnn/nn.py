@@ -36,10 +36,7 @@ class _Module:
 
     def load_state_dict(self, state):
         """Copy arrays into the parameters in place, after checking every key and shape."""
-        missing = sorted(set(self.params) - set(state))
-        extra = sorted(set(state) - set(self.params))
-        if missing or extra:
-            raise ValueError(f"state_dict: keys do not match: missing {missing}, unexpected {extra}")
+        checks.state_keys(state, self.params)
         for name, p in self.params.items():
             if tuple(state[name].shape) != tuple(p.shape):
                 raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(p.shape)}, "

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from gpurnn.diagnostics import numeric_gradient
 from helpers import back, make, rel_err, run
 
 EPS = 1e-6
@@ -17,18 +18,7 @@ def loss_and_grads(model, x, h0, c0, lengths, R, Rh, Rc):
 
 
 def numeric(f, a):
-    """Central differences of the scalar f() with respect to every element of a (in place)."""
-    g = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + EPS
-        up = f()
-        flat[i] = old - EPS
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * EPS)
-    return g
+    return numeric_gradient(f, a, EPS)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

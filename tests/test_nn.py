@@ -4,19 +4,8 @@ import numpy as np
 import pytest
 
 import gpurnn
+from gpurnn.diagnostics import numeric_gradient as numeric
 from helpers import rel_err
-
-
-def numeric(f, a, eps=1e-6):
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + eps
-        up = f()
-        a[i] = old - eps
-        g[i] = (up - f()) / (2 * eps)
-        a[i] = old
-    return g
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
