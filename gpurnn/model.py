@@ -26,12 +26,9 @@ def _make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, seed, b
     return CELLS[cell](input_size, hidden_size, **kwargs)
 
 
-def _run(rnn, x, state):
-    """(out, state) with the cell's own state convention."""
-    if isinstance(rnn, LSTM):
-        out, (h, c) = rnn(x, state)
-        return out, (h, c)
-    return rnn(x, state)
+def _seeds(seed, n):
+    """n independent integer seeds derived from one (None stays random)."""
+    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
 
 
 class _Composite:
@@ -69,19 +66,20 @@ class _Composite:
 
 
 class CharLM(_Composite):
+    """Embedding [V, E] -> RNN/LSTM/GRU stack -> Linear [H -> V] -> softmax cross-entropy
+    (mean over counted positions; ``ignore_index`` targets are not counted)."""
+
     def __init__(self, vocab_size, hidden_size, num_layers=1, cell="lstm", embedding_dim=None, dropout=0.0,
                  nonlinearity="tanh", ignore_index=None, dtype="float32", seed=None, backend=None):
         self.vocab_size = checks.positive_int("vocab_size", vocab_size)
         embedding_dim = hidden_size if embedding_dim is None else embedding_dim
         self.config = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, cell=cell,
                            embedding_dim=embedding_dim, dropout=dropout, nonlinearity=nonlinearity)
-        seeds = np.random.SeedSequence(seed).spawn(3)
-        self.rnn = _make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, dtype,
-                             int(seeds[1].generate_state(1)[0]), backend, nonlinearity)
-        self.embedding = nn.Embedding(vocab_size, embedding_dim, dtype, int(seeds[0].generate_state(1)[0]),
-                                    backend)
-        self.head = nn.Linear(hidden_size, vocab_size, dtype=dtype, seed=int(seeds[2].generate_state(1)[0]),
-                            backend=backend)
+        seeds = _seeds(seed, 3)
+        self.rnn = _make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, dtype, seeds[1], backend,
+                             nonlinearity)
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, dtype, seeds[0], backend)
+        self.head = nn.Linear(hidden_size, vocab_size, dtype=dtype, seed=seeds[2], backend=backend)
         self.loss_fn = nn.SoftmaxCrossEntropy("mean", ignore_index)
         self.backend = self.rnn.backend
         self._collect({"embedding": self.embedding, "rnn": self.rnn, "head": self.head})
@@ -91,7 +89,7 @@ class CharLM(_Composite):
         training = self.rnn.training
         self.rnn.eval()
         try:
-            out, state = _run(self.rnn, self.embedding(inputs), state)
+            out, state = self.rnn(self.embedding(inputs), state)
             logits = self.head(out)
         finally:
             self.rnn.train(training)
@@ -100,7 +98,7 @@ class CharLM(_Composite):
 
     def forward(self, inputs, targets, state=None):
         """Mean cross-entropy of the next-symbol predictions, and the final state."""
-        out, state = _run(self.rnn, self.embedding(inputs), state)
+        out, state = self.rnn(self.embedding(inputs), state)
         loss = self.loss_fn(self.head(out), self.backend.ops.asarray(targets, "targets"))
         return loss, state
 
@@ -120,11 +118,9 @@ class SequenceRegressor(_Composite):
                  dtype="float32", seed=None, backend=None):
         self.config = dict(input_size=input_size, hidden_size=hidden_size, output_size=output_size,
                            num_layers=num_layers, cell=cell, nonlinearity=nonlinearity)
-        seeds = np.random.SeedSequence(seed).spawn(2)
-        self.rnn = _make_rnn(cell, input_size, hidden_size, num_layers, 0.0, dtype,
-                             int(seeds[0].generate_state(1)[0]), backend, nonlinearity)
-        self.head = nn.Linear(hidden_size, output_size, dtype=dtype, seed=int(seeds[1].generate_state(1)[0]),
-                            backend=backend)
+        seeds = _seeds(seed, 2)
+        self.rnn = _make_rnn(cell, input_size, hidden_size, num_layers, 0.0, dtype, seeds[0], backend, nonlinearity)
+        self.head = nn.Linear(hidden_size, output_size, dtype=dtype, seed=seeds[1], backend=backend)
         self.loss_fn = nn.MSELoss()
         self.backend = self.rnn.backend
         self._collect({"rnn": self.rnn, "head": self.head})
@@ -133,14 +129,14 @@ class SequenceRegressor(_Composite):
         training = self.rnn.training
         self.rnn.eval()
         try:
-            out, _ = _run(self.rnn, x, None)
+            out, _ = self.rnn(x)
             return self.head(out[-1])
         finally:
             self.rnn.train(training)
             self.head._cache = None
 
     def forward(self, x, target, state=None):
-        out, state = _run(self.rnn, x, state)
+        out, state = self.rnn(x, state)
         self._T = out.shape[0]
         return self.loss_fn(self.head(out[-1]), self.backend.ops.asarray(target, "target")), state
 
