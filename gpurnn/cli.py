@@ -116,10 +116,9 @@ def cmd_train(args, explicit):
     sizes = training.defaults(args.task, backend.name)
     for key in TRAIN_SIZES:
         cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]
-    cfg["_explicit"] = sorted(k for k in explicit if k in cfg and k != "steps")
     print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units "
           f"on {backend.name} ({backend.reason}); output in {args.out}", file=sys.stderr)
-    history, task = training.train(cfg, backend, args.out, args.resume, progress=not args.no_progress,
+    history, task = training.train(cfg, backend, args.out, args.resume, explicit, progress=not args.no_progress,
                                    log=lambda m: print(m, file=sys.stderr))
     if history:
         first, last = history[0][1], history[-1][1]

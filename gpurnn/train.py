@@ -186,21 +186,21 @@ def _draw(model, vocab, ids, length, temperature, rng):
         logits, state = model.predict(np.array([[nxt]], np.int32), state)
 
 
-def train(cfg, backend, out_dir, resume, progress=True, log=print):
-    """Run (or continue) a training job; returns (loss history, task)."""
-    os.makedirs(out_dir, exist_ok=True)
+def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
+    """Run (or continue) a training job; returns (loss history, task).
+    ``explicit``: the settings the user gave; on resume they must match the checkpoint's."""
     record = arrays = None
     if resume:
         record, arrays = load_checkpoint(out_dir)
         saved = record["config"]
-        clash = {k: (saved[k], cfg[k]) for k in cfg if k in cfg.get("_explicit", ()) and saved.get(k) != cfg[k]}
+        clash = [f"--{k.replace('_', '-')} {cfg[k]} (checkpoint: {saved.get(k)})"
+                 for k in sorted(explicit) if k in cfg and k != "steps" and saved.get(k) != cfg[k]]
         if clash:
-            what = ", ".join(f"--{k.replace('_', '-')} {new} (checkpoint: {old})" for k, (old, new) in clash.items()
-                             if k != "steps")
-            if what:
-                raise TrainingError(f"--resume: the checkpoint in {out_dir} was made with other settings: {what}")
+            raise TrainingError(f"--resume: the checkpoint in {out_dir} was made with other settings: "
+                                + ", ".join(clash))
         cfg = dict(saved, steps=cfg["steps"])
     task = Task(cfg, backend, vocab=record["vocab"] if record else None)
+    os.makedirs(out_dir, exist_ok=True)  # only once the data and the model are known to work
     model = task.model
     opt = optim.OPTIMIZERS[cfg["optim"]](model.params, model.grads, lr=cfg["lr"])
     state, history, step = None, [], 0

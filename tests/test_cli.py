@@ -103,6 +103,7 @@ def test_bad_text_files(tmp_path):
     one_line_error(gpurnn("train", "--text", str(binary), "--out", out, *SMALL), "binary")
     one_line_error(gpurnn("train", "--text", str(latin), "--out", out, *SMALL), "UTF-8")
     one_line_error(gpurnn("train", "--text", str(short), "--out", out, *SMALL), "--seq-len")
+    assert not os.path.exists(out)  # nothing was written for a run that could not start
 
 
 @pytest.mark.parametrize("args, words", [
