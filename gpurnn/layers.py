@@ -159,7 +159,7 @@ class _RNNBase:
             if need > RECORD_LIMIT_BYTES:
                 raise ValueError(f"record=True would keep {len(names)} arrays of shape "
                                  f"[{cfg.L * cfg.D}, {T}, {B}, {cfg.H}] ({need / 2**30:.1f} GiB), over the "
-                                 f"{RECORD_LIMIT_BYTES / 2**30:.0f} GiB limit; record a shorter or smaller batch")
+                                 f"{RECORD_LIMIT_BYTES / 2**30:.0f} GiB limit; record a shorter sequence or a smaller batch")
         dropout_on = self.training and self.dropout > 0 and cfg.L > 1
         masks = [None] * cfg.L
         if dropout_on:
@@ -197,7 +197,7 @@ class _RNNBase:
                 h_prev = (d.h[1:] if reverse else d.h[:-1]).reshape(T * B, H)
                 out["a"][k] = (d.gx + (h_prev @ w_hh.T).reshape(T, B, H) + b_hh) * valid
                 continue
-            for j, name in enumerate(RECORDED[cfg.cell][:3 if cfg.cell == "gru" else 4]):
+            for j, name in enumerate(RECORDED[cfg.cell][:4]):  # the saved gate blocks (not the LSTM's c)
                 out[name][k] = d.gates[:, :, j * H:(j + 1) * H]
             if cfg.cell == "lstm":
                 out["c"][k] = (d.c[:-1] if reverse else d.c[1:]) * valid  # the state each step wrote

@@ -1,12 +1,14 @@
 """The backend operations of the CUDA code path: kernel launches, GEMMs, graphs.
 
 ``CudaOps`` offers the interface of ``gpurnn.backend.NumpyOps`` (the per-cell
-steps, ``gemm``, ``add_bias``, ``run``, ``asarray``, ``to_host``):
+steps, ``gemm``, ``add_bias``, ``recurrent_operand``, the side stream, ``run``,
+``asarray``, ``to_host``) plus the fused ``adam_update``:
 
 - real GPU: CuPy arrays, numba kernels launched on our own CuPy stream with
-  pre-wrapped device arrays, GEMMs through cuBLAS (``cublas.py``), and
-  ``run`` capturing each whole forward/backward as a CUDA graph on its second
-  call per workspace, replaying it afterwards;
+  pre-wrapped device arrays, GEMMs through cuBLAS (``cublas.py``), input
+  projections on a side stream, and ``run`` running each whole forward/backward
+  eagerly on its first call per workspace, capturing it as a CUDA graph right
+  after, and replaying the graph from then on;
 - simulator (``simulate=True``): NumPy arrays, the same kernels run by numba's
   CUDA simulator, NumPy GEMMs, ``run`` eager.
 
