@@ -11,6 +11,7 @@ import platform
 import sys
 
 from gpurnn.data import DataError
+from gpurnn.train import TASKS
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
@@ -50,7 +51,7 @@ def build_parser():
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (defaults: a character LM on Python's own stdlib)")
-    t.add_argument("--task", choices=("charlm", "adding", "copy"), default="charlm")
+    t.add_argument("--task", choices=TASKS, default="charlm")
     t.add_argument("--text", help="UTF-8 text file for charlm (default: the Python standard library sources)")
     t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
     t.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh")

@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import pytest
 
 import gpurnn
 from gpurnn.data import adding_problem
@@ -31,6 +32,10 @@ def test_data_tasks_are_seeded():
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
     x, y = a
     assert x.shape == (10, 4, 2) and y.shape == (4, 1) and np.all(x[:, :, 1].sum(0) == 2)
+    corpus = gpurnn.data.CharCorpus("abcab\n")
+    assert corpus.vocab == ["\n", "a", "b", "c"] and corpus.decode(corpus.encode("cab\n")) == "cab\n"
+    with pytest.raises(gpurnn.data.DataError, match="not in the vocabulary: 'z'"):
+        corpus.encode("az")
     inputs, targets = gpurnn.data.copy_task(3, 5, seed=0, symbols=8, length=4)
     assert inputs.shape == targets.shape == (13, 3)
     assert np.array_equal(targets[9:], inputs[:4]) and np.all(targets[:9] == -1)
