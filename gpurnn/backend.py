@@ -155,9 +155,6 @@ class NumpyOps:
         except Exception as exc:  # anything np.asarray refuses
             raise TypeError(f"{name}: expected an array, got {type(value).__name__}") from exc
 
-    @staticmethod
-    def to_host(a):
-        return np.asarray(a)
 
 
 _backends = {}
@@ -264,6 +261,11 @@ def _simulating():
 def ops_for(a):
     """The backend operations that work on array a (NumPy's, or the CUDA backend's)."""
     return _NUMPY_OPS if isinstance(a, (np.ndarray, np.generic)) else get_backend("cuda").ops
+
+
+def to_host(a):
+    """A NumPy view or copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def array_module(a):

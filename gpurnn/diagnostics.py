@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 
 from gpurnn import sequence
+from gpurnn.backend import to_host
 from gpurnn.layers import LSTM, _RNNBase
 
 
@@ -193,5 +194,4 @@ def set_forget_bias(lstm, value=1.0):
 
 def spectral_radius(w):
     """Largest |eigenvalue| of a square matrix (NumPy or CuPy)."""
-    w = w.get() if hasattr(w, "get") else np.asarray(w)
-    return float(np.max(np.abs(np.linalg.eigvals(w))))
+    return float(np.max(np.abs(np.linalg.eigvals(to_host(w)))))

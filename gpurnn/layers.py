@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 
 from gpurnn import checks, stack
-from gpurnn.backend import get_backend
+from gpurnn.backend import get_backend, to_host
 from gpurnn.cells import NONLINEARITIES
 
 _MAX_WORKSPACES = 4  # buffers kept for this many recent [T, B] shapes
@@ -151,7 +151,7 @@ class _RNNBase:
         if c0 is not None:
             c0 = self._input(c0, "c0", state_shape, state_layout)
         if lengths is not None:
-            lengths = checks.lengths("lengths", np.asarray(self._ops.to_host(lengths)), B, T)
+            lengths = checks.lengths("lengths", to_host(lengths), B, T)
 
         if record:
             names = RECORDED[cfg.cell]

@@ -13,7 +13,7 @@ Arrays are the backend's (NumPy, or CuPy on the CUDA backend).
 import numpy as np
 
 from gpurnn import checks
-from gpurnn.backend import array_module, get_backend
+from gpurnn.backend import array_module, get_backend, to_host
 
 
 class _Module:
@@ -149,7 +149,7 @@ class SoftmaxCrossEntropy:
         shifted = logits - logits.max(axis=-1, keepdims=True)  # log-sum-exp without overflow
         log_z = xp.log(xp.exp(shifted).sum(axis=-1))
         picked = xp.take_along_axis(shifted, safe[..., None], axis=-1)[..., 0]
-        total, count = (float(v) for v in _host(xp.stack([((log_z - picked) * mask).sum(), mask.sum()])))
+        total, count = (float(v) for v in to_host(xp.stack([((log_z - picked) * mask).sum(), mask.sum()])))
         scale = 1.0 / max(count, 1) if self.reduction == "mean" else 1.0
         self._cache = (shifted, log_z, safe, mask, scale)
         return total * scale
@@ -168,16 +168,12 @@ class SoftmaxCrossEntropy:
         return d
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def _min_max(a):
     """(min, max) of an integer array as Python ints, with one device sync; (0, 0) if empty."""
     if a.size == 0:
         return 0, 0
     xp = array_module(a)
-    lo, hi = _host(xp.stack([a.min(), a.max()]))
+    lo, hi = to_host(xp.stack([a.min(), a.max()]))
     return int(lo), int(hi)
 
 

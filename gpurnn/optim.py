@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from gpurnn.backend import array_module, ops_for
+from gpurnn.backend import array_module, ops_for, to_host
 
 
 def _positive(name, value, allow_zero=False):
@@ -45,8 +45,8 @@ class Optimizer:
                 self._update(ops, name, p, self.grads[name])
 
     def state_dict(self):
-        host = lambda a: a.get() if hasattr(a, "get") else np.array(a)  # noqa: E731
-        return {"steps": self.steps, **{f"{s}/{n}": host(a) for s, d in self.state.items() for n, a in d.items()}}
+        return {"steps": self.steps,
+                **{f"{s}/{n}": np.array(to_host(a)) for s, d in self.state.items() for n, a in d.items()}}
 
     def load_state_dict(self, state):
         expected = {f"{s}/{n}" for s in self.state for n in self.params}

@@ -7,6 +7,8 @@ import csv
 
 import numpy as np
 
+from gpurnn.backend import to_host
+
 
 def _axes(ax, figsize=(7, 4)):
     if ax is not None:
@@ -15,10 +17,6 @@ def _axes(ax, figsize=(7, 4)):
 
     fig, ax = plt.subplots(figsize=figsize)
     return fig, ax
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def gradient_flow(flows, ax=None, title="||dL/dh_t|| against distance from the loss"):
@@ -46,7 +44,7 @@ def gates(recorded, names=None, row=0, sample=0, units=(0, 1, 2), ax=None):
     names = list(recorded) if names is None else names
     fig, ax = _axes(ax, figsize=(8, 4))
     for name in names:
-        values = _host(recorded[name][row, :, sample])
+        values = to_host(recorded[name][row, :, sample])
         for u in units:
             ax.plot(values[:, u], label=f"{name}[{u}]", lw=1)
     ax.set_xlabel("time step")

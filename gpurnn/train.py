@@ -21,6 +21,7 @@ import zipfile
 import numpy as np
 
 from gpurnn import optim
+from gpurnn.backend import to_host
 from gpurnn.data import CharCorpus, adding_problem, copy_task
 from gpurnn.model import CharLM, SequenceRegressor
 
@@ -88,17 +89,13 @@ class Task:
 
 
 # ------------------------------------------------------------------ checkpoints
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def save_checkpoint(out_dir, task, opt, step, state, history, rng_state):
     record = dict(format=1, config=task.cfg, step=step, vocab=task.vocab, history=history, rng=rng_state,
                   optimizer=dict(name=task.cfg["optim"], lr=task.cfg["lr"]))
-    arrays = {f"param/{k}": _host(v) for k, v in task.model.params.items()}
+    arrays = {f"param/{k}": to_host(v) for k, v in task.model.params.items()}
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in opt.state_dict().items()})
     for i, s in enumerate(state if isinstance(state, tuple) else (() if state is None else (state,))):
-        arrays[f"state/{i}"] = _host(s)
+        arrays[f"state/{i}"] = to_host(s)
     arrays["record"] = np.frombuffer(json.dumps(record).encode(), np.uint8)
     path = os.path.join(out_dir, "checkpoint.npz")
     tmp = path + ".tmp"
@@ -177,7 +174,7 @@ def sample(model, corpus_vocab, prime, length, temperature, seed=0):
 def _draw(model, vocab, ids, length, temperature, rng):
     logits, state = model.predict(np.array(ids, np.int32)[:, None])
     for _ in range(length):
-        z = _host(logits[-1, 0]).astype(np.float64) / temperature
+        z = to_host(logits[-1, 0]).astype(np.float64) / temperature
         if not np.all(np.isfinite(z)):
             raise TrainingError("the model's outputs are not finite: its weights have diverged")
         p = np.exp(z - z.max())

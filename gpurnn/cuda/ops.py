@@ -2,7 +2,7 @@
 
 ``CudaOps`` offers the interface of ``gpurnn.backend.NumpyOps`` (the per-cell
 steps, ``gemm``, ``add_bias``, ``recurrent_operand``, the side stream, ``run``,
-``asarray``, ``to_host``) plus the fused ``adam_update``:
+``asarray``) plus the fused ``adam_update``:
 
 - real GPU: CuPy arrays, numba kernels launched on our own CuPy stream with
   pre-wrapped device arrays, GEMMs through cuBLAS (``cublas.py``), input
@@ -80,9 +80,6 @@ class CudaOps:
             return cupy.asarray(np.asarray(value))
         except Exception as exc:
             raise TypeError(f"{name}: expected a NumPy or GPU array, got {type(value).__name__} ({exc})") from exc
-
-    def to_host(self, a):
-        return np.asarray(a) if self.simulate else self.xp.asnumpy(a)
 
     @contextlib.contextmanager
     def on_stream(self):
