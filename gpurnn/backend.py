@@ -128,6 +128,17 @@ class NumpyOps:
         target[sorted_idx[starts]] += np.add.reduceat(values[order], starts, axis=0)
 
     @staticmethod
+    def gather_rows(table, ids, out):
+        """out[n] = table[ids[n]]; table: [V, K], ids: [N] int32, out: [N, K]."""
+        np.take(table, ids, axis=0, out=out, mode="clip")  # "raise" buffers the whole output first; ids are checked
+
+    @staticmethod
+    def one_hot(ids, out):
+        """out[n, v] = (ids[n] == v); ids: [N] int32, out: [N, V]."""
+        out[...] = 0
+        out[np.arange(ids.size), ids] = 1
+
+    @staticmethod
     def add_bias(out, bias):
         """out: [N, K] += bias: [K]"""
         out += bias

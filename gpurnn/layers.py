@@ -115,11 +115,11 @@ class _RNNBase:
         a = self._ops.asarray(value, name)
         return checks.array(name, a, shape, self.dtype, layout)
 
-    def _workspace(self, T, B, dropout_on):
-        key = (T, B, dropout_on)
+    def _workspace(self, T, B, dropout_on, vocab):
+        key = (T, B, dropout_on, vocab)
         ws = self._workspaces.pop(key, None)
         if ws is None:
-            ws = stack.Workspace(self.backend.xp, self._cfg, T, B, self.dtype, dropout_on)
+            ws = stack.Workspace(self.backend.xp, self._cfg, T, B, self.dtype, dropout_on, vocab)
             if len(self._workspaces) >= _MAX_WORKSPACES:
                 evicted = self._workspaces.popitem(last=False)[1]
                 if self._cache is not None and self._cache[0] is evicted:
@@ -136,10 +136,20 @@ class _RNNBase:
             raise RuntimeError("recorded: nothing recorded yet; call the model with record=True first")
         return self._recorded
 
-    def _forward(self, x, h0, c0, lengths, record=False):
+    def _forward(self, x, h0, c0, lengths, record=False, embedding=None):
+        """embedding: None, or (weight [V, I], its gradient [V, I]): then x holds
+        ids [T, B] ([B, T] with batch_first), already checked to lie in [0, V), and
+        the first layer reads those rows of weight, folded into its input
+        projection (see gpurnn.sequence); backward accumulates into the gradient."""
         cfg, xp = self._cfg, self.backend.xp
-        layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
-        x = self._input(x, "x", (None, None, cfg.I), layout)
+        if embedding is None:
+            layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
+            x = self._input(x, "x", (None, None, cfg.I), layout)
+        else:
+            x = self._ops.asarray(x, "ids")
+            if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+                raise ValueError(f"ids: expected an integer array of rank 2, got {x.dtype} {tuple(x.shape)}")
+            x = x[..., None]  # [T, B, 1]: the shape checks below see one feature
         if self.batch_first:
             x = x.transpose(1, 0, 2)
         T, B = x.shape[0], x.shape[1]
@@ -167,22 +177,33 @@ class _RNNBase:
             for layer in range(1, cfg.L):  # inverted dropout, drawn from the model's seeded RNG
                 masks[layer] = ((self._rng.random((T, B, cfg.D * cfg.H)) < keep) / keep).astype(self.dtype)
 
-        ws = self._workspace(T, B, dropout_on)
+        ws = self._workspace(T, B, dropout_on, None if embedding is None else embedding[0].shape[0])
         with self._ops.on_stream():
-            ws.x[...] = x
+            if embedding is None:
+                ws.x[...] = x
+            else:
+                ws.ids[...] = x[..., 0]
             ws.stage("lengths", None if lengths is None else xp.asarray(lengths), default=T)
             ws.stage("h0", h0)
             if cfg.cell == "lstm":
                 ws.stage("c0", c0)
             for layer in range(1, cfg.L if dropout_on else 1):
                 ws.masks[layer][...] = xp.asarray(masks[layer])
-            self._ops.run(ws, "forward", lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on))
+            self._ops.run(ws, "forward",
+                          lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on, embedding))
             result = (self._time_major_out(ws.out[-1]), ws.h_n.copy(),
                       ws.c_n.copy() if cfg.cell == "lstm" else None)
             self._recorded = self._record(ws) if record else None
-        self._cache = (ws, dropout_on) if self.training else None
+        self._cache = (ws, dropout_on, embedding) if self.training else None
         self._cache_used = False
         return result
+
+    def _call_embedded(self, ids, weight, dweight, state=None):
+        """The layer on embedding rows: ``self(weight[ids], state)`` without
+        materialising weight[ids] (see ``_forward``); backward returns dx None."""
+        h0, c0 = _pair("state", state) if self._cell == "lstm" else (state, None)
+        out, h_n, c_n = self._forward(ids, h0, c0, None, embedding=(weight, dweight))
+        return out, ((h_n, c_n) if self._cell == "lstm" else h_n)
 
     def _record(self, ws):
         """Copy the per-timestep internals out of the workspace (see ``recorded``)."""
@@ -218,7 +239,7 @@ class _RNNBase:
         if self._cache_used:
             raise RuntimeError("backward: this forward's cache was already used; run forward again")
         cfg = self._cfg
-        ws, dropout_on = self._cache
+        ws, dropout_on, embedding = self._cache
         T, B = ws.T, ws.B
         DH = cfg.D * cfg.H
         if self.batch_first:
@@ -238,9 +259,10 @@ class _RNNBase:
                 ws.stage("d_cn", d_cn)
             self._cache_used = True
             self._ops.run(ws, "backward",
-                          lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on, recorders),
+                          lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on,
+                                                 recorders, embedding),
                           capture=recorders is None)
-            return (self._time_major_out(ws.dx), ws.dh0.copy(),
+            return (None if ws.dx is None else self._time_major_out(ws.dx), ws.dh0.copy(),
                     ws.dc0.copy() if cfg.cell == "lstm" else None)
 
     def __repr__(self):

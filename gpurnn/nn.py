@@ -13,7 +13,7 @@ Arrays are the backend's (NumPy, or CuPy on the CUDA backend).
 import numpy as np
 
 from gpurnn import checks
-from gpurnn.backend import array_module, get_backend, to_host
+from gpurnn.backend import NumpyOps, array_module, get_backend, to_host
 
 
 class _Module:
@@ -63,14 +63,21 @@ class Embedding(_Module):
         self._param("weight", rng.standard_normal((num_embeddings, embedding_dim)).astype(self.dtype))
 
     def __call__(self, ids):
-        ids = self.backend.ops.asarray(ids, "ids")
+        ids = self.check_ids(ids)
+        self._cache = ids
+        return self.params["weight"][ids]
+
+    def check_ids(self, ids):
+        """ids as this backend's array, after checking they are integers in
+        [0, num_embeddings) (on the host when they come from it: no device sync)."""
+        if not hasattr(ids, "__cuda_array_interface__"):
+            ids = NumpyOps.asarray(ids, "ids")
         if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"ids: expected an integer array, got dtype {ids.dtype}")
         lo, hi = _min_max(ids)
         if lo < 0 or hi >= self.num_embeddings:
             raise ValueError(f"ids: expected values in [0, {self.num_embeddings}), got values from {lo} to {hi}")
-        self._cache = ids
-        return self.params["weight"][ids]
+        return self.backend.ops.asarray(ids, "ids")
 
     def backward(self, d_out):
         ids = self._take_cache("Embedding")
@@ -129,27 +136,42 @@ class SoftmaxCrossEntropy:
         self._cache = None
 
     def __call__(self, logits, targets, lengths=None):
+        """logits: [T, B, V]; targets: [T, B] ints and lengths: [B], on the host or
+        (with GPU logits) on the device. Host targets are checked on the host:
+        then the loss is the only device sync."""
         xp = array_module(logits)
         if logits.ndim != 3:
             raise ValueError(f"logits: expected [T, B, V], got shape {tuple(logits.shape)}")
         T, B, V = logits.shape
+        on_device = hasattr(targets, "__cuda_array_interface__")
+        if on_device and xp is np:
+            raise TypeError("targets: expected a NumPy array like the logits, got a GPU array; "
+                            "move it to the host first")
+        tp = xp if on_device else np  # where the targets are checked
+        targets = targets if on_device else NumpyOps.asarray(targets, "targets")
         if tuple(targets.shape) != (T, B):
             raise ValueError(f"targets: expected shape ({T}, {B}), got {tuple(targets.shape)}")
         if targets.dtype == np.bool_ or not np.issubdtype(targets.dtype, np.integer):
             raise TypeError(f"targets: expected an integer array, got dtype {targets.dtype}")
-        mask = xp.ones((T, B), bool)
+        mask = tp.ones((T, B), bool)
         if self.ignore_index is not None:
             mask &= targets != self.ignore_index
         if lengths is not None:
-            mask &= xp.arange(T)[:, None] < xp.asarray(lengths)[None, :]
-        safe = xp.where(mask, targets, 0)
+            mask &= tp.arange(T)[:, None] < tp.asarray(to_host(lengths) if tp is np else lengths)[None, :]
+        safe = tp.where(mask, targets, 0)
         lo, hi = _min_max(safe)
         if lo < 0 or hi >= V:
             raise ValueError(f"targets: expected class indices in [0, {V}), got values from {lo} to {hi}")
+        count = int(mask.sum()) if tp is np else None
+        mask, safe = xp.asarray(mask), xp.asarray(safe)
         shifted = logits - logits.max(axis=-1, keepdims=True)  # log-sum-exp without overflow
         log_z = xp.log(xp.exp(shifted).sum(axis=-1))
         picked = xp.take_along_axis(shifted, safe[..., None], axis=-1)[..., 0]
-        total, count = (float(v) for v in to_host(xp.stack([((log_z - picked) * mask).sum(), mask.sum()])))
+        total = (log_z - picked) * mask
+        if count is None:
+            total, count = (float(v) for v in to_host(xp.stack([total.sum(), mask.sum()])))
+        else:
+            total = float(total.sum())
         scale = 1.0 / max(count, 1) if self.reduction == "mean" else 1.0
         self._cache = (shifted, log_z, safe, mask, scale)
         return total * scale

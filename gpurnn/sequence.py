@@ -9,6 +9,13 @@ Structure (haste's): forward does one GEMM for the input projection of all
 T*B rows, then per step only the recurrent GEMM and one fused pointwise step.
 Backward does per step only the fused pointwise step and ``dgates @ W_hh``;
 dW_ih, dW_hh, the bias gradients and dx are single large GEMMs after the loop.
+
+A first layer fed by an embedding (``Embedded``) folds the embedding into its
+input projection: x_t = E[id_t] makes x_t W_ih^T + b_ih a row of the [V, G*H]
+table E W_ih^T + b_ih, so the forward gathers rows instead of running the
+[T*B, I] x [I, G*H] GEMM, and backward sums dgx per symbol (one [V, T*B] x
+[T*B, G*H] GEMM against the ids' one-hot) before the small weight GEMMs,
+instead of the two [T*B]-row GEMMs for dW_ih and dx.
 """
 
 from dataclasses import dataclass
@@ -30,6 +37,8 @@ class Direction:
     dgx: [T, B, G*H]  gradient of the input projection
     dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only; else dgx)
     dh, dc: [B, H]    gradient carried back through h (and c)
+    table: [V, G*H]   E W_ih^T + b_ih, when the input is Embedded (else None)
+    dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
     """
 
     gx: object
@@ -42,9 +51,11 @@ class Direction:
     dgh: object
     dh: object
     dc: object
+    table: object = None
+    dtable: object = None
 
     @classmethod
-    def allocate(cls, xp, cell, T, B, H, dtype):
+    def allocate(cls, xp, cell, T, B, H, dtype, vocab=None):
         G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
         dgx = xp.empty((T, B, G * H), dtype)
         return cls(
@@ -58,7 +69,24 @@ class Direction:
             dgh=xp.empty((T, B, G * H), dtype) if cell == "gru" else dgx,
             dh=xp.empty((B, H), dtype),
             dc=xp.empty((B, H), dtype) if cell == "lstm" else None,
+            table=xp.empty((vocab, G * H), dtype) if vocab else None,
+            dtable=xp.empty((vocab, G * H), dtype) if vocab else None,
         )
+
+
+@dataclass
+class Embedded:
+    """A first layer's input given as embedding rows: x[t, b] = weight[ids[t, b]].
+
+    ids: [T, B] int32, each in [0, V)   weight: [V, I]
+    dweight: [V, I]   accumulates the gradient of the embedding
+    onehot: [T*B, V]  room for the ids' one-hot, written by backward
+    """
+
+    ids: object
+    weight: object
+    dweight: object
+    onehot: object
 
 
 def _time_order(T, reverse):
@@ -76,23 +104,30 @@ def _spans(T, n, reverse):
 def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y):
     """Run one direction of one layer over the whole sequence.
 
-    x: [T, B, I]   w_ih: [G*H, I]   w_hh: [G*H, H]   b_ih, b_hh: [G*H]
+    x: [T, B, I], or Embedded   w_ih: [G*H, I]   w_hh: [G*H, H]   b_ih, b_hh: [G*H]
     lengths: [B] int32   reverse: 0 or 1
     ws: Direction with the initial state(s) already in place
     y: [T, B, H] output (a view into the layer output [T, B, D*H])
     """
-    T, B, I = x.shape
-    # forward pass: the input projections of all T*B rows, as a few large GEMMs
-    # over spans of time; where the backend has a side stream they run there, so
-    # every span but the first overlaps the recurrence of the spans before it
-    spans = _spans(T, ops.input_spans(B, w_ih.shape[0]), reverse)
-    ready = []
-    with ops.side_stream():
-        for start, stop in spans:
-            gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
-            ops.gemm(x[start:stop].reshape((stop - start) * B, I), w_ih, gx, trans_b=True)
-            ops.add_bias(gx, b_ih)
-            ready.append(ops.mark())
+    T, B = ws.gx.shape[:2]
+    if isinstance(x, Embedded):
+        # forward pass: the input projection of every row is a row of the table
+        ops.gemm(x.weight, w_ih, ws.table, trans_b=True)
+        ops.add_bias(ws.table, b_ih)
+        ops.gather_rows(ws.table, x.ids.reshape(T * B), ws.gx.reshape(T * B, -1))
+        spans, ready = [(0, T)], [None]
+    else:
+        # forward pass: the input projections of all T*B rows, as a few large GEMMs
+        # over spans of time; where the backend has a side stream they run there, so
+        # every span but the first overlaps the recurrence of the spans before it
+        spans = _spans(T, ops.input_spans(B, w_ih.shape[0]), reverse)
+        ready = []
+        with ops.side_stream():
+            for start, stop in spans:
+                gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
+                ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_ih, gx, trans_b=True)
+                ops.add_bias(gx, b_ih)
+                ready.append(ops.mark())
     w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
     first_steps = {stop - 1 if reverse else start: k for k, (start, stop) in enumerate(spans)}
     for t in _time_order(T, reverse):
@@ -125,11 +160,12 @@ def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, o
     dy: [T, B, H]  gradient of this direction's outputs (a view)
     ws.dh (ws.dc): [B, H] in: gradient of the final state; out: of the initial state
     ones: [1, T*B] ones, to sum the bias gradients as a GEMM
-    dx: [T, B, I]            accumulates the gradient of x
+    dx: [T, B, I]            accumulates the gradient of x (None when x is Embedded:
+                             x.dweight accumulates instead; x.onehot must hold the ids' one-hot)
     dw_ih: [G*H, I]  dw_hh: [G*H, H]  db_ih, db_hh: [G*H]   accumulate
     recorder: None, or gpurnn.diagnostics' recorder, shown each step before it runs
     """
-    T, B, I = x.shape
+    T, B = ws.gx.shape[:2]
     # backward pass: steps in the opposite order of the forward
     for t in _time_order(T, not reverse):
         if recorder is not None:
@@ -139,8 +175,14 @@ def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, o
     dgx = ws.dgx.reshape(T * B, -1)
     dgh = ws.dgh.reshape(T * B, -1)
     h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
-    ops.gemm(dgx, x.reshape(T * B, I), dw_ih, trans_a=True, beta=1.0)
     ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)
     ops.gemm(ones, dgx, db_ih.reshape(1, -1), beta=1.0)
     ops.gemm(ones, dgh, db_hh.reshape(1, -1), beta=1.0)
-    ops.gemm(dgx, w_ih, dx.reshape(T * B, I), beta=1.0)
+    if isinstance(x, Embedded):
+        ops.gemm(x.onehot, dgx, ws.dtable, trans_a=True)  # dgx summed over the rows of each symbol
+        ops.gemm(ws.dtable, x.weight, dw_ih, trans_a=True, beta=1.0)
+        ops.gemm(ws.dtable, w_ih, x.dweight, beta=1.0)  # backprop into the embedding rows
+    else:
+        I = x.shape[2]
+        ops.gemm(dgx, x.reshape(T * B, I), dw_ih, trans_a=True, beta=1.0)
+        ops.gemm(dgx, w_ih, dx.reshape(T * B, I), beta=1.0)

@@ -35,7 +35,9 @@ class Config:
 class Workspace:
     """All buffers of a [T, B] forward + backward.
 
-    x: [T, B, I]          staged input          lengths: [B] int32
+    x: [T, B, I]          staged input (None with a vocabulary)   lengths: [B] int32
+    ids: [T, B] int32     staged embedding ids, with a vocabulary of V symbols (else None)
+    onehot: [T*B, V]      their one-hot, for backward (with a vocabulary)
     h0, c0: [L*D, B, H]   staged initial states (c0 for LSTM only)
     masks[l]: [T, B, D*H] inverted-dropout mask applied to layer l's input (l >= 1)
     inp[l]: [T, B, D*H]   masked input of layer l (l >= 1, when dropout is on)
@@ -44,7 +46,7 @@ class Workspace:
     d_out: [T, B, D*H]    staged gradient of the top output
     d_hn, d_cn: [L*D, B, H] staged gradients of the final states
     d_in[l]: [T, B, D*H]  gradient of layer l's input (l >= 1)
-    dx: [T, B, I]         gradient of x       dh0, dc0: [L*D, B, H]
+    dx: [T, B, I]         gradient of x (None with a vocabulary)   dh0, dc0: [L*D, B, H]
     ones: [1, T*B]        for the bias-gradient GEMMs
     dirs[k]: Direction    per layer and direction, k = l*D + d
     graphs: dict          CUDA graphs captured over these buffers (CUDA backend)
@@ -52,11 +54,13 @@ class Workspace:
                           that calls without them skip re-writing them
     """
 
-    def __init__(self, xp, cfg, T, B, dtype, dropout):
+    def __init__(self, xp, cfg, T, B, dtype, dropout, vocab=None):
         L, D, H = cfg.L, cfg.D, cfg.H
         lstm = cfg.cell == "lstm"
         self.T, self.B = T, B
-        self.x = xp.empty((T, B, cfg.I), dtype)
+        self.x = None if vocab else xp.empty((T, B, cfg.I), dtype)
+        self.ids = xp.empty((T, B), xp.int32) if vocab else None
+        self.onehot = xp.empty((T * B, vocab), dtype) if vocab else None
         self.lengths = xp.empty((B,), xp.int32)
         self.h0 = xp.empty((L * D, B, H), dtype)
         self.c0 = xp.empty((L * D, B, H), dtype) if lstm else None
@@ -69,11 +73,12 @@ class Workspace:
         self.d_hn = xp.empty((L * D, B, H), dtype)
         self.d_cn = xp.empty((L * D, B, H), dtype) if lstm else None
         self.d_in = [None] + [xp.empty((T, B, D * H), dtype) for _ in range(1, L)]
-        self.dx = xp.empty((T, B, cfg.I), dtype)
+        self.dx = None if vocab else xp.empty((T, B, cfg.I), dtype)
         self.dh0 = xp.empty((L * D, B, H), dtype)
         self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
         self.ones = xp.ones((1, T * B), dtype)
-        self.dirs = [Direction.allocate(xp, cfg.cell, T, B, H, dtype) for _ in range(L * D)]
+        self.dirs = [Direction.allocate(xp, cfg.cell, T, B, H, dtype, vocab if k < D else None)
+                     for k in range(L * D)]
         self.graphs = {}
         self.zeroed = set()
 
@@ -88,21 +93,23 @@ class Workspace:
             buf[...] = default
             self.zeroed.add(name)
 
-    def layer_input(self, layer, dropout_on):
+    def layer_input(self, layer, dropout_on, embedding):
         if layer == 0:
-            return self.x
+            return self.x if embedding is None else sequence.Embedded(self.ids, *embedding, self.onehot)
         return self.inp[layer] if dropout_on else self.out[layer - 1]
 
 
-def forward(ops, cfg, params, ws, dropout_on):
-    """Every layer and direction, bottom to top, from ws.x/h0/c0 into ws.out/h_n/c_n."""
+def forward(ops, cfg, params, ws, dropout_on, embedding=None):
+    """Every layer and direction, bottom to top, from ws.x (or ws.ids)/h0/c0 into
+    ws.out/h_n/c_n. embedding: None, or (weight [V, I], its gradient [V, I]) when
+    the workspace holds ids of its rows."""
     xp = ops.xp
     H, D = cfg.H, cfg.D
     first, last = (0, -1), (-1, 0)  # state index of h0 and of h_n: forward, reverse
     for layer in range(cfg.L):
         if layer and dropout_on:
             xp.multiply(ws.out[layer - 1], ws.masks[layer], out=ws.inp[layer])  # dropout between layers
-        x = ws.layer_input(layer, dropout_on)
+        x = ws.layer_input(layer, dropout_on, embedding)
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh = (params[n] for n in cfg.param_names(layer, d))
@@ -118,16 +125,20 @@ def forward(ops, cfg, params, ws, dropout_on):
                 ws.c_n[k] = wsd.c[last[d]]
 
 
-def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None):
+def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=None):
     """BPTT through the stack, top to bottom, from ws.d_out/d_hn/d_cn into
-    ws.dx/dh0/dc0; parameter gradients accumulate into ``grads``.
+    ws.dx/dh0/dc0; parameter gradients accumulate into ``grads`` (and, with an
+    ``embedding`` as in ``forward``, into its gradient instead of ws.dx).
     recorders: None, or one gradient-flow recorder per layer and direction."""
     H, D = cfg.H, cfg.D
     d_layer_out = ws.d_out
+    if embedding is not None:
+        ops.one_hot(ws.ids.reshape(-1), ws.onehot)
     for layer in reversed(range(cfg.L)):
-        x = ws.layer_input(layer, dropout_on)
+        x = ws.layer_input(layer, dropout_on, embedding)
         dx = ws.dx if layer == 0 else ws.d_in[layer]
-        dx[...] = 0  # both directions accumulate into it
+        if dx is not None:
+            dx[...] = 0  # both directions accumulate into it
         for d in range(D):
             k = layer * D + d
             names = cfg.param_names(layer, d)

@@ -204,3 +204,76 @@ def test_adam_kernel_matches_spec(sim, dtype):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="adam_update: p, g, m, v must share shape"):
         sim.ops.adam_update(p, g[:3], m, v, *args)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cudasim"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("bidirectional, batch_first", [(False, False), (True, True)])
+def test_embedded_first_layer_matches_explicit_rows(request, backend, cell, bidirectional, batch_first):
+    """The embedding folded into the first layer (sequence.Embedded) against the same
+    layer fed weight[ids] on the numpy backend: outputs, states, every gradient."""
+    if backend == "cudasim":
+        request.getfixturevalue("sim")
+    rng = np.random.default_rng(11)
+    T, B, V, I, H = 4, 3, 5, 6, 7
+    kw = dict(num_layers=2, bidirectional=bidirectional, batch_first=batch_first, dtype="float64", seed=2)
+    ref, folded = make(cell, I, H, backend="numpy", **kw), make(cell, I, H, backend=backend, **kw)
+    weight = rng.standard_normal((V, I))
+    ids = rng.integers(0, V, (B, T) if batch_first else (T, B))
+    LD = 2 * (2 if bidirectional else 1)
+    h0, c0, d_hn, d_cn = rng.standard_normal((4, LD, B, H))
+    state, d_state = ((h0, c0), (d_hn, d_cn)) if cell == "lstm" else (h0, d_hn)
+    flat = (lambda s: list(s)) if cell == "lstm" else (lambda s: [s])  # noqa: E731
+    dweight, dweight_ref = np.zeros_like(weight), np.zeros_like(weight)
+    for _ in range(2):  # the second call replays on the same workspace and accumulates
+        out_ref, state_ref = ref(weight[ids], state)
+        out, state_out = folded._call_embedded(ids, weight, dweight, state)
+        for a, b in zip([out] + flat(state_out), [out_ref] + flat(state_ref)):
+            assert rel_err(a, b) < 1e-12
+        d_out = rng.standard_normal(out.shape)
+        dx_ref, dstate_ref = ref.backward(d_out, d_state)
+        dx, dstate = folded.backward(d_out, d_state)
+        assert dx is None  # the embedding's gradient accumulated instead
+        np.add.at(dweight_ref, ids, dx_ref)
+        for a, b in zip(flat(dstate), flat(dstate_ref)):
+            assert rel_err(a, b) < 1e-12
+    assert rel_err(dweight, dweight_ref) < 1e-12
+    for name in ref.grads:
+        assert rel_err(folded.grads[name], ref.grads[name]) < 1e-12, name
+
+
+def test_gather_rows_and_one_hot_kernels_match_spec(sim):
+    from gpurnn.backend import NumpyOps
+
+    rng = np.random.default_rng(12)
+    table = rng.standard_normal((5, 33))
+    ids = rng.integers(0, 5, 7).astype(np.int32)
+    out, spec = np.full((7, 33), np.nan), np.empty((7, 33))
+    sim.ops.gather_rows(table, ids, out)
+    NumpyOps.gather_rows(table, ids, spec)
+    assert np.array_equal(out, spec)
+    onehot, spec = np.full((7, 5), np.nan), np.empty((7, 5))
+    sim.ops.one_hot(ids, onehot)
+    NumpyOps.one_hot(ids, spec)
+    assert np.array_equal(onehot, spec)
+    with pytest.raises(ValueError, match=r"gather_rows: expected table \[V, 33\], ids int32 \[6\]"):
+        sim.ops.gather_rows(table, ids, out[:6])
+    with pytest.raises(ValueError, match=r"one_hot: expected ids int32 \[7\]"):
+        sim.ops.one_hot(ids.astype(np.int64), onehot)
+
+
+@pytest.mark.parametrize("V", [9, 5])  # unfolded (V > E = 6) and folded embedding
+def test_charlm_step_matches_numpy_backend(sim, V):
+    import gpurnn
+
+    rng = np.random.default_rng(13)
+    x, y = rng.integers(0, V, (5, 3)), rng.integers(0, V, (5, 3))
+    models = [gpurnn.CharLM(V, 6, num_layers=2, cell="gru", dtype="float64", seed=1, backend=b)
+              for b in ("numpy", "cudasim")]
+    losses = []
+    for m in models:
+        losses.append(m.forward(x, y)[0])
+        m.backward()
+    assert abs(losses[1] - losses[0]) < 1e-12 * abs(losses[0])
+    for k, g in models[0].grads.items():
+        assert rel_err(models[1].grads[k], g) < 1e-12, k

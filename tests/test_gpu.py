@@ -220,12 +220,14 @@ def test_diagnostics_on_gpu(gpu):
         assert rel_err(host(cud.recorded[k]), v) < 1e-10, k
 
 
-def test_charlm_training_step_on_gpu(gpu):
+@pytest.mark.parametrize("V", [20, 12])  # V > E = 16: embedding then stack; V <= E: folded into layer 0
+def test_charlm_training_step_on_gpu(gpu, V):
     import gpurnn
 
     rng = np.random.default_rng(5)
-    x, y = rng.integers(0, 20, (12, 4)), rng.integers(0, 20, (12, 4))
-    models = [gpurnn.CharLM(20, 16, num_layers=2, seed=0, dtype="float64", backend=b) for b in ("numpy", "cuda")]
+    x, y = rng.integers(0, V, (12, 4)), rng.integers(0, V, (12, 4))
+    models = [gpurnn.CharLM(V, 16, num_layers=2, seed=0, dtype="float64", backend=b) for b in ("numpy", "cuda")]
+    assert [m.fold_embedding for m in models] == [V <= 16] * 2
     opts = [gpurnn.optim.Adam(m.params, m.grads, lr=1e-2) for m in models]
     for _ in range(3):
         losses = []

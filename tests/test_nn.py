@@ -85,10 +85,12 @@ def test_mse_gradcheck():
     assert rel_err(loss_fn.backward(), numeric(lambda: loss_fn(pred, target), pred)) < 1e-8
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_charlm_gradcheck(cell):
+def test_charlm_gradcheck(cell, fold):
     rng = np.random.default_rng(5)
-    lm = gpurnn.CharLM(7, 5, num_layers=2, cell=cell, embedding_dim=4, dtype="float64", seed=3)
+    lm = gpurnn.CharLM(7, 5, num_layers=2, cell=cell, embedding_dim=4, dtype="float64", seed=3, fold_embedding=fold)
+    assert lm.fold_embedding is fold
     x, y = rng.integers(0, 7, (4, 3)), rng.integers(0, 7, (4, 3))
     state = None
     loss, state = lm.forward(x, y)
@@ -104,11 +106,13 @@ def test_charlm_gradcheck(cell):
     assert rel_err(lm.grads["head.weight"], numeric(g, lm.params["head.weight"])) < 1e-6
 
 
-def test_charlm_matches_torch():
+@pytest.mark.parametrize("V", [9, 7])  # more symbols than embedding dimensions, and fewer: folded
+def test_charlm_matches_torch(V):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(6)
-    V, H = 9, 8
+    H = 8
     lm = gpurnn.CharLM(V, H, num_layers=2, cell="lstm", dtype="float64", seed=0)
+    assert lm.fold_embedding == (V <= H)
     emb, rnn, head = torch.nn.Embedding(V, H).double(), torch.nn.LSTM(H, H, 2).double(), torch.nn.Linear(H, V).double()
     sd = lm.state_dict()
     for prefix, module in (("embedding", emb), ("rnn", rnn), ("head", head)):

@@ -251,23 +251,50 @@ def adam_update(p, g, m, v, step_size, beta1, beta2, eps, bias2_sqrt):
     p[i] -= step_size * mi / (math.sqrt(vi) / bias2_sqrt + eps)
 
 
+# ----------------------------------------------------------------- embedding
+@cuda.jit(cache=True)
+def gather_rows(table, ids, out):
+    """Twin of NumpyOps.gather_rows: out[n, k] = table[ids[n], k]; table [V, K], ids [N], out [N, K].
+    An id outside [0, V) (the model refuses those before staging) reads nothing and writes 0."""
+    i = cuda.grid(1)
+    K = out.shape[1]
+    if i >= out.shape[0] * K:
+        return
+    n = i // K
+    k = i - n * K
+    v = ids[n]
+    out[n, k] = table[v, k] if 0 <= v < table.shape[0] else out.dtype.type(0)
+
+
+@cuda.jit(cache=True)
+def one_hot(ids, out):
+    """Twin of NumpyOps.one_hot: out[n, v] = 1 where v == ids[n], else 0; ids [N], out [N, V]."""
+    i = cuda.grid(1)
+    V = out.shape[1]
+    if i >= out.shape[0] * V:
+        return
+    n = i // V
+    v = i - n * V
+    out[n, v] = out.dtype.type(1) if ids[n] == v else out.dtype.type(0)
+
+
 KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
            "lstm_forward": lstm_forward, "lstm_backward": lstm_backward,
-           "gru_forward": gru_forward, "gru_backward": gru_backward, "adam_update": adam_update}
+           "gru_forward": gru_forward, "gru_backward": gru_backward, "adam_update": adam_update,
+           "gather_rows": gather_rows, "one_hot": one_hot}
 
 
 def signature(name, dtype):
-    """The numba signature a launch on workspace buffers compiles (the RNN steps:
-    the output
-    and output-gradient views (y, dy) may be strided, everything else is
-    C-contiguous. Used by the PTX report."""
+    """The numba signature a launch on workspace buffers compiles (the RNN steps'
+    output and output-gradient views, y and dy, may be strided; everything else
+    is C-contiguous). Used by the PTX report."""
     from numba import types
 
     f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
     i64 = types.int64
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")
-    lengths = types.Array(types.int32, 1, "C")
+    lengths = ids = types.Array(types.int32, 1, "C")
     return {
         "rnn_forward": (i64, i64, c3, c2, c1, c3, a3, lengths, i64),
         "rnn_backward": (i64, i64, c3, a3, c2, c3, lengths, i64),
@@ -276,4 +303,6 @@ def signature(name, dtype):
         "gru_forward": (i64, i64, c3, c2, c1, c3, c3, a3, lengths),
         "gru_backward": (i64, i64, c3, c3, a3, c2, c3, c3, lengths),
         "adam_update": (c1, c1, c1, c1, f, f, f, f, f),
+        "gather_rows": (c2, ids, c2),
+        "one_hot": (ids, c2),
     }[name]

@@ -1,8 +1,9 @@
 """The backend operations of the CUDA code path: kernel launches, GEMMs, graphs.
 
 ``CudaOps`` offers the interface of ``gpurnn.backend.NumpyOps`` (the per-cell
-steps, ``gemm``, ``add_bias``, ``recurrent_operand``, the side stream, ``run``,
-``asarray``) plus the fused ``adam_update``:
+steps, ``gemm``, ``add_bias``, ``gather_rows``, ``one_hot``,
+``recurrent_operand``, the side stream, ``run``, ``asarray``) plus the fused
+``adam_update``:
 
 - real GPU: CuPy arrays, numba kernels launched on our own CuPy stream with
   pre-wrapped device arrays, GEMMs through cuBLAS (``cublas.py``), input
@@ -227,6 +228,23 @@ class CudaOps:
         flat = [a.reshape(-1) for a in (p, g, m, v)]
         self._launch(kernels.adam_update, 1, p.size, *flat, c(step_size), c(beta1), c(beta2), c(eps),
                      c(bias2_sqrt))
+
+    def gather_rows(self, table, ids, out):
+        """out[n] = table[ids[n]]; table: [V, K], ids: [N] int32, out: [N, K]."""
+        N, K = out.shape
+        if table.ndim != 2 or table.shape[1] != K or ids.shape != (N,) or ids.dtype != np.int32 \
+                or table.dtype != out.dtype:
+            raise ValueError(f"gather_rows: expected table [V, {K}], ids int32 [{N}] and out [{N}, {K}] of one "
+                             f"dtype, got table {table.dtype} {tuple(table.shape)}, ids {ids.dtype} "
+                             f"{tuple(ids.shape)}, out {out.dtype}")
+        self._launch(kernels.gather_rows, N, K, table, ids, out)
+
+    def one_hot(self, ids, out):
+        """out[n, v] = (ids[n] == v); ids: [N] int32, out: [N, V]."""
+        if out.ndim != 2 or ids.shape != (out.shape[0],) or ids.dtype != np.int32:
+            raise ValueError(f"one_hot: expected ids int32 [{out.shape[0]}] for out {tuple(out.shape)}, "
+                             f"got ids {ids.dtype} {tuple(ids.shape)}")
+        self._launch(kernels.one_hot, *out.shape, ids, out)
 
     def rnn_forward(self, t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
         T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, y=y, lengths=lengths, G=1)
