@@ -1,13 +1,14 @@
 """Whole models: embedding -> recurrent stack -> linear -> loss, and a sequence regressor.
 
     lm = gpurnn.CharLM(vocab_size, hidden_size, num_layers, cell="lstm")
-    loss, state = lm.forward(inputs, targets, state)   # inputs, targets: [T, B] int
+    loss, state = lm.forward(inputs, targets, state)   # inputs, targets: [T, B] int; loss: see below
     lm.backward()                                      # grads accumulate in lm.grads
     logits, state = lm.predict(inputs, state)          # no cache, no loss
 
 ``state`` is the recurrent state to start from (None: zeros) and the one the
 chunk ended in, detached: truncated BPTT carries it to the next chunk without
-back-propagating into it.
+back-propagating into it. ``loss`` is a float on the NumPy backend and a 0-d
+device array on the CUDA backend (``float(loss)`` waits for the GPU).
 """
 
 import numpy as np

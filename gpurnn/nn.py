@@ -13,7 +13,7 @@ Arrays are the backend's (NumPy, or CuPy on the CUDA backend).
 import numpy as np
 
 from gpurnn import checks
-from gpurnn.backend import NumpyOps, array_module, get_backend, to_host
+from gpurnn.backend import NumpyOps, array_module, get_backend, ops_for, to_host
 
 
 class _Module:
@@ -125,7 +125,11 @@ class SoftmaxCrossEntropy:
 
     reduction "mean" averages over the counted positions, "sum" adds them.
     Positions are not counted where ``targets == ignore_index`` or, with
-    ``lengths`` ([B]), where ``t >= lengths[b]``.
+    ``lengths`` ([B]), where ``t >= lengths[b]``. The loss is a float on the
+    NumPy backend and a 0-d device array on the CUDA backend (``float(loss)``
+    waits for the GPU), as torch returns a tensor: reading it is the caller's
+    choice. The gradient is computed with the loss, in the same pass over the
+    logits (``softmax_xent``), and ``backward`` hands it out.
     """
 
     def __init__(self, reduction="mean", ignore_index=None):
@@ -137,8 +141,8 @@ class SoftmaxCrossEntropy:
 
     def __call__(self, logits, targets, lengths=None):
         """logits: [T, B, V]; targets: [T, B] ints and lengths: [B], on the host or
-        (with GPU logits) on the device. Host targets are checked on the host:
-        then the loss is the only device sync."""
+        (with GPU logits) on the device. Host targets are checked on the host, so
+        the loss needs no device sync."""
         xp = array_module(logits)
         if logits.ndim != 3:
             raise ValueError(f"logits: expected [T, B, V], got shape {tuple(logits.shape)}")
@@ -158,36 +162,46 @@ class SoftmaxCrossEntropy:
             mask &= targets != self.ignore_index
         if lengths is not None:
             mask &= tp.arange(T)[:, None] < tp.asarray(to_host(lengths) if tp is np else lengths)[None, :]
-        safe = tp.where(mask, targets, 0)
+        safe = tp.where(mask, targets, 0).astype(np.int32).reshape(-1)
         lo, hi = _min_max(safe)
         if lo < 0 or hi >= V:
             raise ValueError(f"targets: expected class indices in [0, {V}), got values from {lo} to {hi}")
-        count = int(mask.sum()) if tp is np else None
-        mask, safe = xp.asarray(mask), xp.asarray(safe)
-        shifted = logits - logits.max(axis=-1, keepdims=True)  # log-sum-exp without overflow
-        log_z = xp.log(xp.exp(shifted).sum(axis=-1))
-        picked = xp.take_along_axis(shifted, safe[..., None], axis=-1)[..., 0]
-        total = (log_z - picked) * mask
-        if count is None:
-            total, count = (float(v) for v in to_host(xp.stack([total.sum(), mask.sum()])))
-        else:
-            total = float(total.sum())
-        scale = 1.0 / max(count, 1) if self.reduction == "mean" else 1.0
-        self._cache = (shifted, log_z, safe, mask, scale)
-        return total * scale
+        count = mask.sum()  # a device scalar when the targets are on the device: no sync
+        scale = 1 / tp.maximum(count, 1) if self.reduction == "mean" else 1
+        weight = xp.asarray((mask * scale).astype(logits.dtype).reshape(-1))  # 0 where not counted
+        rows = xp.ascontiguousarray(logits.reshape(-1, V))
+        losses, d_logits = xp.empty(T * B, logits.dtype), xp.empty_like(rows)
+        if xp is np:
+            softmax_xent(rows, xp.asarray(safe), weight, losses, d_logits)
+        else:  # the fused kernel: one pass over the logits
+            ops_for(logits).softmax_xent(rows, xp.asarray(safe), weight, losses, d_logits)
+        self._cache = d_logits.reshape(T, B, V)
+        loss = losses.sum()
+        return float(loss) if xp is np else loss
 
     def backward(self):
         """dlogits [T, B, V] = (softmax - onehot) * mask * scale."""
         if self._cache is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward: no forward pass to differentiate")
-        shifted, log_z, safe, mask, scale = self._cache
-        self._cache = None
-        xp = array_module(shifted)
-        d = xp.exp(shifted - log_z[..., None])  # softmax
-        rows = d.reshape(-1, d.shape[-1])
-        rows[xp.arange(rows.shape[0]), safe.reshape(-1)] -= 1  # minus the one-hot target
-        d *= (mask * scale)[..., None].astype(d.dtype)
-        return d
+        d_logits, self._cache = self._cache, None
+        return d_logits
+
+
+def softmax_xent(logits, targets, weight, losses, d_logits):
+    """Softmax cross-entropy of each row and its gradient, in one pass (the spec
+    of the CUDA kernel of the same name).
+
+    logits: [N, V]   targets: [N] int32 in [0, V)   weight: [N] (0: not counted)
+    losses: [N]      writes weight * (log sum exp(logits) - logits[target])
+    d_logits: [N, V] writes weight * (softmax(logits) - onehot(target))
+    """
+    shifted = logits - logits.max(axis=1, keepdims=True)  # log-sum-exp without overflow
+    log_z = np.log(np.exp(shifted).sum(axis=1))
+    rows = np.arange(logits.shape[0])
+    losses[...] = weight * (log_z - shifted[rows, targets])
+    np.exp(shifted - log_z[:, None], out=d_logits)  # softmax
+    d_logits[rows, targets] -= 1  # minus the one-hot target
+    d_logits *= weight[:, None]
 
 
 def _min_max(a):
@@ -200,7 +214,8 @@ def _min_max(a):
 
 
 class MSELoss:
-    """Mean squared error over every element (torch.nn.MSELoss's default)."""
+    """Mean squared error over every element (torch.nn.MSELoss's default): a float
+    on the NumPy backend, a 0-d device array on the CUDA backend (as SoftmaxCrossEntropy)."""
 
     def __init__(self):
         self._cache = None
@@ -210,7 +225,8 @@ class MSELoss:
             raise ValueError(f"target: expected shape {tuple(pred.shape)}, got {tuple(target.shape)}")
         diff = pred - target
         self._cache = diff
-        return float((diff * diff).mean())
+        loss = (diff * diff).mean()
+        return float(loss) if isinstance(loss, (np.ndarray, np.generic)) else loss
 
     def backward(self):
         if self._cache is None:

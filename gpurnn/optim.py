@@ -137,17 +137,36 @@ def adam_update(p, g, m, v, step_size, beta1, beta2, eps, bias2_sqrt):
 OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
 
 
+def _sum_of_squares(grads):
+    """Every gradient element squared, summed: a NumPy scalar, or a 0-d device array (no sync)."""
+    return sum((g * g).sum() for g in grads.values())
+
+
 def global_norm(grads):
-    """sqrt of the sum of every gradient element squared (one device sync on a GPU)."""
-    total = sum((g * g).sum() for g in grads.values())
-    return math.sqrt(float(total))
+    """sqrt of the sum of every gradient element squared, as a float (one device sync on a GPU)."""
+    return math.sqrt(float(_sum_of_squares(grads)))
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads, max_norm, norm=None):
     """Scale all gradients by max_norm / (norm + 1e-6) when that is below 1 (as torch).
-    Returns the norm before clipping."""
+
+    norm: their global norm, if the caller has read it already (a training loop
+    that checks it for NaN), so it is not computed twice.
+    Returns the norm before clipping: a float on the NumPy backend or when given;
+    otherwise, on the CUDA backend, a 0-d device array: the norm and the scaling
+    stay on the GPU and nothing waits for it (torch returns a tensor likewise).
+    """
     max_norm = _positive("max_norm", max_norm)
-    norm = global_norm(grads)
+    if norm is None:
+        total = _sum_of_squares(grads)
+        if not isinstance(total, (int, float, np.generic)):  # on the GPU: clip without reading the norm
+            xp = array_module(total)
+            norm = xp.sqrt(total)
+            coef = xp.minimum(max_norm / (norm + 1e-6), 1.0)  # 1: unchanged, exactly
+            for g in grads.values():
+                g *= coef
+            return norm
+        norm = math.sqrt(float(total))
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
         for g in grads.values():
@@ -155,10 +174,11 @@ def clip_grad_norm(grads, max_norm):
     return norm
 
 
-def clip_grad_value(grads, threshold):
-    """Clamp every gradient element to [-threshold, threshold]. Returns the norm before clipping."""
+def clip_grad_value(grads, threshold, norm=None):
+    """Clamp every gradient element to [-threshold, threshold]. Returns the norm
+    before clipping (``norm`` if given, else computed: one device sync on a GPU)."""
     threshold = _positive("threshold", threshold)
-    norm = global_norm(grads)
+    norm = global_norm(grads) if norm is None else norm
     for g in grads.values():
         array_module(g).clip(g, -threshold, threshold, out=g)
     return norm

@@ -222,18 +222,18 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
             t0 = time.perf_counter()
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is checked for just below
                 loss, new_state = task.loss(step, state)
-                if math.isfinite(loss):
-                    model.backward()
-                    norm = optim.global_norm(model.grads)
+                model.backward()
+                norm = optim.global_norm(model.grads)  # the step's one wait for the GPU
+                loss = float(loss)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm}"
                 raise Diverged(
                     f"{what} at step {step + 1}; the last good checkpoint (step {good_step}) "
                     f"is kept in {out_dir}. Try --clip-norm 1.0 or a lower --lr")
             if cfg["clip_norm"]:
-                optim.clip_grad_norm(model.grads, cfg["clip_norm"])
+                optim.clip_grad_norm(model.grads, cfg["clip_norm"], norm)
             elif cfg["clip_value"]:
-                optim.clip_grad_value(model.grads, cfg["clip_value"])
+                optim.clip_grad_value(model.grads, cfg["clip_value"], norm)
             opt.step()
             model.zero_grad()
             state = new_state

@@ -78,7 +78,7 @@ def bench(label, H, L, T, B, gpu, steps):
         gpurnn.optim.clip_grad_norm(lm.grads, 5.0)
         opt.step()
         lm.zero_grad()
-        return loss
+        return float(loss)  # the step's one wait for the GPU, as torch's loss.item()
 
     def theirs(i):
         x, y = tbatches[i % 4]

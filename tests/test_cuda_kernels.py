@@ -277,3 +277,24 @@ def test_charlm_step_matches_numpy_backend(sim, V):
     assert abs(losses[1] - losses[0]) < 1e-12 * abs(losses[0])
     for k, g in models[0].grads.items():
         assert rel_err(models[1].grads[k], g) < 1e-12, k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("V", [5, 300])  # fewer classes than a block's threads, and more
+def test_softmax_xent_kernel_matches_spec(sim, dtype, V):
+    from gpurnn.nn import softmax_xent
+
+    rng = np.random.default_rng(14)
+    N = 3
+    logits = (rng.standard_normal((N, V)) * 30).astype(dtype)  # large: the log-sum-exp must be stable
+    targets = rng.integers(0, V, N).astype(np.int32)
+    weight = np.array([0.5, 0.0, 0.5], dtype)  # the middle row is not counted
+    outs = [(np.full(N, np.nan, dtype), np.full((N, V), np.nan, dtype)) for _ in range(2)]
+    softmax_xent(logits, targets, weight, *outs[0])
+    sim.ops.softmax_xent(logits, targets, weight, *outs[1])
+    tol = 1e-12 if dtype == "float64" else 1e-6
+    for spec, kern in zip(*outs):
+        assert kern.dtype == spec.dtype and rel_err(kern, spec) < tol
+    assert not outs[1][1][1].any()  # the uncounted row's gradient is zero
+    with pytest.raises(ValueError, match=r"softmax_xent: expected logits and d_logits \[3, %d\]" % V):
+        sim.ops.softmax_xent(logits, targets.astype(np.int64), weight, *outs[1])

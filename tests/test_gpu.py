@@ -230,14 +230,16 @@ def test_charlm_training_step_on_gpu(gpu, V):
     assert [m.fold_embedding for m in models] == [V <= 16] * 2
     opts = [gpurnn.optim.Adam(m.params, m.grads, lr=1e-2) for m in models]
     for _ in range(3):
-        losses = []
+        losses, norms = [], []
         for m, opt in zip(models, opts):
             loss, _ = m.forward(x, y)
             m.backward()
-            gpurnn.optim.clip_grad_norm(m.grads, 1.0)
+            norms.append(gpurnn.optim.clip_grad_norm(m.grads, 1.0))  # on the GPU: a 0-d device array
             opt.step()
             m.zero_grad()
-            losses.append(loss)
+            losses.append(float(loss))
+        assert isinstance(norms[0], float) and norms[1].shape == ()
         assert abs(losses[0] - losses[1]) < 1e-10 * abs(losses[0])
+        assert abs(float(norms[1]) - norms[0]) < 1e-10 * norms[0]
     for k, p in models[0].params.items():
         assert rel_err(host(models[1].params[k]), p) < 1e-10, k

@@ -16,6 +16,7 @@ Launch with ``grid(B * H)`` threads; ``cuda.grid(1)`` beyond ``B * H`` returns.
 import math
 
 import numpy as np
+from numba import float64
 
 from gpurnn.backend import load_numba_cuda
 from gpurnn.cells import ELU_ALPHA, LEAKY_RELU_SLOPE, NONLINEARITIES
@@ -278,10 +279,62 @@ def one_hot(ids, out):
     out[n, v] = out.dtype.type(1) if ids[n] == v else out.dtype.type(0)
 
 
+# ---------------------------------------------------------------------- loss
+ROW_THREADS = 128  # threads per block of the row kernels: one block owns one row
+
+
+@cuda.jit(device=True, inline=True)
+def _block_reduce(buf, value, take_max):
+    """max (take_max) or sum of value over the block's ROW_THREADS threads, through
+    the float64 shared array buf; every thread gets the result."""
+    tid = cuda.threadIdx.x
+    buf[tid] = value
+    cuda.syncthreads()
+    step = ROW_THREADS // 2
+    while step > 0:
+        if tid < step:
+            buf[tid] = max(buf[tid], buf[tid + step]) if take_max else buf[tid] + buf[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    result = buf[0]
+    cuda.syncthreads()  # buf is free again for the next reduction
+    return result
+
+
+@cuda.jit(cache=True)
+def softmax_xent(logits, targets, weight, losses, d_logits):
+    """Twin of gpurnn.nn.softmax_xent, launched with one block of ROW_THREADS per row.
+
+    logits: [N, V]   targets: [N] int32 in [0, V)   weight: [N]
+    losses: [N] = weight (log sum exp - logits[target])
+    d_logits: [N, V] = weight (softmax - onehot)
+    The row's max and sum of exponentials are reduced in float64.
+    """
+    n = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    V = logits.shape[1]
+    buf = cuda.shared.array(ROW_THREADS, float64)
+    top = -math.inf
+    for v in range(tid, V, ROW_THREADS):
+        top = max(top, float64(logits[n, v]))
+    top = _block_reduce(buf, top, True)
+    total = 0.0
+    for v in range(tid, V, ROW_THREADS):
+        total += math.exp(float64(logits[n, v]) - top)  # log-sum-exp without overflow
+    log_z = top + math.log(_block_reduce(buf, total, False))
+    w = float64(weight[n])
+    y = targets[n]
+    for v in range(tid, V, ROW_THREADS):
+        p = math.exp(float64(logits[n, v]) - log_z)  # softmax
+        d_logits[n, v] = w * (p - 1.0) if v == y else w * p  # minus the one-hot target
+    if tid == 0:
+        losses[n] = w * (log_z - float64(logits[n, y]))
+
+
 KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
            "lstm_forward": lstm_forward, "lstm_backward": lstm_backward,
            "gru_forward": gru_forward, "gru_backward": gru_backward, "adam_update": adam_update,
-           "gather_rows": gather_rows, "one_hot": one_hot}
+           "gather_rows": gather_rows, "one_hot": one_hot, "softmax_xent": softmax_xent}
 
 
 def signature(name, dtype):
@@ -305,4 +358,5 @@ def signature(name, dtype):
         "adam_update": (c1, c1, c1, c1, f, f, f, f, f),
         "gather_rows": (c2, ids, c2),
         "one_hot": (ids, c2),
+        "softmax_xent": (c2, ids, c1, c1, c2),
     }[name]

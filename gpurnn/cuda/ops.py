@@ -3,7 +3,7 @@
 ``CudaOps`` offers the interface of ``gpurnn.backend.NumpyOps`` (the per-cell
 steps, ``gemm``, ``add_bias``, ``gather_rows``, ``one_hot``,
 ``recurrent_operand``, the side stream, ``run``, ``asarray``) plus the fused
-``adam_update``:
+``adam_update`` and ``softmax_xent``:
 
 - real GPU: CuPy arrays, numba kernels launched on our own CuPy stream with
   pre-wrapped device arrays, GEMMs through cuBLAS (``cublas.py``), input
@@ -245,6 +245,22 @@ class CudaOps:
             raise ValueError(f"one_hot: expected ids int32 [{out.shape[0]}] for out {tuple(out.shape)}, "
                              f"got ids {ids.dtype} {tuple(ids.shape)}")
         self._launch(kernels.one_hot, *out.shape, ids, out)
+
+    def softmax_xent(self, logits, targets, weight, losses, d_logits):
+        """The fused twin of gpurnn.nn.softmax_xent: logits, d_logits [N, V];
+        targets [N] int32 (checked to lie in [0, V) by the caller); weight, losses [N]."""
+        N, V = logits.shape
+        if d_logits.shape != (N, V) or targets.shape != (N,) or weight.shape != (N,) or losses.shape != (N,) \
+                or targets.dtype != np.int32 or not (logits.dtype == weight.dtype == losses.dtype == d_logits.dtype):
+            raise ValueError(f"softmax_xent: expected logits and d_logits [{N}, {V}], targets int32 [{N}], "
+                             f"weight and losses [{N}] of the logits' dtype, got d_logits {tuple(d_logits.shape)}, "
+                             f"targets {targets.dtype} {tuple(targets.shape)}, weight {weight.dtype} "
+                             f"{tuple(weight.shape)}, losses {losses.dtype} {tuple(losses.shape)}")
+        args = (logits, targets, weight, losses, d_logits)
+        if self.simulate:
+            kernels.softmax_xent[N, kernels.ROW_THREADS](*(self._sim_wrap(a) for a in args))
+        else:
+            kernels.softmax_xent[N, kernels.ROW_THREADS, self._nb_stream](*(self._wrap(a) for a in args))
 
     def rnn_forward(self, t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
         T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, y=y, lengths=lengths, G=1)
