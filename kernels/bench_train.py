@@ -8,7 +8,9 @@ Two sizes: ``gpurnn train``'s defaults for the device (CPU: 1x256, T=64, B=128;
 GPU: 2x512, T=128, B=64) and BENCHMARKS.md's config A (1x512, T=100, B=64).
 Wall-clock per step (synchronized on the GPU), median of --steps after 3
 warm-ups; torch uses all cores, TF32 off. Prints the ratio of tokens/s (above 1:
-gpurnn is faster).
+gpurnn is faster). Then, to see where a step's time goes, the same steps again
+with a wait after each phase (forward + loss, backward, clipping, optimizer,
+zeroing the gradients): median milliseconds per phase, both sides.
 """
 
 import argparse
@@ -45,6 +47,9 @@ def main(argv=None):
         print(f"{r['device']}, {r['size']:<13}: LSTM {r['layers']}x{r['H']}, T={r['T']}, B={r['B']}: "
               f"gpurnn {r['gpurnn_tokens_s']:,.0f} tok/s, torch {r['torch_tokens_s']:,.0f} tok/s, "
               f"ratio {r['ratio']:.2f}")
+        for side, phases in r["phases_ms"].items():
+            print(f"    {side:<7} ms, waiting after each phase: "
+                  + ", ".join(f"{name} {ms:.2f}" for name, ms in phases.items()))
     return rows
 
 
@@ -72,23 +77,37 @@ def bench(label, H, L, T, B, gpu, steps):
     tbatches = [(torch.from_numpy(x).long().to(dev), torch.from_numpy(y).long().to(dev)) for x, y in batches]
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
-    def ours(i):
-        loss, _ = lm.forward(*batches[i % 4])
-        lm.backward()
-        gpurnn.optim.clip_grad_norm(lm.grads, 5.0)
-        opt.step()
-        lm.zero_grad()
-        return float(loss)  # the step's one wait for the GPU, as torch's loss.item()
+    out = {}
+    our_phases = {
+        "forward": lambda i: out.update(loss=lm.forward(*batches[i % 4])[0]),
+        "backward": lambda i: lm.backward(),
+        "clip": lambda i: gpurnn.optim.clip_grad_norm(lm.grads, 5.0),
+        "optimizer": lambda i: opt.step(),
+        "zero_grad": lambda i: lm.zero_grad(),
+    }
 
-    def theirs(i):
+    def theirs_forward(i):
         x, y = tbatches[i % 4]
         logits = head(rnn(emb(x))[0])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
-        topt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tparams, 5.0)
-        topt.step()
-        return loss.item()
+        out.update(tloss=torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1)))
+
+    their_phases = {
+        "forward": theirs_forward,
+        "zero_grad": lambda i: topt.zero_grad(),
+        "backward": lambda i: out["tloss"].backward(),
+        "clip": lambda i: torch.nn.utils.clip_grad_norm_(tparams, 5.0),
+        "optimizer": lambda i: topt.step(),
+    }
+
+    def ours(i):
+        for phase in our_phases.values():
+            phase(i)
+        return float(out["loss"])  # the step's one wait for the GPU, as torch's loss.item()
+
+    def theirs(i):
+        for phase in their_phases.values():
+            phase(i)
+        return out["tloss"].item()
 
     first = (ours(0), theirs(0))  # same weights, same batch: the same loss
     assert abs(first[0] - first[1]) < 1e-4 * abs(first[1]), first
@@ -105,10 +124,23 @@ def bench(label, H, L, T, B, gpu, steps):
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    def per_phase(phases):
+        times = {name: [] for name in phases}
+        for i in range(steps):
+            for name, phase in phases.items():
+                sync()
+                t0 = time.perf_counter()
+                phase(i)
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
     t_ours, t_theirs = per_step(ours), per_step(theirs)
     return dict(size=label, device=torch.cuda.get_device_name() if gpu else f"CPU x{os.cpu_count()}", H=H,
                 layers=L, T=T, B=B, V=V, gpurnn_tokens_s=T * B / t_ours, torch_tokens_s=T * B / t_theirs,
-                ratio=t_theirs / t_ours, first_loss=first, torch=torch.__version__)
+                ratio=t_theirs / t_ours, first_loss=first, torch=torch.__version__,
+                fold_embedding=lm.fold_embedding,
+                phases_ms={"gpurnn": per_phase(our_phases), "torch": per_phase(their_phases)})
 
 
 if __name__ == "__main__":

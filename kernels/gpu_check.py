@@ -8,7 +8,9 @@
    GPU, twice (the second run reads numba's on-disk kernel cache);
 3. copy bandwidth and fp32/TF32 GEMM ceilings;
 4. BENCHMARKS.md's matrix (configs A-E x LSTM/GRU/RNN x fwd, fwd+bwd x fp32, TF32)
-   against cuDNN in this process.
+   against cuDNN in this process;
+5. ``bench_train.py``: a CharLM training step's tokens/s against torch, with
+   the time of each phase on both sides.
 Writes ``kernels/results/<date>-<gpu>.json`` (and a copy under --out) and prints
 the ratio table last. Each stage is guarded so one failure still reports the rest.
 """
@@ -100,6 +102,7 @@ def main():
     ap.add_argument("--test-timeout", type=int, default=240)
     args = ap.parse_args()
     import bench_gpu
+    import bench_train
 
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     stage(report, "versions", versions)
@@ -108,6 +111,7 @@ def main():
     stage(report, "ceilings", bench_gpu.ceilings)
     bench_args = ["--configs", "A", "D", "--cells", "lstm", "--modes", "fp32"] if args.quick else []
     stage(report, "benchmarks", lambda: bench_gpu.main(bench_args))
+    stage(report, "training", lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]))
 
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", report["versions"].get("device", "gpu")).strip("-").lower()
     name = f"{report['date'][:10]}-{gpu}.json"
@@ -135,6 +139,11 @@ def main():
     rows = report["benchmarks"]
     if isinstance(rows, list):
         print(bench_gpu.table(rows))
+    for r in report["training"] if isinstance(report["training"], list) else []:
+        print(f"CharLM training step, {r['size']} (LSTM {r['layers']}x{r['H']}, T={r['T']}, B={r['B']}): "
+              f"tokens/s ratio {r['ratio']:.2f}; phases (ms) "
+              + "; ".join(f"{side}: " + ", ".join(f"{k} {v:.2f}" for k, v in p.items())
+                          for side, p in r["phases_ms"].items()))
     print("written:", ", ".join(paths))
 
 
