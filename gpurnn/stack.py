@@ -50,6 +50,7 @@ class Workspace:
     ones: [1, T*B]        for the bias-gradient GEMMs
     dirs[k]: Direction    per layer and direction, k = l*D + d
     graphs: dict          CUDA graphs captured over these buffers (CUDA backend)
+    embedding: tuple      the (weight, gradient) arrays those graphs read, with a vocabulary
     zeroed: set           staged buffers known to hold zeros (and lengths == T), so
                           that calls without them skip re-writing them
     """
@@ -80,6 +81,7 @@ class Workspace:
         self.dirs = [Direction.allocate(xp, cfg.cell, T, B, H, dtype, vocab if k < D else None)
                      for k in range(L * D)]
         self.graphs = {}
+        self.embedding = None
         self.zeroed = set()
 
     def stage(self, name, value, default=0):

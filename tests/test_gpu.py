@@ -243,3 +243,19 @@ def test_charlm_training_step_on_gpu(gpu, V):
         assert abs(float(norms[1]) - norms[0]) < 1e-10 * norms[0]
     for k, p in models[0].params.items():
         assert rel_err(host(models[1].params[k]), p) < 1e-10, k
+
+
+def test_embedded_layer_recaptures_for_other_embedding_arrays(gpu):
+    import cupy
+
+    rng = np.random.default_rng(9)
+    T, B, V, I, H = 6, 4, 5, 8, 16
+    ids = rng.integers(0, V, (T, B))
+    ref = make("gru", I, H, num_layers=2, bidirectional=True, dtype="float64", seed=1, backend="numpy")
+    cud = make("gru", I, H, num_layers=2, bidirectional=True, dtype="float64", seed=1, backend="cuda")
+    for _ in range(2):  # a second embedding after the first one's graph was captured
+        weight = rng.standard_normal((V, I))
+        on_gpu, dweight = cupy.asarray(weight), cupy.zeros((V, I))
+        for call in range(3):  # eager, eager + capture, replay
+            out = cud._call_embedded(ids, on_gpu, dweight)[0]
+            assert rel_err(host(out), ref(weight[ids])[0]) < 1e-12, call
