@@ -174,7 +174,9 @@ class SoftmaxCrossEntropy:
         if xp is np:
             softmax_xent(rows, xp.asarray(safe), weight, losses, d_logits)
         else:  # the fused kernel: one pass over the logits
-            ops_for(logits).softmax_xent(rows, xp.asarray(safe), weight, losses, d_logits)
+            ops = ops_for(logits)
+            with ops.on_stream():  # ordered after the logits' GEMM and before the loss's sum
+                ops.softmax_xent(rows, xp.asarray(safe), weight, losses, d_logits)
         self._cache = d_logits.reshape(T, B, V)
         loss = losses.sum()
         return float(loss) if xp is np else loss
