@@ -77,6 +77,15 @@ class _RNNBase:
                     grads[name] = xp.zeros(shape, self.dtype)
         return params, grads
 
+    def _rebind(self, name, param, grad):
+        """Hold ``param`` and ``grad`` (views of a model's flat buffers) as the
+        parameter ``name`` and its gradient from now on; graphs captured over
+        the old arrays are dropped."""
+        self._params[name] = self.params[name] = param
+        self._grads[name] = self.grads[name] = grad
+        for ws in self._workspaces.values():
+            ws.graphs.clear()
+
     def parameters(self):
         """(name, array) pairs, in torch's order."""
         return list(self.params.items())

@@ -13,7 +13,7 @@ device array on the CUDA backend (``float(loss)`` waits for the GPU).
 
 import numpy as np
 
-from gpurnn import checks, nn
+from gpurnn import checks, flat, nn
 from gpurnn.layers import GRU, LSTM, RNN
 
 CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
@@ -33,7 +33,12 @@ def _seeds(seed, n):
 
 
 class _Composite:
-    """Parameters of the parts under prefixed names: embedding.weight, rnn.weight_ih_l0, head.weight, ..."""
+    """Parameters of the parts under prefixed names: embedding.weight, rnn.weight_ih_l0, head.weight, ...
+
+    All parameters are views of one buffer, and all gradients of another
+    (gpurnn.flat), so optimizers, gradient norms, clipping and ``zero_grad``
+    each work on a single array.
+    """
 
     def _collect(self, parts):
         self.params, self.grads = {}, {}
@@ -42,13 +47,17 @@ class _Composite:
                 self.params[f"{prefix}.{name}"] = part.params[name]
                 self.grads[f"{prefix}.{name}"] = part.grads[name]
         self._parts = parts
+        _, self.params = flat.pack(self.params)
+        self._grad_buffer, self.grads = flat.pack(self.grads)
+        for key in self.params:
+            prefix, name = key.split(".", 1)
+            parts[prefix]._rebind(name, self.params[key], self.grads[key])
 
     def parameters(self):
         return list(self.params.items())
 
     def zero_grad(self):
-        for g in self.grads.values():
-            g[...] = 0
+        self._grad_buffer[...] = 0
 
     def train(self, mode=True):
         self.rnn.train(mode)

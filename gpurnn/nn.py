@@ -27,6 +27,11 @@ class _Module:
         self.params[name] = self.xp.asarray(value)
         self.grads[name] = self.xp.zeros_like(self.params[name])
 
+    def _rebind(self, name, param, grad):
+        """Hold ``param`` and ``grad`` (views of a model's flat buffers) as the
+        parameter ``name`` and its gradient from now on."""
+        self.params[name], self.grads[name] = param, grad
+
     def zero_grad(self):
         for g in self.grads.values():
             g[...] = 0

@@ -7,12 +7,16 @@
 ``params`` and ``grads`` are dicts of arrays with the same keys; parameters
 are updated in place (a captured CUDA graph keeps pointing at them). State
 round-trips through ``state_dict()`` / ``load_state_dict()`` as NumPy arrays.
+When the parameters and the gradients are each views of one buffer (a model's,
+gpurnn.flat), the optimizer keeps its state the same way and updates, clips
+and measures the buffers whole: one operation, not one per parameter.
 """
 
 import math
 
 import numpy as np
 
+from gpurnn import flat
 from gpurnn.backend import array_module, ops_for, to_host
 
 
@@ -35,14 +39,24 @@ class Optimizer:
         self.params, self.grads = params, grads
         self.lr = _positive("lr", lr)
         self.steps = 0
-        self.state = {s: {n: array_module(p).zeros_like(p) for n, p in params.items()} for s in self._state_names}
+        self._flat = _flat_pair(params, grads)
+        if self._flat:  # the state as views of buffers laid out like the parameters'
+            buffers = [array_module(self._flat[0]).zeros_like(self._flat[0]) for _ in self._state_names]
+            self._flat += tuple(buffers)
+            self.state = {s: flat.views_of(b, params) for s, b in zip(self._state_names, buffers)}
+        else:
+            self.state = {s: {n: array_module(p).zeros_like(p) for n, p in params.items()}
+                          for s in self._state_names}
 
     def step(self):
         self.steps += 1
         ops = ops_for(next(iter(self.params.values())))
         with ops.on_stream():  # the CUDA backend's kernels run in order with the caller's work
+            if self._flat:
+                self._update(ops, *self._flat)
+                return
             for name, p in self.params.items():
-                self._update(ops, name, p, self.grads[name])
+                self._update(ops, p, self.grads[name], *(self.state[s][name] for s in self._state_names))
 
     def state_dict(self):
         return {"steps": self.steps,
@@ -73,9 +87,8 @@ class SGD(Optimizer):
         super().__init__(params, grads, lr)
         self.momentum = _positive("momentum", momentum, allow_zero=True)
 
-    def _update(self, ops, name, p, g):
+    def _update(self, ops, p, g, buf):
         if self.momentum:
-            buf = self.state["momentum_buffer"][name]
             if self.steps == 1:
                 buf[...] = g
             else:
@@ -94,8 +107,7 @@ class Adagrad(Optimizer):
         super().__init__(params, grads, lr)
         self.eps = _positive("eps", eps)
 
-    def _update(self, ops, name, p, g):
-        acc = self.state["sum"][name]
+    def _update(self, ops, p, g, acc):
         acc += g * g
         p -= self.lr * g / (array_module(acc).sqrt(acc) + self.eps)
 
@@ -112,9 +124,8 @@ class Adam(Optimizer):
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = _positive("eps", eps)
 
-    def _update(self, ops, name, p, g):
+    def _update(self, ops, p, g, m, v):
         b1, b2 = self.betas
-        m, v = self.state["exp_avg"][name], self.state["exp_avg_sq"][name]
         step_size = self.lr / (1 - b1 ** self.steps)
         bias2_sqrt = math.sqrt(1 - b2 ** self.steps)
         if isinstance(p, np.ndarray):
@@ -131,15 +142,34 @@ def adam_update(p, g, m, v, step_size, beta1, beta2, eps, bias2_sqrt):
     m += (1 - beta1) * g
     v *= beta2
     v += (1 - beta2) * g * g
-    p -= step_size * m / (np.sqrt(v) / bias2_sqrt + eps)
+    denom = np.sqrt(v)  # one scratch array, updated in place: a few passes over memory, not a dozen
+    denom /= bias2_sqrt
+    denom += eps
+    np.divide(m, denom, out=denom)
+    denom *= step_size
+    p -= denom
 
 
 OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
 
 
+def _flat_pair(params, grads):
+    """(parameter buffer, gradient buffer) when both dicts are packed views with
+    one layout (gpurnn.flat), else None."""
+    same_layout = list(params) == list(grads) and all(params[n].shape == grads[n].shape for n in params)
+    p_buf, g_buf = flat.buffer_of(params), flat.buffer_of(grads)
+    return (p_buf, g_buf) if same_layout and p_buf is not None and g_buf is not None else None
+
+
+def _arrays(grads):
+    """The arrays to work on: the one buffer packed gradients are views of, or each gradient."""
+    buffer = flat.buffer_of(grads)
+    return list(grads.values()) if buffer is None else [buffer]
+
+
 def _sum_of_squares(grads):
     """Every gradient element squared, summed: a NumPy scalar, or a 0-d device array (no sync)."""
-    return sum((g * g).sum() for g in grads.values())
+    return sum((g * g).sum() for g in _arrays(grads))
 
 
 def global_norm(grads):
@@ -163,13 +193,13 @@ def clip_grad_norm(grads, max_norm, norm=None):
             xp = array_module(total)
             norm = xp.sqrt(total)
             coef = xp.minimum(max_norm / (norm + 1e-6), 1.0)  # 1: unchanged, exactly
-            for g in grads.values():
+            for g in _arrays(grads):
                 g *= coef
             return norm
         norm = math.sqrt(float(total))
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
-        for g in grads.values():
+        for g in _arrays(grads):
             g *= coef
     return norm
 
@@ -179,6 +209,6 @@ def clip_grad_value(grads, threshold, norm=None):
     before clipping (``norm`` if given, else computed: one device sync on a GPU)."""
     threshold = _positive("threshold", threshold)
     norm = global_norm(grads) if norm is None else norm
-    for g in grads.values():
+    for g in _arrays(grads):
         array_module(g).clip(g, -threshold, threshold, out=g)
     return norm
