@@ -113,6 +113,12 @@ class NumpyOps:
         return w_hh_t, False
 
     @staticmethod
+    def input_operand(w_ih, w_ih_t, rows):
+        """(W, trans_b) for the input projection x @ op(W): W as stored. Over all
+        T*B rows OpenBLAS gains about 4% from a W^T copy, about what the copy costs."""
+        return w_ih, True
+
+    @staticmethod
     def scatter_add(target, indices, values):
         """target[indices[k]] += values[k], repeated indices adding up (as np.add.at,
         which is 3-5x slower). Small tables: a one-hot GEMM; large ones: sort the

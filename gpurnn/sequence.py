@@ -31,6 +31,7 @@ class Direction:
     gx: [T, B, G*H]   input projection x W_ih^T + b_ih
     gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T
     w_hh_t: [H, G*H]  room for W_hh^T, for backends whose GEMM is faster on it
+    w_ih_t: [I, G*H]  room for W_ih^T, likewise (None when the input is Embedded)
     h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
     c:  [T+1, B, H]   LSTM cell states (None otherwise)
     gates: [T, B, S*H] saved activations (None for the plain RNN)
@@ -44,6 +45,7 @@ class Direction:
     gx: object
     gh: object
     w_hh_t: object
+    w_ih_t: object
     h: object
     c: object
     gates: object
@@ -55,13 +57,14 @@ class Direction:
     dtable: object = None
 
     @classmethod
-    def allocate(cls, xp, cell, T, B, H, dtype, vocab=None):
+    def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
         G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
         dgx = xp.empty((T, B, G * H), dtype)
         return cls(
             gx=xp.empty((T, B, G * H), dtype),
             gh=xp.empty((B, G * H), dtype),
             w_hh_t=xp.empty((H, G * H), dtype),
+            w_ih_t=None if vocab else xp.empty((I, G * H), dtype),
             h=xp.empty((T + 1, B, H), dtype),
             c=xp.empty((T + 1, B, H), dtype) if cell == "lstm" else None,
             gates=xp.empty((T, B, S * H), dtype) if S else None,
@@ -122,10 +125,11 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
         # every span but the first overlaps the recurrence of the spans before it
         spans = _spans(T, ops.input_spans(B, w_ih.shape[0]), reverse)
         ready = []
+        w_in, trans_in = ops.input_operand(w_ih, ws.w_ih_t, (T // len(spans)) * B)  # as is, or W_ih^T
         with ops.side_stream():
             for start, stop in spans:
                 gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
-                ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_ih, gx, trans_b=True)
+                ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
                 ops.add_bias(gx, b_ih)
                 ready.append(ops.mark())
     w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster

@@ -78,8 +78,8 @@ class Workspace:
         self.dh0 = xp.empty((L * D, B, H), dtype)
         self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
         self.ones = xp.ones((1, T * B), dtype)
-        self.dirs = [Direction.allocate(xp, cfg.cell, T, B, H, dtype, vocab if k < D else None)
-                     for k in range(L * D)]
+        self.dirs = [Direction.allocate(xp, cfg.cell, T, B, cfg.layer_input_size(k // D), H, dtype,
+                                        vocab if k < D else None) for k in range(L * D)]
         self.graphs = {}
         self.embedding = None
         self.zeroed = set()

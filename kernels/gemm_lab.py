@@ -3,7 +3,9 @@
     PYTHONPATH=. python kernels/gemm_lab.py
 
 For the recurrent GEMM of each BENCHMARKS.md config (LSTM: out[B, 4H] = h[B, H] W_hh[4H, H]^T,
-and backward dh[B, H] += dgates[B, 4H] W_hh), timed as 100 calls captured in one CUDA graph:
+and backward dh[B, H] += dgates[B, 4H] W_hh), and for the input projection of all T*B rows
+(row "input": gx[T*B, 4H] = x[T*B, H] W_ih^T), timed as calls captured in one CUDA graph
+(100 calls; 10 for the input projection):
   gemmex_tn   cublasGemmEx, CUBLAS_COMPUTE_32F, W as stored (what gpurnn does)
   sgemm_tn    cublasSgemm_v2, same layout
   gemmex_nn   cublasGemmEx on a transposed copy of W (W^T [H, 4H] contiguous)
@@ -76,12 +78,16 @@ def main():
             sgemm(handle, 1, 0, 4 * H, B, H, ctypes.addressof(one), W.data.ptr, H, h.data.ptr, H,
                   ctypes.addressof(zero), out.data.ptr, 4 * H)
 
+        x = cupy.asarray(rng.standard_normal((T * B, H)).astype(np.float32))
+        gx = cupy.empty((T * B, 4 * H), np.float32)
         variants = {
             "fwd": [lambda: ops.gemm(h, W, out, trans_b=True), sg_fwd, lambda: ops.gemm(h, Wt, out)],
             "bwd": [lambda: ops.gemm(dg, W, dh, beta=1.0), None, lambda: ops.gemm(dg, Wt, dh, trans_b=True, beta=1.0)],
+            "input": [lambda: ops.gemm(x, W, gx, trans_b=True), None, lambda: ops.gemm(x, Wt, gx)],
         }
         for which, fns in variants.items():
-            cells = [f"{graph_us(stream, f):10.2f}" if f else f"{'-':>10}" for f in fns]
+            calls = 10 if which == "input" else 100
+            cells = [f"{graph_us(stream, f, calls):10.2f}" if f else f"{'-':>10}" for f in fns]
             print(f"{name:<4}{which:<9}" + "".join(cells), flush=True)
 
     print(f"\n{'cfg':<4}{'spans':>6}{'fwd call us':>13}{'fwd replay us':>15}{'fwd+bwd us':>12}{'pointwise us':>14}")

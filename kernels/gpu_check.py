@@ -10,7 +10,9 @@
 4. BENCHMARKS.md's matrix (configs A-E x LSTM/GRU/RNN x fwd, fwd+bwd x fp32, TF32)
    against cuDNN in this process;
 5. ``bench_train.py``: a CharLM training step's tokens/s against torch, with
-   the time of each phase on both sides.
+   the time of each phase on both sides;
+6. with ``--lab``, ``gemm_lab.py`` (GEMM layouts and a forward's time split), its
+   printout kept in the JSON.
 Writes ``kernels/results/<date>-<gpu>.json`` (and a copy under --out) and prints
 the ratio table last. Each stage is guarded so one failure still reports the rest.
 """
@@ -78,6 +80,19 @@ def first_forward():
     return runs
 
 
+def gemm_lab():
+    import contextlib
+    import io
+
+    import gemm_lab as lab
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        lab.main()
+    print(printed.getvalue(), flush=True)
+    return printed.getvalue().splitlines()
+
+
 def versions():
     import cupy
     import numba
@@ -100,6 +115,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--quick", action="store_true", help="configs A and D, LSTM, fp32 only")
     ap.add_argument("--test-timeout", type=int, default=240)
+    ap.add_argument("--lab", action="store_true", help="also run gemm_lab.py")
     args = ap.parse_args()
     import bench_gpu
     import bench_train
@@ -112,6 +128,8 @@ def main():
     bench_args = ["--configs", "A", "D", "--cells", "lstm", "--modes", "fp32"] if args.quick else []
     stage(report, "benchmarks", lambda: bench_gpu.main(bench_args))
     stage(report, "training", lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]))
+    if args.lab:
+        stage(report, "gemm_lab", gemm_lab)
 
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", report["versions"].get("device", "gpu")).strip("-").lower()
     name = f"{report['date'][:10]}-{gpu}.json"
