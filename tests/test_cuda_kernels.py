@@ -298,3 +298,6 @@ def test_softmax_xent_kernel_matches_spec(sim, dtype, V):
     assert not outs[1][1][1].any()  # the uncounted row's gradient is zero
     with pytest.raises(ValueError, match=r"softmax_xent: expected logits and d_logits \[3, %d\]" % V):
         sim.ops.softmax_xent(logits, targets.astype(np.int64), weight, *outs[1])
+    bad = np.array([0, V, -1], np.int32)  # the simulator would raise on an out-of-bounds read
+    sim.ops.softmax_xent(logits, bad, weight, *outs[1])
+    assert np.isfinite(outs[1][0][0]) and np.isnan(outs[1][0][1:]).all()

@@ -306,7 +306,7 @@ def softmax_xent(logits, targets, weight, losses, d_logits):
     """Twin of gpurnn.nn.softmax_xent, launched with one block of ROW_THREADS per row.
 
     logits: [N, V]   targets: [N] int32 in [0, V)   weight: [N]
-    losses: [N] = weight (log sum exp - logits[target])
+    losses: [N] = weight (log sum exp - logits[target]) (NaN for a target outside [0, V))
     d_logits: [N, V] = weight (softmax - onehot)
     The row's max and sum of exponentials are reduced in float64.
     """
@@ -327,8 +327,8 @@ def softmax_xent(logits, targets, weight, losses, d_logits):
     for v in range(tid, V, ROW_THREADS):
         p = math.exp(float64(logits[n, v]) - log_z)  # softmax
         d_logits[n, v] = w * (p - 1.0) if v == y else w * p  # minus the one-hot target
-    if tid == 0:
-        losses[n] = w * (log_z - float64(logits[n, y]))
+    if tid == 0:  # a target outside [0, V) (the model refuses those first) reads nothing: NaN
+        losses[n] = w * (log_z - float64(logits[n, y])) if 0 <= y < V else math.nan
 
 
 KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
