@@ -256,6 +256,6 @@ def test_embedded_layer_recaptures_for_other_embedding_arrays(gpu):
     for _ in range(2):  # a second embedding after the first one's graph was captured
         weight = rng.standard_normal((V, I))
         on_gpu, dweight = cupy.asarray(weight), cupy.zeros((V, I))
-        for call in range(3):  # eager, eager + capture, replay
+        for call in range(3):  # run eagerly and captured, then replayed twice
             out = cud._call_embedded(ids, on_gpu, dweight)[0]
             assert rel_err(host(out), ref(weight[ids])[0]) < 1e-12, call
