@@ -9,6 +9,9 @@ and backward dh[B, H] += dgates[B, 4H] W_hh), and for the input projection of al
   gemmex_tn   cublasGemmEx, CUBLAS_COMPUTE_32F, W as stored (what gpurnn does)
   sgemm_tn    cublasSgemm_v2, same layout
   gemmex_nn   cublasGemmEx on a transposed copy of W (W^T [H, 4H] contiguous)
+Then the same step and input GEMMs through torch.mm (strict fp32) with torch's
+preferred BLAS set to cuBLAS and to cuBLASLt (its heuristic's first algorithm): does
+cublasLt pick a faster kernel for these shapes?
 Then, per config and number of input-projection spans (1: one GEMM before the
 recurrence; 4: overlapped with it on a side stream), a whole LSTM forward (the
 full call, and the graph replay alone), forward+backward, and the pointwise kernel
@@ -90,6 +93,8 @@ def main():
             cells = [f"{graph_us(stream, f, calls):10.2f}" if f else f"{'-':>10}" for f in fns]
             print(f"{name:<4}{which:<9}" + "".join(cells), flush=True)
 
+    torch_blas_table()
+
     print(f"\n{'cfg':<4}{'spans':>6}{'fwd call us':>13}{'fwd replay us':>15}{'fwd+bwd us':>12}{'pointwise us':>14}")
     for name, (T, B, H) in CONFIGS.items():
         for spans in (1, 4):
@@ -123,6 +128,34 @@ def main():
             med = statistics.median
             print(f"{name:<4}{spans:>6}{med(full):13.1f}{med(replay):15.1f}{med(train):12.1f}{pw:14.2f}", flush=True)
     del ops.input_spans  # back to the size rule
+
+
+def torch_blas_table(repeats=20):
+    """Microseconds per torch.mm of each step and input GEMM, cuBLAS vs cuBLASLt."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"\n{'cfg':<4}{'gemm':<9}{'torch cublas':>14}{'torch cublaslt':>16}")
+    for name, (T, B, H) in CONFIGS.items():
+        W = torch.randn(4 * H, H, device="cuda")
+        for which, rows in (("fwd", B), ("input", T * B)):
+            a = torch.randn(rows, H, device="cuda")
+            cells = []
+            for library in ("cublas", "cublaslt"):
+                try:
+                    torch.backends.cuda.preferred_blas_library(library)
+                    torch.mm(a, W.t())  # warm-up
+                    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(repeats):
+                        torch.mm(a, W.t())
+                    stop.record()
+                    stop.synchronize()
+                    cells.append(f"{start.elapsed_time(stop) * 1e3 / repeats:.2f}")
+                except Exception as exc:  # a torch without this switch: say so, keep going
+                    cells.append(type(exc).__name__)
+            print(f"{name:<4}{which:<9}{cells[0]:>14}{cells[1]:>16}", flush=True)
+    torch.backends.cuda.preferred_blas_library("cublas")
 
 
 if __name__ == "__main__":
