@@ -203,10 +203,11 @@ def softmax_xent(logits, targets, weight, losses, d_logits):
     d_logits: [N, V] writes weight * (softmax(logits) - onehot(target))
     """
     shifted = logits - logits.max(axis=1, keepdims=True)  # log-sum-exp without overflow
-    log_z = np.log(np.exp(shifted).sum(axis=1))
+    np.exp(shifted, out=d_logits)
+    z = d_logits.sum(axis=1)
     rows = np.arange(logits.shape[0])
-    losses[...] = weight * (log_z - shifted[rows, targets])
-    np.exp(shifted - log_z[:, None], out=d_logits)  # softmax
+    losses[...] = weight * (np.log(z) - shifted[rows, targets])
+    d_logits /= z[:, None]  # softmax
     d_logits[rows, targets] -= 1  # minus the one-hot target
     d_logits *= weight[:, None]
 
