@@ -152,6 +152,24 @@ class SoftmaxCrossEntropy:
         if logits.ndim != 3:
             raise ValueError(f"logits: expected [T, B, V], got shape {tuple(logits.shape)}")
         T, B, V = logits.shape
+        safe, weight = self._counted(targets, lengths, (T, B, V), xp, logits.dtype)
+        rows = xp.ascontiguousarray(logits.reshape(-1, V))
+        losses, d_logits = xp.empty(T * B, logits.dtype), xp.empty_like(rows)
+        if xp is np:
+            softmax_xent(rows, safe, weight, losses, d_logits)
+        else:  # the fused kernel: one pass over the logits
+            ops = ops_for(logits)
+            with ops.on_stream():  # ordered after the logits' GEMM and before the loss's sum
+                ops.softmax_xent(rows, xp.asarray(safe), weight, losses, d_logits)
+        self._cache = d_logits.reshape(T, B, V)
+        loss = losses.sum()
+        return float(loss) if xp is np else loss
+
+    def _counted(self, targets, lengths, shape, xp, dtype):
+        """(targets as int32 [T*B] with 0 where a position is not counted, the
+        weight of each position in the loss: 0 where not counted, else 1/count
+        for "mean" and 1 for "sum"), after checking the targets."""
+        T, B, V = shape
         on_device = hasattr(targets, "__cuda_array_interface__")
         if on_device and xp is np:
             raise TypeError("targets: expected a NumPy array like the logits, got a GPU array; "
@@ -173,18 +191,7 @@ class SoftmaxCrossEntropy:
             raise ValueError(f"targets: expected class indices in [0, {V}), got values from {lo} to {hi}")
         count = mask.sum()  # a device scalar when the targets are on the device: no sync
         scale = 1 / tp.maximum(count, 1) if self.reduction == "mean" else 1
-        weight = xp.asarray((mask * scale).astype(logits.dtype).reshape(-1))  # 0 where not counted
-        rows = xp.ascontiguousarray(logits.reshape(-1, V))
-        losses, d_logits = xp.empty(T * B, logits.dtype), xp.empty_like(rows)
-        if xp is np:
-            softmax_xent(rows, xp.asarray(safe), weight, losses, d_logits)
-        else:  # the fused kernel: one pass over the logits
-            ops = ops_for(logits)
-            with ops.on_stream():  # ordered after the logits' GEMM and before the loss's sum
-                ops.softmax_xent(rows, xp.asarray(safe), weight, losses, d_logits)
-        self._cache = d_logits.reshape(T, B, V)
-        loss = losses.sum()
-        return float(loss) if xp is np else loss
+        return safe, xp.asarray((mask * scale).astype(dtype).reshape(-1))
 
     def backward(self):
         """dlogits [T, B, V] = (softmax - onehot) * mask * scale."""

@@ -259,3 +259,25 @@ def test_embedded_layer_recaptures_for_other_embedding_arrays(gpu):
         for call in range(3):  # run eagerly and captured, then replayed twice
             out = cud._call_embedded(ids, on_gpu, dweight)[0]
             assert rel_err(host(out), ref(weight[ids])[0]) < 1e-12, call
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_softmax_cross_entropy_on_gpu_with_host_or_device_targets(gpu, reduction):
+    import cupy
+
+    import gpurnn
+
+    rng = np.random.default_rng(10)
+    T, B, V = 5, 3, 300  # more classes than the kernel's block of threads
+    logits = rng.standard_normal((T, B, V)) * 20
+    targets = rng.integers(0, V, (T, B))
+    targets[1, 2] = -1  # ignored
+    lengths = np.array([5, 2, 4])
+    ref_fn = gpurnn.SoftmaxCrossEntropy(reduction, ignore_index=-1)
+    ref = ref_fn(logits, targets, lengths)
+    d_ref = ref_fn.backward()
+    for t, ln in ((targets, lengths), (cupy.asarray(targets), cupy.asarray(lengths))):
+        fn = gpurnn.SoftmaxCrossEntropy(reduction, ignore_index=-1)
+        loss = fn(cupy.asarray(logits), t, ln)
+        assert loss.shape == () and abs(float(loss) - ref) < 1e-12 * abs(ref)
+        assert rel_err(host(fn.backward()), d_ref) < 1e-12
