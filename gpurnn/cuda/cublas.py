@@ -4,6 +4,11 @@ CuPy refuses to call cuBLAS while a stream is being captured into a CUDA
 graph; cuBLAS itself captures fine. So the GEMMs go straight to the libcublas
 CuPy loaded, with its handle, after pointing that handle at our stream (CuPy's
 own calls re-point it to theirs).
+
+Setting the stream also resets the handle's workspace to its default pool. A
+GEMM that may run at the same time as others on the same handle (the side
+stream's) is given a workspace of its own, as cuBLAS asks of concurrent
+streams sharing a handle (torch keeps one per handle and stream likewise).
 """
 
 import ctypes
@@ -43,6 +48,8 @@ class Cublas:
         self._set_stream.argtypes = [vp, vp]
         self._set_pointer_mode = lib.cublasSetPointerMode_v2
         self._set_pointer_mode.argtypes = [vp, i32]
+        self._set_workspace = lib.cublasSetWorkspace_v2
+        self._set_workspace.argtypes = [vp, vp, ctypes.c_size_t]
         self._gemm = lib.cublasGemmEx
         self._gemm.argtypes = [vp, i32, i32, i32, i32, i32, vp, vp, i32, i32, vp, i32, i32, vp, vp, i32, i32,
                                i32, i32]
@@ -54,9 +61,10 @@ class Cublas:
         if status != 0:
             raise RuntimeError(f"cuBLAS {what} failed with status {status}")
 
-    def gemm(self, stream_ptr, a, b, out, trans_a, trans_b, beta, math_mode):
+    def gemm(self, stream_ptr, a, b, out, trans_a, trans_b, beta, math_mode, workspace=None):
         """out = op(a) @ op(b) + beta * out on row-major CuPy arrays with unit
-        inner stride. cuBLAS is column-major, so it computes out^T = op(b)^T op(a)^T."""
+        inner stride. cuBLAS is column-major, so it computes out^T = op(b)^T op(a)^T.
+        workspace: None (the handle's default pool), or a CuPy uint8 buffer for this call."""
         dtype = out.dtype.type
         M, N = out.shape
         K = a.shape[0] if trans_a else a.shape[1]
@@ -64,6 +72,8 @@ class Cublas:
         one, zero, beta_one = self._scalars[dtype]
         data_type = _R_32F if dtype is np.float32 else _R_64F
         self._check(self._set_stream(self._handle, stream_ptr), "SetStream")
+        if workspace is not None:
+            self._check(self._set_workspace(self._handle, workspace.data.ptr, workspace.nbytes), "SetWorkspace")
         self._check(self._set_pointer_mode(self._handle, _POINTER_MODE_HOST), "SetPointerMode")
         status = self._gemm(
             self._handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, N, M, K,

@@ -33,6 +33,7 @@ THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
 # OVERLAP_MAX_STEP_OUTPUTS outputs per step up.
 INPUT_SPANS = 4
 OVERLAP_MAX_STEP_OUTPUTS = 1 << 20
+SIDE_WORKSPACE_BYTES = 32 << 20
 
 
 class CudaOps:
@@ -54,6 +55,9 @@ class CudaOps:
             self.name, self.xp = "cuda", cupy
             self._stream = cupy.cuda.Stream(non_blocking=True)
             self._side = cupy.cuda.Stream(non_blocking=True)
+            # the side stream's GEMMs overlap the main stream's: their own cuBLAS workspace
+            # (32 MiB, what cuBLAS reserves by default on Hopper)
+            self._side_workspace = cupy.empty(SIDE_WORKSPACE_BYTES, cupy.uint8)
             self._nb_stream = self.cuda.external_stream(self._stream.ptr)
             try:
                 self._cublas = Cublas(cupy)
@@ -138,7 +142,8 @@ class CudaOps:
             if arr.strides[1] != arr.itemsize:
                 raise ValueError(f"gemm: operands need unit inner stride, got strides {arr.strides}")
         stream = self.xp.cuda.get_current_stream()  # ours, or the side stream
-        self._cublas.gemm(stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode())
+        workspace = self._side_workspace if stream.ptr == self._side.ptr else None
+        self._cublas.gemm(stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode(), workspace)
 
     add_bias = staticmethod(NumpyOps.add_bias)  # a CuPy/NumPy broadcast add, capturable
 
