@@ -82,3 +82,12 @@ def test_models_pack_their_parameters_and_gradients():
     assert not any(g.any() for g in lm.grads.values())
     reg = gpurnn.SequenceRegressor(2, 4, seed=0)
     assert flat.buffer_of(reg.params) is not None
+
+
+def test_clipping_with_a_norm_already_read_matches_computing_it():
+    grads = arrays(np.random.default_rng(5))
+    given = {k: v.copy() for k, v in grads.items()}
+    norm = optim.global_norm(grads)
+    assert optim.clip_grad_norm(given, 1.0, norm) == norm == optim.clip_grad_norm(grads, 1.0)
+    assert all(np.array_equal(given[k], grads[k]) for k in grads)
+    assert optim.clip_grad_value(given, 0.1, norm=1.5) == 1.5  # the given norm is what is returned
