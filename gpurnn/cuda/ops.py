@@ -207,11 +207,14 @@ class CudaOps:
 
     # ------------------------------------------------------------ kernels
     def _launch(self, kernel, B, H, *args):
-        blocks = (B * H + THREADS - 1) // THREADS
+        """One thread per element of [B, H]."""
+        self._launch_grid(kernel, (B * H + THREADS - 1) // THREADS, THREADS, *args)
+
+    def _launch_grid(self, kernel, blocks, threads, *args):
         if self.simulate:
-            kernel[blocks, THREADS](*(self._sim_wrap(a) for a in args))
+            kernel[blocks, threads](*(self._sim_wrap(a) for a in args))
         else:
-            kernel[blocks, THREADS, self._nb_stream](*(self._wrap(a) for a in args))
+            kernel[blocks, threads, self._nb_stream](*(self._wrap(a) for a in args))
 
     def _wrap(self, a):
         """A numba view of a CuPy array, made once per buffer (passing CuPy arrays
@@ -274,11 +277,7 @@ class CudaOps:
                              f"weight and losses [{N}] of the logits' dtype, got d_logits {tuple(d_logits.shape)}, "
                              f"targets {targets.dtype} {tuple(targets.shape)}, weight {weight.dtype} "
                              f"{tuple(weight.shape)}, losses {losses.dtype} {tuple(losses.shape)}")
-        args = (logits, targets, weight, losses, d_logits)
-        if self.simulate:
-            kernels.softmax_xent[N, kernels.ROW_THREADS](*(self._sim_wrap(a) for a in args))
-        else:
-            kernels.softmax_xent[N, kernels.ROW_THREADS, self._nb_stream](*(self._wrap(a) for a in args))
+        self._launch_grid(kernels.softmax_xent, N, kernels.ROW_THREADS, logits, targets, weight, losses, d_logits)
 
     def rnn_forward(self, t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
         T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, y=y, lengths=lengths, G=1)
