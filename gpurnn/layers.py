@@ -187,7 +187,8 @@ class _RNNBase:
                 masks[layer] = ((self._rng.random((T, B, cfg.D * cfg.H)) < keep) / keep).astype(self.dtype)
 
         ws = self._workspace(T, B, dropout_on, None if embedding is None else embedding[0].shape[0])
-        if embedding is not None and not (ws.graphs and all(a is b for a, b in zip(ws.embedding, embedding))):
+        if embedding is not None and (ws.embedding is None
+                                      or any(a is not b for a, b in zip(ws.embedding, embedding))):
             ws.graphs.clear()  # graphs point at the embedding arrays they were captured with
             ws.embedding = embedding
         with self._ops.on_stream():

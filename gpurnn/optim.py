@@ -167,14 +167,14 @@ def _arrays(grads):
     return list(grads.values()) if buffer is None else [buffer]
 
 
-def _sum_of_squares(grads):
-    """Every gradient element squared, summed: a NumPy scalar, or a 0-d device array (no sync)."""
-    return sum((g * g).sum() for g in _arrays(grads))
+def _sum_of_squares(arrays):
+    """Every element of the arrays squared, summed: a NumPy scalar, or a 0-d device array (no sync)."""
+    return sum((g * g).sum() for g in arrays)
 
 
 def global_norm(grads):
     """sqrt of the sum of every gradient element squared, as a float (one device sync on a GPU)."""
-    return math.sqrt(float(_sum_of_squares(grads)))
+    return math.sqrt(float(_sum_of_squares(_arrays(grads))))
 
 
 def clip_grad_norm(grads, max_norm, norm=None):
@@ -187,19 +187,20 @@ def clip_grad_norm(grads, max_norm, norm=None):
     stay on the GPU and nothing waits for it (torch returns a tensor likewise).
     """
     max_norm = _positive("max_norm", max_norm)
+    arrays = _arrays(grads)
     if norm is None:
-        total = _sum_of_squares(grads)
+        total = _sum_of_squares(arrays)
         if not isinstance(total, (int, float, np.generic)):  # on the GPU: clip without reading the norm
             xp = array_module(total)
             norm = xp.sqrt(total)
             coef = xp.minimum(max_norm / (norm + 1e-6), 1.0)  # 1: unchanged, exactly
-            for g in _arrays(grads):
+            for g in arrays:
                 g *= coef
             return norm
         norm = math.sqrt(float(total))
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
-        for g in _arrays(grads):
+        for g in arrays:
             g *= coef
     return norm
 
@@ -208,7 +209,8 @@ def clip_grad_value(grads, threshold, norm=None):
     """Clamp every gradient element to [-threshold, threshold]. Returns the norm
     before clipping (``norm`` if given, else computed: one device sync on a GPU)."""
     threshold = _positive("threshold", threshold)
-    norm = global_norm(grads) if norm is None else norm
-    for g in _arrays(grads):
+    arrays = _arrays(grads)
+    norm = math.sqrt(float(_sum_of_squares(arrays))) if norm is None else norm
+    for g in arrays:
         array_module(g).clip(g, -threshold, threshold, out=g)
     return norm
