@@ -1,6 +1,7 @@
 """Shared test helpers: model construction, random inputs, a torch oracle."""
 
 import numpy as np
+import pytest
 
 import gpurnn
 
@@ -74,3 +75,13 @@ def torch_reference(cell, model, x, h0, c0, lengths, d_out, d_hn, d_cn, device="
     grads = {k: as_np(p.grad) for k, p in tm.named_parameters()}
     return (as_np(out), as_np(hn), as_np(cn), as_np(xt.grad), as_np(h0t.grad),
             None if c0t is None else as_np(c0t.grad), grads)
+
+
+def backend_or_skip(name, why):
+    """The backend called name, or skip the test (``why: the reason``) where this process cannot run it."""
+    from gpurnn import backend as backend_module
+
+    try:
+        return backend_module.get_backend(name)
+    except (backend_module.BackendUnavailable, ImportError) as exc:
+        pytest.skip(f"{why}: {exc}")

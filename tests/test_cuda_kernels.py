@@ -8,19 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from gpurnn import backend as backend_module
 from gpurnn import cells
-from helpers import back, make, rel_err, run
+from helpers import backend_or_skip, back, make, rel_err, run
 
 CELLS = ["rnn", "lstm", "gru"]
 
 
 @pytest.fixture(scope="module")
 def sim():
-    try:
-        return backend_module.get_backend("cudasim")
-    except (backend_module.BackendUnavailable, ImportError) as exc:
-        pytest.skip(f"cudasim unavailable in this process: {exc}")
+    return backend_or_skip("cudasim", "cudasim unavailable in this process")
 
 
 def step_buffers(cell, T, B, H, rng, dtype=np.float64):

@@ -7,8 +7,7 @@ Run them with ``GPURNN_BACKEND=cuda python -m pytest -m gpu``
 import numpy as np
 import pytest
 
-from gpurnn import backend as backend_module
-from helpers import back, make, rel_err, run, torch_reference
+from helpers import backend_or_skip, back, make, rel_err, run, torch_reference
 
 pytestmark = pytest.mark.gpu
 CELLS = ["rnn", "lstm", "gru"]
@@ -16,10 +15,7 @@ CELLS = ["rnn", "lstm", "gru"]
 
 @pytest.fixture(scope="module")
 def gpu():
-    try:
-        return backend_module.get_backend("cuda")
-    except (backend_module.BackendUnavailable, ImportError) as exc:
-        pytest.skip(f"no CUDA backend: {exc}")
+    return backend_or_skip("cuda", "no CUDA backend")
 
 
 def host(a):
