@@ -145,11 +145,6 @@ class NumpyOps:
         out[np.arange(ids.size), ids] = 1
 
     @staticmethod
-    def add_bias(out, bias):
-        """out: [N, K] += bias: [K]"""
-        out += bias
-
-    @staticmethod
     def run(ws, name, fn, capture=True):
         """Run a whole forward or backward over workspace ws; the CUDA backend
         captures and replays it as a graph."""

@@ -22,9 +22,10 @@ PyTorch's packed-sequence semantics: the forward direction's final state is
 the state at each sequence's last valid step, and the reverse direction starts
 from h0 at each sequence's own last step.
 
-Forward functions take the hoisted input projection ``gx`` (bias_ih already
-added) and this step's recurrent projection ``gh = h_prev @ W_hh^T`` (no bias);
-they add ``b_hh`` themselves because the GRU needs ``U_n h + b_hn`` alone.
+Forward functions take the hoisted input projection ``gx = x W_ih^T`` and this
+step's recurrent projection ``gh = h_prev @ W_hh^T``, both without bias, and add
+``b_ih`` and ``b_hh`` themselves: the GRU needs ``U_n h + b_hn`` alone, and adding
+b_ih here, one [B, G*H] step at a time, spares a whole extra pass over gx.
 
 Backward functions take ``dh`` (``[B, H]``), the gradient carried into the
 state this step wrote, and overwrite it with the *direct* part of the gradient
@@ -91,14 +92,14 @@ def _blocks(a, n):
 
 
 # --------------------------------------------------------------------------- RNN
-def rnn_forward(t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
+def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
     """h_t = phi(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh).
 
-    gx: [T, B, H]   gh: [B, H]   b_hh: [H]   h: [T+1, B, H] (writes one state)
+    gx: [T, B, H]   gh: [B, H]   b_ih, b_hh: [H]   h: [T+1, B, H] (writes one state)
     y: [T, B, H] (writes y[t])   lengths: [B]
     """
     prev, nxt = _steps(t, reverse)
-    h[nxt] = activate(nonlinearity, gx[t] + gh + b_hh)
+    h[nxt] = activate(nonlinearity, gx[t] + b_ih + gh + b_hh)
     y[t] = h[nxt]
     done = t >= lengths
     if done.any():  # padded steps carry the state and output 0
@@ -120,17 +121,18 @@ def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
 
 
 # -------------------------------------------------------------------------- LSTM
-def lstm_forward(t, reverse, gx, gh, b_hh, h, c, gates, y, lengths):
+def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
     """i, f, o = sigmoid(.), g = tanh(.), c_t = f c_{t-1} + i g, h_t = o tanh(c_t).
 
-    gx: [T, B, 4H] (blocks i, f, g, o)   gh: [B, 4H]   b_hh: [4H]
+    gx: [T, B, 4H] (blocks i, f, g, o)   gh: [B, 4H]   b_ih, b_hh: [4H]
     h, c: [T+1, B, H]   gates: [T, B, 4H] activated i, f, g, o (writes gates[t])
     y: [T, B, H]   lengths: [B]
     """
     prev, nxt = _steps(t, reverse)
     H = h.shape[-1]
     act = gates[t]
-    np.add(gx[t], gh, out=act)
+    np.add(gx[t], b_ih, out=act)
+    act += gh
     act += b_hh  # pre-activations, turned into activations in place
     i, f, g, o = _blocks(act, 4)
     sigmoid(act[:, :2 * H], out=act[:, :2 * H])  # i and f are adjacent
@@ -185,11 +187,11 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
 
 
 # --------------------------------------------------------------------------- GRU
-def gru_forward(t, reverse, gx, gh, b_hh, h, gates, y, lengths):
+def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     """r, z = sigmoid(.), n = tanh(W_n x + b_in + r (U_n h + b_hn)),
     h_t = (1 - z) n + z h_{t-1}.
 
-    gx: [T, B, 3H] (blocks r, z, n)   gh: [B, 3H]   b_hh: [3H]   h: [T+1, B, H]
+    gx: [T, B, 3H] (blocks r, z, n)   gh: [B, 3H]   b_ih, b_hh: [3H]   h: [T+1, B, H]
     gates: [T, B, 4H] saved r, z, n and hn = U_n h + b_hn (writes gates[t])
     y: [T, B, H]   lengths: [B]
     """
@@ -200,10 +202,12 @@ def gru_forward(t, reverse, gx, gh, b_hh, h, gates, y, lengths):
     np.add(gh, b_hh, out=act[:, :3 * H])
     hn[...] = act[:, 2 * H:3 * H]  # U_n h + b_hn, kept apart: r scales it
     rz += gx[t][:, :2 * H]
+    rz += b_ih[:2 * H]
     sigmoid(rz, out=rz)
     r, z = rz[:, :H], rz[:, H:]
     np.multiply(r, hn, out=n)
     n += gx[t][:, 2 * H:]
+    n += b_ih[2 * H:]
     np.tanh(n, out=n)
     h_new = h[nxt]
     np.subtract(h[prev], n, out=h_new)

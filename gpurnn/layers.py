@@ -227,9 +227,9 @@ class _RNNBase:
         for k, d in enumerate(ws.dirs):
             reverse = k % cfg.D
             if cfg.cell == "rnn":  # the pre-activation was not kept: recompute it from the saved states
-                _, w_hh, _, b_hh = (self._params[n] for n in cfg.param_names(k // cfg.D, reverse))
+                _, w_hh, b_ih, b_hh = (self._params[n] for n in cfg.param_names(k // cfg.D, reverse))
                 h_prev = (d.h[1:] if reverse else d.h[:-1]).reshape(T * B, H)
-                out["a"][k] = (d.gx + (h_prev @ w_hh.T).reshape(T, B, H) + b_hh) * valid
+                out["a"][k] = (d.gx + b_ih + (h_prev @ w_hh.T).reshape(T, B, H) + b_hh) * valid
                 continue
             for j, name in enumerate(RECORDED[cfg.cell][:4]):  # the saved gate blocks (not the LSTM's c)
                 out[name][k] = d.gates[:, :, j * H:(j + 1) * H]

@@ -1,6 +1,6 @@
 """Time-loop drivers: one layer, one direction, forward and BPTT, written once.
 
-The drivers only call backend operations (``ops``): ``gemm``, ``add_bias`` and
+The drivers only call backend operations (``ops``): ``gemm``, ``gather_rows`` and
 the per-cell pointwise steps of ``gpurnn.cells`` (NumPy) or their numba.cuda
 twins. They allocate nothing: every buffer comes in through a ``Direction``
 workspace, so the CUDA backend can capture a whole call as one CUDA graph.
@@ -11,8 +11,8 @@ Backward does per step only the fused pointwise step and ``dgates @ W_hh``;
 dW_ih, dW_hh, the bias gradients and dx are single large GEMMs after the loop.
 
 A first layer fed by an embedding (``Embedded``) folds the embedding into its
-input projection: x_t = E[id_t] makes x_t W_ih^T + b_ih a row of the [V, G*H]
-table E W_ih^T + b_ih, so the forward gathers rows instead of running the
+input projection: x_t = E[id_t] makes x_t W_ih^T a row of the [V, G*H]
+table E W_ih^T, so the forward gathers rows instead of running the
 [T*B, I] x [I, G*H] GEMM, and backward sums dgx per symbol (one [V, T*B] x
 [T*B, G*H] GEMM against the ids' one-hot) before the small weight GEMMs,
 instead of the two [T*B]-row GEMMs for dW_ih and dx.
@@ -28,7 +28,7 @@ SAVED_BLOCKS = {"rnn": 0, "lstm": 4, "gru": 4}  # GRU keeps r, z, n and U_n h + 
 class Direction:
     """Buffers of one layer and one direction for sequences of shape [T, B, ·].
 
-    gx: [T, B, G*H]   input projection x W_ih^T + b_ih
+    gx: [T, B, G*H]   input projection x W_ih^T (the step kernels add b_ih)
     gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T
     w_hh_t: [H, G*H]  room for W_hh^T, for backends whose GEMM is faster on it
     w_ih_t: [I, G*H]  room for W_ih^T, likewise (None when the input is Embedded)
@@ -38,7 +38,7 @@ class Direction:
     dgx: [T, B, G*H]  gradient of the input projection
     dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only; else dgx)
     dh, dc: [B, H]    gradient carried back through h (and c)
-    table: [V, G*H]   E W_ih^T + b_ih, when the input is Embedded (else None)
+    table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
     """
 
@@ -116,7 +116,6 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
     if isinstance(x, Embedded):
         # forward pass: the input projection of every row is a row of the table
         ops.gemm(x.weight, w_ih, ws.table, trans_b=True)
-        ops.add_bias(ws.table, b_ih)
         ops.gather_rows(ws.table, x.ids.reshape(T * B), ws.gx.reshape(T * B, -1))
         spans, ready = [(0, T)], [None]
     else:
@@ -130,7 +129,6 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
             for start, stop in spans:
                 gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
                 ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
-                ops.add_bias(gx, b_ih)
                 ready.append(ops.mark())
     w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
     first_steps = {stop - 1 if reverse else start: k for k, (start, stop) in enumerate(spans)}
@@ -139,11 +137,11 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
             ops.wait(ready[first_steps[t]])  # this span's input projection is done
         ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
         if cell == "rnn":
-            ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, y, lengths, nonlinearity)
+            ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, y, lengths, nonlinearity)
         elif cell == "lstm":
-            ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, ws.c, ws.gates, y, lengths)
+            ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.c, ws.gates, y, lengths)
         else:
-            ops.gru_forward(t, reverse, ws.gx, ws.gh, b_hh, ws.h, ws.gates, y, lengths)
+            ops.gru_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.gates, y, lengths)
 
 
 def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):

@@ -123,7 +123,8 @@ def main():
                 b.synchronize()
                 replay.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
             dd = ws.dirs[0]
-            pw = graph_us(stream, lambda: ops.lstm_forward(0, 0, dd.gx, dd.gh, m.params["bias_hh_l0"], dd.h, dd.c,
+            b_ih, b_hh = m.params["bias_ih_l0"], m.params["bias_hh_l0"]
+            pw = graph_us(stream, lambda: ops.lstm_forward(0, 0, dd.gx, dd.gh, b_ih, b_hh, dd.h, dd.c,
                                                             dd.gates, ws.out[0], ws.lengths))
             med = statistics.median
             print(f"{name:<4}{spans:>6}{med(full):13.1f}{med(replay):15.1f}{med(train):12.1f}{pw:14.2f}", flush=True)

@@ -25,17 +25,17 @@ def step_buffers(cell, T, B, H, rng, dtype=np.float64):
     S = {"rnn": 0, "lstm": 4, "gru": 4}[cell]
     r = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
     gates = rng.uniform(0.05, 0.95, (T, B, S * H)).astype(dtype)  # activations live in (0, 1)
-    return dict(gx=r(T, B, G * H), gh=r(B, G * H), b_hh=r(G * H), h=r(T + 1, B, H), c=r(T + 1, B, H),
-                gates=gates, y=r(T, B, H), dy=r(T, B, H), dh=r(B, H), dc=r(B, H),
+    return dict(gx=r(T, B, G * H), gh=r(B, G * H), b_ih=r(G * H), b_hh=r(G * H),
+                h=r(T + 1, B, H), c=r(T + 1, B, H), gates=gates, y=r(T, B, H), dy=r(T, B, H), dh=r(B, H), dc=r(B, H),
                 dgx=r(T, B, G * H), dgh=r(T, B, G * H))
 
 
 ARGS = {  # argument names of each op, in order, after (t, reverse)
-    "rnn_forward": ["gx", "gh", "b_hh", "h", "y", "lengths"],
+    "rnn_forward": ["gx", "gh", "b_ih", "b_hh", "h", "y", "lengths"],
     "rnn_backward": ["h", "dy", "dh", "dgx", "lengths"],
-    "lstm_forward": ["gx", "gh", "b_hh", "h", "c", "gates", "y", "lengths"],
+    "lstm_forward": ["gx", "gh", "b_ih", "b_hh", "h", "c", "gates", "y", "lengths"],
     "lstm_backward": ["c", "gates", "dy", "dh", "dc", "dgx", "lengths"],
-    "gru_forward": ["gx", "gh", "b_hh", "h", "gates", "y", "lengths"],
+    "gru_forward": ["gx", "gh", "b_ih", "b_hh", "h", "gates", "y", "lengths"],
     "gru_backward": ["h", "gates", "dy", "dh", "dgx", "dgh", "lengths"],
 }
 
@@ -118,12 +118,14 @@ def test_launch_with_mismatched_buffers_is_refused(sim):
     bad_gx = np.zeros((3, 2, 12))
     with pytest.raises(ValueError, match=r"gx must have shape \(3, 2, 16\).*got \(3, 2, 12\)"):
         ops.lstm_forward(0, 0, bad_gx, *good[1:], lengths)
+    with pytest.raises(ValueError, match=r"b_ih must have shape \(16,\).*got \(12,\)"):
+        ops.lstm_forward(0, 0, *good[:2], np.zeros(12), *good[3:], lengths)
     with pytest.raises(ValueError, match="t must be in"):
         ops.lstm_forward(3, 0, *good, lengths)
     with pytest.raises(ValueError, match="lengths must be int32"):
         ops.lstm_forward(0, 0, *good, lengths.astype(np.int64))
     with pytest.raises(ValueError, match="dtype"):
-        ops.lstm_forward(0, 0, *good[:3], bufs["h"].astype(np.float32), *good[4:], lengths)
+        ops.lstm_forward(0, 0, *good[:4], bufs["h"].astype(np.float32), *good[5:], lengths)
     with pytest.raises(ValueError, match="gemm: shapes do not chain"):
         ops.gemm(np.ones((2, 3)), np.ones((4, 5)), np.ones((2, 5)))
     assert all(np.array_equal(bufs[k], before[k]) for k in bufs)  # nothing was written

@@ -71,8 +71,8 @@ def activate_grad(nonlinearity, h, k):
 
 # --------------------------------------------------------------------------- RNN
 @cuda.jit(cache=True)
-def rnn_forward(t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
-    """gx: [T, B, H]  gh: [B, H]  b_hh: [H]  h: [T+1, B, H]  y: [T, B, H]  lengths: [B]"""
+def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
+    """gx: [T, B, H]  gh: [B, H]  b_ih, b_hh: [H]  h: [T+1, B, H]  y: [T, B, H]  lengths: [B]"""
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx >= B * H:
@@ -84,7 +84,7 @@ def rnn_forward(t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
         h[nxt, b, j] = h[prev, b, j]
         y[t, b, j] = k[0]
         return
-    h_new = activate(nonlinearity, gx[t, b, j] + gh[b, j] + b_hh[j], k)
+    h_new = activate(nonlinearity, gx[t, b, j] + b_ih[j] + gh[b, j] + b_hh[j], k)
     h[nxt, b, j] = h_new
     y[t, b, j] = h_new
 
@@ -109,8 +109,8 @@ def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
 
 # -------------------------------------------------------------------------- LSTM
 @cuda.jit(cache=True)
-def lstm_forward(t, reverse, gx, gh, b_hh, h, c, gates, y, lengths):
-    """gx: [T, B, 4H] (i, f, g, o)  gh: [B, 4H]  b_hh: [4H]  h, c: [T+1, B, H]
+def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
+    """gx: [T, B, 4H] (i, f, g, o)  gh: [B, 4H]  b_ih, b_hh: [4H]  h, c: [T+1, B, H]
     gates: [T, B, 4H]  y: [T, B, H]  lengths: [B]"""
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
@@ -126,10 +126,10 @@ def lstm_forward(t, reverse, gx, gh, b_hh, h, c, gates, y, lengths):
         for k in range(4):
             gates[t, b, k * H + j] = zero
         return
-    i = sigmoid(gx[t, b, j] + gh[b, j] + b_hh[j], half)
-    f = sigmoid(gx[t, b, H + j] + gh[b, H + j] + b_hh[H + j], half)
-    g = math.tanh(gx[t, b, 2 * H + j] + gh[b, 2 * H + j] + b_hh[2 * H + j])
-    o = sigmoid(gx[t, b, 3 * H + j] + gh[b, 3 * H + j] + b_hh[3 * H + j], half)
+    i = sigmoid(gx[t, b, j] + b_ih[j] + gh[b, j] + b_hh[j], half)
+    f = sigmoid(gx[t, b, H + j] + b_ih[H + j] + gh[b, H + j] + b_hh[H + j], half)
+    g = math.tanh(gx[t, b, 2 * H + j] + b_ih[2 * H + j] + gh[b, 2 * H + j] + b_hh[2 * H + j])
+    o = sigmoid(gx[t, b, 3 * H + j] + b_ih[3 * H + j] + gh[b, 3 * H + j] + b_hh[3 * H + j], half)
     c_new = f * c[prev, b, j] + i * g
     h_new = o * math.tanh(c_new)
     c[nxt, b, j] = c_new
@@ -173,8 +173,8 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
 
 # --------------------------------------------------------------------------- GRU
 @cuda.jit(cache=True)
-def gru_forward(t, reverse, gx, gh, b_hh, h, gates, y, lengths):
-    """gx: [T, B, 3H] (r, z, n)  gh: [B, 3H]  b_hh: [3H]  h: [T+1, B, H]
+def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
+    """gx: [T, B, 3H] (r, z, n)  gh: [B, 3H]  b_ih, b_hh: [3H]  h: [T+1, B, H]
     gates: [T, B, 4H] (r, z, n, hn)  y: [T, B, H]  lengths: [B]"""
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
@@ -189,10 +189,10 @@ def gru_forward(t, reverse, gx, gh, b_hh, h, gates, y, lengths):
         for k in range(4):
             gates[t, b, k * H + j] = zero
         return
-    r = sigmoid(gx[t, b, j] + gh[b, j] + b_hh[j], half)
-    z = sigmoid(gx[t, b, H + j] + gh[b, H + j] + b_hh[H + j], half)
+    r = sigmoid(gx[t, b, j] + b_ih[j] + gh[b, j] + b_hh[j], half)
+    z = sigmoid(gx[t, b, H + j] + b_ih[H + j] + gh[b, H + j] + b_hh[H + j], half)
     hn = gh[b, 2 * H + j] + b_hh[2 * H + j]  # U_n h + b_hn, kept apart: r scales it
-    n = math.tanh(gx[t, b, 2 * H + j] + r * hn)
+    n = math.tanh(gx[t, b, 2 * H + j] + b_ih[2 * H + j] + r * hn)
     h_prev = h[prev, b, j]
     h_new = n + z * (h_prev - n)  # (1 - z) n + z h_prev
     h[nxt, b, j] = h_new
@@ -349,11 +349,11 @@ def signature(name, dtype):
     a3 = types.Array(f, 3, "A")
     lengths = ids = types.Array(types.int32, 1, "C")
     return {
-        "rnn_forward": (i64, i64, c3, c2, c1, c3, a3, lengths, i64),
+        "rnn_forward": (i64, i64, c3, c2, c1, c1, c3, a3, lengths, i64),
         "rnn_backward": (i64, i64, c3, a3, c2, c3, lengths, i64),
-        "lstm_forward": (i64, i64, c3, c2, c1, c3, c3, c3, a3, lengths),
+        "lstm_forward": (i64, i64, c3, c2, c1, c1, c3, c3, c3, a3, lengths),
         "lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths),
-        "gru_forward": (i64, i64, c3, c2, c1, c3, c3, a3, lengths),
+        "gru_forward": (i64, i64, c3, c2, c1, c1, c3, c3, a3, lengths),
         "gru_backward": (i64, i64, c3, c3, a3, c2, c3, c3, lengths),
         "adam_update": (c1, c1, c1, c1, f, f, f, f, f),
         "gather_rows": (c2, ids, c2),

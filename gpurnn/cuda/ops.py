@@ -1,7 +1,7 @@
 """The backend operations of the CUDA code path: kernel launches, GEMMs, graphs.
 
 ``CudaOps`` offers the interface of ``gpurnn.backend.NumpyOps`` (the per-cell
-steps, ``gemm``, ``add_bias``, ``gather_rows``, ``one_hot``,
+steps, ``gemm``, ``gather_rows``, ``one_hot``,
 ``recurrent_operand``, the side stream, ``run``, ``asarray``) plus the fused
 ``adam_update`` and ``softmax_xent``:
 
@@ -145,8 +145,6 @@ class CudaOps:
         workspace = self._side_workspace if stream.ptr == self._side.ptr else None
         self._cublas.gemm(stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode(), workspace)
 
-    add_bias = staticmethod(NumpyOps.add_bias)  # a CuPy/NumPy broadcast add, capturable
-
     def scatter_add(self, target, indices, values):
         if self.simulate:
             NumpyOps.scatter_add(target, indices, values)
@@ -279,9 +277,9 @@ class CudaOps:
                              f"{tuple(weight.shape)}, losses {losses.dtype} {tuple(losses.shape)}")
         self._launch_grid(kernels.softmax_xent, N, kernels.ROW_THREADS, logits, targets, weight, losses, d_logits)
 
-    def rnn_forward(self, t, reverse, gx, gh, b_hh, h, y, lengths, nonlinearity):
-        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, y=y, lengths=lengths, G=1)
-        self._launch(kernels.rnn_forward, B, H, t, reverse, gx, gh, b_hh, h, y, lengths,
+    def rnn_forward(self, t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
+        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_ih=b_ih, b_hh=b_hh, y=y, lengths=lengths, G=1)
+        self._launch(kernels.rnn_forward, B, H, t, reverse, gx, gh, b_ih, b_hh, h, y, lengths,
                      kernels.NONLINEARITY_CODES[nonlinearity])
 
     def rnn_backward(self, t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
@@ -289,20 +287,20 @@ class CudaOps:
         self._launch(kernels.rnn_backward, B, H, t, reverse, h, dy, dh, dgates, lengths,
                      kernels.NONLINEARITY_CODES[nonlinearity])
 
-    def lstm_forward(self, t, reverse, gx, gh, b_hh, h, c, gates, y, lengths):
-        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, c=c, gates=gates, y=y,
+    def lstm_forward(self, t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
+        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_ih=b_ih, b_hh=b_hh, c=c, gates=gates, y=y,
                               lengths=lengths, G=4)
-        self._launch(kernels.lstm_forward, B, H, t, reverse, gx, gh, b_hh, h, c, gates, y, lengths)
+        self._launch(kernels.lstm_forward, B, H, t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths)
 
     def lstm_backward(self, t, reverse, c, gates, dy, dh, dc, dgates, lengths):
         T, B, H = _check_step(t, reverse, c, gates=gates, dy=dy, dh=dh, dc=dc, dgx=dgates,
                               lengths=lengths, G=4)
         self._launch(kernels.lstm_backward, B, H, t, reverse, c, gates, dy, dh, dc, dgates, lengths)
 
-    def gru_forward(self, t, reverse, gx, gh, b_hh, h, gates, y, lengths):
-        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_hh=b_hh, gates=gates, y=y,
+    def gru_forward(self, t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
+        T, B, H = _check_step(t, reverse, h, gx=gx, gh=gh, b_ih=b_ih, b_hh=b_hh, gates=gates, y=y,
                               lengths=lengths, G=3)
-        self._launch(kernels.gru_forward, B, H, t, reverse, gx, gh, b_hh, h, gates, y, lengths)
+        self._launch(kernels.gru_forward, B, H, t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths)
 
     def gru_backward(self, t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
         T, B, H = _check_step(t, reverse, h, gates=gates, dy=dy, dh=dh, dgx=dgx, dgh=dgh,
@@ -356,7 +354,7 @@ def _check_step(t, reverse, state, G, lengths, **bufs):
     if not 0 <= t < T or reverse not in (0, 1):
         raise ValueError(f"kernel launch: t must be in [0, {T}) and reverse 0 or 1, got t={t}, reverse={reverse}")
     saved = 4 if G in (3, 4) else 0
-    expected = {"gx": (T, B, G * H), "gh": (B, G * H), "b_hh": (G * H,), "c": (T + 1, B, H),
+    expected = {"gx": (T, B, G * H), "gh": (B, G * H), "b_ih": (G * H,), "b_hh": (G * H,), "c": (T + 1, B, H),
                 "gates": (T, B, saved * H), "y": (T, B, H), "dy": (T, B, H), "dh": (B, H), "dc": (B, H),
                 "dgx": (T, B, G * H), "dgh": (T, B, G * H)}
     for name, a in bufs.items():
