@@ -9,7 +9,8 @@ x: [T, B, I] ([B, T, I] with batch_first)   h0, c0, h_n, c_n: [L*D, B, H]
 out: [T, B, D*H] ([B, T, D*H] with batch_first)   lengths: [B], 1 <= l <= T
 
 ``backward`` consumes the cache of the last training-mode forward and
-accumulates parameter gradients into ``m.grads`` (cleared by ``zero_grad``).
+accumulates parameter gradients into ``m.grads`` (cleared by ``zero_grad``);
+an eval-mode forward keeps no activations for it (like cuDNN's inference).
 Parameters and gradients are updated in place, never rebound, so a captured
 CUDA graph that points at them stays valid.
 """
@@ -202,8 +203,9 @@ class _RNNBase:
                 ws.stage("c0", c0)
             for layer in range(1, cfg.L if dropout_on else 1):
                 ws.masks[layer][...] = xp.asarray(masks[layer])
-            self._ops.run(ws, "forward",
-                          lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on, embedding))
+            keep = self.training or record  # eval keeps nothing for a backward (as cuDNN inference does)
+            self._ops.run(ws, "forward" if keep else "inference",
+                          lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on, embedding, keep))
             result = (self._time_major_out(ws.out[-1]), ws.h_n.copy(),
                       ws.c_n.copy() if cfg.cell == "lstm" else None)
             self._recorded = self._record(ws) if record else None

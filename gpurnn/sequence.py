@@ -35,6 +35,8 @@ class Direction:
     h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
     c:  [T+1, B, H]   LSTM cell states (None otherwise)
     gates: [T, B, S*H] saved activations (None for the plain RNN)
+    step_gates: [T, B, S*H] gates[0] seen at every t (time stride 0), for forwards
+                whose activations no backward will read
     dgx: [T, B, G*H]  gradient of the input projection
     dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only; else dgx)
     dh, dc: [B, H]    gradient carried back through h (and c)
@@ -49,6 +51,7 @@ class Direction:
     h: object
     c: object
     gates: object
+    step_gates: object
     dgx: object
     dgh: object
     dh: object
@@ -60,6 +63,8 @@ class Direction:
     def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
         G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
         dgx = xp.empty((T, B, G * H), dtype)
+        gates = xp.empty((T, B, S * H), dtype) if S else None
+        step_gates = None if gates is None else xp.lib.stride_tricks.as_strided(gates, strides=(0, *gates.strides[1:]))
         return cls(
             gx=xp.empty((T, B, G * H), dtype),
             gh=xp.empty((B, G * H), dtype),
@@ -67,7 +72,8 @@ class Direction:
             w_ih_t=None if vocab else xp.empty((I, G * H), dtype),
             h=xp.empty((T + 1, B, H), dtype),
             c=xp.empty((T + 1, B, H), dtype) if cell == "lstm" else None,
-            gates=xp.empty((T, B, S * H), dtype) if S else None,
+            gates=gates,
+            step_gates=step_gates,
             dgx=dgx,
             dgh=xp.empty((T, B, G * H), dtype) if cell == "gru" else dgx,
             dh=xp.empty((B, H), dtype),
@@ -104,13 +110,15 @@ def _spans(T, n, reverse):
     return spans[::-1] if reverse else spans
 
 
-def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y):
+def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y, keep=True):
     """Run one direction of one layer over the whole sequence.
 
     x: [T, B, I], or Embedded   w_ih: [G*H, I]   w_hh: [G*H, H]   b_ih, b_hh: [G*H]
     lengths: [B] int32   reverse: 0 or 1
     ws: Direction with the initial state(s) already in place
     y: [T, B, H] output (a view into the layer output [T, B, D*H])
+    keep: save every step's activations in ws.gates for backward; if False (an
+          inference forward, as cuDNN's) they all land in one cache-resident block
     """
     T, B = ws.gx.shape[:2]
     if isinstance(x, Embedded):
@@ -130,6 +138,7 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
                 gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
                 ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
                 ready.append(ops.mark())
+    gates = ws.gates if keep else ws.step_gates
     w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
     first_steps = {stop - 1 if reverse else start: k for k, (start, stop) in enumerate(spans)}
     for t in _time_order(T, reverse):
@@ -139,9 +148,9 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
         if cell == "rnn":
             ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, y, lengths, nonlinearity)
         elif cell == "lstm":
-            ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.c, ws.gates, y, lengths)
+            ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.c, gates, y, lengths)
         else:
-            ops.gru_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.gates, y, lengths)
+            ops.gru_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, gates, y, lengths)
 
 
 def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):

@@ -101,10 +101,11 @@ class Workspace:
         return self.inp[layer] if dropout_on else self.out[layer - 1]
 
 
-def forward(ops, cfg, params, ws, dropout_on, embedding=None):
+def forward(ops, cfg, params, ws, dropout_on, embedding=None, keep=True):
     """Every layer and direction, bottom to top, from ws.x (or ws.ids)/h0/c0 into
     ws.out/h_n/c_n. embedding: None, or (weight [V, I], its gradient [V, I]) when
-    the workspace holds ids of its rows."""
+    the workspace holds ids of its rows. keep: save the activations backward
+    (or recording) reads; an inference forward passes False."""
     xp = ops.xp
     H, D = cfg.H, cfg.D
     first, last = (0, -1), (-1, 0)  # state index of h0 and of h_n: forward, reverse
@@ -121,7 +122,7 @@ def forward(ops, cfg, params, ws, dropout_on, embedding=None):
                 wsd.c[first[d]] = ws.c0[k]
             y = ws.out[layer][:, :, d * H:(d + 1) * H]
             sequence.forward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh,
-                             ws.lengths, d, wsd, y)
+                             ws.lengths, d, wsd, y, keep)
             ws.h_n[k] = wsd.h[last[d]]
             if cfg.cell == "lstm":
                 ws.c_n[k] = wsd.c[last[d]]

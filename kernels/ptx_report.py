@@ -75,16 +75,17 @@ def main():
     rows = []
     for name, kernel in kernels.KERNELS.items():
         for dtype in (np.float32, np.float64):
-            for arch in ARCHS:
-                ptx, _ = cuda.compile_ptx(kernel.py_func, kernels.signature(name, dtype), cc=arch)
-                rows.append(dict(kernel=name, dtype=np.dtype(dtype).name, arch=f"sm_{arch[0]}{arch[1]}",
-                                 **ptxas_stats(ptxas, ptx, arch)))
+            for label, signature in kernels.signatures(name, dtype).items():
+                for arch in ARCHS:
+                    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=arch)
+                    rows.append(dict(kernel=label, dtype=np.dtype(dtype).name, arch=f"sm_{arch[0]}{arch[1]}",
+                                     **ptxas_stats(ptxas, ptx, arch)))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(ptxas=version, rows=rows), f, indent=1)
-    print(f"{'kernel':<15}{'dtype':<9}{'arch':<7}{'regs':>5}{'spill st':>10}{'spill ld':>10}{'stack':>7}")
+    print(f"{'kernel':<19}{'dtype':<9}{'arch':<7}{'regs':>5}{'spill st':>10}{'spill ld':>10}{'stack':>7}")
     for r in rows:
-        print(f"{r['kernel']:<15}{r['dtype']:<9}{r['arch']:<7}{r['registers']:>5}{r['spill_stores']:>10}"
+        print(f"{r['kernel']:<19}{r['dtype']:<9}{r['arch']:<7}{r['registers']:>5}{r['spill_stores']:>10}"
               f"{r['spill_loads']:>10}{r['stack_frame']:>7}")
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     if spilling:

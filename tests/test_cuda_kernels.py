@@ -240,6 +240,32 @@ def test_embedded_first_layer_matches_explicit_rows(request, backend, cell, bidi
         assert rel_err(folded.grads[name], ref.grads[name]) < 1e-12, name
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cudasim"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])  # the cells that save activations
+def test_eval_forward_keeps_no_activations(request, backend, cell):
+    """An eval forward gives the training forward's results but writes every step's
+    activations over step 0's (nothing is kept for a backward, as cuDNN's inference);
+    a recording eval forward keeps them all."""
+    if backend == "cudasim":
+        request.getfixturevalue("sim")
+    rng = np.random.default_rng(12)
+    m = make(cell, 3, 5, num_layers=2, bidirectional=True, dtype="float64", seed=4, backend=backend)
+    x, lengths = rng.standard_normal((6, 2, 3)), np.array([6, 4])
+    trained = run(m, x, lengths=lengths)
+    ws = m._cache[0]
+    for d in ws.dirs:
+        d.gates[...] = np.nan
+    m.eval()
+    for _ in range(2):
+        for a, b in zip(run(m, x, lengths=lengths), trained):
+            if b is not None:
+                np.testing.assert_array_equal(a, b)
+        assert next(reversed(m._workspaces.values())) is ws  # the same buffers were used
+        assert all(np.isnan(d.gates[1:]).all() and not np.isnan(d.gates[0]).any() for d in ws.dirs)
+    m(x, lengths=lengths, record=True)
+    assert not any(np.isnan(d.gates).any() for d in ws.dirs)
+
+
 def test_gather_rows_and_one_hot_kernels_match_spec(sim):
     from gpurnn.backend import NumpyOps
 

@@ -117,6 +117,25 @@ def test_graph_replay_equals_eager_loop(gpu, cell):
         np.testing.assert_allclose(host(m.grads[k]), host(eager_grads[k]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_eval_forward_replays_its_own_graph_and_keeps_nothing(gpu, cell):
+    rng = np.random.default_rng(5)
+    m = make(cell, 16, 32, num_layers=2, bidirectional=True, seed=0, backend="cuda")
+    x, h0, c0, _, _, _ = inputs(cell, m, 20, 5, rng, np.float32)
+    lengths = np.array([20, 3, 11, 20, 1])
+    trained = [host(a) for a in run(m, x, h0, c0, lengths)]
+    ws = m._cache[0]
+    for d in ws.dirs:
+        d.gates.fill(np.nan)
+    m.eval()
+    for _ in range(2):  # eager (and captured), then replayed
+        for a, b in zip(run(m, x, h0, c0, lengths), trained):
+            if b is not None:
+                np.testing.assert_allclose(host(a), b, rtol=1e-6, atol=1e-7)
+    assert set(ws.graphs) == {("forward", "fp32"), ("inference", "fp32")}
+    assert all(np.isnan(host(d.gates[1:])).all() and np.isfinite(host(d.gates[0])).all() for d in ws.dirs)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_poisoned_workspace_is_fully_overwritten(gpu, cell):
     rng = np.random.default_rng(3)

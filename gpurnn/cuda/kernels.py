@@ -337,10 +337,10 @@ KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
            "gather_rows": gather_rows, "one_hot": one_hot, "softmax_xent": softmax_xent}
 
 
-def signature(name, dtype):
-    """The numba signature a launch on workspace buffers compiles (the RNN steps'
-    output and output-gradient views, y and dy, may be strided; everything else
-    is C-contiguous). Used by the PTX report."""
+def signatures(name, dtype):
+    """{label: numba signature} of the launches on workspace buffers (the RNN steps'
+    output and output-gradient views, y and dy, may be strided; an eval forward's
+    gates have time stride 0; everything else is C-contiguous). Used by the PTX report."""
     from numba import types
 
     f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
@@ -348,15 +348,17 @@ def signature(name, dtype):
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")
     lengths = ids = types.Array(types.int32, 1, "C")
+    lstm_forward = lambda gates: (i64, i64, c3, c2, c1, c1, c3, c3, gates, a3, lengths)  # noqa: E731
+    gru_forward = lambda gates: (i64, i64, c3, c2, c1, c1, c3, gates, a3, lengths)  # noqa: E731
     return {
-        "rnn_forward": (i64, i64, c3, c2, c1, c1, c3, a3, lengths, i64),
-        "rnn_backward": (i64, i64, c3, a3, c2, c3, lengths, i64),
-        "lstm_forward": (i64, i64, c3, c2, c1, c1, c3, c3, c3, a3, lengths),
-        "lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths),
-        "gru_forward": (i64, i64, c3, c2, c1, c1, c3, c3, a3, lengths),
-        "gru_backward": (i64, i64, c3, c3, a3, c2, c3, c3, lengths),
-        "adam_update": (c1, c1, c1, c1, f, f, f, f, f),
-        "gather_rows": (c2, ids, c2),
-        "one_hot": (ids, c2),
-        "softmax_xent": (c2, ids, c1, c1, c2),
+        "rnn_forward": {"rnn_forward": (i64, i64, c3, c2, c1, c1, c3, a3, lengths, i64)},
+        "rnn_backward": {"rnn_backward": (i64, i64, c3, a3, c2, c3, lengths, i64)},
+        "lstm_forward": {"lstm_forward": lstm_forward(c3), "lstm_forward eval": lstm_forward(a3)},
+        "lstm_backward": {"lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths)},
+        "gru_forward": {"gru_forward": gru_forward(c3), "gru_forward eval": gru_forward(a3)},
+        "gru_backward": {"gru_backward": (i64, i64, c3, c3, a3, c2, c3, c3, lengths)},
+        "adam_update": {"adam_update": (c1, c1, c1, c1, f, f, f, f, f)},
+        "gather_rows": {"gather_rows": (c2, ids, c2)},
+        "one_hot": {"one_hot": (ids, c2)},
+        "softmax_xent": {"softmax_xent": (c2, ids, c1, c1, c2)},
     }[name]
