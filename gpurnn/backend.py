@@ -95,6 +95,12 @@ class NumpyOps:
         return contextlib.nullcontext()
 
     @staticmethod
+    def concurrent(n):
+        """Lanes of work that may run at the same time on a GPU (``with ops.concurrent(n)
+        as lane: with lane(k): ...``); here they run in order."""
+        return contextlib.nullcontext(lambda k: contextlib.nullcontext())
+
+    @staticmethod
     def mark():
         """A point in the side stream's work to wait for (None: work is in order)."""
         return None

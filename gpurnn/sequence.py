@@ -165,15 +165,15 @@ def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):
 
 
 def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, ones,
-             dx, dw_ih, dw_hh, db_ih, db_hh, recorder=None):
-    """BPTT through one direction of one layer, after ``forward`` on the same ws.
+             dw_ih, dw_hh, db_ih, db_hh, recorder=None):
+    """BPTT through one direction of one layer, after ``forward`` on the same ws;
+    ``backward_input`` then adds this direction's part of the input's gradient.
 
     dy: [T, B, H]  gradient of this direction's outputs (a view)
     ws.dh (ws.dc): [B, H] in: gradient of the final state; out: of the initial state
     ones: [1, T*B] ones, to sum the bias gradients as a GEMM
-    dx: [T, B, I]            accumulates the gradient of x (None when x is Embedded:
-                             x.dweight accumulates instead; x.onehot must hold the ids' one-hot)
     dw_ih: [G*H, I]  dw_hh: [G*H, H]  db_ih, db_hh: [G*H]   accumulate
+    x.onehot, when x is Embedded, must hold the ids' one-hot
     recorder: None, or gpurnn.diagnostics' recorder, shown each step before it runs
     """
     T, B = ws.gx.shape[:2]
@@ -192,8 +192,20 @@ def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, o
     if isinstance(x, Embedded):
         ops.gemm(x.onehot, dgx, ws.dtable, trans_a=True)  # dgx summed over the rows of each symbol
         ops.gemm(ws.dtable, x.weight, dw_ih, trans_a=True, beta=1.0)
+    else:
+        ops.gemm(dgx, x.reshape(T * B, -1), dw_ih, trans_a=True, beta=1.0)
+
+
+def backward_input(ops, x, w_ih, ws, dx):
+    """Add one direction's part of the input's gradient, after its ``backward``.
+    Kept apart so that two directions' BPTT may run at the same time while their
+    sums into the shared gradient run one after the other.
+
+    dx: [T, B, I] accumulates the gradient of x (None when x is Embedded: x.dweight
+    accumulates instead, from ws.dtable)
+    """
+    if isinstance(x, Embedded):
         ops.gemm(ws.dtable, w_ih, x.dweight, beta=1.0)  # backprop into the embedding rows
     else:
-        I = x.shape[2]
-        ops.gemm(dgx, x.reshape(T * B, I), dw_ih, trans_a=True, beta=1.0)
-        ops.gemm(dgx, w_ih, dx.reshape(T * B, I), beta=1.0)
+        T, B = ws.gx.shape[:2]
+        ops.gemm(ws.dgx.reshape(T * B, -1), w_ih, dx.reshape(T * B, -1), beta=1.0)

@@ -113,19 +113,21 @@ def forward(ops, cfg, params, ws, dropout_on, embedding=None, keep=True):
         if layer and dropout_on:
             xp.multiply(ws.out[layer - 1], ws.masks[layer], out=ws.inp[layer])  # dropout between layers
         x = ws.layer_input(layer, dropout_on, embedding)
-        for d in range(D):
-            k = layer * D + d
-            w_ih, w_hh, b_ih, b_hh = (params[n] for n in cfg.param_names(layer, d))
-            wsd = ws.dirs[k]
-            wsd.h[first[d]] = ws.h0[k]
-            if cfg.cell == "lstm":
-                wsd.c[first[d]] = ws.c0[k]
-            y = ws.out[layer][:, :, d * H:(d + 1) * H]
-            sequence.forward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh,
-                             ws.lengths, d, wsd, y, keep)
-            ws.h_n[k] = wsd.h[last[d]]
-            if cfg.cell == "lstm":
-                ws.c_n[k] = wsd.c[last[d]]
+        with ops.concurrent(D) as lane:  # the directions share only what they read
+            for d in range(D):
+                with lane(d):
+                    k = layer * D + d
+                    w_ih, w_hh, b_ih, b_hh = (params[n] for n in cfg.param_names(layer, d))
+                    wsd = ws.dirs[k]
+                    wsd.h[first[d]] = ws.h0[k]
+                    if cfg.cell == "lstm":
+                        wsd.c[first[d]] = ws.c0[k]
+                    y = ws.out[layer][:, :, d * H:(d + 1) * H]
+                    sequence.forward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh,
+                                     ws.lengths, d, wsd, y, keep)
+                    ws.h_n[k] = wsd.h[last[d]]
+                    if cfg.cell == "lstm":
+                        ws.c_n[k] = wsd.c[last[d]]
 
 
 def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=None):
@@ -142,22 +144,28 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
         dx = ws.dx if layer == 0 else ws.d_in[layer]
         if dx is not None:
             dx[...] = 0  # both directions accumulate into it
+        # the directions' BPTT may run at the same time (not while recorders read
+        # each step on the host); their sums into the input's gradient run in turn
+        with ops.concurrent(D if recorders is None else 1) as lane:
+            for d in range(D):
+                with lane(d):
+                    k = layer * D + d
+                    names = cfg.param_names(layer, d)
+                    w_ih, w_hh = params[names[0]], params[names[1]]
+                    dw_ih, dw_hh, db_ih, db_hh = (grads[n] for n in names)
+                    wsd = ws.dirs[k]
+                    wsd.dh[...] = ws.d_hn[k]
+                    if cfg.cell == "lstm":
+                        wsd.dc[...] = ws.d_cn[k]
+                    dy = d_layer_out[:, :, d * H:(d + 1) * H]
+                    sequence.backward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd,
+                                      dy, ws.ones, dw_ih, dw_hh, db_ih, db_hh,
+                                      recorder=None if recorders is None else recorders[k])
+                    ws.dh0[k] = wsd.dh
+                    if cfg.cell == "lstm":
+                        ws.dc0[k] = wsd.dc
         for d in range(D):
-            k = layer * D + d
-            names = cfg.param_names(layer, d)
-            w_ih, w_hh = params[names[0]], params[names[1]]
-            dw_ih, dw_hh, db_ih, db_hh = (grads[n] for n in names)
-            wsd = ws.dirs[k]
-            wsd.dh[...] = ws.d_hn[k]
-            if cfg.cell == "lstm":
-                wsd.dc[...] = ws.d_cn[k]
-            dy = d_layer_out[:, :, d * H:(d + 1) * H]
-            sequence.backward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd,
-                              dy, ws.ones, dx, dw_ih, dw_hh, db_ih, db_hh,
-                              recorder=None if recorders is None else recorders[k])
-            ws.dh0[k] = wsd.dh
-            if cfg.cell == "lstm":
-                ws.dc0[k] = wsd.dc
+            sequence.backward_input(ops, x, params[cfg.param_names(layer, d)[0]], ws.dirs[layer * D + d], dx)
         if layer and dropout_on:
             dx *= ws.masks[layer]  # backprop through the same dropout mask
         d_layer_out = dx

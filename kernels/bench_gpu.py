@@ -1,6 +1,6 @@
 """gpurnn's CUDA backend against torch.nn.LSTM/GRU/RNN (cuDNN), same process, same card.
 
-    python kernels/bench_gpu.py [--configs A B C D E] [--cells lstm gru rnn] [--modes fp32 tf32]
+    python kernels/bench_gpu.py [--configs A B C D E Ab] [--cells lstm gru rnn] [--modes fp32 tf32]
                                 [--repeats 20] [--json PATH]
 
 BENCHMARKS.md's protocol: CUDA events on the caller's stream around each call
@@ -9,7 +9,8 @@ compilation, graph capture and cuBLAS set-up stay out), median of --repeats,
 min and max kept. Forward = eval mode / torch.no_grad; forward+backward =
 train-mode forward, backward from a random d_out, all weight gradients.
 Before timing, each row checks outputs and gradients against cuDNN on the
-same weights (relative error). Prints a ratio table (gpurnn / cuDNN).
+same weights (relative error). Prints a ratio table (gpurnn / cuDNN). Beyond
+BENCHMARKS.md's A-E, "Ab" is config A bidirectional.
 """
 
 import argparse
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 CONFIGS = {"A": (100, 64, 512, 1), "B": (100, 256, 1024, 1), "C": (1000, 32, 256, 1),
            "D": (50, 8, 128, 1), "E": (100, 64, 512, 3)}
+BIDIRECTIONAL = {"Ab": "A"}  # beyond BENCHMARKS.md's matrix: A with both directions (run concurrently)
 
 
 def rel(a, b):
@@ -65,14 +67,17 @@ def bench_row(cell, name, mode, repeats):
     import gpurnn
 
     set_mode(mode)
-    T, B, H, L = CONFIGS[name]
+    bidirectional = name in BIDIRECTIONAL
+    T, B, H, L = CONFIGS[BIDIRECTIONAL.get(name, name)]
+    D = 2 if bidirectional else 1
     rng = np.random.default_rng(0)
-    ours = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, num_layers=L, seed=0,
-                                                                              backend="cuda")
-    peer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](H, H, num_layers=L).cuda()
+    ours = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](
+        H, H, num_layers=L, bidirectional=bidirectional, seed=0, backend="cuda")
+    peer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](
+        H, H, num_layers=L, bidirectional=bidirectional).cuda()
     peer.load_state_dict({k: torch.from_numpy(v.get()) for k, v in ours.state_dict().items()})
     x_host = rng.standard_normal((T, B, H)).astype(np.float32)
-    d_host = rng.standard_normal((T, B, H)).astype(np.float32)
+    d_host = rng.standard_normal((T, B, D * H)).astype(np.float32)
     x, d_out = cupy.asarray(x_host), cupy.asarray(d_host)
     xt = torch.from_numpy(x_host).cuda().requires_grad_(True)
     dt = torch.from_numpy(d_host).cuda()
@@ -109,8 +114,8 @@ def bench_row(cell, name, mode, repeats):
         ours.train(what == "fwd+bwd")
         o = time_ms(ours_fn, repeats)
         p = time_ms(peer_fn, repeats)
-        rows.append(dict(cell=cell, config=name, T=T, B=B, H=H, layers=L, mode=mode, pass_=what,
-                         gpurnn_ms=o[0], gpurnn_min_ms=o[1], gpurnn_max_ms=o[2],
+        rows.append(dict(cell=cell, config=name, T=T, B=B, H=H, layers=L, bidirectional=bidirectional,
+                         mode=mode, pass_=what, gpurnn_ms=o[0], gpurnn_min_ms=o[1], gpurnn_max_ms=o[2],
                          peer_ms=p[0], peer_min_ms=p[1], peer_max_ms=p[2], ratio=o[0] / p[0],
                          rel_err=errors))
     set_mode("fp32")
@@ -145,7 +150,7 @@ def table(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=[*CONFIGS, *BIDIRECTIONAL], choices=[*CONFIGS, *BIDIRECTIONAL])
     ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"], choices=["lstm", "gru", "rnn"])
     ap.add_argument("--modes", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32"])
     ap.add_argument("--repeats", type=int, default=20)

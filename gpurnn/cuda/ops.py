@@ -7,7 +7,8 @@ steps, ``gemm``, ``gather_rows``, ``one_hot``,
 
 - real GPU: CuPy arrays, numba kernels launched on our own CuPy stream with
   pre-wrapped device arrays, GEMMs through cuBLAS (``cublas.py``), input
-  projections on a side stream, and ``run`` running each whole forward/backward
+  projections on a side stream, independent recurrences (the two directions of
+  a layer) in ``concurrent`` lanes, and ``run`` running each whole forward/backward
   eagerly on its first call per workspace, capturing it as a CUDA graph right
   after, and replaying the graph from then on;
 - simulator (``simulate=True``): NumPy arrays, the same kernels run by numba's
@@ -33,7 +34,22 @@ THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
 # OVERLAP_MAX_STEP_OUTPUTS outputs per step up.
 INPUT_SPANS = 4
 OVERLAP_MAX_STEP_OUTPUTS = 1 << 20
-SIDE_WORKSPACE_BYTES = 32 << 20
+WORKSPACE_BYTES = 32 << 20  # a cuBLAS workspace of our own: what cuBLAS reserves by default on Hopper
+
+
+class _Lane:
+    """A stream for one recurrence (its kernels and step GEMMs) and a side stream
+    for the input projections that overlap it. ``workspaces``: stream pointer ->
+    cuBLAS workspace, for this lane's streams whose GEMMs may run at the same time
+    as another stream's on the same handle (cuBLAS asks each such stream for its
+    own; torch keeps one per handle and stream likewise)."""
+
+    def __init__(self, cupy, cuda, own_workspace):
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.side = cupy.cuda.Stream(non_blocking=True)
+        self.kernels = cuda.external_stream(self.stream.ptr)  # numba's view of the stream
+        streams = (self.stream, self.side) if own_workspace else (self.side,)
+        self.workspaces = {s.ptr: cupy.empty(WORKSPACE_BYTES, cupy.uint8) for s in streams}
 
 
 class CudaOps:
@@ -45,20 +61,19 @@ class CudaOps:
         self._transpose_faster = {}
         if simulate:
             self.name, self.xp = "cudasim", np
-            self._stream = self._side = None
-            self._nb_stream = None
+            self._stream = None
             self._cublas = None
         else:
             from gpurnn.cuda.cublas import Cublas
 
             cupy = load_cupy()
             self.name, self.xp = "cuda", cupy
-            self._stream = cupy.cuda.Stream(non_blocking=True)
-            self._side = cupy.cuda.Stream(non_blocking=True)
-            # the side stream's GEMMs overlap the main stream's: their own cuBLAS workspace
-            # (32 MiB, what cuBLAS reserves by default on Hopper)
-            self._side_workspace = cupy.empty(SIDE_WORKSPACE_BYTES, cupy.uint8)
-            self._nb_stream = self.cuda.external_stream(self._stream.ptr)
+            # lane 0 is our stream, whose GEMMs use the handle's own workspace; more
+            # lanes are made when work first runs concurrently
+            self._lanes = [_Lane(cupy, self.cuda, own_workspace=False)]
+            self._lane = self._lanes[0]  # the lane work is being issued to
+            self._stream = self._lane.stream
+            self._workspaces = dict(self._lane.workspaces)
             try:
                 self._cublas = Cublas(cupy)
                 self._capture_ok = True
@@ -104,13 +119,13 @@ class CudaOps:
 
     @contextlib.contextmanager
     def side_stream(self):
-        """Work that may overlap the main stream: it starts after everything
-        already issued there, and the main stream ``wait``s for its ``mark``s."""
+        """Work that may overlap the current lane's stream: it starts after
+        everything already issued there, and that stream ``wait``s for its ``mark``s."""
         if self.simulate:
             yield
             return
-        self._side.wait_event(self._stream.record())
-        with self._side:
+        self._lane.side.wait_event(self._lane.stream.record())
+        with self._lane.side:
             yield
 
     def mark(self):
@@ -118,7 +133,41 @@ class CudaOps:
 
     def wait(self, mark):
         if mark is not None:
-            self._stream.wait_event(mark)
+            self._lane.stream.wait_event(mark)
+
+    @contextlib.contextmanager
+    def concurrent(self, n):
+        """``with ops.concurrent(n) as lane:``, then ``with lane(k):`` for k < n, inside
+        ``on_stream``: work issued in lane k may run at the same time as the other
+        lanes' work. Lane 0 is our stream; the others start where it stands, and it
+        waits for all of them on exit. A single lane on the simulator, where GEMMs go
+        through CuPy (whose cuBLAS workspace streams would share), or when nested."""
+        if self.simulate or self._cublas is None or n == 1 or self._lane is not self._lanes[0]:
+            yield lambda k: contextlib.nullcontext()
+            return
+        home = self._lane
+        while len(self._lanes) < n:
+            self._lanes.append(_Lane(self.xp, self.cuda, own_workspace=True))
+            self._workspaces.update(self._lanes[-1].workspaces)
+        lanes = self._lanes[:n]
+        fork = home.stream.record()
+        for lane in lanes[1:]:
+            lane.stream.wait_event(fork)
+
+        @contextlib.contextmanager
+        def enter(k):
+            self._lane = lanes[k]
+            try:
+                with lanes[k].stream:
+                    yield
+            finally:
+                self._lane = home
+
+        try:
+            yield enter
+        finally:
+            for lane in lanes[1:]:
+                home.stream.wait_event(lane.stream.record())
 
     # ------------------------------------------------------------- GEMMs
     def gemm(self, a, b, out, trans_a=False, trans_b=False, beta=0.0):
@@ -141,9 +190,8 @@ class CudaOps:
         for arr in (a, b, out):
             if arr.strides[1] != arr.itemsize:
                 raise ValueError(f"gemm: operands need unit inner stride, got strides {arr.strides}")
-        stream = self.xp.cuda.get_current_stream()  # ours, or the side stream
-        workspace = self._side_workspace if stream.ptr == self._side.ptr else None
-        self._cublas.gemm(stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode(), workspace)
+        stream = self.xp.cuda.get_current_stream()  # ours, a side stream or another lane's
+        self._cublas.gemm(stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode(), self._workspaces.get(stream.ptr))
 
     def scatter_add(self, target, indices, values):
         if self.simulate:
@@ -191,14 +239,15 @@ class CudaOps:
         a = cupy.full((min(rows, 1 << 14), w.shape[1]), 0.5, w.dtype)  # not zeros: they can run faster
         out = cupy.empty((a.shape[0], w.shape[0]), w.dtype)
         calls = int(min(20, max(3, 20e-3 * 40e12 / (2 * a.size * w.shape[0]))))
+        stream = cupy.cuda.get_current_stream()  # where self.gemm runs
         elapsed = []
         for operand, trans in ((w, True), (w_t, False)):
             self.gemm(a, operand, out, trans_b=trans)  # warm-up
             start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(self._stream)
+            start.record(stream)
             for _ in range(calls):
                 self.gemm(a, operand, out, trans_b=trans)
-            stop.record(self._stream)
+            stop.record(stream)
             stop.synchronize()
             elapsed.append(cupy.cuda.get_elapsed_time(start, stop))
         return elapsed[1] < elapsed[0]
@@ -212,7 +261,7 @@ class CudaOps:
         if self.simulate:
             kernel[blocks, threads](*(self._sim_wrap(a) for a in args))
         else:
-            kernel[blocks, threads, self._nb_stream](*(self._wrap(a) for a in args))
+            kernel[blocks, threads, self._lane.kernels](*(self._wrap(a) for a in args))
 
     def _wrap(self, a):
         """A numba view of a CuPy array, made once per buffer (passing CuPy arrays
