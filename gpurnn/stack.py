@@ -106,28 +106,30 @@ def forward(ops, cfg, params, ws, dropout_on, embedding=None, keep=True):
     ws.out/h_n/c_n. embedding: None, or (weight [V, I], its gradient [V, I]) when
     the workspace holds ids of its rows. keep: save the activations backward
     (or recording) reads; an inference forward passes False."""
-    xp = ops.xp
-    H, D = cfg.H, cfg.D
-    first, last = (0, -1), (-1, 0)  # state index of h0 and of h_n: forward, reverse
     for layer in range(cfg.L):
         if layer and dropout_on:
-            xp.multiply(ws.out[layer - 1], ws.masks[layer], out=ws.inp[layer])  # dropout between layers
+            ops.xp.multiply(ws.out[layer - 1], ws.masks[layer], out=ws.inp[layer])  # dropout between layers
         x = ws.layer_input(layer, dropout_on, embedding)
-        with ops.concurrent(D) as lane:  # the directions share only what they read
-            for d in range(D):
+        with ops.concurrent(cfg.D) as lane:  # the directions share only what they read
+            for d in range(cfg.D):
                 with lane(d):
-                    k = layer * D + d
-                    w_ih, w_hh, b_ih, b_hh = (params[n] for n in cfg.param_names(layer, d))
-                    wsd = ws.dirs[k]
-                    wsd.h[first[d]] = ws.h0[k]
-                    if cfg.cell == "lstm":
-                        wsd.c[first[d]] = ws.c0[k]
-                    y = ws.out[layer][:, :, d * H:(d + 1) * H]
-                    sequence.forward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh,
-                                     ws.lengths, d, wsd, y, keep)
-                    ws.h_n[k] = wsd.h[last[d]]
-                    if cfg.cell == "lstm":
-                        ws.c_n[k] = wsd.c[last[d]]
+                    _forward_direction(ops, cfg, params, ws, layer, d, x, keep)
+
+
+def _forward_direction(ops, cfg, params, ws, layer, d, x, keep):
+    """One layer's direction d: its initial state in, its time loop, its final state out."""
+    k, H = layer * cfg.D + d, cfg.H
+    first, last = (0, -1)[d], (-1, 0)[d]  # state index of h0 and of h_n
+    w_ih, w_hh, b_ih, b_hh = (params[n] for n in cfg.param_names(layer, d))
+    wsd = ws.dirs[k]
+    wsd.h[first] = ws.h0[k]
+    if cfg.cell == "lstm":
+        wsd.c[first] = ws.c0[k]
+    y = ws.out[layer][:, :, d * H:(d + 1) * H]
+    sequence.forward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh, ws.lengths, d, wsd, y, keep)
+    ws.h_n[k] = wsd.h[last]
+    if cfg.cell == "lstm":
+        ws.c_n[k] = wsd.c[last]
 
 
 def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=None):
@@ -135,7 +137,6 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
     ws.dx/dh0/dc0; parameter gradients accumulate into ``grads`` (and, with an
     ``embedding`` as in ``forward``, into its gradient instead of ws.dx).
     recorders: None, or one gradient-flow recorder per layer and direction."""
-    H, D = cfg.H, cfg.D
     d_layer_out = ws.d_out
     if embedding is not None:
         ops.one_hot(ws.ids.reshape(-1), ws.onehot)
@@ -146,26 +147,30 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
             dx[...] = 0  # both directions accumulate into it
         # the directions' BPTT may run at the same time (not while recorders read
         # each step on the host); their sums into the input's gradient run in turn
-        with ops.concurrent(D if recorders is None else 1) as lane:
-            for d in range(D):
+        with ops.concurrent(cfg.D if recorders is None else 1) as lane:
+            for d in range(cfg.D):
                 with lane(d):
-                    k = layer * D + d
-                    names = cfg.param_names(layer, d)
-                    w_ih, w_hh = params[names[0]], params[names[1]]
-                    dw_ih, dw_hh, db_ih, db_hh = (grads[n] for n in names)
-                    wsd = ws.dirs[k]
-                    wsd.dh[...] = ws.d_hn[k]
-                    if cfg.cell == "lstm":
-                        wsd.dc[...] = ws.d_cn[k]
-                    dy = d_layer_out[:, :, d * H:(d + 1) * H]
-                    sequence.backward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd,
-                                      dy, ws.ones, dw_ih, dw_hh, db_ih, db_hh,
-                                      recorder=None if recorders is None else recorders[k])
-                    ws.dh0[k] = wsd.dh
-                    if cfg.cell == "lstm":
-                        ws.dc0[k] = wsd.dc
-        for d in range(D):
-            sequence.backward_input(ops, x, params[cfg.param_names(layer, d)[0]], ws.dirs[layer * D + d], dx)
+                    _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, recorders)
+        for d in range(cfg.D):
+            sequence.backward_input(ops, x, params[cfg.param_names(layer, d)[0]], ws.dirs[layer * cfg.D + d], dx)
         if layer and dropout_on:
             dx *= ws.masks[layer]  # backprop through the same dropout mask
         d_layer_out = dx
+
+
+def _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, recorders):
+    """BPTT through one layer's direction d, up to its weight gradients."""
+    k, H = layer * cfg.D + d, cfg.H
+    names = cfg.param_names(layer, d)
+    w_ih, w_hh = params[names[0]], params[names[1]]
+    dw_ih, dw_hh, db_ih, db_hh = (grads[n] for n in names)
+    wsd = ws.dirs[k]
+    wsd.dh[...] = ws.d_hn[k]
+    if cfg.cell == "lstm":
+        wsd.dc[...] = ws.d_cn[k]
+    dy = d_layer_out[:, :, d * H:(d + 1) * H]
+    sequence.backward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd, dy, ws.ones,
+                      dw_ih, dw_hh, db_ih, db_hh, recorder=None if recorders is None else recorders[k])
+    ws.dh0[k] = wsd.dh
+    if cfg.cell == "lstm":
+        ws.dc0[k] = wsd.dc
