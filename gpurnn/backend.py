@@ -88,10 +88,10 @@ class NumpyOps:
 
     @staticmethod
     def input_spans(batch, gates_width):
-        return 1  # one input-projection GEMM: nothing to overlap on a CPU
+        return 1  # one input-projection GEMM a layer: nothing to overlap on a CPU
 
     @staticmethod
-    def side_stream():
+    def side_stream(*after):
         return contextlib.nullcontext()
 
     @staticmethod

@@ -98,16 +98,18 @@ class Embedded:
     onehot: object
 
 
-def _time_order(T, reverse):
-    return range(T - 1, -1, -1) if reverse else range(T)
-
-
-def _spans(T, n, reverse):
+def time_spans(T, n, reverse):
     """n (at most T) spans of time covering [0, T), in processing order."""
     n = max(1, min(n, T))
     edges = [T * k // n for k in range(n + 1)]
     spans = list(zip(edges[:-1], edges[1:]))
     return spans[::-1] if reverse else spans
+
+
+def drain(steps):
+    """Run a span-by-span generator (``forward_spans``, ``backward_spans``) to its end."""
+    for _ in steps:
+        pass
 
 
 def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y, keep=True):
@@ -120,37 +122,53 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
     keep: save every step's activations in ws.gates for backward; if False (an
           inference forward, as cuDNN's) they all land in one cache-resident block
     """
+    drain(forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y, keep))
+
+
+def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y, keep,
+                  spans=None, inputs_ready=None):
+    """``forward`` span of time by span, as a generator, for schedules that
+    interleave layers: the first ``next`` sets up; each further one issues one
+    span's input projection and time steps and returns a mark of the point where
+    that span's outputs are written.
+
+    spans: [(start, stop)] covering [0, T) in processing order (backwards for
+           reverse); None: the spans the backend overlaps input projections over
+    inputs_ready: None (x is written), or a list whose k-th entry, filled in by the
+                  caller before span k's turn, marks where span k's rows of x are written
+    """
     T, B = ws.gx.shape[:2]
-    if isinstance(x, Embedded):
-        # forward pass: the input projection of every row is a row of the table
-        ops.gemm(x.weight, w_ih, ws.table, trans_b=True)
-        ops.gather_rows(ws.table, x.ids.reshape(T * B), ws.gx.reshape(T * B, -1))
-        spans, ready = [(0, T)], [None]
-    else:
-        # forward pass: the input projections of all T*B rows, as a few large GEMMs
-        # over spans of time; where the backend has a side stream they run there, so
-        # every span but the first overlaps the recurrence of the spans before it
-        spans = _spans(T, ops.input_spans(B, w_ih.shape[0]), reverse)
-        ready = []
-        w_in, trans_in = ops.input_operand(w_ih, ws.w_ih_t, (T // len(spans)) * B)  # as is, or W_ih^T
-        with ops.side_stream():
-            for start, stop in spans:
-                gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
-                ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
-                ready.append(ops.mark())
+    embedded = isinstance(x, Embedded)
+    if spans is None:
+        spans = [(0, T)] if embedded else time_spans(T, ops.input_spans(B, w_ih.shape[0]), reverse)
     gates = ws.gates if keep else ws.step_gates
     w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
-    first_steps = {stop - 1 if reverse else start: k for k, (start, stop) in enumerate(spans)}
-    for t in _time_order(T, reverse):
-        if t in first_steps:
-            ops.wait(ready[first_steps[t]])  # this span's input projection is done
-        ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
-        if cell == "rnn":
-            ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, y, lengths, nonlinearity)
-        elif cell == "lstm":
-            ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.c, gates, y, lengths)
-        else:
-            ops.gru_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, gates, y, lengths)
+    if embedded:
+        ops.gemm(x.weight, w_ih, ws.table, trans_b=True)  # every row's input projection is a row of this
+    else:
+        w_in, trans_in = ops.input_operand(w_ih, ws.w_ih_t, (T // len(spans)) * B)  # as is, or W_ih^T
+    set_up = ops.mark()  # the weight copies and the table are written
+    yield
+    for k, (start, stop) in enumerate(spans):
+        # forward pass: the input projection of the span's rows ...
+        gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
+        if embedded:
+            ops.gather_rows(ws.table, x.ids[start:stop].reshape(-1), gx)
+        else:  # ... on the side stream where there is one, overlapping the steps of the spans before
+            with ops.side_stream(set_up, None if inputs_ready is None else inputs_ready[k]):
+                ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
+                projected = ops.mark()
+            ops.wait(projected)
+        # ... then its steps
+        for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
+            ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
+            if cell == "rnn":
+                ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, y, lengths, nonlinearity)
+            elif cell == "lstm":
+                ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.c, gates, y, lengths)
+            else:
+                ops.gru_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, gates, y, lengths)
+        yield ops.mark()
 
 
 def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):
@@ -176,15 +194,39 @@ def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, o
     x.onehot, when x is Embedded, must hold the ids' one-hot
     recorder: None, or gpurnn.diagnostics' recorder, shown each step before it runs
     """
+    drain(backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, ones,
+                         dw_ih, dw_hh, db_ih, db_hh, recorder=recorder))
+
+
+def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, ones,
+                   dw_ih, dw_hh, db_ih, db_hh, spans=None, dy_ready=None, d_in=None, recorder=None):
+    """``backward`` span of time by span, as a generator (see ``forward_spans``):
+    each ``next`` issues one span's BPTT steps and returns a mark of where they are
+    done; the weight gradients follow the last span.
+
+    spans: [(start, stop)] covering [0, T) in BPTT's order (the forward's reversed);
+           None: the whole sequence at once
+    dy_ready: None (dy is written), or a list whose k-th entry, filled in by the
+              caller before span k's turn, marks where span k's rows of dy are written
+    d_in: None, or [T, B, I]: each span then adds its rows of the input's gradient
+          (what ``backward_input`` adds for the whole sequence)
+    """
     T, B = ws.gx.shape[:2]
-    # backward pass: steps in the opposite order of the forward
-    for t in _time_order(T, not reverse):
-        if recorder is not None:
-            recorder.observe(t, ws, dy)
-        backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths)
-    # weight gradients: single GEMMs over all T*B rows
     dgx = ws.dgx.reshape(T * B, -1)
     dgh = ws.dgh.reshape(T * B, -1)
+    for k, (start, stop) in enumerate(spans or [(0, T)]):
+        if dy_ready is not None:
+            ops.wait(dy_ready[k])
+        # backward pass: steps in the opposite order of the forward
+        for t in (range(start, stop) if reverse else range(stop - 1, start - 1, -1)):
+            if recorder is not None:
+                recorder.observe(t, ws, dy)
+            backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths)
+        if d_in is not None:
+            rows = slice(start * B, stop * B)
+            ops.gemm(dgx[rows], w_ih, d_in.reshape(T * B, -1)[rows], beta=1.0)
+        yield ops.mark()
+    # weight gradients: single GEMMs over all T*B rows
     h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
     ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)
     ops.gemm(ones, dgx, db_ih.reshape(1, -1), beta=1.0)

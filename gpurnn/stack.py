@@ -6,10 +6,15 @@ it (and into the model's parameter and gradient arrays), allocating nothing.
 The model stages its inputs into the workspace, calls these through
 ``ops.run`` (where the CUDA backend captures and replays them as graphs) and
 copies the results out.
+
+Work that does not depend on each other is issued to ``ops.concurrent`` lanes:
+the two directions of a layer, and the layers of a unidirectional stack, which
+run as a wavefront over spans of time (layer l on span k while layer l-1 is on
+span k+1). On NumPy the lanes run in order and a layer is a single span.
 """
 
 from gpurnn import sequence
-from gpurnn.sequence import Direction
+from gpurnn.sequence import GATE_BLOCKS, Direction
 
 
 class Config:
@@ -106,6 +111,9 @@ def forward(ops, cfg, params, ws, dropout_on, embedding=None, keep=True):
     ws.out/h_n/c_n. embedding: None, or (weight [V, I], its gradient [V, I]) when
     the workspace holds ids of its rows. keep: save the activations backward
     (or recording) reads; an inference forward passes False."""
+    if cfg.D == 1 and cfg.L > 1:
+        _forward_wavefront(ops, cfg, params, ws, dropout_on, embedding, keep)
+        return
     for layer in range(cfg.L):
         if layer and dropout_on:
             ops.xp.multiply(ws.out[layer - 1], ws.masks[layer], out=ws.inp[layer])  # dropout between layers
@@ -113,11 +121,39 @@ def forward(ops, cfg, params, ws, dropout_on, embedding=None, keep=True):
         with ops.concurrent(cfg.D) as lane:  # the directions share only what they read
             for d in range(cfg.D):
                 with lane(d):
-                    _forward_direction(ops, cfg, params, ws, layer, d, x, keep)
+                    sequence.drain(_forward_direction(ops, cfg, params, ws, layer, d, x, keep))
 
 
-def _forward_direction(ops, cfg, params, ws, layer, d, x, keep):
-    """One layer's direction d: its initial state in, its time loop, its final state out."""
+def _forward_wavefront(ops, cfg, params, ws, dropout_on, embedding, keep):
+    """A unidirectional stack as a wavefront (as cuDNN runs one): time is cut into
+    spans, each layer runs in its own lane, and layer l's span k waits only for
+    span k of the layer below, so it runs while that layer works on span k+1."""
+    spans = sequence.time_spans(ws.T, ops.input_spans(ws.B, GATE_BLOCKS[cfg.cell] * cfg.H), reverse=False)
+    ready = [None] + [[None] * len(spans) for _ in range(1, cfg.L)]  # [l][k]: span k of layer l's input is written
+    with ops.concurrent(cfg.L) as lane:
+        layers = []
+        for layer in range(cfg.L):
+            with lane(layer):
+                x = ws.layer_input(layer, dropout_on, embedding)
+                layers.append(_forward_direction(ops, cfg, params, ws, layer, 0, x, keep, spans, ready[layer]))
+                next(layers[layer])  # set up: weight layouts are chosen while the other lanes are idle
+        for k, (start, stop) in enumerate(spans):
+            for layer in range(cfg.L):
+                with lane(layer):
+                    next(layers[layer])  # span k of this layer
+                    if layer + 1 < cfg.L:
+                        if dropout_on:
+                            ops.xp.multiply(ws.out[layer][start:stop], ws.masks[layer + 1][start:stop],
+                                            out=ws.inp[layer + 1][start:stop])
+                        ready[layer + 1][k] = ops.mark()
+        for layer in range(cfg.L):
+            with lane(layer):
+                sequence.drain(layers[layer])  # its final state
+
+
+def _forward_direction(ops, cfg, params, ws, layer, d, x, keep, spans=None, inputs_ready=None):
+    """One layer's direction d as a generator (``sequence.forward_spans``): its
+    initial state in, its spans of time, its final state out."""
     k, H = layer * cfg.D + d, cfg.H
     first, last = (0, -1)[d], (-1, 0)[d]  # state index of h0 and of h_n
     w_ih, w_hh, b_ih, b_hh = (params[n] for n in cfg.param_names(layer, d))
@@ -126,7 +162,8 @@ def _forward_direction(ops, cfg, params, ws, layer, d, x, keep):
     if cfg.cell == "lstm":
         wsd.c[first] = ws.c0[k]
     y = ws.out[layer][:, :, d * H:(d + 1) * H]
-    sequence.forward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh, ws.lengths, d, wsd, y, keep)
+    yield from sequence.forward_spans(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh, ws.lengths, d,
+                                      wsd, y, keep, spans, inputs_ready)
     ws.h_n[k] = wsd.h[last]
     if cfg.cell == "lstm":
         ws.c_n[k] = wsd.c[last]
@@ -137,9 +174,12 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
     ws.dx/dh0/dc0; parameter gradients accumulate into ``grads`` (and, with an
     ``embedding`` as in ``forward``, into its gradient instead of ws.dx).
     recorders: None, or one gradient-flow recorder per layer and direction."""
-    d_layer_out = ws.d_out
     if embedding is not None:
         ops.one_hot(ws.ids.reshape(-1), ws.onehot)
+    if cfg.D == 1 and cfg.L > 1 and recorders is None:
+        _backward_wavefront(ops, cfg, params, grads, ws, dropout_on, embedding)
+        return
+    d_layer_out = ws.d_out
     for layer in reversed(range(cfg.L)):
         x = ws.layer_input(layer, dropout_on, embedding)
         dx = ws.dx if layer == 0 else ws.d_in[layer]
@@ -150,7 +190,9 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
         with ops.concurrent(cfg.D if recorders is None else 1) as lane:
             for d in range(cfg.D):
                 with lane(d):
-                    _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, recorders)
+                    recorder = None if recorders is None else recorders[layer * cfg.D + d]
+                    sequence.drain(_backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out,
+                                                       recorder=recorder))
         for d in range(cfg.D):
             sequence.backward_input(ops, x, params[cfg.param_names(layer, d)[0]], ws.dirs[layer * cfg.D + d], dx)
         if layer and dropout_on:
@@ -158,8 +200,43 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
         d_layer_out = dx
 
 
-def _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, recorders):
-    """BPTT through one layer's direction d, up to its weight gradients."""
+def _backward_wavefront(ops, cfg, params, grads, ws, dropout_on, embedding):
+    """BPTT through a unidirectional stack as a wavefront (see ``_forward_wavefront``):
+    top layer first, spans of time last to first; layer l's span k waits only for
+    the gradient the layer above sends into span k of its output."""
+    spans = sequence.time_spans(ws.T, ops.input_spans(ws.B, GATE_BLOCKS[cfg.cell] * cfg.H), reverse=True)
+    ready = [[None] * len(spans) for _ in range(cfg.L - 1)] + [None]  # [l][k]: span k of layer l's dy is written
+    for layer in range(1, cfg.L):
+        ws.d_in[layer][...] = 0  # each span adds its rows
+    with ops.concurrent(cfg.L) as lane:
+        layers = [None] * cfg.L
+        for layer in reversed(range(cfg.L)):
+            with lane(layer):
+                x = ws.layer_input(layer, dropout_on, embedding)
+                d_layer_out = ws.d_out if layer == cfg.L - 1 else ws.d_in[layer + 1]
+                layers[layer] = _backward_direction(ops, cfg, params, grads, ws, layer, 0, x, d_layer_out,
+                                                    spans, ready[layer], ws.d_in[layer])
+        for k, (start, stop) in enumerate(spans):
+            for layer in reversed(range(cfg.L)):
+                with lane(layer):
+                    next(layers[layer])  # span k of this layer
+                    if layer:
+                        if dropout_on:
+                            ws.d_in[layer][start:stop] *= ws.masks[layer][start:stop]  # the same dropout mask
+                        ready[layer - 1][k] = ops.mark()
+        for layer in range(cfg.L):
+            with lane(layer):
+                sequence.drain(layers[layer])  # its weight and initial-state gradients
+    if ws.dx is not None:
+        ws.dx[...] = 0
+    sequence.backward_input(ops, ws.layer_input(0, dropout_on, embedding), params[cfg.param_names(0, 0)[0]],
+                            ws.dirs[0], ws.dx)
+
+
+def _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, spans=None, dy_ready=None,
+                        d_in=None, recorder=None):
+    """BPTT through one layer's direction d as a generator (``sequence.backward_spans``),
+    up to its weight gradients and the gradient of its initial state."""
     k, H = layer * cfg.D + d, cfg.H
     names = cfg.param_names(layer, d)
     w_ih, w_hh = params[names[0]], params[names[1]]
@@ -169,8 +246,8 @@ def _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, r
     if cfg.cell == "lstm":
         wsd.dc[...] = ws.d_cn[k]
     dy = d_layer_out[:, :, d * H:(d + 1) * H]
-    sequence.backward(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd, dy, ws.ones,
-                      dw_ih, dw_hh, db_ih, db_hh, recorder=None if recorders is None else recorders[k])
+    yield from sequence.backward_spans(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd, dy,
+                                       ws.ones, dw_ih, dw_hh, db_ih, db_hh, spans, dy_ready, d_in, recorder)
     ws.dh0[k] = wsd.dh
     if cfg.cell == "lstm":
         ws.dc0[k] = wsd.dc

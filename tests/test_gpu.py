@@ -38,6 +38,7 @@ CONFIGS = [  # cell, layers, bidirectional, batch_first, lengths, T, B, I, H
         (2, True, True, True, 9, 4, 6, 64),
         (3, False, False, True, 1, 1, 3, 17),
         (1, True, False, True, 12, 130, 32, 130),
+        (3, False, True, True, 11, 4, 8, 40),  # a wavefront over 4 spans of time
     ]]
 
 
@@ -118,13 +119,15 @@ def test_graph_replay_equals_eager_loop(gpu, cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_directions_run_concurrently_and_agree_with_one_lane(gpu, cell, monkeypatch):
-    """A bidirectional stack's directions run in two lanes (streams) inside the captured
-    graphs, with the results of the same calls issued to one stream."""
+@pytest.mark.parametrize("num_layers, bidirectional, dropout", [(2, True, 0.0), (3, False, 0.3)])
+def test_lanes_agree_with_one_stream(gpu, cell, num_layers, bidirectional, dropout, monkeypatch):
+    """A bidirectional layer's directions, and a unidirectional stack's layers (a
+    wavefront over spans of time), run in lanes (streams) inside the captured graphs,
+    with the results of the same calls issued to one stream."""
     from gpurnn.backend import NumpyOps
 
     rng = np.random.default_rng(6)
-    kw = dict(num_layers=2, bidirectional=True, seed=3, backend="cuda")
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, seed=3, backend="cuda")
     x, h0, c0, d_hn, d_cn, d_out = inputs(cell, make(cell, 16, 32, **kw), 20, 5, rng, np.float32)
     lengths = np.array([20, 3, 11, 20, 1])
 
@@ -138,8 +141,8 @@ def test_directions_run_concurrently_and_agree_with_one_lane(gpu, cell, monkeypa
         return got + [host(m.grads[k]) for k in sorted(m.grads)]
 
     concurrent = results(make(cell, 16, 32, **kw))
-    assert len(gpu.ops._lanes) >= 2
-    monkeypatch.setattr(gpu.ops, "concurrent", NumpyOps.concurrent)  # every direction on one stream
+    assert len(gpu.ops._lanes) >= (2 if bidirectional else num_layers)
+    monkeypatch.setattr(gpu.ops, "concurrent", NumpyOps.concurrent)  # every lane's work on one stream
     serial = results(make(cell, 16, 32, **kw))
     for a, b in zip(concurrent, serial):
         if b is not None:

@@ -1,16 +1,17 @@
 """The backend operations of the CUDA code path: kernel launches, GEMMs, graphs.
 
 ``CudaOps`` offers the interface of ``gpurnn.backend.NumpyOps`` (the per-cell
-steps, ``gemm``, ``gather_rows``, ``one_hot``,
-``recurrent_operand``, the side stream, ``run``, ``asarray``) plus the fused
+steps, ``gemm``, ``gather_rows``, ``one_hot``, ``recurrent_operand``, the side
+stream, ``concurrent`` lanes, ``run``, ``asarray``) plus the fused
 ``adam_update`` and ``softmax_xent``:
 
 - real GPU: CuPy arrays, numba kernels launched on our own CuPy stream with
   pre-wrapped device arrays, GEMMs through cuBLAS (``cublas.py``), input
-  projections on a side stream, independent recurrences (the two directions of
-  a layer) in ``concurrent`` lanes, and ``run`` running each whole forward/backward
-  eagerly on its first call per workspace, capturing it as a CUDA graph right
-  after, and replaying the graph from then on;
+  projections on a side stream, recurrences that can overlap (the two directions
+  of a layer, the layers of a wavefront) in lanes of their own streams, and
+  ``run`` running each whole forward/backward eagerly on its first call per
+  workspace, capturing it as a CUDA graph right after, and replaying the graph
+  from then on;
 - simulator (``simulate=True``): NumPy arrays, the same kernels run by numba's
   CUDA simulator, NumPy GEMMs, ``run`` eager.
 
@@ -31,7 +32,8 @@ THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
 # recurrence, while the per-step GEMM leaves the GPU room: measured on an H200,
 # 4 spans took config A's forward from 1.82 to 1.74 ms but B's from 11.5 to 11.7 ms,
 # where each step's [256, 4096] GEMM already fills the card. So: one span from
-# OVERLAP_MAX_STEP_OUTPUTS outputs per step up.
+# OVERLAP_MAX_STEP_OUTPUTS outputs per step up. The same spans pace a stacked
+# layers' wavefront (gpurnn.stack).
 INPUT_SPANS = 4
 OVERLAP_MAX_STEP_OUTPUTS = 1 << 20
 WORKSPACE_BYTES = 32 << 20  # a cuBLAS workspace of our own: what cuBLAS reserves by default on Hopper
@@ -114,17 +116,21 @@ class CudaOps:
         caller.wait_event(self._stream.record())
 
     def input_spans(self, batch, gates_width):
-        """How many input-projection GEMMs to overlap with the recurrence."""
+        """Into how many spans of time a layer's work is cut, so that input
+        projections overlap the recurrence (and the layers of a stack each other)."""
         return INPUT_SPANS if batch * gates_width < OVERLAP_MAX_STEP_OUTPUTS else 1
 
     @contextlib.contextmanager
-    def side_stream(self):
-        """Work that may overlap the current lane's stream: it starts after
-        everything already issued there, and that stream ``wait``s for its ``mark``s."""
+    def side_stream(self, *after):
+        """Work that may overlap the current lane's stream: it starts once every
+        mark in ``after`` is reached (None: nothing to wait for), and the lane's
+        stream ``wait``s for its ``mark``s."""
         if self.simulate:
             yield
             return
-        self._lane.side.wait_event(self._lane.stream.record())
+        for mark in after:
+            if mark is not None:
+                self._lane.side.wait_event(mark)
         with self._lane.side:
             yield
 
