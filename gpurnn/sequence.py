@@ -9,6 +9,10 @@ Structure (haste's): forward does one GEMM for the input projection of all
 T*B rows, then per step only the recurrent GEMM and one fused pointwise step.
 Backward does per step only the fused pointwise step and ``dgates @ W_hh``;
 dW_ih, dW_hh, the bias gradients and dx are single large GEMMs after the loop.
+Where the backend overlaps work (CUDA), time is cut into a few spans: one input
+GEMM per span, each overlapping the steps of the spans before, and
+``forward_spans`` / ``backward_spans`` hand the spans out one at a time so that
+``gpurnn.stack`` can interleave the layers of a stack.
 
 A first layer fed by an embedding (``Embedded``) folds the embedding into its
 input projection: x_t = E[id_t] makes x_t W_ih^T a row of the [V, G*H]
