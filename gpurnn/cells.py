@@ -25,7 +25,9 @@ from h0 at each sequence's own last step.
 Forward functions take the hoisted input projection ``gx = x W_ih^T`` and this
 step's recurrent projection ``gh = h_prev @ W_hh^T``, both without bias, and add
 ``b_ih`` and ``b_hh`` themselves: the GRU needs ``U_n h + b_hn`` alone, and adding
-b_ih here, one [B, G*H] step at a time, spares a whole extra pass over gx.
+b_ih here, one [B, G*H] step at a time, spares a whole extra pass over gx. Sums
+are grouped as torch's, (x W_ih^T + b_ih) + (h W_hh^T + b_hh), so float32 results
+round alike.
 
 Backward functions take ``dh`` (``[B, H]``), the gradient carried into the
 state this step wrote, and overwrite it with the *direct* part of the gradient
@@ -99,7 +101,7 @@ def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
     y: [T, B, H] (writes y[t])   lengths: [B]
     """
     prev, nxt = _steps(t, reverse)
-    h[nxt] = activate(nonlinearity, gx[t] + b_ih + gh + b_hh)
+    h[nxt] = activate(nonlinearity, (gx[t] + b_ih) + (gh + b_hh))
     y[t] = h[nxt]
     done = t >= lengths
     if done.any():  # padded steps carry the state and output 0
@@ -132,8 +134,7 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
     H = h.shape[-1]
     act = gates[t]
     np.add(gx[t], b_ih, out=act)
-    act += gh
-    act += b_hh  # pre-activations, turned into activations in place
+    act += gh + b_hh  # pre-activations (x W_ih^T + b_ih) + (h W_hh^T + b_hh), turned into activations in place
     i, f, g, o = _blocks(act, 4)
     sigmoid(act[:, :2 * H], out=act[:, :2 * H])  # i and f are adjacent
     np.tanh(g, out=g)
@@ -201,13 +202,11 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     rz, n, hn = act[:, :2 * H], act[:, 2 * H:3 * H], act[:, 3 * H:]
     np.add(gh, b_hh, out=act[:, :3 * H])
     hn[...] = act[:, 2 * H:3 * H]  # U_n h + b_hn, kept apart: r scales it
-    rz += gx[t][:, :2 * H]
-    rz += b_ih[:2 * H]
+    rz += gx[t][:, :2 * H] + b_ih[:2 * H]
     sigmoid(rz, out=rz)
     r, z = rz[:, :H], rz[:, H:]
     np.multiply(r, hn, out=n)
-    n += gx[t][:, 2 * H:]
-    n += b_ih[2 * H:]
+    n += gx[t][:, 2 * H:] + b_ih[2 * H:]
     np.tanh(n, out=n)
     h_new = h[nxt]
     np.subtract(h[prev], n, out=h_new)

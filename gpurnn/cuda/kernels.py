@@ -84,7 +84,7 @@ def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
         h[nxt, b, j] = h[prev, b, j]
         y[t, b, j] = k[0]
         return
-    h_new = activate(nonlinearity, gx[t, b, j] + b_ih[j] + gh[b, j] + b_hh[j], k)
+    h_new = activate(nonlinearity, (gx[t, b, j] + b_ih[j]) + (gh[b, j] + b_hh[j]), k)
     h[nxt, b, j] = h_new
     y[t, b, j] = h_new
 
@@ -126,10 +126,10 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
         for k in range(4):
             gates[t, b, k * H + j] = zero
         return
-    i = sigmoid(gx[t, b, j] + b_ih[j] + gh[b, j] + b_hh[j], half)
-    f = sigmoid(gx[t, b, H + j] + b_ih[H + j] + gh[b, H + j] + b_hh[H + j], half)
-    g = math.tanh(gx[t, b, 2 * H + j] + b_ih[2 * H + j] + gh[b, 2 * H + j] + b_hh[2 * H + j])
-    o = sigmoid(gx[t, b, 3 * H + j] + b_ih[3 * H + j] + gh[b, 3 * H + j] + b_hh[3 * H + j], half)
+    i = sigmoid((gx[t, b, j] + b_ih[j]) + (gh[b, j] + b_hh[j]), half)
+    f = sigmoid((gx[t, b, H + j] + b_ih[H + j]) + (gh[b, H + j] + b_hh[H + j]), half)
+    g = math.tanh((gx[t, b, 2 * H + j] + b_ih[2 * H + j]) + (gh[b, 2 * H + j] + b_hh[2 * H + j]))
+    o = sigmoid((gx[t, b, 3 * H + j] + b_ih[3 * H + j]) + (gh[b, 3 * H + j] + b_hh[3 * H + j]), half)
     c_new = f * c[prev, b, j] + i * g
     h_new = o * math.tanh(c_new)
     c[nxt, b, j] = c_new
@@ -189,10 +189,10 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
         for k in range(4):
             gates[t, b, k * H + j] = zero
         return
-    r = sigmoid(gx[t, b, j] + b_ih[j] + gh[b, j] + b_hh[j], half)
-    z = sigmoid(gx[t, b, H + j] + b_ih[H + j] + gh[b, H + j] + b_hh[H + j], half)
+    r = sigmoid((gx[t, b, j] + b_ih[j]) + (gh[b, j] + b_hh[j]), half)
+    z = sigmoid((gx[t, b, H + j] + b_ih[H + j]) + (gh[b, H + j] + b_hh[H + j]), half)
     hn = gh[b, 2 * H + j] + b_hh[2 * H + j]  # U_n h + b_hn, kept apart: r scales it
-    n = math.tanh(gx[t, b, 2 * H + j] + b_ih[2 * H + j] + r * hn)
+    n = math.tanh((gx[t, b, 2 * H + j] + b_ih[2 * H + j]) + r * hn)
     h_prev = h[prev, b, j]
     h_new = n + z * (h_prev - n)  # (1 - z) n + z h_prev
     h[nxt, b, j] = h_new
