@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from helpers import back, make, rel_err, run, torch_reference
 
@@ -26,6 +26,13 @@ def configs(draw):
         H=draw(st.integers(1, 7)),
         seed=draw(st.integers(0, 2**16)),
     )
+
+
+def agree(a, b, tol):
+    """Relative error below tol; or, for a result near zero (rounded like the O(1)
+    values it is computed from, so large relative to itself), every element
+    within tol of the peer's."""
+    return rel_err(a, b) < tol or np.abs(np.asarray(a, np.float64) - b).max() < tol
 
 
 def check_against_torch(c, dtype, fwd_tol, grad_tol):
@@ -52,20 +59,22 @@ def check_against_torch(c, dtype, fwd_tol, grad_tol):
         c["cell"], model, x, h0, c0, lengths, d_out, d_hn, d_cn)
 
     assert out.dtype == dtype and dx.dtype == dtype
-    assert rel_err(out, t_out) < fwd_tol
-    assert rel_err(h_n, t_hn) < fwd_tol
-    assert rel_err(dx, t_dx) < grad_tol
-    assert rel_err(dh0, t_dh0) < grad_tol
+    assert agree(out, t_out, fwd_tol)
+    assert agree(h_n, t_hn, fwd_tol)
+    assert agree(dx, t_dx, grad_tol)
+    assert agree(dh0, t_dh0, grad_tol)
     if c["cell"] == "lstm":
-        assert rel_err(c_n, t_cn) < fwd_tol
-        assert rel_err(dc0, t_dc0) < grad_tol
+        assert agree(c_n, t_cn, fwd_tol)
+        assert agree(dc0, t_dc0, grad_tol)
     assert set(model.grads) == set(t_grads)
     for name, g in t_grads.items():
-        assert rel_err(model.grads[name], g) < grad_tol, name
+        assert agree(model.grads[name], g, grad_tol), name
 
 
 @settings(max_examples=60, deadline=None)
 @given(configs())
+@example(dict(cell="gru", nonlinearity="tanh", num_layers=1, bidirectional=False, batch_first=False, bias=True,
+              use_lengths=False, T=6, B=1, I=6, H=1, seed=1))  # h_n = 0.0062 from O(1) terms: 2e-5 relative
 def test_matches_torch_float32(c):
     check_against_torch(c, np.float32, 1e-5, 1e-4)
 
