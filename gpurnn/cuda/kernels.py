@@ -253,16 +253,25 @@ def adam_update(p, g, m, v, step_size, beta1, beta2, eps, bias2_sqrt):
 
 
 # ----------------------------------------------------------------- embedding
+@cuda.jit(device=True, inline=True)
+def element_of(out):
+    """(row, column) of this thread's element of the 2-D array out, one thread per
+    element; row -1 for the threads past its end."""
+    i = cuda.grid(1)
+    columns = out.shape[1]
+    if i >= out.shape[0] * columns:
+        return -1, 0
+    row = i // columns
+    return row, i - row * columns
+
+
 @cuda.jit(cache=True)
 def gather_rows(table, ids, out):
     """Twin of NumpyOps.gather_rows: out[n, k] = table[ids[n], k]; table [V, K], ids [N], out [N, K].
     An id outside [0, V) (the model refuses those before staging) reads nothing and writes 0."""
-    i = cuda.grid(1)
-    K = out.shape[1]
-    if i >= out.shape[0] * K:
+    n, k = element_of(out)
+    if n < 0:
         return
-    n = i // K
-    k = i - n * K
     v = ids[n]
     out[n, k] = table[v, k] if 0 <= v < table.shape[0] else out.dtype.type(0)
 
@@ -270,12 +279,9 @@ def gather_rows(table, ids, out):
 @cuda.jit(cache=True)
 def one_hot(ids, out):
     """Twin of NumpyOps.one_hot: out[n, v] = 1 where v == ids[n], else 0; ids [N], out [N, V]."""
-    i = cuda.grid(1)
-    V = out.shape[1]
-    if i >= out.shape[0] * V:
+    n, v = element_of(out)
+    if n < 0:
         return
-    n = i // V
-    v = i - n * V
     out[n, v] = out.dtype.type(1) if ids[n] == v else out.dtype.type(0)
 
 
