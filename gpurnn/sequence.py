@@ -102,9 +102,10 @@ class Embedded:
     onehot: object
 
 
-def time_spans(T, n, reverse):
-    """n (at most T) spans of time covering [0, T), in processing order."""
-    n = max(1, min(n, T))
+def time_spans(ops, T, B, gates_width, reverse):
+    """The spans of time covering [0, T), in processing order, that the backend cuts
+    a layer's work into (``ops.input_spans``: one on NumPy, a few on CUDA)."""
+    n = max(1, min(ops.input_spans(B, gates_width), T))
     edges = [T * k // n for k in range(n + 1)]
     spans = list(zip(edges[:-1], edges[1:]))
     return spans[::-1] if reverse else spans
@@ -144,7 +145,7 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
     T, B = ws.gx.shape[:2]
     embedded = isinstance(x, Embedded)
     if spans is None:
-        spans = [(0, T)] if embedded else time_spans(T, ops.input_spans(B, w_ih.shape[0]), reverse)
+        spans = [(0, T)] if embedded else time_spans(ops, T, B, w_ih.shape[0], reverse)
     gates = ws.gates if keep else ws.step_gates
     w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
     if embedded:

@@ -128,7 +128,7 @@ def _forward_wavefront(ops, cfg, params, ws, dropout_on, embedding, keep):
     """A unidirectional stack as a wavefront (as cuDNN runs one): time is cut into
     spans, each layer runs in its own lane, and layer l's span k waits only for
     span k of the layer below, so it runs while that layer works on span k+1."""
-    spans = sequence.time_spans(ws.T, ops.input_spans(ws.B, GATE_BLOCKS[cfg.cell] * cfg.H), reverse=False)
+    spans = sequence.time_spans(ops, ws.T, ws.B, GATE_BLOCKS[cfg.cell] * cfg.H, reverse=False)
     ready = [None] + [[None] * len(spans) for _ in range(1, cfg.L)]  # [l][k]: span k of layer l's input is written
     with ops.concurrent(cfg.L) as lane:
         layers = []
@@ -204,7 +204,7 @@ def _backward_wavefront(ops, cfg, params, grads, ws, dropout_on, embedding):
     """BPTT through a unidirectional stack as a wavefront (see ``_forward_wavefront``):
     top layer first, spans of time last to first; layer l's span k waits only for
     the gradient the layer above sends into span k of its output."""
-    spans = sequence.time_spans(ws.T, ops.input_spans(ws.B, GATE_BLOCKS[cfg.cell] * cfg.H), reverse=True)
+    spans = sequence.time_spans(ops, ws.T, ws.B, GATE_BLOCKS[cfg.cell] * cfg.H, reverse=True)
     ready = [[None] * len(spans) for _ in range(cfg.L - 1)] + [None]  # [l][k]: span k of layer l's dy is written
     for layer in range(1, cfg.L):
         ws.d_in[layer][...] = 0  # each span adds its rows

@@ -115,7 +115,7 @@ def test_stacked_wavefront_matches_numpy_backend(sim, cell):
     outputs and gradients, with dropout and lengths, over two rounds."""
     rng = np.random.default_rng(14)
     T, B, I, H = 7, 3, 4, 6
-    assert len(sequence.time_spans(T, sim.ops.input_spans(B, 4 * H), reverse=False)) == 4
+    assert len(sequence.time_spans(sim.ops, T, B, 4 * H, reverse=False)) == 4
     kw = dict(num_layers=3, dropout=0.4, dtype="float64", seed=9)
     ref, cud = make(cell, I, H, backend="numpy", **kw), make(cell, I, H, backend="cudasim", **kw)
     lengths = np.array([7, 3, 5])
