@@ -11,7 +11,7 @@ import platform
 import sys
 
 from gpurnn.data import DataError
-from gpurnn.train import TASKS
+from gpurnn.train import TASKS, VAL_BATCHES
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
@@ -23,6 +23,16 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
 
 
@@ -46,54 +56,98 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser():
-    ap = _Parser(prog="gpurnn", description="RNN/LSTM/GRU with hand-written BPTT.")
-    sub = ap.add_subparsers(dest="command", required=True)
+class _Help(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it has none (a switch, or a
+    size that depends on the task and backend, whose help says so itself)."""
 
-    t = sub.add_parser("train", help="train a model (defaults: a character LM on Python's own stdlib)")
-    t.add_argument("--task", choices=TASKS, default="charlm")
+    def _get_help_string(self, action):
+        text = action.help or ""
+        switch_or_sized = action.default is None or action.default is False  # `in` would take 0 for False
+        if switch_or_sized or action.default == argparse.SUPPRESS or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
+def _sized(key):
+    """The help of a flag whose default depends on the task and the backend."""
+    from gpurnn.train import defaults
+
+    per = {task: (defaults(task, "numpy")[key], defaults(task, "cuda")[key]) for task in TASKS}
+    cpu, gpu = per["charlm"]
+    others = ", ".join(f"{task} {c}" + ("" if c == g else f" / {g}") for task, (c, g) in per.items()
+                       if task != "charlm")
+    first = f"{cpu} on CPU, {gpu} on a GPU" if cpu != gpu else f"{cpu}"
+    return f"(default for charlm: {first}; {others})"
+
+
+def build_parser():
+    ap = _Parser(prog="gpurnn", description="RNN/LSTM/GRU with hand-written BPTT.", formatter_class=_Help)
+    sub = ap.add_subparsers(dest="command", required=True)
+    parser = lambda name, help: sub.add_parser(name, help=help, description=help, formatter_class=_Help)  # noqa: E731
+    backends = dict(choices=("auto", "numpy", "cuda"), default="auto",
+                    help="where to run: auto picks cuda when a GPU works, else numpy")
+
+    t = parser("train", "train a model (defaults: a character LM on Python's own stdlib)")
+    t.add_argument("--task", choices=TASKS, default="charlm",
+                   help="charlm: next-character prediction on --text; adding: the adding problem; "
+                        "copy: remember and repeat 10 symbols")
     t.add_argument("--text", help="UTF-8 text file for charlm (default: the Python standard library sources)")
-    t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
-    t.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh")
-    t.add_argument("--hidden", type=_positive_int)
-    t.add_argument("--layers", type=_positive_int)
-    t.add_argument("--seq-len", type=_positive_int)
-    t.add_argument("--batch", type=_positive_int)
-    t.add_argument("--steps", type=_positive_int)
-    t.add_argument("--optim", choices=("adam", "sgd", "adagrad"), default="adam")
-    t.add_argument("--lr", type=_positive_float)
+    t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="the recurrent cell")
+    t.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh",
+                   help="the rnn cell's activation (lstm and gru ignore it)")
+    t.add_argument("--hidden", type=_positive_int, help=f"hidden units per layer {_sized('hidden')}")
+    t.add_argument("--layers", type=_positive_int, help=f"stacked recurrent layers {_sized('layers')}")
+    t.add_argument("--seq-len", type=_positive_int,
+                   help=f"time steps per training chunk (truncated BPTT length) {_sized('seq_len')}")
+    t.add_argument("--batch", type=_positive_int, help=f"sequences per step {_sized('batch')}")
+    t.add_argument("--steps", type=_positive_int,
+                   help=f"training steps in all (with --resume: the step to stop at) {_sized('steps')}")
+    t.add_argument("--optim", choices=("adam", "sgd", "adagrad"), default="adam", help="the optimizer")
+    t.add_argument("--lr", type=_positive_float, help=f"learning rate {_sized('lr')}")
     clip = t.add_mutually_exclusive_group()
-    clip.add_argument("--clip-norm", type=_positive_float, default=5.0)
-    clip.add_argument("--clip-value", type=_positive_float)
-    t.add_argument("--backend", choices=("auto", "numpy", "cuda"), default="auto")
-    t.add_argument("--out", default="runs/latest")
+    clip.add_argument("--clip-norm", type=_positive_float, default=5.0,
+                      help="scale the gradients down to this global norm when above it")
+    clip.add_argument("--clip-value", type=_positive_float,
+                      help="clamp every gradient element to [-X, X] instead of --clip-norm")
+    t.add_argument("--val-fraction", type=_fraction, default=0.05,
+                   help="held-out data: charlm the last fraction of the text; adding and copy "
+                        f"{VAL_BATCHES} unseen batches whenever it is above 0; 0 turns evaluation off")
+    t.add_argument("--val-every", type=_positive_int, default=100,
+                   help="evaluate the held-out data every N steps and at the last step; "
+                        "the best result is kept in best.npz")
+    t.add_argument("--backend", **backends)
+    t.add_argument("--out", default="runs/latest", help="the run directory (checkpoints, metrics.csv, loss.png)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-every", type=_positive_int, default=100)
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, dropout and data order")
+    t.add_argument("--save-every", type=_positive_int, default=100, help="write the checkpoint every N steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("sample", help="generate text from a charlm checkpoint")
+    s = parser("sample", "generate text from a charlm checkpoint")
     s.add_argument("--checkpoint", required=True, help="a run directory written by gpurnn train")
-    s.add_argument("--prime", default="def ")
-    s.add_argument("--length", type=_positive_int, default=300)
-    s.add_argument("--temperature", type=_positive_float, default=0.8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", choices=("auto", "numpy", "cuda"), default="auto")
+    s.add_argument("--best", action="store_true", help="sample from best.npz (lowest held-out loss) "
+                                                       "instead of the latest checkpoint")
+    s.add_argument("--prime", help="text to start from (default: the start of a line of the training text, "
+                                   "chosen when the run began)")
+    s.add_argument("--length", type=_positive_int, default=300, help="characters to generate")
+    s.add_argument("--temperature", type=_positive_float, default=0.8,
+                   help="divide the logits by this: lower is more conservative")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    s.add_argument("--backend", **backends)
 
-    d = sub.add_parser("diagnose", help="how the gradient decays (or explodes) back through time")
-    d.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
-    d.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh")
-    d.add_argument("--seq-len", type=_positive_int, default=100)
-    d.add_argument("--hidden", type=_positive_int, default=32)
-    d.add_argument("--batch", type=_positive_int, default=8)
+    d = parser("diagnose", "how the gradient decays (or explodes) back through time")
+    d.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="the recurrent cell")
+    d.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh", help="the rnn cell's activation")
+    d.add_argument("--seq-len", type=_positive_int, default=100, help="time steps to backpropagate through")
+    d.add_argument("--hidden", type=_positive_int, default=32, help="hidden units (also the input size)")
+    d.add_argument("--batch", type=_positive_int, default=8, help="sequences in the batch")
     d.add_argument("--init-scale", type=_positive_float, default=1.0,
                    help="multiply the recurrent weights W_hh by this after the standard init")
-    d.add_argument("--forget-bias", type=float, help="LSTM: set the forget-gate bias (e.g. 1.0)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="gradient_flow.png")
-    d.add_argument("--backend", choices=("auto", "numpy", "cuda"), default="auto")
+    d.add_argument("--forget-bias", type=float, help="LSTM: set the forget-gate bias (e.g. 1.0; default: as initialised)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
+    d.add_argument("--out", default="gradient_flow.png", help="where to write the plot")
+    d.add_argument("--backend", **backends)
 
-    sub.add_parser("info", help="the backend chosen and why, versions, GPU name")
+    parser("info", "the backend chosen and why, versions, GPU name")
     return ap
 
 
@@ -113,28 +167,34 @@ def cmd_train(args, explicit):
         raise DataError(f"--text {args.text}: no such file")
     cfg = dict(task=args.task, text=args.text, cell=args.cell, nonlinearity=args.nonlinearity, optim=args.optim,
                clip_norm=None if args.clip_value else args.clip_norm, clip_value=args.clip_value,
-               seed=args.seed, save_every=args.save_every)
+               seed=args.seed, save_every=args.save_every, val_fraction=args.val_fraction, val_every=args.val_every)
     sizes = training.defaults(args.task, backend.name)
     for key in TRAIN_SIZES:
         cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]
     print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units "
           f"on {backend.name} ({backend.reason}); output in {args.out}", file=sys.stderr)
-    history, task = training.train(cfg, backend, args.out, args.resume, explicit, progress=not args.no_progress,
-                                   log=lambda m: print(m, file=sys.stderr))
+    history, task, prime = training.train(cfg, backend, args.out, args.resume, explicit,
+                                          progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
     if history:
         first, last = history[0][1], history[-1][1]
-        print(f"step {history[-1][0]}: loss {last:.4f} (first step {first:.4f}); "
-              f"{os.path.join(args.out, 'metrics.csv')}, loss.png, checkpoint.npz")
+        held_out = next((r for r in reversed(history) if r[4] is not None), None)
+        metric = training.VAL_METRIC[task.name]
+        val = f"; held-out loss {held_out[4]:.4f}, {metric} {held_out[5]:.4f} (step {held_out[0]})" if held_out else ""
+        print(f"step {history[-1][0]}: loss {last:.4f} (first step {first:.4f}){val}; "
+              f"{os.path.join(args.out, 'metrics.csv')}, loss.png, checkpoint.npz" + (", best.npz" if held_out else ""))
     if task.name == "charlm":
         print("--- sample ---")
-        print(training.sample(task.model, task.vocab, "def ", 300, 0.8, seed=args.seed))
+        try:
+            print(training.sample(task.model, task.vocab, prime, 300, 0.8, seed=args.seed))
+        except training.TrainingError as exc:  # the training itself succeeded: its exit status says so
+            print(f"gpurnn: warning: no sample: {exc}", file=sys.stderr)
 
 
 def cmd_sample(args):
     from gpurnn import train as training
     from gpurnn.model import CharLM
 
-    record, arrays = training.load_checkpoint(args.checkpoint)
+    record, arrays = training.load_checkpoint(args.checkpoint, "best.npz" if args.best else "checkpoint.npz")
     cfg = record["config"]
     if cfg["task"] != "charlm" or not record.get("vocab"):
         raise training.TrainingError(f"{args.checkpoint}: a {cfg['task']} checkpoint; sample needs a charlm one")
@@ -144,7 +204,8 @@ def cmd_sample(args):
         model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
     except (ValueError, TypeError) as exc:
         raise training.TrainingError(f"{args.checkpoint}: the checkpoint does not fit its model: {exc}") from None
-    print(training.sample(model, record["vocab"], args.prime, args.length, args.temperature, args.seed))
+    prime = args.prime if args.prime is not None else (record.get("prime") or "")
+    print(training.sample(model, record["vocab"], prime, args.length, args.temperature, args.seed))
 
 
 def cmd_diagnose(args):

@@ -11,6 +11,7 @@ and is reset when ``new_epoch`` is True).
 """
 
 import os
+import re
 import sysconfig
 
 import numpy as np
@@ -23,13 +24,39 @@ class DataError(ValueError):
 
 
 class CharCorpus:
-    def __init__(self, text, source="<text>"):
+    """A text as ids [N] int32 over its sorted character vocabulary (``vocab``
+    given: that vocabulary, which must hold every character of the text)."""
+
+    def __init__(self, text, source="<text>", vocab=None):
         if not text:
             raise DataError(f"{source}: the text is empty")
         self.source = source
-        self.vocab = sorted(set(text))
+        self.vocab = sorted(set(text)) if vocab is None else list(vocab)
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
         self.ids = np.fromiter((self.index[ch] for ch in text), np.int32, len(text))
+
+    def split(self, fraction):
+        """(training part, held-out part): the held-out part is the last ``fraction``
+        of the text (at least 2 characters: one input, one target), both over the
+        whole text's vocabulary; fraction 0 gives (self, None)."""
+        if fraction == 0:
+            return self, None
+        n_val = max(2, int(round(len(self.ids) * fraction)))
+        if len(self.ids) - n_val < 2:
+            raise DataError(f"--val-fraction {fraction}: {self.source} has {len(self.ids)} characters, "
+                            f"too few to hold {n_val} out and train on the rest")
+        text = self.decode(self.ids)
+        return (CharCorpus(text[:-n_val], self.source, self.vocab),
+                CharCorpus(text[-n_val:], f"the last {n_val} characters of {self.source}", self.vocab))
+
+    def prime(self, seed, length=4):
+        """The first ``length`` characters (at most, and not past the newline) of a
+        non-empty line drawn from the text by ``seed``: a prompt the model has seen."""
+        text = self.decode(self.ids)
+        starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        starts = [s for s in starts if s < len(text) and text[s] != "\n"] or [0]
+        start = starts[np.random.default_rng(seed).integers(len(starts))]
+        return text[start:start + length].split("\n")[0] or text[:length]
 
     @classmethod
     def from_file(cls, path):
@@ -83,6 +110,19 @@ class CharCorpus:
             raise DataError(f"--seq-len {seq_len} x --batch {batch} needs more text than {self.source} has "
                             f"({len(self.ids)} characters); use a shorter --seq-len or a smaller --batch")
         return stream // seq_len
+
+    def held_out_batches(self, seq_len, batch):
+        """The whole text once, in order, as (inputs [T, B], targets [T, B]) chunks of
+        B streams carried from chunk to chunk: the held-out walk of truncated BPTT.
+        A text shorter than B*T characters gets fewer streams, then shorter chunks."""
+        n = len(self.ids) - 1  # the last character is only a target
+        streams = max(1, min(batch, n // seq_len))
+        length = n // streams
+        T = min(seq_len, length)
+        base = np.arange(streams) * length
+        for start in range(0, length - T + 1, T):
+            idx = base[None, :] + start + np.arange(T)[:, None]
+            yield self.ids[idx], self.ids[idx + 1]
 
     def batch_at(self, step, seq_len, batch):
         """(inputs [T, B], targets [T, B], new_epoch) for training step ``step`` (0-based)."""

@@ -123,6 +123,14 @@ class CharLM(_Composite):
             self.embedding._cache = self.head._cache = None
         return logits, state
 
+    def evaluate(self, inputs, targets, state=None):
+        """(mean cross-entropy, logits [T, B, V], final state) in eval mode: no
+        dropout, no cache kept for a backward (a held-out pass)."""
+        logits, state = self.predict(inputs, state)
+        loss = self.loss_fn(logits, targets)
+        self.loss_fn._cache = None  # the gradient it computed alongside is not wanted
+        return loss, logits, state
+
     def forward(self, inputs, targets, state=None):
         """Mean cross-entropy of the next-symbol predictions, and the final state."""
         out, state = self._recurrent(inputs, state)

@@ -4,10 +4,18 @@ A run lives in one directory:
     checkpoint.npz   parameters, optimizer state, carried recurrent state, and a JSON
                      record (config, step, vocabulary, RNG states, loss history);
                      written to a temporary file and renamed, so it is never half-written
-    metrics.csv      step, loss, gradient norm, tokens/s (rewritten whole at each save)
-    loss.png         the loss curve
+    best.npz         the same, at the step with the lowest held-out loss so far
+    metrics.csv      step, loss, gradient norm, tokens/s, held-out loss and metric
+                     (filled at the steps that were evaluated; rewritten whole at each save)
+    loss.png         the training and held-out loss curves
 Resuming restores all of it, so an interrupted and resumed run computes the same
 losses as an uninterrupted one.
+
+Held-out data (``val_fraction`` > 0): charlm trains on all but the last fraction
+of the text and walks that last part in eval mode (no dropout), the state carried
+from chunk to chunk, reporting loss and bits per character; the adding and copy
+tasks draw VAL_BATCHES batches from seeds training never uses and report MSE and
+per-symbol accuracy of the copied symbols.
 """
 
 import csv
@@ -27,6 +35,9 @@ from gpurnn.model import CharLM, SequenceRegressor
 
 TASKS = ("charlm", "adding", "copy")
 COPY_SYMBOLS, COPY_LENGTH = 8, 10
+VAL_BATCHES = 4  # held-out batches of the adding and copy tasks
+VAL_METRIC = {"charlm": "bpc", "adding": "mse", "copy": "accuracy"}
+METRICS_HEADER = ["step", "loss", "grad_norm", "tokens_per_s", "val_loss"]
 
 
 class TrainingError(RuntimeError):
@@ -57,9 +68,10 @@ class Task:
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
                       seed=cfg["seed"], backend=backend)
         if self.name == "charlm":
-            self.corpus = CharCorpus.from_file(cfg["text"]) if cfg["text"] else CharCorpus.python_stdlib()
-            if vocab is not None and self.corpus.vocab != vocab:  # resuming: it must be the same text
-                raise TrainingError(f"{self.corpus.source} changed since the checkpoint (different vocabulary)")
+            whole = CharCorpus.from_file(cfg["text"]) if cfg["text"] else CharCorpus.python_stdlib()
+            if vocab is not None and whole.vocab != vocab:  # resuming: it must be the same text
+                raise TrainingError(f"{whole.source} changed since the checkpoint (different vocabulary)")
+            self.corpus, self.held_out = whole.split(cfg["val_fraction"])
             self.corpus.chunks_per_epoch(cfg["seq_len"], cfg["batch"])  # fails early if the text is too short
             self.model = CharLM(len(self.corpus.vocab), cfg["hidden"], **common)
         elif self.name == "copy":
@@ -87,17 +99,46 @@ class Task:
         x, y = adding_problem(cfg["batch"], cfg["seq_len"], seed)
         return self.model.forward(x, y)[0], None
 
+    def validate(self):
+        """(held-out loss, held-out metric: bpc, MSE or accuracy), or None without held-out data."""
+        cfg = self.cfg
+        if not cfg["val_fraction"]:
+            return None
+        if self.name == "charlm":
+            state, total, chunks = None, 0.0, 0
+            for x, y in self.held_out.held_out_batches(cfg["seq_len"], cfg["batch"]):
+                loss, _, state = self.model.evaluate(x, y, state)
+                total, chunks = total + float(loss), chunks + 1  # equal chunks: their mean is the token mean
+            loss = total / chunks
+            return loss, loss / math.log(2)
+        losses, right, counted = [], 0, 0
+        for k in range(VAL_BATCHES):
+            seed = [cfg["seed"] or 0, 1, k]  # a seed sequence, never one of training's integer seeds
+            if self.name == "copy":
+                x, y = copy_task(cfg["batch"], cfg["seq_len"], seed, COPY_SYMBOLS, COPY_LENGTH)
+                loss, logits, _ = self.model.evaluate(x, y)
+                asked = y >= 0
+                right += int((to_host(logits).argmax(-1) == y)[asked].sum())
+                counted += int(asked.sum())
+            else:
+                x, y = adding_problem(cfg["batch"], cfg["seq_len"], seed)
+                loss = float(((to_host(self.model.predict(x)) - y) ** 2).mean())
+            losses.append(float(loss))
+        loss = sum(losses) / len(losses)
+        return loss, (right / counted if self.name == "copy" else loss)
+
 
 # ------------------------------------------------------------------ checkpoints
-def save_checkpoint(out_dir, task, opt, step, state, history, rng_state):
+def save_checkpoint(out_dir, task, opt, step, state, history, rng_state, best_val=None, prime=None,
+                    name="checkpoint.npz"):
     record = dict(format=1, config=task.cfg, step=step, vocab=task.vocab, history=history, rng=rng_state,
-                  optimizer=dict(name=task.cfg["optim"], lr=task.cfg["lr"]))
+                  optimizer=dict(name=task.cfg["optim"], lr=task.cfg["lr"]), best_val=best_val, prime=prime)
     arrays = {f"param/{k}": to_host(v) for k, v in task.model.params.items()}
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in opt.state_dict().items()})
     for i, s in enumerate(state if isinstance(state, tuple) else (() if state is None else (state,))):
         arrays[f"state/{i}"] = to_host(s)
     arrays["record"] = np.frombuffer(json.dumps(record).encode(), np.uint8)
-    path = os.path.join(out_dir, "checkpoint.npz")
+    path = os.path.join(out_dir, name)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -107,9 +148,9 @@ def save_checkpoint(out_dir, task, opt, step, state, history, rng_state):
     return path
 
 
-def load_checkpoint(out_dir):
+def load_checkpoint(out_dir, name="checkpoint.npz"):
     """(record dict, arrays dict) or a TrainingError that says what is wrong."""
-    path = os.path.join(out_dir, "checkpoint.npz")
+    path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         raise TrainingError(f"{path}: no checkpoint there")
     try:
@@ -138,12 +179,12 @@ def restore(task, opt, record, arrays):
 
 
 # ------------------------------------------------------------------- metrics
-def write_metrics(out_dir, history):
+def write_metrics(out_dir, history, task_name):
     path = os.path.join(out_dir, "metrics.csv")
     with open(path + ".tmp", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "loss", "grad_norm", "tokens_per_s"])
-        w.writerows(history)
+        w.writerow(METRICS_HEADER + [f"val_{VAL_METRIC[task_name]}"])
+        w.writerows([["" if v is None else v for v in row] for row in history])  # empty: not evaluated
     os.replace(path + ".tmp", path)
 
 
@@ -153,7 +194,11 @@ def plot_loss(out_dir, history, title):
     from gpurnn import plot
 
     ax = Figure(figsize=(7, 4)).subplots()
-    plot.save(plot.training_curves({"training loss": history}, ax=ax, title=title), os.path.join(out_dir, "loss.png"))
+    curves = {"training loss": history}
+    held_out = [[row[0], row[4]] for row in history if row[4] is not None]
+    if held_out:
+        curves["held-out loss"] = held_out
+    plot.save(plot.training_curves(curves, ax=ax, title=title), os.path.join(out_dir, "loss.png"))
 
 
 # ---------------------------------------------------------------------- loop
@@ -184,30 +229,34 @@ def _draw(model, vocab, ids, length, temperature, rng):
 
 
 def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
-    """Run (or continue) a training job; returns (loss history, task).
+    """Run (or continue) a training job; returns (history, task, prime): history rows
+    [step, loss, grad norm, tokens/s, held-out loss or None, held-out metric or None];
+    prime (charlm) a prompt drawn from the training text, kept in the checkpoint.
     ``explicit``: the settings the user gave; on resume they must match the checkpoint's."""
     record = arrays = None
     if resume:
         record, arrays = load_checkpoint(out_dir)
         saved = record["config"]
         clash = [f"--{k.replace('_', '-')} {cfg[k]} (checkpoint: {saved.get(k)})"
-                 for k in sorted(explicit) if k in cfg and k != "steps" and saved.get(k) != cfg[k]]
+                 for k in sorted(explicit) if k in cfg and k != "steps" and saved.get(k, cfg[k]) != cfg[k]]
         if clash:
             raise TrainingError(f"--resume: the checkpoint in {out_dir} was made with other settings: "
                                 + ", ".join(clash))
-        cfg = dict(saved, steps=cfg["steps"])
+        cfg = {**cfg, **saved, "steps": cfg["steps"]}  # a setting newer than the checkpoint keeps its default
     task = Task(cfg, backend, vocab=record["vocab"] if record else None)
     os.makedirs(out_dir, exist_ok=True)  # only once the data and the model are known to work
     model = task.model
     opt = optim.OPTIMIZERS[cfg["optim"]](model.params, model.grads, lr=cfg["lr"])
-    state, history, step = None, [], 0
+    state, history, step, best_val = None, [], 0, None
+    prime = task.corpus.prime(cfg["seed"]) if task.name == "charlm" else None
     if record:
         state = restore(task, opt, record, arrays)
-        history, step = [list(h) for h in record["history"]], record["step"]
+        history = [list(h) + [None] * (6 - len(h)) for h in record["history"]]  # older runs had no held-out columns
+        step, best_val = record["step"], record.get("best_val")
         model.rnn._rng.bit_generator.state = record["rng"]
     if step >= cfg["steps"]:
         log(f"already at step {step} of {cfg['steps']}: nothing to do")
-        return history, task
+        return history, task, prime
 
     stop = {"now": False}
     previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # finish the step, then save
@@ -217,6 +266,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
 
         bar = tqdm(total=cfg["steps"], initial=step, unit="step", dynamic_ncols=True)
     good_step = step
+    metric = VAL_METRIC[task.name]
     try:
         while step < cfg["steps"] and not stop["now"]:
             t0 = time.perf_counter()
@@ -239,13 +289,27 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
             state = new_state
             step += 1
             tokens_s = task.tokens_per_step() / (time.perf_counter() - t0)
-            history.append([step, loss, norm, tokens_s])
+            row = [step, loss, norm, tokens_s, None, None]
+            history.append(row)
+            saving = step % cfg["save_every"] == 0 or step == cfg["steps"] or stop["now"]
+            if step % cfg["val_every"] == 0 or step == cfg["steps"]:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    row[4:] = task.validate() or (None, None)
+                if row[4] is not None and (best_val is None or row[4] < best_val):
+                    best_val = row[4]
+                    save_checkpoint(out_dir, task, opt, step, state, history, model.rnn._rng.bit_generator.state,
+                                    best_val, prime, name="best.npz")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_s:,.0f}")
-            if step % cfg["save_every"] == 0 or step == cfg["steps"] or stop["now"]:
-                save_checkpoint(out_dir, task, opt, step, state, history, model.rnn._rng.bit_generator.state)
-                write_metrics(out_dir, history)
+                shown = dict(loss=f"{loss:.4f}", tok_s=f"{tokens_s:,.0f}")
+                last_val = next((r for r in reversed(history) if r[4] is not None), None)
+                if last_val is not None:
+                    shown.update(val=f"{last_val[4]:.4f}", **{f"val_{metric}": f"{last_val[5]:.4f}"})
+                bar.set_postfix(**shown)
+            if saving:
+                save_checkpoint(out_dir, task, opt, step, state, history, model.rnn._rng.bit_generator.state,
+                                best_val, prime)
+                write_metrics(out_dir, history, task.name)
                 good_step = step
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -254,4 +318,4 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
     if stop["now"]:
         log(f"interrupted: saved step {step} in {out_dir} (continue with --resume)")
     plot_loss(out_dir, history, f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}")
-    return history, task
+    return history, task, prime

@@ -37,7 +37,7 @@ def test_train_writes_metrics_plot_checkpoint_and_sample(tmp_path, text):
     assert done.returncode == 0, done.stderr
     assert {"metrics.csv", "loss.png", "checkpoint.npz"} <= set(os.listdir(out))
     assert len(losses(out)) == 15
-    assert "--- sample ---" in done.stdout and "def " in done.stdout
+    assert "--- sample ---" in done.stdout and "best.npz" in done.stdout
     assert open(out / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     sample = gpurnn("sample", "--checkpoint", str(out), "--prime", "def", "--length", "20", "--backend", "numpy")
     assert sample.returncode == 0 and sample.stdout.startswith("def") and len(sample.stdout.rstrip("\n")) >= 23
@@ -169,3 +169,89 @@ def test_ctrl_c_saves_and_exits_zero(tmp_path, text):
     assert proc.returncode == 0, stderr
     assert "interrupted: saved step" in stderr
     assert (out / "checkpoint.npz").exists() and len(losses(out)) > 0
+
+
+def test_a_corpus_without_the_code_characters_trains_samples_and_exits_zero(tmp_path):
+    """No d, e, f or space in the text: the closing sample's prime comes from the text itself."""
+    words = ["abc", "ghij", "klmn", "opq", "rstu", "vwxyz", "0123"]
+    rng = np.random.default_rng(0)
+    text = tmp_path / "nodef.txt"
+    text.write_text("\n".join("".join(rng.choice(words, 4)) for _ in range(200)) + "\n", encoding="utf-8")
+    assert not set("def ") & set(text.read_text())
+    out = tmp_path / "run"
+    done = gpurnn("train", "--text", str(text), "--steps", "6", "--out", str(out), *SMALL)
+    assert done.returncode == 0, done.stderr
+    sample = done.stdout.split("--- sample ---\n", 1)[1]
+    lines = text.read_text().splitlines()
+    assert any(line.startswith(sample[:4]) for line in lines) and len(sample.rstrip("\n")) >= 300
+    again = gpurnn("sample", "--checkpoint", str(out), "--length", "10", "--backend", "numpy")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(sample[:4])  # the prime kept in the checkpoint
+    best = gpurnn("sample", "--checkpoint", str(out), "--best", "--length", "10", "--backend", "numpy")
+    assert best.returncode == 0, best.stderr
+
+
+def held_out(run_dir):
+    """{step: (val_loss, val_metric)} of the evaluated steps in metrics.csv, and the header."""
+    rows = [r.split(",") for r in open(os.path.join(run_dir, "metrics.csv")).read().splitlines()]
+    return {int(r[0]): (float(r[4]), float(r[5])) for r in rows[1:] if r[4]}, rows[0]
+
+
+def test_held_out_loss_every_n_steps_at_the_end_and_the_best_checkpoint(tmp_path, text):
+    out = tmp_path / "run"
+    done = gpurnn("train", "--text", text, "--steps", "10", "--val-every", "4", "--val-fraction", "0.1",
+                  "--out", str(out), *SMALL)
+    assert done.returncode == 0, done.stderr
+    evaluated, header = held_out(out)
+    assert header == ["step", "loss", "grad_norm", "tokens_per_s", "val_loss", "val_bpc"]
+    assert sorted(evaluated) == [4, 8, 10]
+    for loss, bpc in evaluated.values():
+        assert np.isfinite(loss) and abs(bpc - loss / np.log(2)) < 1e-9
+    best_step = min(evaluated, key=lambda s: evaluated[s][0])
+    import json
+    with np.load(out / "best.npz") as z:
+        record = json.loads(z["record"].tobytes().decode())
+    assert record["step"] == best_step and abs(record["best_val"] - evaluated[best_step][0]) < 1e-12
+    assert "held-out loss" in done.stdout
+    off = tmp_path / "off"
+    done = gpurnn("train", "--text", text, "--steps", "3", "--val-fraction", "0", "--out", str(off), *SMALL)
+    assert done.returncode == 0 and held_out(off)[0] == {} and not (off / "best.npz").exists()
+
+
+def test_held_out_loss_does_not_change_training(tmp_path, text):
+    """Evaluation runs in eval mode on its own data: the training losses are those of a run without it
+    (the same training text: the held-out part is cut off in both)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--text", text, "--steps", "8", "--layers", "2", *SMALL]
+    assert gpurnn("train", "--val-every", "2", "--out", str(a), *common).returncode == 0
+    assert gpurnn("train", "--val-every", "100", "--out", str(b), *common).returncode == 0
+    assert losses(a) == losses(b)
+
+
+@pytest.mark.parametrize("task, metric", [("adding", "val_mse"), ("copy", "val_accuracy")])
+def test_held_out_metrics_of_the_synthetic_tasks(tmp_path, task, metric):
+    out = tmp_path / task
+    done = gpurnn("train", "--task", task, "--steps", "4", "--val-every", "2", "--out", str(out), *SMALL)
+    assert done.returncode == 0, done.stderr
+    evaluated, header = held_out(out)
+    assert header[-1] == metric and sorted(evaluated) == [2, 4]
+    for loss, value in evaluated.values():
+        if task == "adding":
+            assert value == loss  # the loss is the MSE
+        else:
+            assert 0 <= value <= 1
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    for command in ("train", "sample", "diagnose", "info"):
+        done = gpurnn(command, "--help")
+        assert done.returncode == 0
+        flags = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  --")]
+        helped = done.stdout.split("options:", 1)[1]
+        for flag in flags:
+            entry = helped.split(f"  {flag}", 1)[1].split("\n  -", 1)[0]
+            words = entry.split(None, 1)[1:] if entry.strip() else []
+            assert words and len(" ".join(words).split()) >= 2, (command, flag, entry)
+    train = gpurnn("train", "--help").stdout
+    assert "default for charlm: 256 on CPU, 512 on a GPU" in " ".join(train.split())
+    assert "(default: 0.05)" in train and "(default: adam)" in train
