@@ -7,6 +7,8 @@
 
 x: [T, B, I] ([B, T, I] with batch_first)   h0, c0, h_n, c_n: [L*D, B, H]
 out: [T, B, D*H] ([B, T, D*H] with batch_first)   lengths: [B], 1 <= l <= T
+Unbatched, as torch: x [T, I] with h0, c0 [L*D, H] gives out [T, D*H] and
+h_n, c_n [L*D, H]; backward takes and returns the same unbatched shapes.
 
 ``backward`` consumes the cache of the last training-mode forward and
 accumulates parameter gradients into ``m.grads`` (cleared by ``zero_grad``);
@@ -152,24 +154,27 @@ class _RNNBase:
         the first layer reads those rows of weight, folded into its input
         projection (see gpurnn.sequence); backward accumulates into the gradient."""
         cfg, xp = self._cfg, self.backend.xp
+        unbatched = False
         if embedding is None:
-            layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
-            x = self._input(x, "x", (None, None, cfg.I), layout)
+            x = self._ops.asarray(x, "x")
+            unbatched = x.ndim == 2  # torch's unbatched input: one sequence, batch_first does not apply
+            if unbatched:
+                x = checks.array("x", x, (None, cfg.I), self.dtype, "[T, I] (unbatched)")[:, None]
+            else:
+                layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
+                x = checks.array("x", x, (None, None, cfg.I), self.dtype, layout)
         else:
             x = self._ops.asarray(x, "ids")
             if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
                 raise ValueError(f"ids: expected an integer array of rank 2, got {x.dtype} {tuple(x.shape)}")
             x = x[..., None]  # [T, B, 1]: the shape checks below see one feature
-        if self.batch_first:
+        if self.batch_first and not unbatched:
             x = x.transpose(1, 0, 2)
         T, B = x.shape[0], x.shape[1]
         if T == 0 or B == 0:
             raise ValueError(f"x: expected at least one time step and one sequence, got shape {tuple(x.shape)}")
-        state_shape, state_layout = (cfg.L * cfg.D, B, cfg.H), "[num_layers*D, B, H]"
-        if h0 is not None:
-            h0 = self._input(h0, "h0", state_shape, state_layout)
-        if c0 is not None:
-            c0 = self._input(c0, "c0", state_shape, state_layout)
+        h0 = self._state(h0, "h0", B, unbatched)
+        c0 = self._state(c0, "c0", B, unbatched)
         if lengths is not None:
             lengths = checks.lengths("lengths", to_host(lengths), B, T)
 
@@ -206,12 +211,24 @@ class _RNNBase:
             keep = self.training or record  # eval keeps nothing for a backward (as cuDNN inference does)
             self._ops.run(ws, "forward" if keep else "inference",
                           lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on, embedding, keep))
-            result = (self._time_major_out(ws.out[-1]), ws.h_n.copy(),
+            result = (self._time_major_out(ws.out[-1], unbatched), ws.h_n.copy(),
                       ws.c_n.copy() if cfg.cell == "lstm" else None)
             self._recorded = self._record(ws) if record else None
-        self._cache = (ws, dropout_on, embedding) if self.training else None
+        self._cache = (ws, dropout_on, embedding, unbatched) if self.training else None
+        if unbatched:  # drop the batch of one again, as torch does
+            result = tuple(None if a is None else (a[:, 0] if a.ndim == 3 else a) for a in result)
         self._cache_used = False
         return result
+
+    def _state(self, value, name, B, unbatched):
+        """A state argument (h0, c0, d_hn, d_cn) checked as [L*D, B, H], or as
+        [L*D, H] beside unbatched input; None stays None."""
+        if value is None:
+            return None
+        cfg = self._cfg
+        if unbatched:
+            return self._input(value, name, (cfg.L * cfg.D, cfg.H), "[num_layers*D, H] (unbatched input)")[:, None]
+        return self._input(value, name, (cfg.L * cfg.D, B, cfg.H), "[num_layers*D, B, H]")
 
     def _call_embedded(self, ids, weight, dweight, state=None):
         """The layer on embedding rows: ``self(weight[ids], state)`` without
@@ -239,10 +256,10 @@ class _RNNBase:
                 out["c"][k] = (d.c[:-1] if reverse else d.c[1:]) * valid  # the state each step wrote
         return out
 
-    def _time_major_out(self, a):
+    def _time_major_out(self, a, unbatched):
         """A fresh copy of a [T, B, ·] workspace buffer, in the user's layout
         (the workspace is overwritten by the next call)."""
-        return (a.transpose(1, 0, 2) if self.batch_first else a).copy(order="C")
+        return (a.transpose(1, 0, 2) if self.batch_first and not unbatched else a).copy(order="C")
 
     # ---------------------------------------------------------------- backward
     def _backward(self, d_out, d_hn, d_cn, recorders=None):
@@ -254,18 +271,17 @@ class _RNNBase:
         if self._cache_used:
             raise RuntimeError("backward: this forward's cache was already used; run forward again")
         cfg = self._cfg
-        ws, dropout_on, embedding = self._cache
+        ws, dropout_on, embedding, unbatched = self._cache
         T, B = ws.T, ws.B
         DH = cfg.D * cfg.H
-        if self.batch_first:
+        if unbatched:
+            d_out = self._input(d_out, "d_out", (T, DH), "[T, D*H] (unbatched)")[:, None]
+        elif self.batch_first:
             d_out = self._input(d_out, "d_out", (B, T, DH), "[B, T, D*H] (batch_first)").transpose(1, 0, 2)
         else:
             d_out = self._input(d_out, "d_out", (T, B, DH), "[T, B, D*H]")
-        state_shape, state_layout = (cfg.L * cfg.D, B, cfg.H), "[num_layers*D, B, H]"
-        if d_hn is not None:
-            d_hn = self._input(d_hn, "d_hn", state_shape, state_layout)
-        if d_cn is not None:
-            d_cn = self._input(d_cn, "d_cn", state_shape, state_layout)
+        d_hn = self._state(d_hn, "d_hn", B, unbatched)
+        d_cn = self._state(d_cn, "d_cn", B, unbatched)
 
         with self._ops.on_stream():
             ws.d_out[...] = d_out
@@ -277,8 +293,11 @@ class _RNNBase:
                           lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on,
                                                  recorders, embedding),
                           capture=recorders is None)
-            return (None if ws.dx is None else self._time_major_out(ws.dx), ws.dh0.copy(),
-                    ws.dc0.copy() if cfg.cell == "lstm" else None)
+            grads = (None if ws.dx is None else self._time_major_out(ws.dx, unbatched), ws.dh0.copy(),
+                     ws.dc0.copy() if cfg.cell == "lstm" else None)
+        if unbatched:
+            grads = tuple(None if g is None else g[:, 0] for g in grads)
+        return grads
 
     def __repr__(self):
         extra = f", nonlinearity={self.nonlinearity!r}" if self._cell == "rnn" else ""

@@ -9,7 +9,7 @@ import pytest
 
 import gpurnn
 from gpurnn.diagnostics import numeric_gradient
-from helpers import back, make, rel_err, run
+from helpers import back, host, make, rel_err, run
 
 CELLS = ["rnn", "lstm", "gru"]
 
@@ -146,7 +146,7 @@ def test_dropout_between_layers_reproducible_and_inverted():
     out_a2, _ = a(x)
     assert not np.array_equal(out_a, out_a2)  # fresh masks each forward
     ws = a._cache[0]
-    for mask in ws.masks[1:]:
+    for mask in map(host, ws.masks[1:]):
         assert set(np.unique(mask)) <= {0.0, 2.0} and 0.3 < mask.mean() / 2 < 0.7
     a.eval()
     e1, _ = a(x)
@@ -167,7 +167,7 @@ def test_dropout_backward_uses_the_forward_mask():
 
     def loss():
         m._rng.bit_generator.state = state  # same mask every evaluation
-        return (m(x)[0] * R).sum()
+        return (host(m(x)[0]) * R).sum()
 
     loss()
     dx, _ = m.backward(R)
@@ -223,3 +223,55 @@ def test_staged_inputs_do_not_leak_between_calls(cell):
     dx_f, dh0_f, _ = back(fresh, d_out)
     for a, b in ((out, out_f), (h_n, h_n_f), (dx, dx_f), (dh0, dh0_f)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input_as_torch(cell, batch_first):
+    """x [T, I] with h0 [L*D, H]: the batch of one's results without the batch axis (batch_first ignored)."""
+    rng = np.random.default_rng(8)
+    m = make(cell, 3, 4, num_layers=2, bidirectional=True, batch_first=batch_first, dtype="float64", seed=0)
+    x = rng.standard_normal((5, 3))
+    h0, c0 = rng.standard_normal((2, 4, 4))
+    d_out, (d_hn, d_cn) = rng.standard_normal((5, 8)), rng.standard_normal((2, 4, 4))
+    out, h_n, c_n = run(m, x, h0, c0)
+    dx, dh0, dc0 = back(m, d_out, d_hn, d_cn)
+    batched = x[None] if batch_first else x[:, None]
+    out1, h_n1, c_n1 = run(m, batched, h0[:, None], c0[:, None])
+    dx1, dh01, dc01 = back(m, d_out[None] if batch_first else d_out[:, None], d_hn[:, None], d_cn[:, None])
+    assert out.shape == (5, 8) and h_n.shape == (4, 4) and dx.shape == (5, 3) and dh0.shape == (4, 4)
+    np.testing.assert_array_equal(out, out1[0] if batch_first else out1[:, 0])
+    np.testing.assert_array_equal(dx, dx1[0] if batch_first else dx1[:, 0])
+    np.testing.assert_array_equal(h_n, h_n1[:, 0])
+    np.testing.assert_array_equal(dh0, dh01[:, 0])
+    if cell == "lstm":
+        np.testing.assert_array_equal(c_n, c_n1[:, 0])
+        np.testing.assert_array_equal(dc0, dc01[:, 0])
+    torch = pytest.importorskip("torch")
+    ref = make_torch(cell, m)
+    hx = (torch.from_numpy(h0), torch.from_numpy(c0)) if cell == "lstm" else torch.from_numpy(h0)
+    t_out, t_h = ref(torch.from_numpy(x), hx)
+    assert tuple(t_out.shape) == out.shape and rel_err(out, t_out.detach().numpy()) < 1e-12
+    assert rel_err(h_n, (t_h[0] if cell == "lstm" else t_h).detach().numpy()) < 1e-12
+
+
+def make_torch(cell, model):
+    """torch's module with the model's configuration and weights (float64, CPU)."""
+    import torch
+
+    cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+    ref = cls(model.input_size, model.hidden_size, model.num_layers, batch_first=model.batch_first,
+              bidirectional=model.bidirectional).double()
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in host(model.state_dict()).items()})
+    return ref
+
+
+def test_unbatched_input_with_a_batched_state_is_refused():
+    m = gpurnn.GRU(3, 4)
+    x = np.zeros((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"h0: expected a 2-D array of shape \[1, 4\] \[num_layers\*D, H\] "
+                                         r"\(unbatched input\), got shape \(1, 1, 4\)"):
+        m(x, np.zeros((1, 1, 4), np.float32))
+    m(x)
+    with pytest.raises(ValueError, match=r"d_out: expected a 2-D array of shape \[5, 4\] \[T, D\*H\] \(unbatched\)"):
+        m.backward(np.zeros((5, 1, 4), np.float32))
