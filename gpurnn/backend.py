@@ -282,7 +282,16 @@ def ops_for(a):
 
 
 def to_host(a):
-    """A NumPy view or copy of a NumPy or CuPy array."""
+    """A NumPy view or copy of a NumPy or CuPy array (or of anything np.asarray
+    takes, a list of numbers say); a tuple or dict element by element (a model's
+    results, its params); None as it is. The one call that brings any backend's
+    results to NumPy."""
+    if a is None:
+        return a
+    if isinstance(a, dict):
+        return {k: to_host(v) for k, v in a.items()}
+    if isinstance(a, tuple):
+        return tuple(to_host(v) for v in a)
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 

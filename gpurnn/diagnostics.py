@@ -113,20 +113,19 @@ def gradcheck(model, x, h0=None, lengths=None, eps=1e-6, seed=0):
     """Central differences against BPTT for every parameter, ``x`` and ``h0``.
 
     Loss: sum(out * R) + sum(h_n * Rh) with fixed random R, Rh. Needs a float64
-    model. Returns {name: ||analytic - numeric|| / max(||analytic||, ||numeric||)}.
+    model, on any backend (on the GPU each difference is one forward: slow, for
+    small models). Returns {name: ||analytic - numeric|| / max(||analytic||, ||numeric||)}.
     """
     if not isinstance(model, _RNNBase):
         raise TypeError(f"model: expected gpurnn.RNN, LSTM or GRU, got {type(model).__name__}")
     if model.dtype != np.float64:
         raise TypeError(f"model: gradcheck needs a float64 model (dtype='float64'), got {model.dtype}")
-    if model.backend.name != "numpy":
-        raise ValueError(f"model: gradcheck runs on the numpy backend, got {model.backend.name}")
-    x = np.array(x, dtype=np.float64)
+    x = np.array(to_host(x), dtype=np.float64)
     rng = np.random.default_rng(seed)
     lstm = isinstance(model, LSTM)
     out, h_n = _run(model, x, h0, lengths)
     R, Rh = rng.standard_normal(out.shape), rng.standard_normal(h_n.shape)
-    h0 = np.zeros(h_n.shape) if h0 is None else np.array(h0, dtype=np.float64)
+    h0 = np.zeros(h_n.shape) if h0 is None else np.array(to_host(h0), dtype=np.float64)
     saved = {n: g.copy() for n, g in model.grads.items()}
     was_training = model.training
     model.train()
@@ -136,7 +135,7 @@ def gradcheck(model, x, h0=None, lengths=None, eps=1e-6, seed=0):
         dx, dh0 = model.backward(R, (Rh, None) if lstm else Rh)
         if lstm:
             dh0 = dh0[0]
-        analytic = {"x": dx, "h0": dh0, **{n: g.copy() for n, g in model.grads.items()}}
+        analytic = {"x": to_host(dx), "h0": to_host(dh0), **{n: to_host(g) for n, g in model.grads.items()}}
 
         def loss():
             o, h = _run(model, x, h0, lengths)
@@ -157,23 +156,26 @@ def gradcheck(model, x, h0=None, lengths=None, eps=1e-6, seed=0):
 
 def numeric_gradient(f, a, eps=1e-6):
     """Central differences of the scalar f() with respect to every element of
-    the array a, perturbed in place and restored."""
-    g = np.zeros_like(a)
+    the array a (NumPy, or a device array), perturbed in place and restored;
+    returns a NumPy array."""
+    g = np.zeros(a.shape, np.float64)
     for i in np.ndindex(a.shape):
-        old = a[i]
+        old = float(a[i])
         a[i] = old + eps
-        up = f()
+        up = float(f())
         a[i] = old - eps
-        g[i] = (up - f()) / (2 * eps)
+        g[i] = (up - float(f())) / (2 * eps)
         a[i] = old
     return g
 
 
 def _run(model, x, h0, lengths):
+    """(out, h_n) of a forward, on the host."""
     if isinstance(model, LSTM):
         out, (h_n, _) = model(x, None if h0 is None else (h0, np.zeros_like(h0)), lengths=lengths)
-        return out, h_n
-    return model(x, h0, lengths=lengths)
+    else:
+        out, h_n = model(x, h0, lengths=lengths)
+    return to_host(out), to_host(h_n)
 
 
 def set_forget_bias(lstm, value=1.0):

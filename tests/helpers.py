@@ -1,9 +1,15 @@
-"""Shared test helpers: model construction, random inputs, a torch oracle."""
+"""Shared test helpers: model construction, random inputs, a torch oracle.
+
+The public-API tests run on whatever backend GPURNN_BACKEND picks (numpy by
+default, cuda on a GPU machine): results come back through ``host``, so the
+same test body checks every backend.
+"""
 
 import numpy as np
 import pytest
 
 import gpurnn
+from gpurnn import to_host as host  # any result (array, tuple, dict of arrays) as NumPy
 
 MODELS = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU}
 
@@ -14,31 +20,36 @@ def make(cell, *args, nonlinearity="tanh", **kwargs):
     return MODELS[cell](*args, **kwargs)
 
 
+def on_numpy():
+    """True where the suite runs the NumPy backend (tests that inspect its arrays directly)."""
+    return gpurnn.get_backend().name == "numpy"
+
+
 def rel_err(a, b):
     """||a - b|| / ||b|| (0 when both are 0)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = np.asarray(host(a), np.float64), np.asarray(host(b), np.float64)
     denom = np.linalg.norm(b)
     diff = np.linalg.norm(a - b)
     return diff / denom if denom else diff
 
 
 def run(model, x, h0=None, c0=None, lengths=None):
-    """Forward with the cell's own state convention: (out, h_n, c_n or None)."""
+    """Forward with the cell's own state convention: (out, h_n, c_n or None), on the host."""
     if isinstance(model, gpurnn.LSTM):
         hx = None if h0 is None else (h0, c0)
         out, (h_n, c_n) = model(x, hx, lengths=lengths)
-        return out, h_n, c_n
+        return host((out, h_n, c_n))
     out, h_n = model(x, h0, lengths=lengths)
-    return out, h_n, None
+    return host((out, h_n, None))
 
 
 def back(model, d_out, d_hn=None, d_cn=None):
-    """Backward with the cell's own state convention: (dx, dh0, dc0 or None)."""
+    """Backward with the cell's own state convention: (dx, dh0, dc0 or None), on the host."""
     if isinstance(model, gpurnn.LSTM):
         dx, (dh0, dc0) = model.backward(d_out, None if d_hn is None else (d_hn, d_cn))
-        return dx, dh0, dc0
+        return host((dx, dh0, dc0))
     dx, dh0 = model.backward(d_out, d_hn)
-    return dx, dh0, None
+    return host((dx, dh0, None))
 
 
 def torch_reference(cell, model, x, h0, c0, lengths, d_out, d_hn, d_cn, device="cpu"):
@@ -53,13 +64,13 @@ def torch_reference(cell, model, x, h0, c0, lengths, d_out, d_hn, d_cn, device="
         kwargs["nonlinearity"] = model.nonlinearity
     tdtype = torch.float64 if model.dtype == np.float64 else torch.float32
     tm = cls(model.input_size, model.hidden_size, **kwargs).to(tdtype).to(device)
-    tm.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in model.state_dict().items()})
-    leaf = lambda a: torch.tensor(np.asarray(a), device=device, requires_grad=True)  # noqa: E731
+    tm.load_state_dict({k: torch.from_numpy(host(v)) for k, v in model.state_dict().items()})
+    leaf = lambda a: torch.tensor(host(a), device=device, requires_grad=True)  # noqa: E731
     xt, h0t = leaf(x), leaf(h0)
     c0t = leaf(c0) if cell == "lstm" else None
     inp = xt
     if lengths is not None:
-        inp = torch.nn.utils.rnn.pack_padded_sequence(xt, torch.tensor(np.asarray(lengths)),  # lengths on CPU
+        inp = torch.nn.utils.rnn.pack_padded_sequence(xt, torch.tensor(host(lengths)),  # lengths on CPU
                                                       batch_first=model.batch_first, enforce_sorted=False)
     out, hn = tm(inp, (h0t, c0t) if cell == "lstm" else h0t)
     if lengths is not None:

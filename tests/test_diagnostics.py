@@ -10,7 +10,7 @@ import pytest
 import gpurnn
 from gpurnn import diagnostics
 from gpurnn.data import adding_problem
-from helpers import rel_err, run
+from helpers import host, rel_err, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def torch_chain(cell, model, x, d_out):
     """dL/dh_t, dL/dc_t and ||J_t^T u_t|| from a step-by-step torch loop (1 layer, forward)."""
     torch = pytest.importorskip("torch")
-    p = {k: torch.tensor(v) for k, v in model.params.items()}
+    p = {k: torch.tensor(v) for k, v in host(model.params).items()}
     H = model.hidden_size
     T, B, _ = x.shape
     hs, cs, prevs = [], [], []
@@ -148,7 +148,7 @@ def test_adding_problem_rnn_fails_lstm_gru_solve():
             opt.step()
             m.zero_grad()
         x, y = adding_problem(1000, T, seed=10**6)
-        results[cell] = float(((m.predict(x) - y) ** 2).mean())
+        results[cell] = float(((host(m.predict(x)) - y) ** 2).mean())
     assert results["rnn"] > 0.12, results  # the trivial baseline is ~0.167
     assert results["lstm"] < 0.05 and results["gru"] < 0.05, results
 
@@ -162,8 +162,8 @@ def test_record_mode(cell):
     with pytest.raises(RuntimeError, match="record=True"):
         m.recorded
     x = rng.standard_normal((5, 2, 3))
-    out, state = m(x, record=True)
-    rec = m.recorded
+    out, state = host(m(x, record=True))
+    rec = host(m.recorded)
     names = {"rnn": {"a"}, "lstm": {"i", "f", "g", "o", "c"}, "gru": {"r", "z", "n"}}[cell]
     assert set(rec) == names and all(v.shape == (4, 5, 2, 4) for v in rec.values())
     top_fwd = out[:, :, :4]

@@ -5,7 +5,7 @@ import pytest
 
 import gpurnn
 from gpurnn.diagnostics import numeric_gradient as numeric
-from helpers import rel_err
+from helpers import host, rel_err
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -51,7 +51,7 @@ def test_embedding_and_linear_gradcheck():
     R = rng.standard_normal((3, 2, 4))
 
     def loss():
-        return float((lin(emb(ids)) * R).sum())
+        return float((host(lin(emb(ids))) * R).sum())
 
     loss()
     emb.backward(lin.backward(R))
@@ -65,7 +65,7 @@ def test_linear_and_embedding_match_torch():
     rng = np.random.default_rng(3)
     lin = gpurnn.Linear(5, 3, dtype="float64", seed=0)
     tl = torch.nn.Linear(5, 3).double()
-    tl.load_state_dict({k: torch.from_numpy(v) for k, v in lin.state_dict().items()})
+    tl.load_state_dict({k: torch.from_numpy(host(v)) for k, v in lin.state_dict().items()})
     x = rng.standard_normal((4, 2, 5))
     d = rng.standard_normal((4, 2, 3))
     xt = torch.tensor(x, requires_grad=True)
@@ -116,14 +116,14 @@ def test_charlm_matches_torch(V):
     emb, rnn, head = torch.nn.Embedding(V, H).double(), torch.nn.LSTM(H, H, 2).double(), torch.nn.Linear(H, V).double()
     sd = lm.state_dict()
     for prefix, module in (("embedding", emb), ("rnn", rnn), ("head", head)):
-        module.load_state_dict({k: torch.from_numpy(sd[f"{prefix}.{k}"]) for k in module.state_dict()})
+        module.load_state_dict({k: torch.from_numpy(host(sd[f"{prefix}.{k}"])) for k in module.state_dict()})
     x, y = rng.integers(0, V, (6, 3)), rng.integers(0, V, (6, 3))
     loss, _ = lm.forward(x, y)
     lm.backward()
     logits = head(rnn(emb(torch.tensor(x)))[0])
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.tensor(y).reshape(-1))
     ref.backward()
-    assert abs(loss - ref.item()) < 1e-12
+    assert abs(float(loss) - ref.item()) < 1e-12
     for prefix, module in (("embedding", emb), ("rnn", rnn), ("head", head)):
         for k, p in module.named_parameters():
             assert rel_err(lm.grads[f"{prefix}.{k}"], p.grad.numpy()) < 1e-10, k

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from helpers import back, make, rel_err, run, torch_reference
+from helpers import back, host, make, rel_err, run, torch_reference
 
 torch = pytest.importorskip("torch")
 
@@ -32,7 +32,7 @@ def agree(a, b, tol):
     """Relative error below tol; or, for a result near zero (rounded like the O(1)
     values it is computed from, so large relative to itself), every element
     within tol of the peer's."""
-    return rel_err(a, b) < tol or np.abs(np.asarray(a, np.float64) - b).max() < tol
+    return rel_err(a, b) < tol or np.abs(np.asarray(host(a), np.float64) - b).max() < tol
 
 
 def check_against_torch(c, dtype, fwd_tol, grad_tol):
@@ -95,7 +95,7 @@ def test_extra_nonlinearities_match_torch_functions(nonlinearity):
     out, h_n, _ = run(model, x)
     phi = {"sigmoid": torch.sigmoid, "leaky_relu": torch.nn.functional.leaky_relu,
            "elu": torch.nn.functional.elu}[nonlinearity]
-    p = {k: torch.from_numpy(v) for k, v in model.params.items()}
+    p = {k: torch.from_numpy(v) for k, v in host(model.params).items()}
     h = torch.zeros(B, H, dtype=torch.float64)
     for t in range(T):
         h = phi(torch.from_numpy(x[t]) @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h @ p["weight_hh_l0"].T
