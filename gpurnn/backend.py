@@ -42,6 +42,27 @@ def math_mode():
     return _math_mode
 
 
+_deterministic = os.environ.get("GPURNN_DETERMINISTIC", "0").strip() not in ("", "0")
+
+
+def use_deterministic_algorithms(mode=True):
+    """True: the CUDA backend makes only choices that give the same bits in every
+    process (as torch.use_deterministic_algorithms): each GEMM uses W as stored
+    instead of the layout timed fastest at first use (a timing can come out either
+    way from one process to the next), and the embedding's gradient sums repeated
+    rows with one-hot GEMMs in a fixed order instead of atomic adds. Default False,
+    or GPURNN_DETERMINISTIC=1. The NumPy backend and the simulator are always
+    deterministic. Graphs are kept per mode, so it can be switched at any time."""
+    global _deterministic
+    if not isinstance(mode, (bool, np.bool_)):
+        raise TypeError(f"mode: expected True or False, got {mode!r}")
+    _deterministic = bool(mode)
+
+
+def deterministic_algorithms():
+    return _deterministic
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says what is missing."""
 

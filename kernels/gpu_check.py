@@ -1,20 +1,23 @@
-"""The one GPU check: gpu tests, time to first forward, ceilings, and the benchmark matrix.
+"""The one GPU check: the whole test suite on the GPU, time to first forward, ceilings, the benchmark matrix.
 
-    PYTHONPATH=. python kernels/gpu_check.py [--out DIR] [--quick]
+    PYTHONPATH=. python kernels/gpu_check.py [--out DIR] [--quick] [--stages suite,first_forward,...] [--lab]
 
-1. ``pytest -m gpu`` on the CUDA backend (parity with NumPy and cuDNN, graph
-   replay = eager, poisoned buffers overwritten);
-2. a fresh process's time from ``import gpurnn`` to its first forward on the
-   GPU, twice (the second run reads numba's on-disk kernel cache);
-3. copy bandwidth and fp32/TF32 GEMM ceilings;
-4. BENCHMARKS.md's matrix (configs A-E x LSTM/GRU/RNN x fwd, fwd+bwd x fp32, TF32)
-   against cuDNN in this process;
-5. ``bench_train.py``: a CharLM training step's tokens/s against torch, with
-   the time of each phase on both sides;
-6. with ``--lab``, ``gemm_lab.py`` (GEMM layouts and a forward's time split), its
-   printout kept in the JSON.
-Writes ``kernels/results/<date>-<gpu>.json`` (and a copy under --out) and prints
-the ratio table last. Each stage is guarded so one failure still reports the rest.
+Stages (``--stages`` runs a subset, in this order; default all but lab):
+  suite          the whole pytest suite with GPURNN_BACKEND=cuda, notebooks included
+                 (the ``gpu``-marked tests among it: parity with NumPy and cuDNN, graph
+                 replay = eager, poisoned buffers overwritten, determinism); target 0 failed;
+  first_forward  a fresh process's time from ``import gpurnn`` to its first forward on
+                 the GPU, twice (the second run reads numba's on-disk kernel cache);
+  ceilings       copy bandwidth and fp32/TF32 GEMM ceilings;
+  benchmarks     BENCHMARKS.md's matrix (configs A-E x LSTM/GRU/RNN x fwd, fwd+bwd x
+                 fp32, TF32) against cuDNN in this process;
+  training       ``bench_train.py``: a CharLM training step's tokens/s against torch,
+                 with the time of each phase on both sides;
+  lab            (only when named, or with --lab) ``gemm_lab.py``: GEMM layouts and a
+                 forward's time split, its printout kept in the JSON.
+Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log under
+--out) and prints the table last. Each stage is guarded so one failure still reports
+the rest. The whole check stays under 8 minutes on an H100/H200.
 """
 
 import argparse
@@ -55,19 +58,26 @@ def stage(report, name, fn):
     print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def gpu_tests(timeout, out_dir):
+def suite(timeout, out_dir):
+    """The whole suite on the CUDA backend; its log goes to out_dir/suite.log."""
     env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "--tb=short", "-p", "no:cacheprovider",
-           "tests/test_gpu.py"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    log = done.stdout + done.stderr
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-rfE"]
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        log, returncode = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        log = (exc.stdout or b"").decode(errors="replace") + f"\n[suite] timed out after {timeout} s\n"
+        returncode = "timeout"
     if out_dir:
-        with open(os.path.join(out_dir, "gpu_tests.log"), "w") as f:
+        with open(os.path.join(out_dir, "suite.log"), "w") as f:
             f.write(log)
     tail = log.strip().splitlines()
     print("\n".join(tail[-40:]), flush=True)
     summary = next((line for line in reversed(tail) if re.search(r"\d+ (passed|failed|error)", line)), "")
-    return dict(returncode=done.returncode, summary=summary.strip("= "))
+    failed = [line.split()[1] for line in tail if line.startswith(("FAILED ", "ERROR "))]
+    return dict(returncode=returncode, summary=summary.strip("= "), failed=failed,
+                seconds=round(time.perf_counter() - t0, 1))
 
 
 def first_forward():
@@ -110,26 +120,37 @@ def versions():
                 commit=os.environ.get("GPURNN_COMMIT", "unknown"))
 
 
+STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "training", "lab")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--quick", action="store_true", help="configs A and D, LSTM, fp32 only")
-    ap.add_argument("--test-timeout", type=int, default=240)
+    ap.add_argument("--quick", action="store_true", help="benchmarks: configs A and D, LSTM, fp32 only")
+    ap.add_argument("--stages", default=",".join(STAGES[:-1]),
+                    help=f"comma-separated subset of {', '.join(STAGES)} (default: all but lab)")
+    ap.add_argument("--suite-timeout", type=int, default=300)
     ap.add_argument("--lab", action="store_true", help="also run gemm_lab.py")
     args = ap.parse_args()
+    chosen = [s.strip() for s in args.stages.split(",") if s.strip()] + (["lab"] if args.lab else [])
+    unknown = sorted(set(chosen) - set(STAGES))
+    if unknown:
+        ap.error(f"--stages: unknown {unknown}; expected a subset of {', '.join(STAGES)}")
     import bench_gpu
     import bench_train
 
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "stages": [s for s in STAGES if s in chosen]}
     stage(report, "versions", versions)
-    stage(report, "gpu_tests", lambda: gpu_tests(args.test_timeout, args.out))
-    stage(report, "first_forward", first_forward)
-    stage(report, "ceilings", bench_gpu.ceilings)
     bench_args = ["--configs", "A", "D", "--cells", "lstm", "--modes", "fp32"] if args.quick else []
-    stage(report, "benchmarks", lambda: bench_gpu.main(bench_args))
-    stage(report, "training", lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]))
-    if args.lab:
-        stage(report, "gemm_lab", gemm_lab)
+    run = {"suite": lambda: suite(args.suite_timeout, args.out),
+           "first_forward": first_forward,
+           "ceilings": bench_gpu.ceilings,
+           "benchmarks": lambda: bench_gpu.main(bench_args),
+           "training": lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
+           "lab": gemm_lab}
+    for name in report["stages"]:
+        stage(report, name, run[name])
 
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", report["versions"].get("device", "gpu")).strip("-").lower()
     name = f"{report['date'][:10]}-{gpu}.json"
@@ -144,20 +165,25 @@ def main():
     if "error" not in v:
         print(f"{v['device']}  torch {v['torch']} cuDNN {v['cudnn']}  CuPy {v['cupy']}  "
               f"numba-cuda {v['numba_cuda']}  NumPy {v['numpy']}  commit {v['commit'][:10]}")
-    t = report["gpu_tests"]
-    print("gpu tests:", t.get("summary") or t.get("error", "")[-300:])
-    ff = report["first_forward"]
+    t = report.get("suite")
+    if t is not None:
+        print("whole suite on CUDA:", t.get("summary") or t.get("error", "")[-300:],
+              f"({t.get('seconds')} s)" if "seconds" in t else "")
+        for name in t.get("failed", []):
+            print("  FAILED", name)
+    ff = report.get("first_forward")
     if isinstance(ff, list):
         print("import -> first forward (s):", ", ".join(f"{r['import_to_first_forward_s']:.2f}" for r in ff),
               "(second run uses the kernel cache)")
-    c = report["ceilings"]
-    if "error" not in c:
+    c = report.get("ceilings")
+    if isinstance(c, dict) and "error" not in c:
         print(f"ceilings: copy {c['copy_TBps']:.2f} TB/s, fp32 GEMM {c['fp32_gemm_TFLOPs']:.1f} TFLOP/s, "
               f"TF32 GEMM {c['tf32_gemm_TFLOPs']:.1f} TFLOP/s")
-    rows = report["benchmarks"]
+    rows = report.get("benchmarks")
     if isinstance(rows, list):
         print(bench_gpu.table(rows))
-    for r in report["training"] if isinstance(report["training"], list) else []:
+    training = report.get("training")
+    for r in training if isinstance(training, list) else []:
         print(f"CharLM training step, {r['size']} (LSTM {r['layers']}x{r['H']}, T={r['T']}, B={r['B']}): "
               f"tokens/s ratio {r['ratio']:.2f}; phases (ms) "
               + "; ".join(f"{side}: " + ", ".join(f"{k} {v:.2f}" for k, v in p.items())

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from gpurnn.backend import NumpyOps, load_cupy, load_numba_cuda, math_mode
+from gpurnn.backend import NumpyOps, deterministic_algorithms, load_cupy, load_numba_cuda, math_mode
 from gpurnn.cuda import kernels
 
 THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
@@ -37,6 +37,7 @@ THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
 INPUT_SPANS = 4
 OVERLAP_MAX_STEP_OUTPUTS = 1 << 20
 WORKSPACE_BYTES = 32 << 20  # a cuBLAS workspace of our own: what cuBLAS reserves by default on Hopper
+ONE_HOT_BYTES = 64 << 20  # the deterministic scatter_add's one-hot block, at most
 
 
 class _Lane:
@@ -200,12 +201,30 @@ class CudaOps:
         self._cublas.gemm(stream.ptr, a, b, out, trans_a, trans_b, beta, math_mode(), self._workspaces.get(stream.ptr))
 
     def scatter_add(self, target, indices, values):
+        """target[indices[k]] += values[k]: atomic adds, whose order (so rounding)
+        varies from run to run; with deterministic algorithms, one-hot GEMMs over
+        blocks of rows, target += onehot(indices)^T values, always in one order."""
         if self.simulate:
             NumpyOps.scatter_add(target, indices, values)
+        elif deterministic_algorithms():
+            self._scatter_add_by_gemm(target, indices, values)
         else:
             import cupyx
 
             cupyx.scatter_add(target, indices, values)
+
+    def _scatter_add_by_gemm(self, target, indices, values):
+        cupy = self.xp
+        V = target.shape[0]
+        rows = max(1, ONE_HOT_BYTES // (V * values.dtype.itemsize))
+        ids = cupy.asarray(indices, cupy.int32)
+        values = cupy.ascontiguousarray(values)
+        with self.on_stream():
+            for start in range(0, ids.size, rows):
+                block = ids[start:start + rows]
+                onehot = cupy.empty((block.size, V), values.dtype)
+                self.one_hot(block, onehot)
+                self.gemm(onehot, values[start:start + rows], target, trans_a=True, beta=1.0)
 
     def recurrent_operand(self, w_hh, w_hh_t, batch):
         """(W, trans_b) for the per-step GEMM h_prev [B, H] @ op(W) -> [B, G*H].
@@ -226,7 +245,7 @@ class CudaOps:
         return self._weight_operand(w_ih, w_ih_t, rows)
 
     def _weight_operand(self, w, w_t, rows):
-        if self.simulate or self._cublas is None:
+        if self.simulate or self._cublas is None or deterministic_algorithms():  # no timing: the same in every process
             return w, True
         key = (rows, w.shape, w.dtype.str, math_mode())
         if key not in self._transpose_faster:
@@ -366,7 +385,7 @@ class CudaOps:
     def run(self, ws, name, fn, capture=True):
         """Run ``fn`` (a whole stack forward or backward over workspace ``ws``).
 
-        The first call per (workspace, name, math mode) runs eagerly, which also
+        The first call per (workspace, name, math mode, determinism) runs eagerly, which also
         compiles the kernels and sets up cuBLAS, and is then captured into a
         CUDA graph; later calls replay the graph. If capture fails, warn once and
         stay eager. ``capture=False`` (diagnostics, which read norms on the host
@@ -375,7 +394,7 @@ class CudaOps:
         if self.simulate or not capture:
             fn()
             return
-        key = (name, math_mode())
+        key = (name, math_mode(), deterministic_algorithms())
         entry = ws.graphs.get(key)
         if entry is not None and entry != "eager":
             entry.launch(self._stream)
