@@ -18,7 +18,9 @@ tasks draw VAL_BATCHES batches from seeds training never uses and report MSE and
 per-symbol accuracy of the copied symbols.
 """
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -139,13 +141,27 @@ def save_checkpoint(out_dir, task, opt, step, state, history, rng_state, best_va
         arrays[f"state/{i}"] = to_host(s)
     arrays["record"] = np.frombuffer(json.dumps(record).encode(), np.uint8)
     path = os.path.join(out_dir, name)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: the old checkpoint stays whole until the new one is
+    replace_atomically(path, lambda f: np.savez(f, **arrays))
     return path
+
+
+def replace_atomically(path, write):
+    """Fill ``path``.tmp with ``write(binary file)``, flush it to disk and rename it
+    over ``path``: a reader (a resumed run after a crash, say) sees the old file or
+    the new one, whole. If writing fails (a full disk), the temporary goes and the
+    old file stays; the TrainingError says so."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = "the previous one is intact" if os.path.exists(path) else "there was none before"
+        raise TrainingError(f"{path}: could not be written ({exc.strerror or exc}); {kept}") from None
 
 
 def load_checkpoint(out_dir, name="checkpoint.npz"):
@@ -180,12 +196,11 @@ def restore(task, opt, record, arrays):
 
 # ------------------------------------------------------------------- metrics
 def write_metrics(out_dir, history, task_name):
-    path = os.path.join(out_dir, "metrics.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(METRICS_HEADER + [f"val_{VAL_METRIC[task_name]}"])
-        w.writerows([["" if v is None else v for v in row] for row in history])  # empty: not evaluated
-    os.replace(path + ".tmp", path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(METRICS_HEADER + [f"val_{VAL_METRIC[task_name]}"])
+    w.writerows([["" if v is None else v for v in row] for row in history])  # empty: not evaluated
+    replace_atomically(os.path.join(out_dir, "metrics.csv"), lambda f: f.write(text.getvalue().encode()))
 
 
 def plot_loss(out_dir, history, title):
@@ -257,6 +272,8 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
     if step >= cfg["steps"]:
         log(f"already at step {step} of {cfg['steps']}: nothing to do")
         return history, task, prime
+    if record:
+        log(f"resuming from step {step} of {cfg['steps']}")
 
     stop = {"now": False}
     previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # finish the step, then save
