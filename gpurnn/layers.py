@@ -157,11 +157,14 @@ class _RNNBase:
         unbatched = False
         if embedding is None:
             x = self._ops.asarray(x, "x")
+            layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
+            if x.ndim not in (2, 3):
+                raise ValueError(f"x: expected a 3-D array of shape [*, *, {cfg.I}] {layout}, or a 2-D one "
+                                 f"[*, {cfg.I}] [T, I] (unbatched), got shape {tuple(x.shape)}")
             unbatched = x.ndim == 2  # torch's unbatched input: one sequence, batch_first does not apply
             if unbatched:
                 x = checks.array("x", x, (None, cfg.I), self.dtype, "[T, I] (unbatched)")[:, None]
             else:
-                layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
                 x = checks.array("x", x, (None, None, cfg.I), self.dtype, layout)
         else:
             x = self._ops.asarray(x, "ids")

@@ -86,6 +86,7 @@ class Embedding(_Module):
 
     def backward(self, d_out):
         ids = self._take_cache("Embedding")
+        d_out = self.backend.ops.asarray(d_out, "d_out")  # host or device, as the forward's input
         # rows used several times receive the sum of their gradients
         self.backend.ops.scatter_add(self.grads["weight"], ids.reshape(-1),
                                      d_out.reshape(-1, self.embedding_dim))
@@ -106,6 +107,7 @@ class Linear(_Module):
             self._param("bias", rng.uniform(-k, k, out_features).astype(self.dtype))
 
     def __call__(self, x):
+        x = self.backend.ops.asarray(x, "x")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         self._cache = x
@@ -118,6 +120,7 @@ class Linear(_Module):
     def backward(self, d_out):
         """d_out: [..., O] -> dx: [..., I]; dW += d_out^T x, db += sum(d_out)."""
         x = self._take_cache("Linear")
+        d_out = self.backend.ops.asarray(d_out, "d_out")
         d2 = d_out.reshape(-1, self.out_features)
         self.grads["weight"] += d2.T @ x.reshape(-1, self.in_features)
         if "bias" in self.params:

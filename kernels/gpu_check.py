@@ -125,11 +125,11 @@ STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "training", "lab")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="also write the JSON and the suite's log here")
     ap.add_argument("--quick", action="store_true", help="benchmarks: configs A and D, LSTM, fp32 only")
     ap.add_argument("--stages", default=",".join(STAGES[:-1]),
                     help=f"comma-separated subset of {', '.join(STAGES)} (default: all but lab)")
-    ap.add_argument("--suite-timeout", type=int, default=300)
+    ap.add_argument("--suite-timeout", type=int, default=300, help="seconds the suite stage may take")
     ap.add_argument("--lab", action="store_true", help="also run gemm_lab.py")
     args = ap.parse_args()
     chosen = [s.strip() for s in args.stages.split(",") if s.strip()] + (["lab"] if args.lab else [])

@@ -64,7 +64,8 @@ CELLS = ["rnn", "lstm", "gru"]
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("x, exc, words", [
-    (np.ones((5, 2), F32), ValueError, ["x", "3-D", "(5, 2)"]),
+    (np.ones(5, F32), ValueError, ["x", "3-D", "2-D", "unbatched", "(5,)"]),
+    (np.ones((5, 2), F32), ValueError, ["x", "[*, 3]", "unbatched", "(5, 2)"]),
     (np.ones((5, 2, 3, 1), F32), ValueError, ["x", "(5, 2, 3, 1)"]),
     (np.ones((5, 2, 7), F32), ValueError, ["x", "[*, *, 3]", "(5, 2, 7)"]),
     (np.ones((5, 2, 3), np.float64), TypeError, ["x", "float32", "float64"]),

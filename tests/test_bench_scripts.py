@@ -21,3 +21,14 @@ def test_bench_train_reports_both_sides_and_every_phase(tmp_path):
         assert set(r["phases_ms"]["gpurnn"]) == set(r["phases_ms"]["torch"]) == {
             "forward", "backward", "clip", "optimizer", "zero_grad"}
     assert (tmp_path / "train.json").stat().st_size > 0
+
+
+def test_gpu_check_stages_are_named_and_checked():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "gpu_check.py")
+    done = subprocess.run([sys.executable, script, "--stages", "suite,warp"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown ['warp']" in done.stderr
+    helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0
+    assert "suite, first_forward, ceilings, benchmarks, training, lab" in " ".join(helped.stdout.split())
