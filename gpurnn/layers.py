@@ -158,6 +158,8 @@ class _RNNBase:
         if embedding is None:
             x = self._ops.asarray(x, "x")
             layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
+            if x.dtype != self.dtype:
+                raise TypeError(f"x: expected dtype {self.dtype.name}, got {x.dtype}")
             if x.ndim not in (2, 3):
                 raise ValueError(f"x: expected a 3-D array of shape [*, *, {cfg.I}] {layout}, or a 2-D one "
                                  f"[*, {cfg.I}] [T, I] (unbatched), got shape {tuple(x.shape)}")
