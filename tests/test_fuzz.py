@@ -296,16 +296,14 @@ def test_odd_but_valid_arrays_work(c, kind):
             assert a.tobytes() == b.tobytes()
 
 
-@settings(max_examples=60, deadline=None)
-@given(configs(), st.sampled_from([np.nan, np.inf, -np.inf]), st.sampled_from(["x", "h0"]))
-def test_nan_and_inf_compute_what_torch_computes(c, value, where):
+def check_nan_and_inf(c, value, where, backend=None):
     if c["cell"] == "rnn" and c["nonlinearity"] not in ("tanh", "relu"):
         c = dict(c, nonlinearity="tanh")  # torch.nn.RNN's own, whose NaN handling is the reference
     c = dict(c, h0=True, dropout=0.0)
     rng = np.random.default_rng(c["seed"])
     model = make(c["cell"], c["I"], c["H"], nonlinearity=c["nonlinearity"], num_layers=c["num_layers"],
                  bidirectional=c["bidirectional"], batch_first=c["batch_first"], bias=c["bias"],
-                 dtype="float64", seed=c["seed"])
+                 dtype="float64", seed=c["seed"], backend=backend)
     x, h0, c0, lengths, d_out, d_hn, d_cn = draw_inputs(c, rng)
     target = x if where == "x" else h0
     target.reshape(-1)[rng.integers(0, target.size)] = value
@@ -315,3 +313,19 @@ def test_nan_and_inf_compute_what_torch_computes(c, value, where):
     for a, b in zip(ours, ref):
         if b is not None:
             assert close(a, b, 1e-12), (c, value, where)
+
+
+VALUES, PLACES = st.sampled_from([np.nan, np.inf, -np.inf]), st.sampled_from(["x", "h0"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(configs(), VALUES, PLACES)
+def test_nan_and_inf_compute_what_torch_computes(c, value, where):
+    check_nan_and_inf(c, value, where)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(configs(small=True), VALUES, PLACES)
+def test_nan_and_inf_on_the_simulator(sim, c, value, where):
+    """The kernels' NaN handling (a relu of NaN is NaN, as torch's) without a GPU."""
+    check_nan_and_inf(c, value, where, backend="cudasim")

@@ -48,7 +48,7 @@ def activate(nonlinearity, a, k):
     if nonlinearity == SIGMOID:
         return sigmoid(a, half)
     if nonlinearity == RELU:
-        return a if a > zero else zero
+        return zero if a <= zero else a  # NaN passes, as np.maximum and torch.relu (a > 0 would give 0)
     if nonlinearity == LEAKY_RELU:
         return a if a > zero else a * slope
     return a if a > zero else alpha * math.expm1(a)  # ELU
