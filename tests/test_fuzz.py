@@ -324,6 +324,7 @@ def test_nan_and_inf_compute_what_torch_computes(c, value, where):
     check_nan_and_inf(c, value, where)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's threads run outside np.errstate
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(configs(small=True), VALUES, PLACES)
 def test_nan_and_inf_on_the_simulator(sim, c, value, where):
