@@ -63,7 +63,7 @@ def suite(timeout, out_dir):
     import importlib.util
 
     env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-rfE"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-rfEs"]
     if importlib.util.find_spec("xdist"):  # the GPU machines have pytest-xdist: the CPU-bound tests in parallel
         cmd += ["-n", "4"]
     t0 = time.perf_counter()
