@@ -20,11 +20,6 @@ def make(cell, *args, nonlinearity="tanh", **kwargs):
     return MODELS[cell](*args, **kwargs)
 
 
-def on_numpy():
-    """True where the suite runs the NumPy backend (tests that inspect its arrays directly)."""
-    return gpurnn.get_backend().name == "numpy"
-
-
 def rel_err(a, b):
     """||a - b|| / ||b|| (0 when both are 0)."""
     a, b = np.asarray(host(a), np.float64), np.asarray(host(b), np.float64)
