@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 
+from gpurnn import distributed
 from gpurnn.data import DataError
 from gpurnn.train import TASKS, VAL_BATCHES
 
@@ -121,6 +122,9 @@ def build_parser():
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, dropout and data order")
     t.add_argument("--save-every", type=_positive_int, default=100, help="write the checkpoint every N steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--collective-timeout", type=_positive_float, default=distributed.DEFAULT_TIMEOUT,
+                   help="under mpiexec: seconds a rank waits for the others at a step's all-reduce before "
+                        "ending every rank")
 
     s = parser("sample", "generate text from a charlm checkpoint")
     s.add_argument("--checkpoint", required=True, help="a run directory written by gpurnn train")
@@ -160,7 +164,9 @@ def _backend(name):
 def cmd_train(args, explicit):
     from gpurnn import train as training
 
+    distributed.use_local_gpu()  # under mpiexec: this rank's GPU, before the CUDA backend starts
     backend = _backend(args.backend)
+    world = distributed.init(backend, args.collective_timeout)
     if args.text is not None and args.task != "charlm":
         raise DataError("--text: only the charlm task reads a text file")
     if args.text is not None and not os.path.isfile(args.text):
@@ -171,10 +177,15 @@ def cmd_train(args, explicit):
     sizes = training.defaults(args.task, backend.name)
     for key in TRAIN_SIZES:
         cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]
-    print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units "
-          f"on {backend.name} ({backend.reason}); output in {args.out}", file=sys.stderr)
+    ranks = f", {world.size} ranks of a global batch of {cfg['batch']}" if world.size > 1 else ""
+    if world.is_root:
+        print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units "
+              f"on {backend.name} ({backend.reason}){ranks}; output in {args.out}", file=sys.stderr)
     history, task, prime = training.train(cfg, backend, args.out, args.resume, explicit,
-                                          progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+                                          progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
+                                          world=world)
+    if not world.is_root:
+        return
     if history:
         first, last = history[0][1], history[-1][1]
         held_out = next((r for r in reversed(history) if r[4] is not None), None)
@@ -265,6 +276,12 @@ def cmd_info():
         print(f"GPU: {name}")
 
 
+def _rank_prefix():
+    """"rank k: " under mpiexec (every rank reports its own error), else nothing."""
+    rank = distributed.launched_rank()
+    return f"rank {rank}: " if distributed.launched_size() > 1 else ""
+
+
 def main(argv=None):
     from gpurnn.backend import BackendUnavailable
     from gpurnn.train import Diverged, TrainingError
@@ -283,10 +300,10 @@ def main(argv=None):
         else:
             cmd_info()
     except TrainingError as exc:
-        print(f"gpurnn: error: {exc}", file=sys.stderr)
+        print(f"gpurnn: error: {_rank_prefix()}{exc}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(exc, Diverged) else EXIT_USAGE
-    except (DataError, BackendUnavailable, ValueError, TypeError, OSError) as exc:
-        print(f"gpurnn: error: {exc}", file=sys.stderr)
+    except (DataError, BackendUnavailable, distributed.DistributedError, ValueError, TypeError, OSError) as exc:
+        print(f"gpurnn: error: {_rank_prefix()}{exc}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

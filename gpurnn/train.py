@@ -30,7 +30,7 @@ import zipfile
 
 import numpy as np
 
-from gpurnn import optim
+from gpurnn import distributed, flat, optim
 from gpurnn.backend import to_host
 from gpurnn.data import CharCorpus, adding_problem, copy_task
 from gpurnn.model import CharLM, SequenceRegressor
@@ -64,9 +64,15 @@ def defaults(task, backend_name):
 class Task:
     """The model, its data and one training step's loss, for one of TASKS."""
 
-    def __init__(self, cfg, backend, vocab=None):
+    def __init__(self, cfg, backend, vocab=None, world=None):
         self.cfg = cfg
         self.name = cfg["task"]
+        self.world = world or distributed.World(backend.name)
+        if cfg["batch"] % self.world.size:
+            raise TrainingError(f"--batch {cfg['batch']}: the global batch must split evenly over "
+                                f"{self.world.size} ranks")
+        share = cfg["batch"] // self.world.size
+        self.shard = slice(self.world.rank * share, (self.world.rank + 1) * share)  # this rank's sequences
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
                       seed=cfg["seed"], backend=backend)
         if self.name == "charlm":
@@ -89,17 +95,18 @@ class Task:
         return self.cfg["seq_len"] * self.cfg["batch"]
 
     def loss(self, step, state):
-        """Forward one batch (the cache stays for backward); returns (loss, state to carry)."""
-        cfg = self.cfg
+        """Forward this rank's shard of one global batch (the cache stays for backward);
+        returns (loss, state to carry)."""
+        cfg, shard = self.cfg, self.shard
         if self.name == "charlm":
             x, y, new_epoch = self.corpus.batch_at(step, cfg["seq_len"], cfg["batch"])
-            return self.model.forward(x, y, None if new_epoch else state)  # state resets each epoch
+            return self.model.forward(x[:, shard], y[:, shard], None if new_epoch else state)  # reset each epoch
         seed = (cfg["seed"] or 0) * 1_000_003 + step
         if self.name == "copy":
             x, y = copy_task(cfg["batch"], cfg["seq_len"], seed, COPY_SYMBOLS, COPY_LENGTH)
-            return self.model.forward(x, y)[0], None
+            return self.model.forward(x[:, shard], y[:, shard])[0], None
         x, y = adding_problem(cfg["batch"], cfg["seq_len"], seed)
-        return self.model.forward(x, y)[0], None
+        return self.model.forward(x[:, shard], y[shard])[0], None
 
     def validate(self):
         """(held-out loss, held-out metric: bpc, MSE or accuracy), or None without held-out data."""
@@ -132,9 +139,13 @@ class Task:
 
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(out_dir, task, opt, step, state, history, rng_state, best_val=None, prime=None,
-                    name="checkpoint.npz"):
+                    name="checkpoint.npz", rngs=None):
+    """state: the carried state of the whole global batch; rngs: each rank's dropout RNG state
+    (several ranks; rng_state is rank 0's)."""
     record = dict(format=1, config=task.cfg, step=step, vocab=task.vocab, history=history, rng=rng_state,
                   optimizer=dict(name=task.cfg["optim"], lr=task.cfg["lr"]), best_val=best_val, prime=prime)
+    if rngs is not None:
+        record["rngs"] = rngs
     arrays = {f"param/{k}": to_host(v) for k, v in task.model.params.items()}
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in opt.state_dict().items()})
     for i, s in enumerate(state if isinstance(state, tuple) else (() if state is None else (state,))):
@@ -243,11 +254,19 @@ def _draw(model, vocab, ids, length, temperature, rng):
         logits, state = model.predict(np.array([[nxt]], np.int32), state)
 
 
-def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
+def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, world=None):
     """Run (or continue) a training job; returns (history, task, prime): history rows
     [step, loss, grad norm, tokens/s, held-out loss or None, held-out metric or None];
     prime (charlm) a prompt drawn from the training text, kept in the checkpoint.
-    ``explicit``: the settings the user gave; on resume they must match the checkpoint's."""
+    ``explicit``: the settings the user gave; on resume they must match the checkpoint's.
+
+    ``world`` (gpurnn.distributed; None: one process): each rank trains on its shard of
+    every global batch, all start from rank 0's parameters, gradients (with the loss)
+    are averaged in one collective per step before clipping and the optimizer, so the
+    ranks stay identical; rank 0 alone writes files and logs."""
+    world = world or distributed.World(backend.name)
+    root = world.is_root
+    log = log if root else (lambda message: None)
     record = arrays = None
     if resume:
         record, arrays = load_checkpoint(out_dir)
@@ -258,38 +277,60 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
             raise TrainingError(f"--resume: the checkpoint in {out_dir} was made with other settings: "
                                 + ", ".join(clash))
         cfg = {**cfg, **saved, "steps": cfg["steps"]}  # a setting newer than the checkpoint keeps its default
-    task = Task(cfg, backend, vocab=record["vocab"] if record else None)
-    os.makedirs(out_dir, exist_ok=True)  # only once the data and the model are known to work
+    task = Task(cfg, backend, vocab=record["vocab"] if record else None, world=world)
+    if root:
+        os.makedirs(out_dir, exist_ok=True)  # only once the data and the model are known to work
     model = task.model
     opt = optim.OPTIMIZERS[cfg["optim"]](model.params, model.grads, lr=cfg["lr"])
     state, history, step, best_val = None, [], 0, None
     prime = task.corpus.prime(cfg["seed"]) if task.name == "charlm" else None
+    rng = model.rnn._rng.bit_generator
+    if world.size > 1:  # each rank its own dropout masks
+        rng.state = np.random.default_rng([cfg["seed"] or 0, world.rank]).bit_generator.state
     if record:
-        state = restore(task, opt, record, arrays)
+        state = _shard_state(restore(task, opt, record, arrays), task.shard)
         history = [list(h) + [None] * (6 - len(h)) for h in record["history"]]  # older runs had no held-out columns
         step, best_val = record["step"], record.get("best_val")
-        model.rnn._rng.bit_generator.state = record["rng"]
+        rngs = record.get("rngs") or [record["rng"]]
+        if len(rngs) == world.size:
+            rng.state = rngs[world.rank]
+        elif world.size == 1:
+            rng.state = record["rng"]
+        else:  # another number of ranks than the checkpoint's: fresh masks per rank
+            rng.state = np.random.default_rng([cfg["seed"] or 0, world.rank, step]).bit_generator.state
+    world.broadcast(flat.buffer_of(model.params))  # every rank starts from rank 0's parameters
     if step >= cfg["steps"]:
         log(f"already at step {step} of {cfg['steps']}: nothing to do")
         return history, task, prime
     if record:
         log(f"resuming from step {step} of {cfg['steps']}")
 
+    def save(name="checkpoint.npz"):
+        """Rank 0 writes; every rank hands in its carried state and RNG (a collective)."""
+        states, rngs = world.gather(_host_state(state)), world.gather(rng.state)
+        if root:
+            save_checkpoint(out_dir, task, opt, step, _join_states(states), history, rngs[0], best_val, prime,
+                            name=name, rngs=rngs if world.size > 1 else None)
+
     stop = {"now": False}
     previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # finish the step, then save
     bar = None
-    if progress:
+    if progress and root:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg["steps"], initial=step, unit="step", dynamic_ncols=True)
     good_step = step
     metric = VAL_METRIC[task.name]
+    grads = flat.buffer_of(model.grads)
     try:
         while step < cfg["steps"] and not stop["now"]:
             t0 = time.perf_counter()
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is checked for just below
                 loss, new_state = task.loss(step, state)
                 model.backward()
+                if world.size > 1:  # the step's one collective: gradients, loss and any rank's Ctrl-C
+                    loss, stopping = world.allreduce_mean(grads, [float(loss), float(stop["now"])])
+                    stop["now"] = stopping > 0
                 norm = optim.global_norm(model.grads)  # the step's one wait for the GPU
                 loss = float(loss)
             if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -305,17 +346,16 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
             model.zero_grad()
             state = new_state
             step += 1
-            tokens_s = task.tokens_per_step() / (time.perf_counter() - t0)
+            tokens_s = task.tokens_per_step() / (time.perf_counter() - t0)  # the global batch's tokens
             row = [step, loss, norm, tokens_s, None, None]
             history.append(row)
             saving = step % cfg["save_every"] == 0 or step == cfg["steps"] or stop["now"]
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:
                 with np.errstate(over="ignore", invalid="ignore"):
-                    row[4:] = task.validate() or (None, None)
+                    row[4:] = task.validate() or (None, None)  # every rank alike: none waits for another
                 if row[4] is not None and (best_val is None or row[4] < best_val):
                     best_val = row[4]
-                    save_checkpoint(out_dir, task, opt, step, state, history, model.rnn._rng.bit_generator.state,
-                                    best_val, prime, name="best.npz")
+                    save("best.npz")
             if bar is not None:
                 bar.update(1)
                 shown = dict(loss=f"{loss:.4f}", tok_s=f"{tokens_s:,.0f}")
@@ -324,9 +364,9 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
                     shown.update(val=f"{last_val[4]:.4f}", **{f"val_{metric}": f"{last_val[5]:.4f}"})
                 bar.set_postfix(**shown)
             if saving:
-                save_checkpoint(out_dir, task, opt, step, state, history, model.rnn._rng.bit_generator.state,
-                                best_val, prime)
-                write_metrics(out_dir, history, task.name)
+                save()
+                if root:
+                    write_metrics(out_dir, history, task.name)
                 good_step = step
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -334,5 +374,28 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print):
             bar.close()
     if stop["now"]:
         log(f"interrupted: saved step {step} in {out_dir} (continue with --resume)")
-    plot_loss(out_dir, history, f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}")
+    if root:
+        plot_loss(out_dir, history, f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}")
     return history, task, prime
+
+
+def _host_state(state):
+    """The carried state as NumPy arrays (a tuple for the LSTM), or None."""
+    return None if state is None else to_host(state if isinstance(state, tuple) else (state,))
+
+
+def _join_states(states):
+    """The global batch's carried state from the ranks' shards (their batch axis is 1), in rank order."""
+    if states[0] is None:
+        return None
+    joined = tuple(np.concatenate(parts, axis=1) for parts in zip(*states))
+    return joined if len(joined) == 2 else joined[0]
+
+
+def _shard_state(state, shard):
+    """This rank's part of a checkpoint's carried state."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s[:, shard] for s in state)
+    return state[:, shard]

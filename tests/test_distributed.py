@@ -1,0 +1,162 @@
+"""Data-parallel training over MPI: gpurnn.distributed in a world of one and of two,
+``mpiexec -n 2 gpurnn train`` against one process, resuming on another number of
+ranks, and a rank that dies or hangs."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gpurnn import cli, distributed, train
+from gpurnn.backend import get_backend
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MPIEXEC = shutil.which("mpiexec")
+needs_mpi = pytest.mark.skipif(MPIEXEC is None or not shutil.which("mpiexec"), reason="needs the gpurnn[mpi] extra "
+                               "(mpi4py and mpich: mpiexec)")
+SMALL = ["--text", os.path.join(ROOT, "README.md"), "--hidden", "16", "--layers", "2", "--seq-len", "12",
+         "--batch", "4", "--val-every", "5", "--no-progress", "--backend", "numpy"]
+TOL = 1e-5  # float32: the ranks' mean of two shard gradients rounds unlike one mean over the batch
+
+
+def env():
+    """One BLAS thread per rank (2 ranks on 2 cores), and no launcher variables of ours."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "MPI_"))}
+    return dict(e, PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+
+
+def gpurnn_train(out, *args, ranks=1, timeout=300, **popen):
+    cmd = [sys.executable, "-m", "gpurnn", "train", "--out", str(out), *SMALL, *args]
+    if ranks > 1:
+        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out):
+    rows = [r.split(",") for r in open(os.path.join(out, "metrics.csv")).read().splitlines()[1:]]
+    return np.array([float(r[1]) for r in rows]), [r[0] for r in rows]
+
+
+def params(out):
+    return train.load_checkpoint(str(out))[1]
+
+
+def test_a_world_of_one_costs_nothing(monkeypatch):
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # never imported without a launcher
+    world = distributed.init(get_backend("numpy"))
+    assert (world.rank, world.size, world.local_rank, world.is_root) == (0, 1, 0, True)
+    grads = np.arange(3.0)
+    assert list(world.allreduce_mean(grads, [2.5, 0.0])) == [2.5, 0.0] and list(grads) == [0, 1, 2]
+    assert world.broadcast(grads) is grads and world.gather(7) == [7] and world.scatter([8]) == 8
+    world.barrier()
+    with pytest.raises(ValueError, match="timeout: expected a positive number of seconds, got 0"):
+        distributed.init(get_backend("numpy"), timeout=0)
+
+
+def test_mpiexec_without_mpi4py_is_one_clear_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err == ("gpurnn: error: rank 1: started by an MPI launcher with 2 ranks, but mpi4py does not import: "
+                   "pip install 'gpurnn[mpi]'\n")
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_a_world_of_two():
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(HERE, "mpi_world_probe.py")],
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout  # (their lines may interleave)
+
+
+@needs_mpi
+def test_two_ranks_train_as_one_process_and_resume_on_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = gpurnn_train(one, "--steps", "20", "--save-every", "4")
+    assert single.returncode == 0, single.stderr
+    done = gpurnn_train(two, "--steps", "12", "--save-every", "4", ranks=2)
+    assert done.returncode == 0, done.stderr
+    # rank 0 alone reports and writes
+    assert done.stdout.count("--- sample ---") == 1 and done.stdout.count("step 12: loss") == 1
+    assert done.stderr.count("gpurnn train:") == 1 and "2 ranks of a global batch of 4" in done.stderr
+    assert sorted(os.listdir(two)) == ["best.npz", "checkpoint.npz", "loss.png", "metrics.csv"]
+    losses_two, steps = metrics(two)
+    assert steps == [str(s) for s in range(1, 13)]
+    losses_one, _ = metrics(one)
+    np.testing.assert_allclose(losses_two, losses_one[:12], rtol=TOL)
+    # the 2-rank run, resumed by one process, follows the one-process curve to its end
+    resumed = gpurnn_train(two, "--steps", "20", "--save-every", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 12 of 20" in resumed.stderr
+    losses_resumed, _ = metrics(two)
+    np.testing.assert_allclose(losses_resumed, losses_one, rtol=TOL)
+    for name, p in params(one).items():
+        if name.startswith("param/"):
+            np.testing.assert_allclose(params(two)[name], p, rtol=1e-4, atol=1e-6, err_msg=name)
+    # and a 1-process checkpoint goes on with 2 ranks
+    again = gpurnn_train(one, "--steps", "24", "--save-every", "4", "--resume", ranks=2)
+    assert again.returncode == 0, again.stderr
+    assert len(metrics(one)[0]) == 24
+
+
+@needs_mpi
+def test_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "gpurnn", "train", "--out", str(tmp_path / "o"),
+                           *SMALL, "--batch", "3", "--steps", "2"], env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "rank 0: --batch 3: the global batch must split evenly over 2 ranks" in done.stderr
+
+
+def rank_pids(out_dir, rank):
+    """The pids of the training processes of ``rank`` writing to out_dir."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(out_dir).encode() in cmdline and b"gpurnn" in cmdline and f"PMI_RANK={rank}".encode() in environ:
+            pids.append(int(pid))
+    return pids
+
+
+@needs_mpi
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_lost_rank_ends_every_rank_and_keeps_the_checkpoint(tmp_path, fault):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "gpurnn", "train", "--out", str(out), *SMALL,
+                             "--steps", "100000", "--save-every", "3", "--collective-timeout", "5"],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.npz").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    victims = rank_pids(out, 1)
+    assert victims, "rank 1 not found"
+    os.kill(victims[0], signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    lost = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        for pid in rank_pids(out, 1) + rank_pids(out, 0):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.time() - lost < 5 + distributed.PING_SECONDS + 15  # the timeout, the pings, the cleanup
+    if fault == "hung":
+        assert "gpurnn: error: rank 0: the " in stderr and " did not finish within 5 s: rank(s) 1 do not answer " \
+               "(died or hung); ending every rank" in stderr, stderr  # the all-reduce, or a save's barrier
+    record, arrays = train.load_checkpoint(str(out))  # whole, at a step a multiple of 3
+    assert record["step"] % 3 == 0 and "param/rnn.weight_hh_l0" in arrays
