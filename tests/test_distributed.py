@@ -160,3 +160,12 @@ def test_a_lost_rank_ends_every_rank_and_keeps_the_checkpoint(tmp_path, fault):
                "(died or hung); ending every rank" in stderr, stderr  # the all-reduce, or a save's barrier
     record, arrays = train.load_checkpoint(str(out))  # whole, at a step a multiple of 3
     assert record["step"] % 3 == 0 and "param/rnn.weight_hh_l0" in arrays
+
+
+@needs_mpi
+def test_one_all_reduce_per_step(tmp_path):
+    """The flat gradient buffer (with the loss) in one collective, never one per parameter."""
+    sys.path.insert(0, os.path.join(ROOT, "kernels"))
+    import bench_distributed
+
+    assert bench_distributed.collectives_per_step(str(tmp_path), steps=3) == 1
