@@ -169,3 +169,52 @@ def test_one_all_reduce_per_step(tmp_path):
     import bench_distributed
 
     assert bench_distributed.collectives_per_step(str(tmp_path), steps=3) == 1
+
+
+@pytest.mark.gpu
+def test_nccl_path_in_a_world_of_one():
+    """NCCL cannot put two ranks on one GPU: a world of one through the NCCL path, whose
+    mean of one rank's gradients must be those gradients, and whose loss rides over MPI."""
+    from helpers import backend_or_skip
+
+    gpu = backend_or_skip("cuda", "no CUDA backend")
+    MPI = pytest.importorskip("mpi4py.MPI", reason="needs mpi4py")
+    pytest.importorskip("cupy.cuda.nccl", reason="CuPy without NCCL")
+    import cupy
+
+    import gpurnn
+    from gpurnn import flat
+
+    world = distributed.MpiWorld(MPI, gpu, 60)
+    assert world.size == 1 and world._nccl is not None
+    rng = np.random.default_rng(0)
+    lm = gpurnn.CharLM(20, 16, num_layers=2, seed=0, backend="cuda")
+    lm.forward(rng.integers(0, 20, (12, 4)), rng.integers(0, 20, (12, 4)))
+    lm.backward()
+    grads = flat.buffer_of(lm.grads)
+    before = grads.copy()
+    extra = world.allreduce_mean(grads, [2.5, 1.0])
+    assert cupy.array_equal(grads, before) and list(extra) == [2.5, 1.0]
+    params = flat.buffer_of(lm.params)
+    kept = params.copy()
+    world.broadcast(params)
+    assert cupy.array_equal(params, kept)
+
+
+@needs_mpi
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The stop flag rides in the step's all-reduce: all ranks finish that step, rank 0 saves, exit 0."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "gpurnn", "train", "--out", str(out), *SMALL,
+                             "--steps", "100000", "--save-every", "1000000"],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not rank_pids(out, 1) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # some steps in
+    os.kill(rank_pids(out, 1)[0], signal.SIGINT)  # only rank 1 is asked to stop
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert stderr.count("interrupted: saved step") == 1
+    step = int(stderr.split("interrupted: saved step ")[1].split()[0])
+    assert train.load_checkpoint(str(out))[0]["step"] == step and len(metrics(out)[0]) == step
