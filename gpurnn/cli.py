@@ -2,7 +2,10 @@
 
 Usage problems and bad input end with one line on stderr (``gpurnn: error: ...``)
 and a non-zero exit code: 2 for bad arguments or data, 3 for a loss that became
-NaN/inf. Nothing on disk is touched before the arguments have been checked.
+NaN/inf, 4 when a rank of a data-parallel run was lost (gpurnn.distributed), 130
+for a Ctrl-C before training began. Nothing on disk is touched before the
+arguments have been checked. Under mpiexec every rank prefixes its errors with
+"rank k: ", and an error on one rank ends them all.
 """
 
 import argparse
@@ -14,7 +17,7 @@ from gpurnn import distributed
 from gpurnn.data import DataError
 from gpurnn.train import TASKS, VAL_BATCHES
 
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def _positive_int(text):
@@ -300,12 +303,19 @@ def main(argv=None):
         else:
             cmd_info()
     except TrainingError as exc:
-        print(f"gpurnn: error: {_rank_prefix()}{exc}", file=sys.stderr)
-        return EXIT_DIVERGED if isinstance(exc, Diverged) else EXIT_USAGE
+        return _fail(exc, EXIT_DIVERGED if isinstance(exc, Diverged) else EXIT_USAGE)
     except (DataError, BackendUnavailable, distributed.DistributedError, ValueError, TypeError, OSError) as exc:
-        print(f"gpurnn: error: {_rank_prefix()}{exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(exc, EXIT_USAGE)
+    except KeyboardInterrupt:  # before training's own Ctrl-C handling was in place
+        return _fail("interrupted", EXIT_INTERRUPTED)
     return 0
+
+
+def _fail(message, status):
+    """The one error line; under mpiexec this rank's error ends every rank."""
+    print(f"gpurnn: error: {_rank_prefix()}{message}", file=sys.stderr)
+    distributed.abort_if_launched(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -61,6 +61,14 @@ def launched_rank():
     return _launched(1) or 0
 
 
+def abort_if_launched(status):
+    """Under mpiexec, after an error on this rank: end every rank now (MPI_Abort) rather
+    than leave the others waiting for a collective and this one in MPI_Finalize."""
+    if launched_size() > 1 and "mpi4py.MPI" in sys.modules:
+        sys.stderr.flush()
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(status)
+
+
 def use_local_gpu():
     """Under an MPI launcher, make this rank's GPU (local rank modulo the GPUs seen) CuPy's
     current device before any CUDA work; a no-op without a launcher, CuPy or a GPU."""

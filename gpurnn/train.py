@@ -312,8 +312,9 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
             save_checkpoint(out_dir, task, opt, step, _join_states(states), history, rngs[0], best_val, prime,
                             name=name, rngs=rngs if world.size > 1 else None)
 
-    stop = {"now": False}
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # finish the step, then save
+    asked = {"stop": False}  # set by Ctrl-C at any moment; acted on only as agreed in a step's all-reduce
+    previous = signal.signal(signal.SIGINT, lambda *_: asked.update(stop=True))  # finish the step, then save
+    stopping = False
     bar = None
     if progress and root:
         from tqdm import tqdm
@@ -323,14 +324,16 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     metric = VAL_METRIC[task.name]
     grads = flat.buffer_of(model.grads)
     try:
-        while step < cfg["steps"] and not stop["now"]:
+        while step < cfg["steps"] and not stopping:
             t0 = time.perf_counter()
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is checked for just below
                 loss, new_state = task.loss(step, state)
                 model.backward()
                 if world.size > 1:  # the step's one collective: gradients, loss and any rank's Ctrl-C
-                    loss, stopping = world.allreduce_mean(grads, [float(loss), float(stop["now"])])
-                    stop["now"] = stopping > 0
+                    loss, votes = world.allreduce_mean(grads, [float(loss), float(asked["stop"])])
+                    stopping = votes > 0  # every rank alike, whenever its own signal came
+                else:
+                    stopping = asked["stop"]
                 norm = optim.global_norm(model.grads)  # the step's one wait for the GPU
                 loss = float(loss)
             if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -349,7 +352,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
             tokens_s = task.tokens_per_step() / (time.perf_counter() - t0)  # the global batch's tokens
             row = [step, loss, norm, tokens_s, None, None]
             history.append(row)
-            saving = step % cfg["save_every"] == 0 or step == cfg["steps"] or stop["now"]
+            saving = step % cfg["save_every"] == 0 or step == cfg["steps"] or stopping
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:
                 with np.errstate(over="ignore", invalid="ignore"):
                     row[4:] = task.validate() or (None, None)  # every rank alike: none waits for another
@@ -372,7 +375,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
             bar.close()
-    if stop["now"]:
+    if stopping:
         log(f"interrupted: saved step {step} in {out_dir} (continue with --resume)")
     if root:
         plot_loss(out_dir, history, f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}")
