@@ -25,7 +25,7 @@ from gpurnn import checks, stack
 from gpurnn.backend import get_backend, to_host
 from gpurnn.cells import NONLINEARITIES
 
-_MAX_WORKSPACES = 4  # buffers kept for this many recent [T, B] shapes
+MAX_WORKSPACES = 4  # buffers kept for this many recent [T, B] shapes
 RECORD_LIMIT_BYTES = 2 << 30  # record=True refuses to keep more than this
 RECORDED = {"rnn": ("a",), "lstm": ("i", "f", "g", "o", "c"), "gru": ("r", "z", "n")}
 
@@ -132,7 +132,7 @@ class _RNNBase:
         ws = self._workspaces.pop(key, None)
         if ws is None:
             ws = stack.Workspace(self.backend.xp, self._cfg, T, B, self.dtype, dropout_on, vocab)
-            if len(self._workspaces) >= _MAX_WORKSPACES:
+            if len(self._workspaces) >= MAX_WORKSPACES:
                 evicted = self._workspaces.popitem(last=False)[1]
                 if self._cache is not None and self._cache[0] is evicted:
                     self._cache = None

@@ -1,0 +1,350 @@
+"""gpurnn's RNN, LSTM and GRU as ``torch.nn.Module``s: a drop-in for torch.nn.RNN/LSTM/GRU.
+
+    from gpurnn.torch import LSTM                      # instead of torch.nn.LSTM
+    lstm = LSTM(input_size, hidden_size, num_layers=2, batch_first=True, bidirectional=True)
+    out, (h_n, c_n) = lstm(x, (h0, c0))                # x: a tensor or a PackedSequence, as torch's
+
+Imported only when asked for (torch is an optional dependency, the extra
+``gpurnn[torch]``). The constructor, forward, return values, parameter names,
+shapes and ``state_dict`` are torch's, so state dicts load both ways. Parameters
+are ``nn.Parameter``s whose storage *is* the gpurnn layer's flat parameter
+buffer (CPU tensors: NumPy memory shared; CUDA tensors: DLPack), so torch's
+optimizers update the weights gpurnn reads, in place, and DDP, ``clip_grad_norm_``
+and ``.to()`` work. CPU tensors run the NumPy backend, CUDA tensors the CUDA
+backend; ``.to(device)`` moves the model and re-points the parameters.
+
+Autograd: one ``torch.autograd.Function`` per call. Its backward runs gpurnn's
+BPTT and hands torch gradients torch owns (copies, never views of gpurnn's
+buffers). gpurnn keeps the activations of a layer's latest training forward; a
+backward of an older forward (or a second backward of one, as gradcheck does)
+first recomputes that forward, with the dropout masks it drew. With no gradient
+needed and the module in eval mode, the forward keeps no activations at all.
+
+Under torch.autocast, half-precision inputs are cast to the module's dtype (said
+once: gpurnn has no float16/bfloat16 yet). On CUDA the call runs on torch's
+current stream (CuPy's current stream is set to it), so no host synchronization
+orders the two; CuPy's memory pool and torch's caching allocator each keep their
+own memory.
+
+Differences from torch: float32 and float64 only (``.half()`` raises until gpurnn
+has half precision); ``proj_size`` is not supported; under ``torch.compile`` the
+call is a graph break (dynamo does not trace into gpurnn's kernels).
+"""
+
+import contextlib
+import itertools
+import warnings
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from gpurnn import flat, layers
+from gpurnn.backend import get_backend
+
+__all__ = ["RNN", "LSTM", "GRU"]
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_LAYERS_MADE = itertools.count()
+
+
+def _to_array(t, backend):
+    """A tensor as the backend's array, sharing memory (NumPy for CPU, CuPy through DLPack for CUDA)."""
+    t = t.detach()
+    if backend.name == "cuda":
+        return backend.xp.from_dlpack(t.contiguous())
+    return t.contiguous().numpy()
+
+
+def _to_tensor(a, device):
+    """A backend array as a tensor, sharing memory."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    return torch.from_dlpack(a).to(device)
+
+
+class _Run(torch.autograd.Function):
+    """out, h_n[, c_n] = the gpurnn layer on x (time-major or as the layer's layout), with
+    gradients for x, h0, c0 and every parameter."""
+
+    @staticmethod
+    def forward(ctx, module, x, h0, c0, lengths, *params):
+        layer = module._layer
+        arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]
+        ctx.module, ctx.arrays, ctx.lengths = module, arrays, lengths
+        ctx.rng_state = layer._rng.bit_generator.state  # to redraw the same dropout masks on a recompute
+        ctx.needs = (x.requires_grad, h0 is not None and h0.requires_grad, c0 is not None and c0.requires_grad)
+        ctx.dropout = module.training  # in eval mode the forward has no dropout, and neither has its recompute
+        out, h_n, c_n = _training_forward(layer, arrays, lengths, ctx.dropout)
+        ctx.cache = layer._cache
+        device = x.device
+        results = [_to_tensor(out, device), _to_tensor(h_n, device)]
+        if c_n is not None:
+            results.append(_to_tensor(c_n, device))
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn=None):
+        module = ctx.module
+        layer = module._layer
+        if layer._cache is not ctx.cache or layer._cache_used:  # another forward since, or a second backward
+            layer._rng.bit_generator.state = ctx.rng_state  # this forward's masks again
+            _training_forward(layer, ctx.arrays, ctx.lengths, ctx.dropout)
+        layer.zero_grad()
+        grads = [None if g is None else _to_array(g, layer.backend) for g in (d_out, d_hn, d_cn)]
+        layer.train(True)
+        dx, dh0, dc0 = layer._backward(grads[0], grads[1], grads[2] if layer._cell == "lstm" else None)
+        device = d_out.device
+        owned = lambda a: _to_tensor(a.copy(), device)  # noqa: E731  torch keeps them: never a view of ours
+        inputs = [owned(dx) if ctx.needs[0] else None, owned(dh0) if ctx.needs[1] else None,
+                  owned(dc0) if ctx.needs[2] and dc0 is not None else None]
+        params = [owned(layer.grads[name]) for name in module._names]
+        return (None, *inputs, None, *params)
+
+
+def _training_forward(layer, arrays, lengths, dropout):
+    """The layer's forward keeping its activations for a backward; without dropout
+    when the module is in eval mode (a gradient through an eval-mode model)."""
+    rate = layer.dropout
+    layer.train(True)
+    layer.dropout = rate if dropout else 0.0
+    try:
+        return layer._forward(*arrays, lengths)
+    finally:
+        layer.dropout = rate
+
+
+class _Base(torch.nn.Module):
+    _layer_class = None
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, **extra):
+        super().__init__()
+        if proj_size:
+            raise ValueError("proj_size: gpurnn has no projected LSTM; expected 0")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+        self._config = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
+                            batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, **extra)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, dropout, bidirectional
+        self.proj_size = 0
+        self._said_autocast = False
+        self._build(torch.device("cpu") if device is None else torch.device(device), dtype, values=None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------ parameters
+    def _new_layer(self, device, dtype):
+        """A gpurnn layer for (device, dtype) whose parameters (and gradients) are views of one buffer."""
+        backend = get_backend("cuda" if device.type == "cuda" else "numpy")
+        # dropout masks that follow torch.manual_seed without drawing from torch's generator
+        # (so torch.manual_seed(s) gives this module the weights torch.nn's module gets)
+        seed = int(np.random.SeedSequence([torch.initial_seed() % 2**63, next(_LAYERS_MADE)]).generate_state(1)[0])
+        layer = self._layer_class(**self._config, dtype=_DTYPES[dtype], seed=seed, backend=backend)
+        _, views = flat.pack(layer.params)
+        _, grad_views = flat.pack(layer.grads)
+        for name in layer.params:
+            layer._rebind(name, views[name], grad_views[name])
+        return layer
+
+    def _build(self, device, dtype, values):
+        """A new gpurnn layer on (device, dtype) and the nn.Parameters as views of its
+        parameter buffer (the same Parameter objects when they exist: an optimizer may
+        hold them); values: the parameters to copy in, or None."""
+        layer = self._new_layer(device, dtype)
+        self._layer, self._device, self._dtype = layer, device, dtype
+        self._names = list(layer.params)
+        for name in self._names:
+            tensor = _to_tensor(layer.params[name], device)
+            if values is not None:
+                tensor.copy_(values[name])
+            existing = self._parameters.get(name)
+            if existing is None:
+                self.register_parameter(name, torch.nn.Parameter(tensor))
+            else:
+                existing.data = tensor
+                existing.grad = None
+        self._bound = self._pointers()
+
+    def _pointers(self):
+        return [self._parameters[name].data_ptr() for name in self._names]
+
+    def _sync(self):
+        """Point the gpurnn layer at the Parameters' storage again if something replaced
+        it (a deepcopy, torch.load, ``p.data = ...``): zero-copy views, graphs recaptured."""
+        pointers = self._pointers()
+        if pointers == self._bound:
+            return
+        for name in self._names:
+            p = self._parameters[name]
+            if p.device != self._device or p.dtype != self._dtype or not p.is_contiguous():
+                raise RuntimeError(f"{name}: expected a contiguous {self._dtype} parameter on {self._device}, "
+                                   f"got {p.dtype} on {p.device}; move the module with .to() instead")
+            self._layer._rebind(name, _to_array(p.data, self._layer.backend), self._layer.grads[name])
+        self._bound = pointers
+
+    def __getstate__(self):
+        """Pickling (torch.save, copy.deepcopy) keeps the Parameters, not the gpurnn layer."""
+        state = self.__dict__.copy()
+        state.pop("_layer", None)
+        state["_bound"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._layer = self._new_layer(self._device, self._dtype)  # bound to the Parameters at the first call
+
+    def reset_parameters(self):
+        """U(-1/sqrt(H), 1/sqrt(H)) from torch's generator, as torch.nn.LSTM."""
+        bound = 1.0 / np.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-bound, bound)
+
+    def clear_cache(self):
+        """Drop the per-shape workspaces (and CUDA graphs) kept for recent input shapes
+        (at most gpurnn.layers.MAX_WORKSPACES of them; calls of a new shape evict the oldest)."""
+        self._layer._workspaces.clear()
+        self._layer._cache = None
+
+    def flatten_parameters(self):
+        """A no-op: gpurnn's parameters are always one contiguous buffer."""
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.cpu()``, ``.double()``...: a gpurnn layer on the new
+        device and dtype, the same Parameter objects viewing its buffer."""
+        probe = fn(torch.zeros(1, dtype=self._dtype, device=self._device))
+        if probe.dtype not in _DTYPES:
+            raise TypeError(f"dtype: gpurnn runs float32 and float64, not {probe.dtype} "
+                            "(half precision is not there yet)")
+        if (probe.device, probe.dtype) != (self._device, self._dtype):
+            values = {name: p.detach().to(probe.device, probe.dtype) for name, p in self.named_parameters()}
+            self._build(probe.device, probe.dtype, values)
+        return self
+
+    def extra_repr(self):
+        text = f"{self.input_size}, {self.hidden_size}"
+        for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+                             ("bidirectional", False)):
+            if self._config[key] != default:
+                text += f", {key}={self._config[key]}"
+        return text + f", gpurnn backend={self._layer.backend.name}"
+
+    # ------------------------------------------------------------ forward
+    def _check(self, name, t, allow_none=True):
+        if t is None:
+            if allow_none:
+                return None
+            raise ValueError(f"{name}: expected a tensor, got None")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != self._device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found {name} tensor at "
+                               f"{t.device} and parameter tensor at {self._device}")
+        if t.dtype != self._dtype:
+            raise RuntimeError(f"{name} must have the type {self._dtype}, got type {t.dtype}")
+        return t
+
+    def _autocast(self, *tensors):
+        """Under torch.autocast, half-precision inputs run in the module's dtype (gpurnn has
+        no half precision yet; said once per module), never a dtype error."""
+        if not torch.is_autocast_enabled(self._device.type):
+            return tensors
+        cast = [t.to(self._dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+                for t in tensors]
+        if any(a is not b for a, b in zip(cast, tensors)) and not self._said_autocast:
+            warnings.warn(f"gpurnn.torch.{type(self).__name__}: under autocast it runs in {self._dtype} "
+                          "(gpurnn has no float16/bfloat16 yet)", stacklevel=4)
+            self._said_autocast = True
+        return cast
+
+    def _run(self, x, h0, c0):
+        packed = isinstance(x, PackedSequence)
+        lengths = None
+        if packed:
+            sorted_indices, unsorted_indices = x.sorted_indices, x.unsorted_indices
+            x, lengths = pad_packed_sequence(x, batch_first=self.batch_first)  # batch in the user's order
+            lengths = lengths.numpy()
+        x, h0, c0 = self._autocast(x, h0, c0)
+        x = self._check("input", x, allow_none=False)
+        h0, c0 = self._check("hx", h0), self._check("hx", c0)
+        with _on_torch_stream(self._layer.backend), torch.autocast(self._device.type, enabled=False):
+            out, state = self._call(x, h0, c0, lengths)
+        if packed:
+            out = _repack(out, lengths, self.batch_first, sorted_indices, unsorted_indices)
+        return out, state
+
+    def _call(self, x, h0, c0, lengths):
+        self._sync()
+        layer = self._layer
+        params = [self._parameters[name] for name in self._names]
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
+                                            or any(t is not None and t.requires_grad for t in (h0, c0)))
+        if grad:
+            results = _Run.apply(self, x, h0, c0, lengths, *params)
+        else:  # nothing to differentiate: in eval mode, gpurnn's inference path (keeps no activations)
+            layer.train(self.training)
+            arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]
+            out, h_n, c_n = layer._forward(*arrays, lengths)
+            results = tuple(_to_tensor(a, self._device) for a in (out, h_n, c_n) if a is not None)
+        return results[0], results[1:]
+
+
+def _on_torch_stream(backend):
+    """On the CUDA backend: CuPy's current stream is torch's for the call, so gpurnn's
+    work (which orders itself after and before CuPy's current stream) is ordered with
+    torch's, with no host synchronization."""
+    if backend.name != "cuda":
+        return contextlib.nullcontext()
+    return backend.xp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+
+def _repack(out, lengths, batch_first, sorted_indices, unsorted_indices):
+    """The padded output as a PackedSequence in the input's own batch order."""
+    order = torch.argsort(torch.as_tensor(-lengths), stable=True) if sorted_indices is None else sorted_indices
+    out = out.index_select(0 if batch_first else 1, order.to(out.device))
+    packed = pack_padded_sequence(out, torch.as_tensor(lengths)[order.cpu()], batch_first=batch_first,
+                                  enforce_sorted=True)
+    return PackedSequence(packed.data, packed.batch_sizes, sorted_indices, unsorted_indices)
+
+
+class RNN(_Base):
+    """torch.nn.RNN's interface over gpurnn.RNN; ``nonlinearity`` also takes sigmoid,
+    leaky_relu and elu."""
+
+    _layer_class = layers.RNN
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device=device, dtype=dtype, nonlinearity=nonlinearity)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input, hx=None):
+        out, (h_n,) = self._run(input, hx, None)
+        return out, h_n
+
+
+class GRU(_Base):
+    """torch.nn.GRU's interface over gpurnn.GRU."""
+
+    _layer_class = layers.GRU
+
+    def forward(self, input, hx=None):
+        out, (h_n,) = self._run(input, hx, None)
+        return out, h_n
+
+
+class LSTM(_Base):
+    """torch.nn.LSTM's interface over gpurnn.LSTM (hx = (h0, c0))."""
+
+    _layer_class = layers.LSTM
+
+    def forward(self, input, hx=None):
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError(f"hx: expected a tuple (h0, c0) or None, got {type(hx).__name__}")
+        h0, c0 = (None, None) if hx is None else hx
+        if (h0 is None) != (c0 is None):
+            raise ValueError("hx: expected both h0 and c0, or neither")
+        out, (h_n, c_n) = self._run(input, h0, c0)
+        return out, (h_n, c_n)

@@ -1,0 +1,341 @@
+"""gpurnn.torch: the drop-in nn.Modules against torch.nn.RNN/LSTM/GRU, on CPU tensors
+(the NumPy backend): outputs and gradients, gradcheck, training with torch.optim,
+state dicts both ways, pickling, DDP over gloo, torch.compile, bad input."""
+
+import copy
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+torch = pytest.importorskip("torch")
+import gpurnn.torch as gt  # noqa: E402
+from gpurnn import layers  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = {"rnn": gt.RNN, "lstm": gt.LSTM, "gru": gt.GRU}
+THEIRS = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+pack = torch.nn.utils.rnn.pack_padded_sequence
+
+
+def pair(cell, *args, **kwargs):
+    """(gpurnn.torch module, torch.nn module) with the same weights."""
+    ours = OURS[cell](*args, **kwargs)
+    theirs = THEIRS[cell](*args, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@st.composite
+def configs(draw):
+    cell = draw(st.sampled_from(sorted(OURS)))
+    layers_ = draw(st.integers(1, 3))
+    mode = draw(st.sampled_from(["tensor", "packed", "packed-sorted", "unbatched"]))
+    return dict(cell=cell, num_layers=layers_, bidirectional=draw(st.booleans()), batch_first=draw(st.booleans()),
+                bias=draw(st.booleans()), mode=mode, h0=draw(st.booleans()),
+                dropout=draw(st.sampled_from([0.0, 0.3])) if layers_ > 1 else 0.0,
+                nonlinearity=draw(st.sampled_from(["tanh", "relu"])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+                T=draw(st.integers(1, 6)), B=draw(st.integers(1, 4)), I=draw(st.integers(1, 5)),
+                H=draw(st.integers(1, 6)), seed=draw(st.integers(0, 2**16)))
+
+
+def run(module, c, x, hx, lengths):
+    inp = x
+    if c["mode"].startswith("packed"):
+        inp = pack(x, lengths, batch_first=c["batch_first"], enforce_sorted=c["mode"] == "packed-sorted")
+    out, state = module(inp, hx)
+    if c["mode"].startswith("packed"):
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=c["batch_first"],
+                                                        total_length=x.shape[1 if c["batch_first"] else 0])
+    return out, state
+
+
+@settings(max_examples=150, deadline=None)
+@given(configs())
+def test_matches_torch_nn(c):
+    """Outputs, final states and the gradients of x, h0 and every parameter."""
+    torch.manual_seed(c["seed"])
+    kw = dict(num_layers=c["num_layers"], bias=c["bias"], batch_first=c["batch_first"], dropout=c["dropout"],
+              bidirectional=c["bidirectional"], dtype=c["dtype"])
+    if c["cell"] == "rnn":
+        kw["nonlinearity"] = c["nonlinearity"]
+    ours, theirs = pair(c["cell"], c["I"], c["H"], **kw)
+    training = c["dropout"] == 0  # with dropout: compared in eval mode, where neither drops
+    for m in (ours, theirs):
+        m.train(training)
+    T, B, H = c["T"], c["B"], c["H"]
+    D = 2 if c["bidirectional"] else 1
+    unbatched = c["mode"] == "unbatched"
+    shape = (T, c["I"]) if unbatched else ((B, T, c["I"]) if c["batch_first"] else (T, B, c["I"]))
+    x = torch.randn(shape, dtype=c["dtype"])
+    lengths = torch.randint(1, T + 1, (B,))
+    if c["mode"] == "packed-sorted":
+        lengths = lengths.sort(descending=True).values
+        lengths[0] = T
+    state_shape = (c["num_layers"] * D, H) if unbatched else (c["num_layers"] * D, B, H)
+    n_states = 2 if c["cell"] == "lstm" else 1
+    states = [torch.randn(state_shape, dtype=c["dtype"]) for _ in range(n_states)] if c["h0"] else None
+    results = []
+    for m in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        si = None if states is None else [s.clone().requires_grad_() for s in states]
+        hx = None if si is None else (tuple(si) if c["cell"] == "lstm" else si[0])
+        out, state = run(m, c, xi, hx, lengths)
+        finals = list(state) if c["cell"] == "lstm" else [state]
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=c["dtype"]).reshape(out.shape)).sum() \
+            + sum((f * f).sum() for f in finals)
+        grads = torch.autograd.grad(loss, [xi, *(si or []), *m.parameters()]) if training else []
+        results.append([out.detach(), *[f.detach() for f in finals], *grads])
+    tol = dict(rtol=1e-4, atol=1e-5) if c["dtype"] == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_gradcheck_through_the_module():
+    torch.manual_seed(0)
+    m = gt.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, h0, c0, *params):
+        with torch.no_grad():
+            for p, v in zip(m.parameters(), params):
+                p.copy_(v)  # gradcheck perturbs these copies; the module reads its own Parameters
+        out, (h_n, c_n) = m(x, (h0, c0))
+        return out, h_n, c_n
+
+    # the parameters' gradients: checked through the module's own Parameters below
+    assert torch.autograd.gradcheck(lambda x, h0, c0: f(x, h0, c0, *[p.detach() for p in m.parameters()]),
+                                    (x, h0, c0), eps=1e-6, atol=1e-7)
+    out, (h_n, c_n) = m(x, (h0, c0))
+    loss = (out.sum() + (h_n * h_n).sum() + c_n.sum())
+    analytic = torch.autograd.grad(loss, list(m.parameters()))
+    for name, p, g in zip(names, m.parameters(), analytic):
+        numeric = torch.zeros_like(p)
+        with torch.no_grad():
+            for i in range(p.numel()):
+                old = p.view(-1)[i].item()
+                p.view(-1)[i] = old + 1e-6
+                o, (h, c) = m(x, (h0, c0))
+                up = (o.sum() + (h * h).sum() + c.sum()).item()
+                p.view(-1)[i] = old - 1e-6
+                o, (h, c) = m(x, (h0, c0))
+                down = (o.sum() + (h * h).sum() + c.sum()).item()
+                p.view(-1)[i] = old
+                numeric.view(-1)[i] = (up - down) / 2e-6
+        torch.testing.assert_close(g, numeric, rtol=1e-6, atol=1e-7, msg=name)
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, rnn_class, V=12, H=16):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(V, H)
+        self.rnn = rnn_class(H, H, 2)
+        self.head = torch.nn.Linear(H, V)
+
+    def forward(self, x, state=None):
+        out, state = self.rnn(self.embedding(x), state)
+        return self.head(out), state
+
+
+def train_losses(rnn_class, steps=200):
+    torch.manual_seed(0)
+    model = TinyLM(rnn_class)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        start = torch.randint(0, 12, (1, 4), generator=data)
+        x = (start + torch.arange(10)[:, None] * torch.tensor([1, 2, 3, 5])) % 12  # counting, in 4 strides
+        logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits[:-1].reshape(-1, 12), x[1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return np.array(losses)
+
+
+def test_training_with_torch_optim_matches_torch_nn_lstm():
+    ours, theirs = train_losses(gt.LSTM), train_losses(torch.nn.LSTM)
+    assert ours[-1] < ours[0] - 0.3  # it learns
+    np.testing.assert_allclose(ours, theirs, rtol=2e-4)
+
+
+def test_state_dicts_load_both_ways_and_pickling_keeps_the_link():
+    torch.manual_seed(0)
+    ours, theirs = gt.GRU(3, 5, 2, bidirectional=True), torch.nn.GRU(3, 5, 2, bidirectional=True)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.mul_(0.5)
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(ours)
+    for m in (loaded, twin):
+        torch.testing.assert_close(m(x)[0], ours(x)[0])
+        with torch.no_grad():
+            next(m.parameters()).zero_()  # an in-place update reaches the copy's gpurnn layer, not the original
+        assert not torch.equal(m(x)[0], ours(x)[0])
+
+
+def test_to_moves_and_keeps_the_parameter_objects():
+    m = gt.LSTM(3, 4)
+    params = list(m.parameters())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m.double()
+    assert [id(p) for p in m.parameters()] == [id(p) for p in params] and params[0].dtype == torch.float64
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    m(x)[0].sum().backward()
+    before = params[0].detach().clone()
+    opt.step()  # the optimizer's Parameter objects are the module's, so the step reaches the layer
+    assert not torch.equal(params[0], before)
+    assert np.shares_memory(m._layer.params["weight_ih_l0"], params[0].detach().numpy())
+    with pytest.raises(TypeError, match="half precision"):
+        m.half()
+
+
+def test_shapes_that_change_keep_a_bounded_cache():
+    m = gt.GRU(3, 4)
+    for T in range(1, 12):
+        m(torch.randn(T, 2, 3))[0].sum().backward()
+    assert len(m._layer._workspaces) <= layers.MAX_WORKSPACES
+    m.clear_cache()
+    assert not m._layer._workspaces
+
+
+def test_two_backwards_of_one_forward_and_forwards_before_a_backward():
+    """gpurnn keeps one forward's activations: older ones are recomputed, with their dropout masks."""
+    torch.manual_seed(3)
+    ours, theirs = pair("lstm", 3, 4, 2, dropout=0.0)
+    x1, x2 = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
+    a1, a2 = ours(x1)[0], ours(x2)[0]
+    b1, b2 = theirs(x1)[0], theirs(x2)[0]
+    g_ours = torch.autograd.grad(a1.sum() + 2 * a2.sum(), list(ours.parameters()), retain_graph=True)
+    g_theirs = torch.autograd.grad(b1.sum() + 2 * b2.sum(), list(theirs.parameters()))
+    for g, h in zip(g_ours, g_theirs):
+        torch.testing.assert_close(g, h)
+    again = torch.autograd.grad(a1.sum() + 2 * a2.sum(), list(ours.parameters()))
+    for g, h in zip(again, g_ours):
+        torch.testing.assert_close(g, h)
+    dropped = gt.LSTM(3, 4, 2, dropout=0.5)
+    out = dropped(x1)[0]
+    first = torch.autograd.grad(out.sum(), list(dropped.parameters()), retain_graph=True)
+    dropped(x2)[0].sum()  # a newer forward, with other masks
+    second = torch.autograd.grad(out.sum(), list(dropped.parameters()))
+    for g, h in zip(first, second):
+        torch.testing.assert_close(g, h)
+
+
+def test_bad_input_is_refused_before_anything_runs():
+    m = gt.LSTM(3, 4)
+    with pytest.raises(RuntimeError, match="input must have the type torch.float32, got type torch.float64"):
+        m(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="not at the same device, found input tensor at meta"):
+        m(torch.empty(5, 2, 3, device="meta"))
+    with pytest.raises(ValueError, match=r"h0: expected shape \[1, 2, 4\]"):
+        m(torch.randn(5, 2, 3), (torch.randn(1, 3, 4), torch.randn(1, 3, 4)))
+    with pytest.raises(RuntimeError, match="found hx tensor at meta"):
+        m(torch.randn(5, 2, 3), (torch.empty(1, 2, 4, device="meta"), torch.randn(1, 2, 4)))
+    with pytest.raises(ValueError, match="hx: expected both h0 and c0"):
+        m(torch.randn(5, 2, 3), (torch.randn(1, 2, 4), None))
+    with pytest.raises(RuntimeError, match="must be sorted in decreasing order"):
+        pack(torch.randn(5, 2, 3), torch.tensor([2, 5]), enforce_sorted=True)
+    with pytest.raises(ValueError, match="proj_size"):
+        gt.LSTM(3, 4, proj_size=2)
+
+
+def test_torch_compile_runs_with_a_graph_break_and_matches_eager():
+    torch.manual_seed(0)
+    model = TinyLM(gt.GRU)
+    x = torch.randint(0, 12, (6, 3))
+    eager = model(x)[0]
+    compiled = torch.compile(model, backend="aot_eager")  # no C++ toolchain needed; inductor behaves alike
+    torch.testing.assert_close(compiled(x)[0], eager)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count >= 1  # the gpurnn call itself
+
+
+DDP_SCRIPT = r"""
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from test_torch_module import TinyLM
+import gpurnn.torch as gt
+rank, world = int(sys.argv[1]), 2
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=world)
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(TinyLM(gt.LSTM))
+opt = torch.optim.SGD(model.parameters(), lr=0.5)
+data = torch.Generator().manual_seed(1)
+for _ in range(5):
+    x = torch.randint(0, 12, (10, 4), generator=data)
+    shard = x[:, 2 * rank:2 * rank + 2]
+    logits, _ = model(shard)
+    loss = torch.nn.functional.cross_entropy(logits[:-1].reshape(-1, 12), shard[1:].reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, sys.argv[2] + f".rank{rank}")
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_over_gloo_keeps_the_ranks_identical_and_equal_to_one_process(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    store = str(tmp_path / "store")
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), store, os.path.dirname(__file__)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    states = [torch.load(store + f".rank{r}") for r in range(2)]
+    torch.manual_seed(0)
+    single = TinyLM(gt.LSTM)
+    opt = torch.optim.SGD(single.parameters(), lr=0.5)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randint(0, 12, (10, 4), generator=data)
+        halves = [single(x[:, 2 * r:2 * r + 2])[0] for r in range(2)]  # DDP averages the two shards' losses
+        loss = sum(torch.nn.functional.cross_entropy(lg[:-1].reshape(-1, 12), x[1:, 2 * r:2 * r + 2].reshape(-1))
+                   for r, lg in enumerate(halves)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in single.state_dict().items():
+        assert torch.equal(states[0][k], states[1][k]), k
+        torch.testing.assert_close(states[0][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_autocast_runs_in_the_module_dtype_and_says_so_once():
+    torch.manual_seed(0)
+    proj, m = torch.nn.Linear(3, 3), gt.GRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = proj(x)
+        assert half.dtype == torch.bfloat16
+        with pytest.warns(UserWarning, match="under autocast it runs in torch.float32"):
+            out, h_n = m(half)
+        out.sum().backward()  # the gradient flows back through the cast
+    assert out.dtype == torch.float32 and proj.weight.grad is not None
+    torch.testing.assert_close(out, m(half.float())[0])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(proj(x))  # said once
