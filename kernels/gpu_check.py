@@ -13,6 +13,8 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
                  fp32, TF32) against cuDNN in this process;
   training       ``bench_train.py``: a CharLM training step's tokens/s against torch,
                  with the time of each phase on both sides;
+  torch          ``bench_torch.py``: a torch model's training step with torch.nn.LSTM/GRU
+                 against gpurnn.torch.LSTM/GRU (config A and 2x512);
   lab            (only when named, or with --lab) ``gemm_lab.py``: GEMM layouts and a
                  forward's time split, its printout kept in the JSON.
 Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log under
@@ -124,7 +126,7 @@ def versions():
                 commit=os.environ.get("GPURNN_COMMIT", "unknown"))
 
 
-STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "training", "lab")
+STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "training", "torch", "lab")
 
 
 def main():
@@ -141,6 +143,7 @@ def main():
     if unknown:
         ap.error(f"--stages: unknown {unknown}; expected a subset of {', '.join(STAGES)}")
     import bench_gpu
+    import bench_torch
     import bench_train
 
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -152,6 +155,7 @@ def main():
            "ceilings": bench_gpu.ceilings,
            "benchmarks": lambda: bench_gpu.main(bench_args),
            "training": lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
+           "torch": lambda: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "lab": gemm_lab}
     for name in report["stages"]:
         stage(report, name, run[name])
@@ -192,6 +196,10 @@ def main():
               f"tokens/s ratio {r['ratio']:.2f}; phases (ms) "
               + "; ".join(f"{side}: " + ", ".join(f"{k} {v:.2f}" for k, v in p.items())
                           for side, p in r["phases_ms"].items()))
+    torch_rows = report.get("torch")
+    for r in torch_rows if isinstance(torch_rows, list) else []:
+        print(f"torch model with gpurnn.torch.{r['cell'].upper()}, {r['size']} ({r['layers']}x{r['H']}, T={r['T']}, "
+              f"B={r['B']}): tokens/s ratio {r['ratio']:.2f} against torch.nn")
     print("written:", ", ".join(paths))
 
 

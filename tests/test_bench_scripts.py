@@ -31,4 +31,13 @@ def test_gpu_check_stages_are_named_and_checked():
     assert done.returncode == 2 and "unknown ['warp']" in done.stderr
     helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0
-    assert "suite, first_forward, ceilings, benchmarks, training, lab" in " ".join(helped.stdout.split())
+    assert "suite, first_forward, ceilings, benchmarks, training, torch, lab" in " ".join(helped.stdout.split())
+
+
+def test_bench_torch_compares_the_same_model_on_both_sides():
+    pytest.importorskip("torch")
+    import bench_torch
+
+    rows = bench_torch.main(["--steps", "1", "--cells", "gru"])
+    assert [(r["cell"], r["size"]) for r in rows] == [("gru", "train default")]
+    assert rows[0]["ratio"] > 0 and abs(rows[0]["first_loss"]["torch"] - rows[0]["first_loss"]["gpurnn"]) < 1e-4
