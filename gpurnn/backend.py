@@ -325,3 +325,10 @@ def load_cupy():
     import cupy
 
     return cupy
+
+
+def load_nccl():
+    """CuPy's NCCL bindings (gpurnn.distributed's GPU collectives)."""
+    from cupy.cuda import nccl
+
+    return nccl

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from gpurnn.backend import load_cupy
+from gpurnn.backend import load_cupy, load_nccl
 
 EXIT_PEER_LOST = 4
 DEFAULT_TIMEOUT = 300.0
@@ -144,8 +144,7 @@ class MpiWorld(World):
             self._nccl = self._nccl_communicator()
 
     def _nccl_communicator(self):
-        from cupy.cuda import nccl
-
+        nccl = load_nccl()
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = self.comm.bcast(uid, root=0)
         return nccl.NcclCommunicator(self.size, uid, self.rank)
@@ -304,6 +303,5 @@ class _PickledReceive:
 
 
 def _nccl_type(a):
-    from cupy.cuda import nccl
-
+    nccl = load_nccl()
     return {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}[np.dtype(a.dtype)]
