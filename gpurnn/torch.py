@@ -84,6 +84,11 @@ class _Run(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None):
+        with _on_torch_stream(ctx.module._layer.backend):  # the autograd engine's stream, as the forward's
+            return _Run._backward(ctx, d_out, d_hn, d_cn)
+
+    @staticmethod
+    def _backward(ctx, d_out, d_hn, d_cn):
         module = ctx.module
         layer = module._layer
         if layer._cache is not ctx.cache or layer._cache_used:  # another forward since, or a second backward
