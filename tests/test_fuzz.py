@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import backend_or_skip, host, make
+from helpers import back, backend_or_skip, host, make, run
 
 torch = pytest.importorskip("torch")
 
@@ -151,22 +151,6 @@ def draw_inputs(c, rng):
     return x, h0, c0, lengths, d_out, d_hn, d_cn
 
 
-def call(model, cell, x, h0, c0, lengths):
-    if cell == "lstm":
-        out, (h_n, c_n) = model(x, None if h0 is None else (h0, c0), lengths=lengths)
-        return out, h_n, c_n
-    out, h_n = model(x, h0, lengths=lengths)
-    return out, h_n, None
-
-
-def call_backward(model, cell, d_out, d_hn, d_cn):
-    if cell == "lstm":
-        dx, (dh0, dc0) = model.backward(d_out, (d_hn, d_cn))
-        return dx, dh0, dc0
-    dx, dh0 = model.backward(d_out, d_hn)
-    return dx, dh0, None
-
-
 def check_against_torch(c, backend=None):
     rng = np.random.default_rng(c["seed"])
     model = make(c["cell"], c["I"], c["H"], nonlinearity=c["nonlinearity"], num_layers=c["num_layers"],
@@ -175,9 +159,9 @@ def check_against_torch(c, backend=None):
     x, h0, c0, lengths, d_out, d_hn, d_cn = draw_inputs(c, rng)
     training = c["dropout"] == 0  # with dropout: the eval-mode forward, which torch's matches
     model.train(training)
-    ours = list(call(model, c["cell"], x, h0, c0, lengths))
+    ours = list(run(model, x, h0, c0, lengths))
     if training:
-        ours += list(call_backward(model, c["cell"], d_out, d_hn, d_cn)) + [model.grads]
+        ours += list(back(model, d_out, d_hn, d_cn)) + [model.grads]
     ref = torch_results(c, model, x, h0, c0, lengths, d_out, d_hn, d_cn, training)
     names = ["out", "h_n", "c_n", "dx", "dh0", "dc0", "grads"]
     for name, a, b in zip(names, ours, ref):
@@ -235,12 +219,10 @@ def bad_inputs(c, rng):
 
 def good_call(model, c, args):
     """A forward and backward with ``args`` (bad ones raise); the results and grads as NumPy."""
-    cell = c["cell"]
     if args.get("hx_not_a_pair"):
         return model(args["x"], args["h0"], lengths=args["lengths"])
-    out = call(model, cell, args["x"], args["h0"], args["c0"], args["lengths"])
-    dx = call_backward(model, cell, args["d_out"], args["d_hn"], args["d_cn"])
-    return host(out) + host(dx) + (host(model.grads),)
+    out = run(model, args["x"], args["h0"], args["c0"], args["lengths"])
+    return out + back(model, args["d_out"], args["d_hn"], args["d_cn"]) + (host(model.grads),)
 
 
 @settings(max_examples=BAD_INPUT_EXAMPLES, deadline=None)
@@ -275,7 +257,7 @@ def test_odd_but_valid_arrays_work(c, kind):
     x, h0, c0, lengths, d_out, d_hn, d_cn = draw_inputs(c, rng)
     model_args = dict(nonlinearity=c["nonlinearity"], num_layers=c["num_layers"], bidirectional=c["bidirectional"],
                       batch_first=c["batch_first"], bias=c["bias"], dtype="float64", seed=c["seed"])
-    expect = host(call(make(c["cell"], c["I"], c["H"], **model_args), c["cell"], x, h0, c0, lengths))
+    expect = run(make(c["cell"], c["I"], c["H"], **model_args), x, h0, c0, lengths)
     if kind == "non-contiguous":  # every other element of arrays twice as large
         spread = lambda a: None if a is None else np.repeat(a, 2, axis=-1)[..., ::2]  # noqa: E731
     elif kind == "read-only":
@@ -290,7 +272,7 @@ def test_odd_but_valid_arrays_work(c, kind):
     odd = [spread(a) for a in (x, h0, c0, lengths)]
     if kind == "non-contiguous":
         assert odd[0].size == 1 or not odd[0].flags.c_contiguous  # (one element is contiguous however strided)
-    got = host(call(make(c["cell"], c["I"], c["H"], **model_args), c["cell"], *odd))
+    got = run(make(c["cell"], c["I"], c["H"], **model_args), *odd)
     for a, b in zip(got, expect):
         if b is not None:
             assert a.tobytes() == b.tobytes()
@@ -308,7 +290,7 @@ def check_nan_and_inf(c, value, where, backend=None):
     target = x if where == "x" else h0
     target.reshape(-1)[rng.integers(0, target.size)] = value
     with np.errstate(invalid="ignore", over="ignore"):
-        ours = call(model, c["cell"], x, h0, c0, lengths)
+        ours = run(model, x, h0, c0, lengths)
     ref = torch_results(c, model, x, h0, c0, lengths, d_out, d_hn, d_cn, backward=False)
     for a, b in zip(ours, ref):
         if b is not None:
