@@ -67,7 +67,7 @@ def training_curves(curves, ax=None, ylabel="loss", log=False, title=None):
         else:
             rows = [[float(r[0]), float(r[1])] for r in history]
         steps, losses = zip(*rows) if rows else ((), ())
-        ax.plot(steps, losses, label=label, lw=1)
+        ax.plot(steps, losses, label=label, lw=1, marker="o" if len(rows) <= 50 else None, ms=3)  # sparse: dots
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("step")
