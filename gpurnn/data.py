@@ -11,7 +11,6 @@ and is reset when ``new_epoch`` is True).
 """
 
 import os
-import re
 import sysconfig
 
 import numpy as np
@@ -35,6 +34,14 @@ class CharCorpus:
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
         self.ids = np.fromiter((self.index[ch] for ch in text), np.int32, len(text))
 
+    @classmethod
+    def _of_ids(cls, ids, vocab, source):
+        """A corpus over ``vocab`` from its ids (a part of another corpus): no re-encoding."""
+        corpus = cls.__new__(cls)
+        corpus.source, corpus.vocab, corpus.ids = source, vocab, ids
+        corpus.index = {ch: i for i, ch in enumerate(vocab)}
+        return corpus
+
     def split(self, fraction):
         """(training part, held-out part): the held-out part is the last ``fraction``
         of the text (at least 2 characters: one input, one target), both over the
@@ -45,18 +52,20 @@ class CharCorpus:
         if len(self.ids) - n_val < 2:
             raise DataError(f"--val-fraction {fraction}: {self.source} has {len(self.ids)} characters, "
                             f"too few to hold {n_val} out and train on the rest")
-        text = self.decode(self.ids)
-        return (CharCorpus(text[:-n_val], self.source, self.vocab),
-                CharCorpus(text[-n_val:], f"the last {n_val} characters of {self.source}", self.vocab))
+        return (CharCorpus._of_ids(self.ids[:-n_val], self.vocab, self.source),
+                CharCorpus._of_ids(self.ids[-n_val:], self.vocab, f"the last {n_val} characters of {self.source}"))
 
     def prime(self, seed, length=4):
         """The first ``length`` characters (at most, and not past the newline) of a
         non-empty line drawn from the text by ``seed``: a prompt the model has seen."""
-        text = self.decode(self.ids)
-        starts = [0] + [m.end() for m in re.finditer("\n", text)]
-        starts = [s for s in starts if s < len(text) and text[s] != "\n"] or [0]
+        newline = self.index.get("\n", -1)
+        starts = np.concatenate([[0], np.flatnonzero(self.ids == newline) + 1])  # each line's first character
+        starts = starts[starts < len(self.ids)]
+        starts = starts[self.ids[starts] != newline]  # non-empty lines
+        if not starts.size:
+            return self.decode(self.ids[:length])
         start = starts[np.random.default_rng(seed).integers(len(starts))]
-        return text[start:start + length].split("\n")[0] or text[:length]
+        return self.decode(self.ids[start:start + length]).split("\n")[0]
 
     @classmethod
     def from_file(cls, path):
