@@ -306,11 +306,12 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
         log(f"resuming from step {step} of {cfg['steps']}")
 
     def save(name="checkpoint.npz"):
-        """Rank 0 writes; every rank hands in its carried state and RNG (a collective)."""
-        states, rngs = world.gather(_host_state(state)), world.gather(rng.state)
+        """Rank 0 writes; every rank hands in its carried state and RNG (one collective)."""
+        gathered = world.gather((_host_state(state), rng.state))
         if root:
+            states, rngs = zip(*gathered)
             save_checkpoint(out_dir, task, opt, step, _join_states(states), history, rngs[0], best_val, prime,
-                            name=name, rngs=rngs if world.size > 1 else None)
+                            name=name, rngs=list(rngs) if world.size > 1 else None)
 
     asked = {"stop": False}  # set by Ctrl-C at any moment; acted on only as agreed in a step's all-reduce
     previous = signal.signal(signal.SIGINT, lambda *_: asked.update(stop=True))  # finish the step, then save
@@ -322,6 +323,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
         bar = tqdm(total=cfg["steps"], initial=step, unit="step", dynamic_ncols=True)
     good_step = step
     metric = VAL_METRIC[task.name]
+    last_val = next((r for r in reversed(history) if r[4] is not None), None)  # the progress bar shows it
     grads = flat.buffer_of(model.grads)
     try:
         while step < cfg["steps"] and not stopping:
@@ -356,13 +358,14 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:
                 with np.errstate(over="ignore", invalid="ignore"):
                     row[4:] = task.validate() or (None, None)  # every rank alike: none waits for another
-                if row[4] is not None and (best_val is None or row[4] < best_val):
-                    best_val = row[4]
-                    save("best.npz")
+                if row[4] is not None:
+                    last_val = row
+                    if best_val is None or row[4] < best_val:
+                        best_val = row[4]
+                        save("best.npz")
             if bar is not None:
                 bar.update(1)
                 shown = dict(loss=f"{loss:.4f}", tok_s=f"{tokens_s:,.0f}")
-                last_val = next((r for r in reversed(history) if r[4] is not None), None)
                 if last_val is not None:
                     shown.update(val=f"{last_val[4]:.4f}", **{f"val_{metric}": f"{last_val[5]:.4f}"})
                 bar.set_postfix(**shown)
