@@ -159,6 +159,8 @@ class MpiWorld(World):
         return flat
 
     def allreduce_mean(self, flat, extra=()):
+        if not (flat.ndim == 1 and flat.flags.c_contiguous):
+            raise ValueError(f"flat: expected a contiguous 1-D buffer, got shape {tuple(flat.shape)}")
         extra = np.asarray(extra, np.float64)
         if self._nccl is not None:
             self._nccl_call(lambda comm, stream: comm.allReduce(flat.data.ptr, flat.data.ptr, flat.size,
@@ -168,15 +170,13 @@ class MpiWorld(World):
             if extra.size:  # a few floats: over MPI, beside the device buffer
                 self._wait([self.comm.Iallreduce(self.MPI.IN_PLACE, extra, op=self.MPI.SUM)], "all-reduce of the loss")
             return extra / self.size
-        buf = np.concatenate([flat.reshape(-1), extra.astype(flat.dtype)]) if extra.size else flat.reshape(-1)
+        # flat is a model's contiguous 1-D buffer: reduced in place, or with extra riding at its end
+        buf = np.concatenate([flat, extra.astype(flat.dtype)]) if extra.size else flat
         self._wait([self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)], "all-reduce of the gradients")
         buf /= self.size
         if extra.size:
-            flat.reshape(-1)[...] = buf[:flat.size]
-            return buf[flat.size:].astype(np.float64)
-        if buf.base is not flat and buf is not flat:  # reshape copied (a non-contiguous buffer)
-            flat[...] = buf.reshape(flat.shape)
-        return extra
+            flat[...] = buf[:flat.size]
+        return buf[flat.size:].astype(np.float64)
 
     def gather(self, value):
         """Point to point, so that it too waits at most the timeout: each rank sends to rank 0."""
