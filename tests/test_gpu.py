@@ -7,7 +7,7 @@ Run them with ``GPURNN_BACKEND=cuda python -m pytest -m gpu``
 import numpy as np
 import pytest
 
-from helpers import backend_or_skip, back, make, rel_err, run, torch_reference
+from helpers import backend_or_skip, back, host, make, rel_err, run, torch_reference
 
 pytestmark = pytest.mark.gpu
 CELLS = ["rnn", "lstm", "gru"]
@@ -16,10 +16,6 @@ CELLS = ["rnn", "lstm", "gru"]
 @pytest.fixture(scope="module")
 def gpu():
     return backend_or_skip("cuda", "no CUDA backend")
-
-
-def host(a):
-    return None if a is None else (a.get() if hasattr(a, "get") else np.asarray(a))
 
 
 def inputs(cell, m, T, B, rng, dtype):
