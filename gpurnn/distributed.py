@@ -32,6 +32,7 @@ from gpurnn.backend import load_cupy, load_nccl
 EXIT_PEER_LOST = 4
 DEFAULT_TIMEOUT = 300.0
 _ARRIVED_TAG, _PING_TAG, _PONG_TAG, _GATHER_TAG, _SCATTER_TAG = 7007, 7008, 7009, 7010, 7011
+ABORT_GRACE_SECONDS = 1.0
 PING_SECONDS = 3.0  # how long a rank that gave up waits for the others to answer "are you there?"
 _LAUNCHER_VARS = {  # what MPICH's Hydra and Open MPI's mpiexec set for each rank: (size, rank, local rank)
     "hydra": ("PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID"),
@@ -65,8 +66,17 @@ def abort_if_launched(status):
     """Under mpiexec, after an error on this rank: end every rank now (MPI_Abort) rather
     than leave the others waiting for a collective and this one in MPI_Finalize."""
     if launched_size() > 1 and "mpi4py.MPI" in sys.modules:
-        sys.stderr.flush()
-        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(status)
+        _abort(sys.modules["mpi4py.MPI"].COMM_WORLD, status)
+
+
+def _abort(comm, status):
+    """MPI_Abort, once the launcher has had time to pass on what this rank printed:
+    Hydra tears the job down at once and can drop a line still in its pipe (seen: the
+    exit status 4 without the message, 1 run in 6)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_SECONDS)
+    comm.Abort(status)
 
 
 def use_local_gpu():
@@ -267,7 +277,7 @@ class MpiWorld(World):
         who = "; ".join(who) or "every rank answers and reached it, but it did not complete"
         print(f"gpurnn: error: rank {self.rank}: the {what} did not finish within {self.timeout:g} s: {who}; "
               f"ending every rank (--collective-timeout sets the limit)", file=sys.stderr, flush=True)
-        self.comm.Abort(EXIT_PEER_LOST)
+        _abort(self.comm, EXIT_PEER_LOST)
 
     def _nccl_call(self, issue, what):
         """Issue an NCCL collective on the current stream and wait for it, at most self.timeout seconds."""
