@@ -89,6 +89,7 @@ class NumpyOps:
 
     name = "numpy"
     xp = np
+    algorithm = "graph"  # the only recurrence NumPy runs: a step GEMM and a pointwise step per step
 
     rnn_forward = staticmethod(cells.rnn_forward)
     rnn_backward = staticmethod(cells.rnn_backward)

@@ -46,6 +46,7 @@ class Direction:
     dh, dc: [B, H]    gradient carried back through h (and c)
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
+    sync: [2] int32   barrier counter and failure flag of the persistent kernels
     """
 
     gx: object
@@ -62,6 +63,7 @@ class Direction:
     dc: object
     table: object = None
     dtable: object = None
+    sync: object = None
 
     @classmethod
     def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
@@ -84,6 +86,7 @@ class Direction:
             dc=xp.empty((B, H), dtype) if cell == "lstm" else None,
             table=xp.empty((vocab, G * H), dtype) if vocab else None,
             dtable=xp.empty((vocab, G * H), dtype) if vocab else None,
+            sync=xp.zeros(2, xp.int32),
         )
 
 
@@ -147,7 +150,11 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
     if spans is None:
         spans = [(0, T)] if embedded else time_spans(ops, T, B, w_ih.shape[0], reverse)
     gates = ws.gates if keep else ws.step_gates
-    w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
+    algorithm = ops.algorithm
+    if algorithm == "graph":
+        w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
+    elif algorithm == "fused":
+        ws.w_hh_t[...] = w_hh.T  # the fused steps read W_hh^T (optimizers update W_hh in place: every call)
     if embedded:
         ops.gemm(x.weight, w_ih, ws.table, trans_b=True)  # every row's input projection is a row of this
     else:
@@ -164,8 +171,16 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
                 ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
                 projected = ops.mark()
             ops.wait(projected)
-        # ... then its steps
+        # ... then its steps: all in one launch (persistent), one launch each (fused),
+        # or each a GEMM and a pointwise launch (graph)
+        if algorithm == "persistent":
+            ops.persistent_forward(cell, nonlinearity, (start, stop), reverse, ws, w_hh, b_ih, b_hh, gates, y, lengths)
+            yield ops.mark()
+            continue
         for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
+            if algorithm == "fused":
+                ops.fused_forward(cell, nonlinearity, t, reverse, ws, b_ih, b_hh, gates, y, lengths)
+                continue
             ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
             if cell == "rnn":
                 ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, y, lengths, nonlinearity)
@@ -219,18 +234,28 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
     T, B = ws.gx.shape[:2]
     dgx = ws.dgx.reshape(T * B, -1)
     dgh = ws.dgh.reshape(T * B, -1)
+    algorithm = "graph" if recorder is not None else ops.algorithm  # a recorder reads dh between GEMM and kernel
     for k, (start, stop) in enumerate(spans or [(0, T)]):
         if dy_ready is not None:
             ops.wait(dy_ready[k])
         # backward pass: steps in the opposite order of the forward
-        for t in (range(start, stop) if reverse else range(stop - 1, start - 1, -1)):
-            if recorder is not None:
-                recorder.observe(t, ws, dy)
-            backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths)
+        if algorithm == "persistent":
+            ops.persistent_backward(cell, nonlinearity, (start, stop), k == 0, reverse, ws, dy, w_hh, lengths)
+        else:
+            for t in (range(start, stop) if reverse else range(stop - 1, start - 1, -1)):
+                if recorder is not None:
+                    recorder.observe(t, ws, dy)
+                if algorithm == "fused":  # the recurrent gradient of the step before, inside this step's launch
+                    ops.fused_backward(cell, nonlinearity, t, t != (0 if reverse else T - 1), reverse, ws, dy, w_hh,
+                                       lengths)
+                else:
+                    backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths)
         if d_in is not None:
             rows = slice(start * B, stop * B)
             ops.gemm(dgx[rows], w_ih, d_in.reshape(T * B, -1)[rows], beta=1.0)
         yield ops.mark()
+    if algorithm != "graph":  # the last step's dgates reach the initial state through W_hh
+        ops.gemm(ws.dgh[T - 1 if reverse else 0], w_hh, ws.dh, beta=1.0)
     # weight gradients: single GEMMs over all T*B rows
     h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
     ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)

@@ -2,7 +2,7 @@
 
     python kernels/ptx_report.py [--out kernels/results/ptx-report.json]
 
-For each kernel of gpurnn.cuda.kernels, float32 and float64, sm_80 and sm_90:
+For each kernel of gpurnn.cuda.kernels and gpurnn.cuda.fused, float32 and float64, sm_80 and sm_90:
 numba.cuda.compile_ptx (no GPU needed) with the signature a launch on
 workspace buffers compiles, then ``ptxas -v`` from the nvidia-cuda-nvcc wheel
 (the same CUDA minor as the NVVM that wrote the PTX). Writes a JSON report
@@ -57,7 +57,8 @@ def ptxas_stats(ptxas, ptx, arch):
         return int(m.group(1)) if m else 0
 
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
-                spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"))
+                spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"),
+                shared_static=number(r"(\d+) bytes smem"))
 
 
 def main():
@@ -66,27 +67,33 @@ def main():
     args = ap.parse_args()
     from gpurnn.backend import load_numba_cuda
     cuda = load_numba_cuda()
-    from gpurnn.cuda import kernels
+    from gpurnn.cuda import fused, kernels
 
     ptxas = find_ptxas()
     if ptxas is None:
         sys.exit("ptxas not found: pip install nvidia-cuda-nvcc (the gpurnn[cudasim] extra)")
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    builds = [(label, kernel, dtype, signature) for name, kernel in kernels.KERNELS.items()
+              for dtype in (np.float32, np.float64) for label, signature in kernels.signatures(name, dtype).items()]
+    for algorithm, table in (("fused", fused.FUSED), ("persistent", fused.PERSISTENT)):
+        builds += [(f"{cell}_{phase} {algorithm}", kernel, dtype, fused.signatures(cell, phase, algorithm, dtype))
+                   for (cell, phase), kernel in table.items() for dtype in (np.float32, np.float64)]
     rows = []
-    for name, kernel in kernels.KERNELS.items():
-        for dtype in (np.float32, np.float64):
-            for label, signature in kernels.signatures(name, dtype).items():
-                for arch in ARCHS:
-                    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=arch)
-                    rows.append(dict(kernel=label, dtype=np.dtype(dtype).name, arch=f"sm_{arch[0]}{arch[1]}",
-                                     **ptxas_stats(ptxas, ptx, arch)))
+    for label, kernel, dtype, signature in builds:
+        for arch in ARCHS:
+            ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=arch)
+            rows.append(dict(kernel=label, dtype=np.dtype(dtype).name, arch=f"sm_{arch[0]}{arch[1]}",
+                             **ptxas_stats(ptxas, ptx, arch)))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(ptxas=version, rows=rows), f, indent=1)
-    print(f"{'kernel':<19}{'dtype':<9}{'arch':<7}{'regs':>5}{'spill st':>10}{'spill ld':>10}{'stack':>7}")
+    print(f"{'kernel':<27}{'dtype':<9}{'arch':<7}{'regs':>5}{'spill st':>10}{'spill ld':>10}{'stack':>7}{'smem':>6}")
     for r in rows:
-        print(f"{r['kernel']:<19}{r['dtype']:<9}{r['arch']:<7}{r['registers']:>5}{r['spill_stores']:>10}"
-              f"{r['spill_loads']:>10}{r['stack_frame']:>7}")
+        print(f"{r['kernel']:<27}{r['dtype']:<9}{r['arch']:<7}{r['registers']:>5}{r['spill_stores']:>10}"
+              f"{r['spill_loads']:>10}{r['stack_frame']:>7}{r['shared_static']:>6}")
+    print("A persistent block also holds G*units*H*itemsize bytes of W_hh in dynamic shared memory "
+          "(at most 48 KiB); with the registers above, that decides how many blocks fit on an SM "
+          "(CudaOps.persistent_plan asks the driver on the GPU).")
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     if spilling:
         sys.exit(f"{len(spilling)} kernel builds spill registers")

@@ -22,8 +22,14 @@ def test_every_kernel_compiles_without_spills(tmp_path):
     rows = json.loads(report.read_text())["rows"]
     kernels = [f"{cell}_{pass_}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")]
     kernels += ["lstm_forward eval", "gru_forward eval", "adam_update", "gather_rows", "one_hot", "softmax_xent"]
+    recurrences = [f"{cell}_{pass_} {algorithm}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")
+                   for algorithm in ("fused", "persistent")]
     builds = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
-    assert builds == {(k, d, a) for k in kernels for d in ("float32", "float64") for a in ("sm_80", "sm_90")}
+    assert builds == {(k, d, a) for k in kernels + recurrences for d in ("float32", "float64")
+                      for a in ("sm_80", "sm_90")}
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        assert 0 < r["registers"] <= 64, r  # lean enough for full occupancy at 128 threads
+        if r["kernel"].endswith("persistent"):  # 256 threads: two blocks an SM need at most 128
+            assert 0 < r["registers"] <= 128, r
+        else:
+            assert 0 < r["registers"] <= 64, r  # lean enough for full occupancy at 128 threads

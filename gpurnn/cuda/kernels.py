@@ -70,23 +70,45 @@ def activate_grad(nonlinearity, h, k):
 
 
 # --------------------------------------------------------------------------- RNN
-@cuda.jit(cache=True)
-def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
-    """gx: [T, B, H]  gh: [B, H]  b_ih, b_hh: [H]  h: [T+1, B, H]  y: [T, B, H]  lengths: [B]"""
-    B, H = h.shape[1], h.shape[2]
-    idx = cuda.grid(1)
-    if idx >= B * H:
-        return
-    b, j = idx // H, idx % H
+# Each cell's step is a device function of one element (b, j), given the
+# recurrent projection of that element (rec: (h_prev W_hh^T)[b, j] per gate
+# block) or, backward, the gradient carried into the state it wrote (dh_in).
+# The per-step kernels below read those from the step GEMM's output; the fused
+# and persistent kernels (gpurnn.cuda.fused) compute them themselves.
+@cuda.jit(device=True, inline=True)
+def rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity):
     prev, nxt = t + reverse, t + 1 - reverse
     k = constants(h)
     if t >= lengths[b]:  # padded step: carry the state, output 0
         h[nxt, b, j] = h[prev, b, j]
         y[t, b, j] = k[0]
         return
-    h_new = activate(nonlinearity, (gx[t, b, j] + b_ih[j]) + (gh[b, j] + b_hh[j]), k)
+    h_new = activate(nonlinearity, (gx[t, b, j] + b_ih[j]) + (rec + b_hh[j]), k)
     h[nxt, b, j] = h_new
     y[t, b, j] = h_new
+
+
+@cuda.jit(device=True, inline=True)
+def rnn_point_backward(t, reverse, b, j, dh_in, h, dy, dh, dgates, lengths, nonlinearity):
+    nxt = t + 1 - reverse
+    k = constants(h)
+    if t >= lengths[b]:  # padded step: the gradient passes through untouched
+        dgates[t, b, j] = k[0]
+        dh[b, j] = dh_in
+        return
+    dh_total = dh_in + dy[t, b, j]  # output at t plus what flows back from t+1
+    dgates[t, b, j] = dh_total * activate_grad(nonlinearity, h[nxt, b, j], k)
+    dh[b, j] = k[0]  # h_{t-1} reaches h_t only through W_hh
+
+
+@cuda.jit(cache=True)
+def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
+    """gx: [T, B, H]  gh: [B, H]  b_ih, b_hh: [H]  h: [T+1, B, H]  y: [T, B, H]  lengths: [B]"""
+    B, H = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx < B * H:
+        b, j = idx // H, idx % H
+        rnn_point_forward(t, reverse, b, j, gx, gh[b, j], b_ih, b_hh, h, y, lengths, nonlinearity)
 
 
 @cuda.jit(cache=True)
@@ -94,29 +116,15 @@ def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
     """h: [T+1, B, H]  dy: [T, B, H]  dh: [B, H] (in/out)  dgates: [T, B, H]"""
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
-    if idx >= B * H:
-        return
-    b, j = idx // H, idx % H
-    nxt = t + 1 - reverse
-    k = constants(h)
-    if t >= lengths[b]:  # padded step: the gradient passes through untouched
-        dgates[t, b, j] = k[0]
-        return
-    dh_total = dh[b, j] + dy[t, b, j]  # output at t plus what flows back from t+1
-    dgates[t, b, j] = dh_total * activate_grad(nonlinearity, h[nxt, b, j], k)
-    dh[b, j] = k[0]  # h_{t-1} reaches h_t only through W_hh
+    if idx < B * H:
+        b, j = idx // H, idx % H
+        rnn_point_backward(t, reverse, b, j, dh[b, j], h, dy, dh, dgates, lengths, nonlinearity)
 
 
 # -------------------------------------------------------------------------- LSTM
-@cuda.jit(cache=True)
-def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
-    """gx: [T, B, 4H] (i, f, g, o)  gh: [B, 4H]  b_ih, b_hh: [4H]  h, c: [T+1, B, H]
-    gates: [T, B, 4H]  y: [T, B, H]  lengths: [B]"""
-    B, H = h.shape[1], h.shape[2]
-    idx = cuda.grid(1)
-    if idx >= B * H:
-        return
-    b, j = idx // H, idx % H
+@cuda.jit(device=True, inline=True)
+def lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b_hh, h, c, gates, y, lengths):
+    H = h.shape[2]
     prev, nxt = t + reverse, t + 1 - reverse
     zero, one, half, _, _ = constants(h)
     if t >= lengths[b]:  # padded step: carry the state, output 0
@@ -126,10 +134,10 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
         for k in range(4):
             gates[t, b, k * H + j] = zero
         return
-    i = sigmoid((gx[t, b, j] + b_ih[j]) + (gh[b, j] + b_hh[j]), half)
-    f = sigmoid((gx[t, b, H + j] + b_ih[H + j]) + (gh[b, H + j] + b_hh[H + j]), half)
-    g = math.tanh((gx[t, b, 2 * H + j] + b_ih[2 * H + j]) + (gh[b, 2 * H + j] + b_hh[2 * H + j]))
-    o = sigmoid((gx[t, b, 3 * H + j] + b_ih[3 * H + j]) + (gh[b, 3 * H + j] + b_hh[3 * H + j]), half)
+    i = sigmoid((gx[t, b, j] + b_ih[j]) + (rec_i + b_hh[j]), half)
+    f = sigmoid((gx[t, b, H + j] + b_ih[H + j]) + (rec_f + b_hh[H + j]), half)
+    g = math.tanh((gx[t, b, 2 * H + j] + b_ih[2 * H + j]) + (rec_g + b_hh[2 * H + j]))
+    o = sigmoid((gx[t, b, 3 * H + j] + b_ih[3 * H + j]) + (rec_o + b_hh[3 * H + j]), half)
     c_new = f * c[prev, b, j] + i * g
     h_new = o * math.tanh(c_new)
     c[nxt, b, j] = c_new
@@ -141,27 +149,22 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
     gates[t, b, 3 * H + j] = o
 
 
-@cuda.jit(cache=True)
-def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
-    """c: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh, dc: [B, H] (in/out)
-    dgates: [T, B, 4H]"""
-    B, H = c.shape[1], c.shape[2]
-    idx = cuda.grid(1)
-    if idx >= B * H:
-        return
-    b, j = idx // H, idx % H
+@cuda.jit(device=True, inline=True)
+def lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, lengths):
+    H = c.shape[2]
     prev, nxt = t + reverse, t + 1 - reverse
     zero, one, half, _, _ = constants(c)
     if t >= lengths[b]:  # padded step: the gradients pass through untouched
         for k in range(4):
             dgates[t, b, k * H + j] = zero
+        dh[b, j] = dh_in
         return
     i = gates[t, b, j]
     f = gates[t, b, H + j]
     g = gates[t, b, 2 * H + j]
     o = gates[t, b, 3 * H + j]
     tanh_c = math.tanh(c[nxt, b, j])
-    dh_total = dh[b, j] + dy[t, b, j]
+    dh_total = dh_in + dy[t, b, j]
     dc_total = dc[b, j] + dh_total * o * (one - tanh_c * tanh_c)  # backprop through tanh(c_t)
     dgates[t, b, j] = dc_total * g * i * (one - i)
     dgates[t, b, H + j] = dc_total * c[prev, b, j] * f * (one - f)
@@ -171,16 +174,33 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     dh[b, j] = zero  # h_{t-1} reaches the gates only through W_hh
 
 
-# --------------------------------------------------------------------------- GRU
 @cuda.jit(cache=True)
-def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
-    """gx: [T, B, 3H] (r, z, n)  gh: [B, 3H]  b_ih, b_hh: [3H]  h: [T+1, B, H]
-    gates: [T, B, 4H] (r, z, n, hn)  y: [T, B, H]  lengths: [B]"""
+def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
+    """gx: [T, B, 4H] (i, f, g, o)  gh: [B, 4H]  b_ih, b_hh: [4H]  h, c: [T+1, B, H]
+    gates: [T, B, 4H]  y: [T, B, H]  lengths: [B]"""
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
-    if idx >= B * H:
-        return
-    b, j = idx // H, idx % H
+    if idx < B * H:
+        b, j = idx // H, idx % H
+        lstm_point_forward(t, reverse, b, j, gx, gh[b, j], gh[b, H + j], gh[b, 2 * H + j], gh[b, 3 * H + j],
+                           b_ih, b_hh, h, c, gates, y, lengths)
+
+
+@cuda.jit(cache=True)
+def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
+    """c: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh, dc: [B, H] (in/out)
+    dgates: [T, B, 4H]"""
+    B, H = c.shape[1], c.shape[2]
+    idx = cuda.grid(1)
+    if idx < B * H:
+        b, j = idx // H, idx % H
+        lstm_point_backward(t, reverse, b, j, dh[b, j], c, gates, dy, dh, dc, dgates, lengths)
+
+
+# --------------------------------------------------------------------------- GRU
+@cuda.jit(device=True, inline=True)
+def gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths):
+    H = h.shape[2]
     prev, nxt = t + reverse, t + 1 - reverse
     zero, one, half, _, _ = constants(h)
     if t >= lengths[b]:  # padded step: carry the state, output 0
@@ -189,9 +209,9 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
         for k in range(4):
             gates[t, b, k * H + j] = zero
         return
-    r = sigmoid((gx[t, b, j] + b_ih[j]) + (gh[b, j] + b_hh[j]), half)
-    z = sigmoid((gx[t, b, H + j] + b_ih[H + j]) + (gh[b, H + j] + b_hh[H + j]), half)
-    hn = gh[b, 2 * H + j] + b_hh[2 * H + j]  # U_n h + b_hn, kept apart: r scales it
+    r = sigmoid((gx[t, b, j] + b_ih[j]) + (rec_r + b_hh[j]), half)
+    z = sigmoid((gx[t, b, H + j] + b_ih[H + j]) + (rec_z + b_hh[H + j]), half)
+    hn = rec_n + b_hh[2 * H + j]  # U_n h + b_hn, kept apart: r scales it
     n = math.tanh((gx[t, b, 2 * H + j] + b_ih[2 * H + j]) + r * hn)
     h_prev = h[prev, b, j]
     h_new = n + z * (h_prev - n)  # (1 - z) n + z h_prev
@@ -203,27 +223,22 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     gates[t, b, 3 * H + j] = hn
 
 
-@cuda.jit(cache=True)
-def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
-    """h: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh: [B, H] (in/out)
-    dgx, dgh: [T, B, 3H]"""
-    B, H = h.shape[1], h.shape[2]
-    idx = cuda.grid(1)
-    if idx >= B * H:
-        return
-    b, j = idx // H, idx % H
+@cuda.jit(device=True, inline=True)
+def gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, lengths):
+    H = h.shape[2]
     prev = t + reverse
     zero, one, half, _, _ = constants(h)
     if t >= lengths[b]:  # padded step: the gradient passes through untouched
         for k in range(3):
             dgx[t, b, k * H + j] = zero
             dgh[t, b, k * H + j] = zero
+        dh[b, j] = dh_in
         return
     r = gates[t, b, j]
     z = gates[t, b, H + j]
     n = gates[t, b, 2 * H + j]
     hn = gates[t, b, 3 * H + j]
-    dh_total = dh[b, j] + dy[t, b, j]
+    dh_total = dh_in + dy[t, b, j]
     dn = dh_total * (one - z) * (one - n * n)  # backprop through tanh
     dz = dh_total * (h[prev, b, j] - n) * z * (one - z)
     dr = dn * hn * r * (one - r)
@@ -234,6 +249,29 @@ def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
     dgh[t, b, H + j] = dz
     dgh[t, b, 2 * H + j] = dn * r
     dh[b, j] = dh_total * z  # the z h_{t-1} path skips W_hh
+
+
+@cuda.jit(cache=True)
+def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
+    """gx: [T, B, 3H] (r, z, n)  gh: [B, 3H]  b_ih, b_hh: [3H]  h: [T+1, B, H]
+    gates: [T, B, 4H] (r, z, n, hn)  y: [T, B, H]  lengths: [B]"""
+    B, H = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx < B * H:
+        b, j = idx // H, idx % H
+        gru_point_forward(t, reverse, b, j, gx, gh[b, j], gh[b, H + j], gh[b, 2 * H + j], b_ih, b_hh, h, gates,
+                          y, lengths)
+
+
+@cuda.jit(cache=True)
+def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
+    """h: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh: [B, H] (in/out)
+    dgx, dgh: [T, B, 3H]"""
+    B, H = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx < B * H:
+        b, j = idx // H, idx % H
+        gru_point_backward(t, reverse, b, j, dh[b, j], h, gates, dy, dh, dgx, dgh, lengths)
 
 
 # ----------------------------------------------------------------- optimizer

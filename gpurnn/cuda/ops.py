@@ -25,9 +25,10 @@ import warnings
 import numpy as np
 
 from gpurnn.backend import NumpyOps, deterministic_algorithms, load_cupy, load_numba_cuda, math_mode
-from gpurnn.cuda import kernels
+from gpurnn.cuda import fused, kernels
 
 THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
+FUSED_THREADS = 128  # elements (b, j) a fused step's block works on, at most one per thread
 # The input projection runs as INPUT_SPANS GEMMs on a side stream, overlapping the
 # recurrence, while the per-step GEMM leaves the GPU room: measured on an H200,
 # 4 spans took config A's forward from 1.82 to 1.74 ms but B's from 11.5 to 11.7 ms,
@@ -60,6 +61,8 @@ class CudaOps:
         self.simulate = simulate
         self.cuda = load_numba_cuda()
         self.capture_note = ""
+        self.algorithm = "graph"  # the recurrence algorithm of the call being issued (see run)
+        self._lanes_running = 1  # lanes whose work may run at the same time as the current one's
         self._wrapped = {}
         self._transpose_faster = {}
         if simulate:
@@ -170,9 +173,11 @@ class CudaOps:
             finally:
                 self._lane = home
 
+        self._lanes_running = n  # persistent grids of the lanes share the SMs
         try:
             yield enter
         finally:
+            self._lanes_running = 1
             for lane in lanes[1:]:
                 home.stream.wait_event(lane.stream.record())
 
@@ -282,11 +287,11 @@ class CudaOps:
         """One thread per element of [B, H]."""
         self._launch_grid(kernel, (B * H + THREADS - 1) // THREADS, THREADS, *args)
 
-    def _launch_grid(self, kernel, blocks, threads, *args):
+    def _launch_grid(self, kernel, blocks, threads, *args, shared=0):
         if self.simulate:
-            kernel[blocks, threads](*(self._sim_wrap(a) for a in args))
+            kernel[blocks, threads, 0, shared](*(self._sim_wrap(a) for a in args))
         else:
-            kernel[blocks, threads, self._lane.kernels](*(self._wrap(a) for a in args))
+            kernel[blocks, threads, self._lane.kernels, shared](*(self._wrap(a) for a in args))
 
     def _wrap(self, a):
         """A numba view of a CuPy array, made once per buffer (passing CuPy arrays
@@ -381,6 +386,104 @@ class CudaOps:
                               lengths=lengths, G=3)
         self._launch(kernels.gru_backward, B, H, t, reverse, h, gates, dy, dh, dgx, dgh, lengths)
 
+    # ------------------------------------------- fused and persistent recurrences
+    def fused_forward(self, cell, nonlinearity, t, reverse, ws, b_ih, b_hh, gates, y, lengths):
+        """Forward step t of one direction in one launch (gpurnn.cuda.fused), reading
+        W_hh^T from ws.w_hh_t, which the caller has refreshed; buffers as the step kernels'."""
+        T, B, H = self._check_direction(cell, t, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates)
+        units, blocks, threads = _fused_grid(B, H)
+        args = {"rnn": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, y, lengths,
+                        kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
+                "lstm": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, ws.c, gates, y, lengths),
+                "gru": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, gates, y, lengths)}[cell]
+        self._launch_grid(fused.FUSED[cell, "forward"], blocks, threads, t, reverse, units, *args)
+
+    def fused_backward(self, cell, nonlinearity, t, has_next, reverse, ws, dy, w_hh, lengths):
+        """BPTT step t of one direction in one launch: first the recurrent gradient of the
+        step BPTT ran before (when has_next), then the cell's pointwise backward."""
+        T, B, H = self._check_direction(cell, t, reverse, ws, dy, lengths, w_hh=w_hh)
+        units, blocks, threads = _fused_grid(B, H)
+        t_next = t - 1 if reverse else t + 1
+        self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
+                          w_hh.reshape(-1), *self._backward_buffers(cell, nonlinearity, ws, dy, lengths))
+
+    def persistent_forward(self, cell, nonlinearity, span, reverse, ws, w_hh, b_ih, b_hh, gates, y, lengths):
+        """Forward steps [start, stop) of one direction in one launch, W_hh on chip."""
+        start, stop = span
+        T, B, H = self._check_direction(cell, start, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates,
+                                        w_hh=w_hh)
+        args = {"rnn": (ws.gx, w_hh, b_ih, b_hh, ws.h, y, lengths, kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
+                "lstm": (ws.gx, w_hh, b_ih, b_hh, ws.h, ws.c, gates, y, lengths),
+                "gru": (ws.gx, w_hh, b_ih, b_hh, ws.h, gates, y, lengths)}[cell]
+        self._launch_persistent(cell, "forward", ws, (start, stop, reverse), args)
+
+    def persistent_backward(self, cell, nonlinearity, span, first, reverse, ws, dy, w_hh, lengths):
+        """BPTT steps of the span [start, stop) in one launch; first: the span BPTT starts with."""
+        start, stop = span
+        T, B, H = self._check_direction(cell, start, reverse, ws, dy, lengths, w_hh=w_hh)
+        self._launch_persistent(cell, "backward", ws, (start, stop, bool(first), reverse),
+                                (w_hh, *self._backward_buffers(cell, nonlinearity, ws, dy, lengths)))
+
+    def _backward_buffers(self, cell, nonlinearity, ws, dy, lengths):
+        return {"rnn": (ws.h, dy, ws.dh, ws.dgx, lengths, kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
+                "lstm": (ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgx, lengths),
+                "gru": (ws.h, ws.gates, dy, ws.dh, ws.dgx, ws.dgh, lengths)}[cell]
+
+    def _launch_persistent(self, cell, phase, ws, head, args):
+        B, H = ws.h.shape[1], ws.h.shape[2]
+        kernel = fused.PERSISTENT[cell, phase]
+        units, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H, kernel,
+                                                              (*head, 0, *args, ws.sync))
+        ws.sync[:1] = 0  # the barrier counts this launch's arrivals from zero
+        self._launch_grid(kernel, blocks, threads, *head, units, *args, ws.sync, shared=shared)
+
+    def persistent_plan(self, cell, phase, dtype, B, H, kernel=None, args=None):
+        """(units per block, blocks, threads, shared bytes) of a persistent launch whose
+        blocks all fit on the GPU at once, with the SMs shared among the lanes that
+        may run at the same time; ``NotApplicable`` saying why when there is none."""
+        G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+        itemsize = np.dtype(dtype).itemsize
+        lanes = self._lanes_running
+        for units in range(1, H + 1):
+            blocks = -(-H // units)
+            if units > 1 and blocks == -(-H // (units - 1)):
+                continue  # the grid of one unit fewer, with more shared memory a block
+            shared = G * units * H * itemsize
+            if shared > fused.SHARED_LIMIT:
+                raise NotApplicable(f"persistent {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name}: "
+                                    f"{blocks} blocks would each hold {shared >> 10} KiB of W_hh, over the "
+                                    f"{fused.SHARED_LIMIT >> 10} KiB a block may use; fewer units per block need "
+                                    f"more blocks than fit on the GPU at once ({lanes} lane(s) running)")
+            threads = min(fused.MAX_THREADS, _round_up(B * units, 32))
+            if blocks <= self._resident_blocks(kernel, args, threads, shared) // lanes:
+                return units, blocks, threads, shared
+        raise NotApplicable(f"persistent {cell} {phase}: no grid for H={H}")
+
+    def _resident_blocks(self, kernel, args, threads, shared):
+        """How many blocks of ``kernel`` (compiled for ``args``) can be resident at once."""
+        if self.simulate:
+            return 1  # the simulator runs blocks one after another: a barrier among two would never open
+        if kernel is None:
+            return 1 << 30
+        compiled = kernel.compile(tuple(kernel.typeof_pyval(self._wrap(a)) for a in args))
+        return compiled.max_cooperative_grid_blocks(threads, shared)
+
+    def _check_direction(self, cell, t, reverse, ws, y, lengths, **bufs):
+        """Check one direction's workspace and the step's other buffers (see _check_step)."""
+        G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+        extra = {}
+        if "w_hh" in bufs:
+            H = ws.h.shape[2]
+            w = bufs.pop("w_hh")
+            if tuple(w.shape) != (G * H, H) or w.dtype != ws.h.dtype:
+                raise ValueError(f"kernel launch: w_hh must be {ws.h.dtype} of shape {(G * H, H)}, "
+                                 f"got {w.dtype} {tuple(w.shape)}")
+        if cell == "lstm":
+            extra["c"] = ws.c
+        if "gates" in bufs and cell == "rnn":
+            bufs.pop("gates")
+        return _check_step(t, reverse, ws.h, G=G, lengths=lengths, gx=ws.gx, y=y, **bufs, **extra)
+
     # ------------------------------------------------------------- graphs
     def run(self, ws, name, fn, capture=True):
         """Run ``fn`` (a whole stack forward or backward over workspace ``ws``).
@@ -418,6 +521,20 @@ class CudaOps:
             self.capture_note = f"time loops run eagerly: CUDA graph capture failed ({type(exc).__name__}: {exc})"
             warnings.warn(f"gpurnn: {self.capture_note}", UserWarning, stacklevel=4)
             return "eager"
+
+
+class NotApplicable(ValueError):
+    """An algorithm that cannot run a shape, and why."""
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _fused_grid(B, H):
+    """(units per block, blocks, threads) of a fused step: about FUSED_THREADS elements a block."""
+    units = max(1, min(H, FUSED_THREADS // B))
+    return units, -(-H // units), min(FUSED_THREADS, _round_up(B * units, 32))
 
 
 def _check_step(t, reverse, state, G, lengths, **bufs):

@@ -1,0 +1,474 @@
+"""Recurrent steps that compute their own recurrent product: fused and persistent kernels.
+
+Two algorithms besides the graph of cuBLAS step GEMMs and pointwise kernels
+(``gpurnn.cuda.kernels``), for shapes too small to fill the GPU:
+
+- **fused**: one launch per step. Block k owns hidden units [k*U, (k+1)*U) of
+  every batch row; each thread of it computes, for one element (b, j), the dot
+  products of h_prev[b] with the rows of W_hh of unit j (one per gate block)
+  and applies the cell's pointwise step to them. Backward, each thread first
+  adds the recurrent part of its gradient, (dgates_{t'} W_hh)[b, j] of the step
+  t' BPTT ran just before, then runs the cell's pointwise backward; the last
+  step's product is one GEMM after the loop.
+- **persistent**: one launch per span of steps. Each block copies its units'
+  rows of W_hh (backward: columns) into shared memory once, then runs the same
+  per-step tile as the fused kernel over every step of the span, with a
+  barrier among all blocks between steps (each step reads the whole h_prev or
+  dgates row that every block wrote).
+
+The per-step tiles (``*_forward_tile``, ``*_backward_tile``) are device
+functions shared by both, so the simulator tests the persistent body through
+the fused driver even though it cannot run a barrier between blocks.
+
+The weights reach a tile flat, as w[k * w_cols + g * gate_stride + (j - w_base)]:
+- forward: W_hh[g*H + j, k] (fused: W_hh^T [H, G*H] in global memory, so
+  neighbouring threads read neighbouring words; persistent: the block's
+  [H, G*U] slice in shared memory);
+- backward: W_hh[k, j] for k < G*H (fused: W_hh itself; persistent: the block's
+  [G*H, U] columns), with gate_stride unused.
+
+Numerics: each dot product accumulates in the buffers' dtype (float32 or
+float64) in order k = 0..H-1, and sums are grouped as the step kernels'
+(x W_ih^T + b_ih) + (h W_hh^T + b_hh).
+
+Barrier (``grid_barrier``): block thread 0 makes the block's writes visible
+(``threadfence``), counts its arrival in sync[0] with an atomic add, and polls
+until every block has arrived; states written by other blocks are then read
+through L2 (``ld.global.cg``), never a possibly stale L1 line. The host only
+launches a persistent grid whose blocks can all be resident at once (see
+``CudaOps.persistent_plan``), so the barrier cannot wait on a block that is not
+running; should it wait SPIN_LIMIT polls all the same, it sets sync[1], every
+block writes NaN into what it had left to write and returns: a visible error,
+never a hang.
+"""
+
+import math
+
+import numpy as np
+from numba import int32
+
+from gpurnn.backend import _simulating, load_numba_cuda
+from gpurnn.cuda.kernels import (gru_point_backward, gru_point_forward, lstm_point_backward, lstm_point_forward,
+                                 rnn_point_backward, rnn_point_forward)
+
+cuda = load_numba_cuda()
+
+SPIN_LIMIT = 1 << 24  # polls of the barrier counter (~2-4 s) before a block gives up
+SHARED_LIMIT = 48 << 10  # bytes of W_hh a persistent block may hold (no opt-in to more shared memory)
+MAX_THREADS = 256
+
+# --------------------------------------------------------------------- memory
+if _simulating():  # the simulator has no cache-hinted loads or sleeps; its blocks see memory as is
+    @cuda.jit(device=True)
+    def fresh(a, i):
+        return a[i]
+
+    @cuda.jit(device=True)
+    def poll(a, i):
+        return a[i]
+
+    @cuda.jit(device=True)
+    def pause():
+        pass
+else:
+    # The intrinsics behind cuda.ldcg / cuda.ldcv: those overloads compile through a
+    # dispatcher that asks the driver for the GPU's compute capability, so a kernel
+    # using them could not be compiled to PTX on a machine without a GPU.
+    from numba.cuda.cache_hints import ldcg_intrinsic, ldcv_intrinsic
+
+    @cuda.jit(device=True, inline=True)
+    def fresh(a, i):
+        return ldcg_intrinsic(a, i)  # through L2: other blocks of this launch may have just written a[i]
+
+    @cuda.jit(device=True, inline=True)
+    def poll(a, i):
+        return ldcv_intrinsic(a, i)  # never cached: the counter changes under us
+
+    @cuda.jit(device=True, inline=True)
+    def pause():
+        cuda.nanosleep(32)
+
+
+@cuda.jit(device=True, inline=True)
+def grid_barrier(sync, generation):
+    """Wait until all blocks of the grid have arrived here ``generation`` times.
+    sync: [2] int32 (arrivals, failure flag). False if the wait failed (see module doc)."""
+    passed = cuda.shared.array(1, int32)
+    cuda.syncthreads()  # the block's writes of this step are issued
+    if cuda.threadIdx.x == 0:
+        cuda.threadfence()  # ... and visible to every block before we count as arrived
+        cuda.atomic.add(sync, 0, 1)
+        target = generation * cuda.gridDim.x
+        ok = 1
+        polls = 0
+        while poll(sync, 0) < target:
+            if poll(sync, 1) != 0 or polls >= SPIN_LIMIT:
+                cuda.atomic.max(sync, 1, 1)  # tell the other blocks to stop waiting too
+                ok = 0
+                break
+            polls += 1
+            pause()
+        cuda.threadfence()
+        passed[0] = ok
+    cuda.syncthreads()
+    return passed[0] != 0
+
+
+@cuda.jit(device=True, inline=True)
+def _element(e, j0, U):
+    """(b, j) of the block's e-th element: its U units of one batch row after another."""
+    b = e // U
+    return b, j0 + e - b * U
+
+
+# ------------------------------------------------------------------- forward tiles
+@cuda.jit(device=True, inline=True)
+def rnn_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, b_ih, b_hh, h, y, lengths, nonlinearity):
+    """Step t for units [j0, j1) of every batch row (shapes as kernels.rnn_forward)."""
+    B, H = h.shape[1], h.shape[2]
+    U = j1 - j0
+    prev = t + reverse
+    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
+        b, j = _element(e, j0, U)
+        col = j - w_base
+        rec = h.dtype.type(0)
+        if t < lengths[b]:  # a padded row carries its state: no product needed
+            for k in range(H):
+                rec += fresh(h, (prev, b, k)) * w[k * w_cols + col]
+        rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity)
+
+
+@cuda.jit(device=True, inline=True)
+def lstm_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, b_ih, b_hh, h, c, gates, y,
+                      lengths):
+    """Step t for units [j0, j1) of every batch row (shapes as kernels.lstm_forward)."""
+    B, H = h.shape[1], h.shape[2]
+    U = j1 - j0
+    prev = t + reverse
+    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
+        b, j = _element(e, j0, U)
+        col = j - w_base
+        rec_i = rec_f = rec_g = rec_o = h.dtype.type(0)
+        if t < lengths[b]:
+            for k in range(H):
+                hk = fresh(h, (prev, b, k))
+                row = k * w_cols + col
+                rec_i += hk * w[row]
+                rec_f += hk * w[row + gate_stride]
+                rec_g += hk * w[row + 2 * gate_stride]
+                rec_o += hk * w[row + 3 * gate_stride]
+        lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b_hh, h, c, gates, y, lengths)
+
+
+@cuda.jit(device=True, inline=True)
+def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, b_ih, b_hh, h, gates, y, lengths):
+    """Step t for units [j0, j1) of every batch row (shapes as kernels.gru_forward)."""
+    B, H = h.shape[1], h.shape[2]
+    U = j1 - j0
+    prev = t + reverse
+    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
+        b, j = _element(e, j0, U)
+        col = j - w_base
+        rec_r = rec_z = rec_n = h.dtype.type(0)
+        if t < lengths[b]:
+            for k in range(H):
+                hk = fresh(h, (prev, b, k))
+                row = k * w_cols + col
+                rec_r += hk * w[row]
+                rec_z += hk * w[row + gate_stride]
+                rec_n += hk * w[row + 2 * gate_stride]
+        gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths)
+
+
+# ------------------------------------------------------------------ backward tiles
+@cuda.jit(device=True, inline=True)
+def recurrent_grad(dgh, t_next, b, j, G, w, w_cols, w_base):
+    """(dgates_{t_next} W_hh)[b, j]: what the step BPTT ran before sends into this one's state."""
+    H = dgh.shape[2] // G
+    col = j - w_base
+    total = dgh.dtype.type(0)
+    for k in range(G * H):
+        total += fresh(dgh, (t_next, b, k)) * w[k * w_cols + col]
+    return total
+
+
+@cuda.jit(device=True, inline=True)
+def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, h, dy, dh, dgates, lengths,
+                      nonlinearity):
+    """BPTT step t for units [j0, j1): dh[b, j] (+ the recurrent gradient from step t_next
+    when has_next) is the gradient carried in; shapes as kernels.rnn_backward."""
+    B = h.shape[1]
+    U = j1 - j0
+    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
+        b, j = _element(e, j0, U)
+        dh_in = dh[b, j]
+        if has_next:
+            dh_in += recurrent_grad(dgates, t_next, b, j, 1, w, w_cols, w_base)
+        rnn_point_backward(t, reverse, b, j, dh_in, h, dy, dh, dgates, lengths, nonlinearity)
+
+
+@cuda.jit(device=True, inline=True)
+def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, c, gates, dy, dh, dc, dgates,
+                       lengths):
+    """As rnn_backward_tile, for kernels.lstm_backward's buffers."""
+    B = c.shape[1]
+    U = j1 - j0
+    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
+        b, j = _element(e, j0, U)
+        dh_in = dh[b, j]
+        if has_next:
+            dh_in += recurrent_grad(dgates, t_next, b, j, 4, w, w_cols, w_base)
+        lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, lengths)
+
+
+@cuda.jit(device=True, inline=True)
+def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, h, gates, dy, dh, dgx, dgh,
+                      lengths):
+    """As rnn_backward_tile, for kernels.gru_backward's buffers (the product reads dgh)."""
+    B = h.shape[1]
+    U = j1 - j0
+    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
+        b, j = _element(e, j0, U)
+        dh_in = dh[b, j]
+        if has_next:
+            dh_in += recurrent_grad(dgh, t_next, b, j, 3, w, w_cols, w_base)
+        gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, lengths)
+
+
+# ------------------------------------------------------------ fused step kernels
+# Launch with ceil(H / units) blocks; w_t: W_hh^T [H, G*H] flat; w: W_hh [G*H, H] flat.
+@cuda.jit(cache=True)
+def rnn_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, y, lengths, nonlinearity):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    rnn_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, H, 0, b_ih, b_hh, h, y, lengths, nonlinearity)
+
+
+@cuda.jit(cache=True)
+def lstm_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, c, gates, y, lengths):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    lstm_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 4 * H, H, 0, b_ih, b_hh, h, c, gates, y,
+                      lengths)
+
+
+@cuda.jit(cache=True)
+def gru_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, gates, y, lengths):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    gru_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 3 * H, H, 0, b_ih, b_hh, h, gates, y, lengths)
+
+
+@cuda.jit(cache=True)
+def rnn_backward_fused(t, t_next, has_next, reverse, units, w, h, dy, dh, dgates, lengths, nonlinearity):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    rnn_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, h, dy, dh, dgates, lengths,
+                      nonlinearity)
+
+
+@cuda.jit(cache=True)
+def lstm_backward_fused(t, t_next, has_next, reverse, units, w, c, gates, dy, dh, dc, dgates, lengths):
+    H = c.shape[2]
+    j0 = cuda.blockIdx.x * units
+    lstm_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, c, gates, dy, dh, dc,
+                       dgates, lengths)
+
+
+@cuda.jit(cache=True)
+def gru_backward_fused(t, t_next, has_next, reverse, units, w, h, gates, dy, dh, dgx, dgh, lengths):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, h, gates, dy, dh, dgx, dgh,
+                      lengths)
+
+
+# ------------------------------------------------------------ persistent kernels
+# Launch with ceil(H / units) blocks, all co-resident, and G*units*H*itemsize bytes of
+# dynamic shared memory; sync[0] must be 0. Steps [start, stop) of a span, in the
+# direction's order (forward: backwards in t when reverse; BPTT the other way).
+@cuda.jit(device=True, inline=True)
+def _stage_rows(sw, w_hh, G, j0, U, units):
+    """sw[k * G*units + g*units + u] = W_hh[g*H + j0 + u, k]: the block's rows, transposed."""
+    H = w_hh.shape[1]
+    for e in range(cuda.threadIdx.x, G * U * H, cuda.blockDim.x):
+        k = e // (G * U)
+        rest = e - k * G * U
+        g = rest // U
+        u = rest - g * U
+        sw[k * G * units + g * units + u] = w_hh[g * H + j0 + u, k]
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline=True)
+def _stage_columns(sw, w_hh, j0, U, units):
+    """sw[k * units + u] = W_hh[k, j0 + u] for k < G*H: the block's columns."""
+    for e in range(cuda.threadIdx.x, w_hh.shape[0] * U, cuda.blockDim.x):
+        k = e // U
+        u = e - k * U
+        sw[k * units + u] = w_hh[k, j0 + u]
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline=True)
+def _forward_step_of(start, stop, reverse, s):
+    return stop - 1 - s if reverse else start + s
+
+
+@cuda.jit(device=True, inline=True)
+def _backward_steps_of(start, stop, reverse, s):
+    """(t, t_next) of BPTT's s-th step of the span: t_next is the step BPTT ran before t."""
+    if reverse:
+        t = start + s
+        return t, t - 1
+    t = stop - 1 - s
+    return t, t + 1
+
+
+@cuda.jit(device=True, inline=True)
+def _poison_forward(start, stop, reverse, j0, j1, h, y):
+    """After a failed barrier: NaN in every output and state of the span this block owns."""
+    B = h.shape[1]
+    U = j1 - j0
+    nan = h.dtype.type(math.nan)
+    for t in range(start, stop):
+        for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
+            b, j = _element(e, j0, U)
+            y[t, b, j] = nan
+            h[t + 1 - reverse, b, j] = nan
+
+
+@cuda.jit(device=True, inline=True)
+def _poison_backward(j0, j1, dh):
+    """After a failed barrier: NaN in the carried gradient this block owns."""
+    B = dh.shape[0]
+    U = j1 - j0
+    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
+        b, j = _element(e, j0, U)
+        dh[b, j] = dh.dtype.type(math.nan)
+
+
+@cuda.jit
+def rnn_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, y, lengths, nonlinearity, sync):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    j1 = min(H, j0 + units)
+    sw = cuda.shared.array(0, h.dtype)
+    _stage_rows(sw, w_hh, 1, j0, j1 - j0, units)
+    for s in range(stop - start):
+        t = _forward_step_of(start, stop, reverse, s)
+        rnn_forward_tile(t, reverse, j0, j1, gx, sw, units, j0, b_ih, b_hh, h, y, lengths, nonlinearity)
+        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+            _poison_forward(start, stop, reverse, j0, j1, h, y)
+            return
+
+
+@cuda.jit
+def lstm_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, c, gates, y, lengths, sync):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    j1 = min(H, j0 + units)
+    sw = cuda.shared.array(0, h.dtype)
+    _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
+    for s in range(stop - start):
+        t = _forward_step_of(start, stop, reverse, s)
+        lstm_forward_tile(t, reverse, j0, j1, gx, sw, 4 * units, units, j0, b_ih, b_hh, h, c, gates, y, lengths)
+        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+            _poison_forward(start, stop, reverse, j0, j1, h, y)
+            return
+
+
+@cuda.jit
+def gru_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, gates, y, lengths, sync):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    j1 = min(H, j0 + units)
+    sw = cuda.shared.array(0, h.dtype)
+    _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
+    for s in range(stop - start):
+        t = _forward_step_of(start, stop, reverse, s)
+        gru_forward_tile(t, reverse, j0, j1, gx, sw, 3 * units, units, j0, b_ih, b_hh, h, gates, y, lengths)
+        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+            _poison_forward(start, stop, reverse, j0, j1, h, y)
+            return
+
+
+@cuda.jit
+def rnn_backward_persistent(start, stop, first, reverse, units, w_hh, h, dy, dh, dgates, lengths, nonlinearity,
+                            sync):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    j1 = min(H, j0 + units)
+    sw = cuda.shared.array(0, h.dtype)
+    _stage_columns(sw, w_hh, j0, j1 - j0, units)
+    for s in range(stop - start):
+        t, t_next = _backward_steps_of(start, stop, reverse, s)
+        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, h, dy, dh, dgates, lengths,
+                          nonlinearity)
+        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+            _poison_backward(j0, j1, dh)
+            return
+
+
+@cuda.jit
+def lstm_backward_persistent(start, stop, first, reverse, units, w_hh, c, gates, dy, dh, dc, dgates, lengths,
+                             sync):
+    H = c.shape[2]
+    j0 = cuda.blockIdx.x * units
+    j1 = min(H, j0 + units)
+    sw = cuda.shared.array(0, c.dtype)
+    _stage_columns(sw, w_hh, j0, j1 - j0, units)
+    for s in range(stop - start):
+        t, t_next = _backward_steps_of(start, stop, reverse, s)
+        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, c, gates, dy, dh, dc,
+                           dgates, lengths)
+        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+            _poison_backward(j0, j1, dh)
+            return
+
+
+@cuda.jit
+def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, dy, dh, dgx, dgh, lengths, sync):
+    H = h.shape[2]
+    j0 = cuda.blockIdx.x * units
+    j1 = min(H, j0 + units)
+    sw = cuda.shared.array(0, h.dtype)
+    _stage_columns(sw, w_hh, j0, j1 - j0, units)
+    for s in range(stop - start):
+        t, t_next = _backward_steps_of(start, stop, reverse, s)
+        gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, h, gates, dy, dh, dgx,
+                          dgh, lengths)
+        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+            _poison_backward(j0, j1, dh)
+            return
+
+
+FUSED = {("rnn", "forward"): rnn_forward_fused, ("lstm", "forward"): lstm_forward_fused,
+         ("gru", "forward"): gru_forward_fused, ("rnn", "backward"): rnn_backward_fused,
+         ("lstm", "backward"): lstm_backward_fused, ("gru", "backward"): gru_backward_fused}
+PERSISTENT = {("rnn", "forward"): rnn_forward_persistent, ("lstm", "forward"): lstm_forward_persistent,
+              ("gru", "forward"): gru_forward_persistent, ("rnn", "backward"): rnn_backward_persistent,
+              ("lstm", "backward"): lstm_backward_persistent, ("gru", "backward"): gru_backward_persistent}
+
+
+def signatures(cell, phase, algorithm, dtype):
+    """The numba signature of a launch on workspace buffers (as kernels.signatures; y and dy
+    may be strided, an eval forward's gates have time stride 0). Used by the PTX report."""
+    from numba import types
+
+    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    i64, flag = types.int64, types.boolean
+    c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
+    a3 = types.Array(f, 3, "A")
+    lengths, sync = types.Array(types.int32, 1, "C"), types.Array(types.int32, 1, "C")
+    if phase == "forward":
+        head = (i64, i64, i64) if algorithm == "fused" else (i64, i64, i64, i64)  # t, reverse, units / span
+        w = c1 if algorithm == "fused" else c2
+        tail = {"rnn": (c3, w, c1, c1, c3, a3, lengths, i64), "lstm": (c3, w, c1, c1, c3, c3, a3, a3, lengths),
+                "gru": (c3, w, c1, c1, c3, a3, a3, lengths)}[cell]
+    else:
+        head = (i64, i64, flag, i64, i64)  # t, t_next, has_next, reverse, units / start, stop, first, ...
+        w = c1 if algorithm == "fused" else c2
+        tail = {"rnn": (w, c3, a3, c2, c3, lengths, i64), "lstm": (w, c3, c3, a3, c2, c2, c3, lengths),
+                "gru": (w, c3, c3, a3, c2, c3, c3, lengths)}[cell]
+    return head + tail + ((sync,) if algorithm == "persistent" else ())
