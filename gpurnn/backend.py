@@ -63,6 +63,39 @@ def deterministic_algorithms():
     return _deterministic
 
 
+RNN_ALGORITHMS = ("graph", "fused", "persistent")
+_rnn_algorithm = None
+
+
+def set_rnn_algorithm(name=None):
+    """Force the recurrence algorithm of every layer (CUDA backend), or None (the
+    default) to let each shape use the fastest, timed at its first call:
+
+    "graph"       per step a cuBLAS GEMM and a pointwise kernel, captured as a CUDA graph
+    "fused"       per step one kernel that also computes the recurrent product
+    "persistent"  one kernel per span of steps, W_hh in shared memory
+
+    The environment variable GPURNN_RNN_ALGO does the same for a whole process. A
+    forced algorithm that cannot run a shape raises ValueError saying why; the
+    NumPy backend runs "graph" only."""
+    global _rnn_algorithm
+    if name is not None and name not in RNN_ALGORITHMS:
+        raise ValueError(f"name: expected one of {RNN_ALGORITHMS} or None, got {name!r}")
+    _rnn_algorithm = name
+
+
+def rnn_algorithm():
+    """The forced algorithm (set_rnn_algorithm, else GPURNN_RNN_ALGO), or None: chosen per shape."""
+    if _rnn_algorithm is not None:
+        return _rnn_algorithm
+    env = os.environ.get("GPURNN_RNN_ALGO", "").strip()
+    if env in ("", "auto"):
+        return None
+    if env not in RNN_ALGORITHMS:
+        raise ValueError(f"GPURNN_RNN_ALGO: expected one of {RNN_ALGORITHMS} or auto, got {env!r}")
+    return env
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says what is missing."""
 
@@ -173,9 +206,15 @@ class NumpyOps:
         out[np.arange(ids.size), ids] = 1
 
     @staticmethod
-    def run(ws, name, fn, capture=True):
+    def run(ws, name, fn, capture=True, accumulates=()):
         """Run a whole forward or backward over workspace ws; the CUDA backend
-        captures and replays it as a graph."""
+        chooses its algorithm and captures and replays it as a graph."""
+        forced = rnn_algorithm()
+        if forced not in (None, "graph"):
+            raise ValueError(f"rnn algorithm {forced!r} (set_rnn_algorithm / GPURNN_RNN_ALGO): the numpy backend "
+                             f"runs only 'graph' (a step GEMM and a pointwise step per step); use the CUDA backend "
+                             f"or set it to None")
+        ws.algorithms[name, math_mode(), deterministic_algorithms()] = "graph"
         fn()
 
     @staticmethod

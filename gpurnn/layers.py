@@ -140,6 +140,16 @@ class _RNNBase:
         return ws
 
     @property
+    def algorithms(self):
+        """Which recurrence algorithm ran each pass of the latest call, e.g.
+        {"forward": "persistent", "backward": "fused"} (CUDA: chosen per shape, see
+        gpurnn.set_rnn_algorithm); {} before the first call."""
+        if not self._workspaces:
+            return {}
+        ws = next(reversed(self._workspaces.values()))
+        return {key[0]: algorithm for key, algorithm in ws.algorithms.items()}
+
+    @property
     def recorded(self):
         """Per-timestep internals of the last ``model(x, record=True)``: a dict of
         [num_layers*D, T, B, H] arrays (RNN "a" = pre-activation; LSTM "i", "f",
@@ -294,10 +304,11 @@ class _RNNBase:
             if cfg.cell == "lstm":
                 ws.stage("d_cn", d_cn)
             self._cache_used = True
+            accumulates = list(self._grads.values()) + ([] if embedding is None else [embedding[1]])
             self._ops.run(ws, "backward",
                           lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on,
                                                  recorders, embedding),
-                          capture=recorders is None)
+                          capture=recorders is None, accumulates=accumulates)
             grads = (None if ws.dx is None else self._time_major_out(ws.dx, unbatched), ws.dh0.copy(),
                      ws.dc0.copy() if cfg.cell == "lstm" else None)
         if unbatched:

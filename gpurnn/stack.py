@@ -13,6 +13,8 @@ run as a wavefront over spans of time (layer l on span k while layer l-1 is on
 span k+1). On NumPy the lanes run in order and a layer is a single span.
 """
 
+import numpy as np
+
 from gpurnn import sequence
 from gpurnn.sequence import GATE_BLOCKS, Direction
 
@@ -55,6 +57,8 @@ class Workspace:
     ones: [1, T*B]        for the bias-gradient GEMMs
     dirs[k]: Direction    per layer and direction, k = l*D + d
     graphs: dict          CUDA graphs captured over these buffers (CUDA backend)
+    algorithms: dict      (pass name, math mode, deterministic) -> the recurrence algorithm it runs
+    algorithm_notes: dict algorithm -> why it was left out for these shapes
     embedding: tuple      the (weight, gradient) arrays those graphs read, with a vocabulary
     zeroed: set           staged buffers known to hold zeros (and lengths == T), so
                           that calls without them skip re-writing them
@@ -63,7 +67,8 @@ class Workspace:
     def __init__(self, xp, cfg, T, B, dtype, dropout, vocab=None):
         L, D, H = cfg.L, cfg.D, cfg.H
         lstm = cfg.cell == "lstm"
-        self.T, self.B = T, B
+        self.cfg, self.T, self.B = cfg, T, B
+        self.dtype, self.vocab, self.dropout = dtype, vocab, dropout
         self.x = None if vocab else xp.empty((T, B, cfg.I), dtype)
         self.ids = xp.empty((T, B), xp.int32) if vocab else None
         self.onehot = xp.empty((T * B, vocab), dtype) if vocab else None
@@ -86,8 +91,29 @@ class Workspace:
         self.dirs = [Direction.allocate(xp, cfg.cell, T, B, cfg.layer_input_size(k // D), H, dtype,
                                         vocab if k < D else None) for k in range(L * D)]
         self.graphs = {}
+        self.algorithms = {}
+        self.algorithm_notes = {}
         self.embedding = None
         self.zeroed = set()
+
+    @property
+    def lanes(self):
+        """How many recurrences of this stack may run at once: its directions, or a
+        unidirectional stack's layers (the wavefront)."""
+        return self.cfg.D if self.cfg.D > 1 else self.cfg.L
+
+    def describe(self):
+        """The shape that decides which recurrence algorithm is fastest."""
+        cfg = self.cfg
+        return (f"{cfg.cell} I={cfg.I} H={cfg.H} L={cfg.L} D={cfg.D} T={self.T} B={self.B} "
+                f"{np.dtype(self.dtype).name}"
+                f"{f' V={self.vocab}' if self.vocab else ''}{' dropout' if self.dropout else ''}")
+
+    def results(self, name):
+        """The arrays a forward (or backward) writes for its caller, to compare algorithms by."""
+        if name == "backward":
+            return [self.dx, self.dh0, self.dc0]
+        return [self.out[-1], self.h_n, self.c_n]
 
     def stage(self, name, value, default=0):
         """Copy ``value`` into the buffer ``name``; None means ``default``,

@@ -24,8 +24,10 @@ import warnings
 
 import numpy as np
 
-from gpurnn.backend import NumpyOps, deterministic_algorithms, load_cupy, load_numba_cuda, math_mode
+from gpurnn.backend import (RNN_ALGORITHMS, NumpyOps, deterministic_algorithms, load_cupy, load_numba_cuda,
+                            math_mode, rnn_algorithm, to_host)
 from gpurnn.cuda import fused, kernels
+from gpurnn.cuda.algorithms import Choices, fastest
 
 THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
 FUSED_THREADS = 128  # elements (b, j) a fused step's block works on, at most one per thread
@@ -69,11 +71,15 @@ class CudaOps:
             self.name, self.xp = "cudasim", np
             self._stream = None
             self._cublas = None
+            self.timer = None  # simulated time says nothing: "graph" unless forced (tests may set one)
+            self.choices = Choices("cudasim")
         else:
             from gpurnn.cuda.cublas import Cublas
 
             cupy = load_cupy()
             self.name, self.xp = "cuda", cupy
+            self.timer = self._time_on_gpu  # (ws, name, fn, algorithm, accumulates) -> (seconds, results)
+            self.choices = Choices(_device_key(cupy))
             # lane 0 is our stream, whose GEMMs use the handle's own workspace; more
             # lanes are made when work first runs concurrently
             self._lanes = [_Lane(cupy, self.cuda, own_workspace=False)]
@@ -433,11 +439,11 @@ class CudaOps:
         B, H = ws.h.shape[1], ws.h.shape[2]
         kernel = fused.PERSISTENT[cell, phase]
         units, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H, kernel,
-                                                              (*head, 0, *args, ws.sync))
+                                                              fused.signatures(cell, phase, "persistent", ws.h.dtype))
         ws.sync[:1] = 0  # the barrier counts this launch's arrivals from zero
         self._launch_grid(kernel, blocks, threads, *head, units, *args, ws.sync, shared=shared)
 
-    def persistent_plan(self, cell, phase, dtype, B, H, kernel=None, args=None):
+    def persistent_plan(self, cell, phase, dtype, B, H, kernel=None, signature=None):
         """(units per block, blocks, threads, shared bytes) of a persistent launch whose
         blocks all fit on the GPU at once, with the SMs shared among the lanes that
         may run at the same time; ``NotApplicable`` saying why when there is none."""
@@ -455,18 +461,15 @@ class CudaOps:
                                     f"{fused.SHARED_LIMIT >> 10} KiB a block may use; fewer units per block need "
                                     f"more blocks than fit on the GPU at once ({lanes} lane(s) running)")
             threads = min(fused.MAX_THREADS, _round_up(B * units, 32))
-            if blocks <= self._resident_blocks(kernel, args, threads, shared) // lanes:
+            if blocks <= self._resident_blocks(kernel, signature, threads, shared) // lanes:
                 return units, blocks, threads, shared
         raise NotApplicable(f"persistent {cell} {phase}: no grid for H={H}")
 
-    def _resident_blocks(self, kernel, args, threads, shared):
-        """How many blocks of ``kernel`` (compiled for ``args``) can be resident at once."""
+    def _resident_blocks(self, kernel, signature, threads, shared):
+        """How many blocks of ``kernel`` (compiled for ``signature``) can be resident at once."""
         if self.simulate:
             return 1  # the simulator runs blocks one after another: a barrier among two would never open
-        if kernel is None:
-            return 1 << 30
-        compiled = kernel.compile(tuple(kernel.typeof_pyval(self._wrap(a)) for a in args))
-        return compiled.max_cooperative_grid_blocks(threads, shared)
+        return kernel.compile(signature).max_cooperative_grid_blocks(threads, shared)
 
     def _check_direction(self, cell, t, reverse, ws, y, lengths, **bufs):
         """Check one direction's workspace and the step's other buffers (see _check_step)."""
@@ -485,28 +488,127 @@ class CudaOps:
         return _check_step(t, reverse, ws.h, G=G, lengths=lengths, gx=ws.gx, y=y, **bufs, **extra)
 
     # ------------------------------------------------------------- graphs
-    def run(self, ws, name, fn, capture=True):
+    def run(self, ws, name, fn, capture=True, accumulates=()):
         """Run ``fn`` (a whole stack forward or backward over workspace ``ws``).
 
-        The first call per (workspace, name, math mode, determinism) runs eagerly, which also
+        The first call per (workspace, name, math mode, determinism) picks the
+        recurrence algorithm (``choose_algorithm``), runs eagerly, which also
         compiles the kernels and sets up cuBLAS, and is then captured into a
         CUDA graph; later calls replay the graph. If capture fails, warn once and
         stay eager. ``capture=False`` (diagnostics, which read norms on the host
-        every step) always runs eagerly.
+        every step) always runs eagerly. ``accumulates``: the arrays ``fn`` adds
+        into (gradients), restored after each timed run.
         """
-        if self.simulate or not capture:
-            fn()
-            return
         key = (name, math_mode(), deterministic_algorithms())
         entry = ws.graphs.get(key)
         if entry is not None and entry != "eager":
             entry.launch(self._stream)
             return
-        fn()
-        if entry is None and self._capture_ok:
-            ws.graphs[key] = self._capture(fn)
-        else:
-            ws.graphs[key] = "eager"
+        if key not in ws.algorithms:
+            ws.algorithms[key] = self.choose_algorithm(ws, name, fn, accumulates)
+        self.algorithm = ws.algorithms[key]
+        try:
+            fn()
+            if self.simulate or not capture:
+                return
+            if entry is None and self._capture_ok:
+                ws.graphs[key] = self._capture(fn)
+            else:
+                ws.graphs[key] = "eager"
+        finally:
+            self.algorithm = "graph"
+
+    def choose_algorithm(self, ws, name, fn, accumulates=()):
+        """The recurrence algorithm for this call's shape: the forced one (checked
+        to run it), "graph" with deterministic algorithms or nothing to time with,
+        the one stored on disk for this shape, or the fastest of those that run it
+        and agree with "graph" (``timer``); why each other one was left out goes
+        into ws.algorithm_notes."""
+        forced = rnn_algorithm()
+        if forced is not None:
+            try:
+                self.check_algorithm(ws, name, forced)
+            except NotApplicable as exc:
+                raise NotApplicable(f"rnn algorithm {forced!r} (forced by set_rnn_algorithm or GPURNN_RNN_ALGO) "
+                                    f"cannot run this {name}: {exc}") from None
+            return forced
+        if deterministic_algorithms() or self.timer is None:  # a timing can come out either way
+            return "graph"
+        candidates = []
+        for algorithm in RNN_ALGORITHMS:
+            try:
+                self.check_algorithm(ws, name, algorithm)
+                candidates.append(algorithm)
+            except NotApplicable as exc:
+                ws.algorithm_notes[algorithm] = str(exc)
+        shape = f"{ws.describe()} {name} {math_mode()}"
+        stored = self.choices.lookup(shape)
+        if stored in candidates or len(candidates) == 1:
+            return stored if stored in candidates else candidates[0]
+        times, reference = {}, None
+        for algorithm in candidates:  # "graph" first: the others are checked against it
+            elapsed, results = self.timer(ws, name, fn, algorithm, accumulates)
+            if reference is None:
+                reference = results
+            elif not _agree(results, reference):
+                ws.algorithm_notes[algorithm] = f"rnn algorithm {algorithm!r} left out: its results differ from 'graph' at {shape}"
+                warnings.warn(f"gpurnn: {ws.algorithm_notes[algorithm]}", RuntimeWarning, stacklevel=4)
+                continue
+            times[algorithm] = elapsed
+        best = fastest(times)
+        self.choices.store(shape, best, times)
+        return best
+
+    def check_algorithm(self, ws, name, algorithm):
+        """Raise NotApplicable (a ValueError) saying why ``algorithm`` cannot run ws's shape."""
+        if algorithm not in RNN_ALGORITHMS:
+            raise NotApplicable(f"rnn algorithm: expected one of {RNN_ALGORITHMS}, got {algorithm!r}")
+        if algorithm != "persistent":
+            return
+        cfg = ws.cfg
+        phase = "backward" if name == "backward" else "forward"
+        kernel = fused.PERSISTENT[cfg.cell, phase]
+        signature = fused.signatures(cfg.cell, phase, "persistent", ws.h0.dtype)
+        old, self._lanes_running = self._lanes_running, 1 if self.simulate else ws.lanes
+        try:
+            self.persistent_plan(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H, kernel, signature)
+        finally:
+            self._lanes_running = old
+
+    def _time_on_gpu(self, ws, name, fn, algorithm, accumulates):
+        """(seconds per call, results) of ``fn`` run with ``algorithm``: once eagerly
+        (compiling it), then captured and replayed for about 20 ms of calls."""
+        cupy = self.xp
+        saved = [a.copy() for a in accumulates]
+        self.algorithm = algorithm
+        try:
+            fn()
+            results = [None if r is None else r.copy() for r in ws.results(name)]
+            graph = self._capture(fn) if self._capture_ok else "eager"
+            once = fn if graph == "eager" else (lambda: graph.launch(self._stream))
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(self._stream)
+            once()
+            stop.record(self._stream)
+            stop.synchronize()
+            calls = int(min(20, max(3, 20.0 / max(cupy.cuda.get_elapsed_time(start, stop), 1e-3))))
+            start.record(self._stream)
+            for _ in range(calls):
+                once()
+            stop.record(self._stream)
+            stop.synchronize()
+            elapsed = cupy.cuda.get_elapsed_time(start, stop) * 1e-3 / calls
+        finally:
+            self.algorithm = "graph"
+            for a, copy in zip(accumulates, saved):
+                a[...] = copy
+        if any(int(d.sync[1]) for d in ws.dirs):  # a persistent barrier gave up: never choose it
+            for d in ws.dirs:
+                d.sync[...] = 0
+            return float("inf"), [self.xp.full(1, np.nan)]
+        if name == "backward":
+            results += [a - copy for a, copy in zip(accumulates, saved)]
+        return elapsed, results
 
     def _capture(self, fn):
         try:
@@ -527,8 +629,32 @@ class NotApplicable(ValueError):
     """An algorithm that cannot run a shape, and why."""
 
 
+def _agree(results, reference):
+    """Do two algorithms' results match, to a tolerance that TF32 GEMMs meet and a
+    wrong kernel (NaN, a missed element, a race) does not?"""
+    if results is None or reference is None:
+        return True
+    for a, b in zip(results, reference):
+        if a is None or b is None:
+            continue
+        a, b = to_host(a), to_host(b)
+        if a.shape != b.shape or not np.isfinite(a).all() or np.abs(a - b).max(initial=0) > 2e-2 * (np.abs(b).max(initial=0) + 1e-3):
+            return False
+    return True
+
+
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
+
+
+def _device_key(cupy):
+    """The GPU's name and the software whose speed a stored choice depends on."""
+    import numba_cuda
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return (f"{name} | CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()} | CuPy {cupy.__version__} | "
+            f"numba-cuda {numba_cuda.__version__}")
 
 
 def _fused_grid(B, H):

@@ -1,0 +1,239 @@
+"""The recurrence algorithms (graph, fused, persistent) and the choice among them.
+
+Under numba's CUDA simulator: the fused step kernels and the persistent
+kernels (one block: the simulator runs blocks one after another, so a barrier
+between two could never open) against the NumPy spec, through whole models,
+forward and BPTT, odd shapes, lengths, reverse directions, every RNN
+nonlinearity; the bounded barrier giving up instead of hanging; the
+algorithm chooser with a fake timing table, its on-disk cache read back in a
+second process, and forced algorithms that cannot run a shape.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpurnn
+from gpurnn.cells import NONLINEARITIES
+from gpurnn.cuda.algorithms import Choices, fastest
+from helpers import back, backend_or_skip, make, rel_err, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return backend_or_skip("cudasim", "cudasim unavailable in this process")
+
+
+@contextlib.contextmanager
+def forced(algorithm):
+    gpurnn.set_rnn_algorithm(algorithm)
+    try:
+        yield
+    finally:
+        gpurnn.set_rnn_algorithm(None)
+
+
+def compare(cell, algorithm, I, H, T, B, lengths=None, seed=0, **kw):
+    """A cudasim model forced to ``algorithm`` against the numpy model: outputs, final
+    states, every gradient; returns the largest relative error."""
+    kw.setdefault("dtype", "float64")
+    ref = make(cell, I, H, backend="numpy", seed=seed, **kw)
+    sim = make(cell, I, H, backend="cudasim", seed=seed, **kw)
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(kw["dtype"])
+    x = rng.standard_normal((T, B, I)).astype(dt)
+    LD = ref.num_layers * (2 if ref.bidirectional else 1)
+    h0, c0 = (rng.standard_normal((LD, B, H)).astype(dt) for _ in range(2))
+    d_out = rng.standard_normal((T, B, (2 if ref.bidirectional else 1) * H)).astype(dt)
+    d_hn, d_cn = (rng.standard_normal((LD, B, H)).astype(dt) for _ in range(2))
+    expected = run(ref, x, h0, c0, lengths) + back(ref, d_out, d_hn, d_cn)
+    with forced(algorithm):
+        got = run(sim, x, h0, c0, lengths) + back(sim, d_out, d_hn, d_cn)
+        assert sim.algorithms == {"forward": algorithm, "backward": algorithm}
+    errors = [rel_err(g, e) for g, e in zip(got, expected) if e is not None]
+    errors += [rel_err(sim.grads[n], ref.grads[n]) for n in ref.grads]
+    return max(errors)
+
+
+# ------------------------------------------------------------------------ fused
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("B,H,T", [(1, 1, 1), (3, 33, 3), (1, 130, 2), (3, 1, 4)])
+def test_fused_steps_match_numpy_on_odd_shapes(sim, cell, B, H, T):
+    assert compare(cell, "fused", 2, H, T, B) < 1e-12
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_fused_steps_with_lengths_reverse_and_layers(sim, cell):
+    lengths = np.array([4, 1, 3], np.int32)
+    assert compare(cell, "fused", 3, 5, 4, 3, lengths, num_layers=2, bidirectional=True) < 1e-12
+    assert compare(cell, "fused", 3, 5, 4, 3, lengths, num_layers=3) < 1e-12  # the wavefront's spans
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_fused_rnn_every_nonlinearity(sim, nonlinearity):
+    lengths = np.array([3, 2], np.int32)
+    assert compare("rnn", "fused", 2, 4, 3, 2, lengths, nonlinearity=nonlinearity, bidirectional=True) < 1e-12
+
+
+def test_fused_float32(sim):
+    assert compare("lstm", "fused", 3, 6, 3, 2, dtype="float32") < 1e-5
+
+
+# ------------------------------------------------------------------- persistent
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_persistent_kernels_match_numpy(sim, cell):
+    lengths = np.array([3, 1], np.int32)
+    assert compare(cell, "persistent", 2, 4, 3, 2, lengths, bidirectional=True) < 1e-12
+
+
+def test_persistent_odd_shapes(sim):
+    assert compare("gru", "persistent", 1, 1, 1, 1) < 1e-12
+    assert compare("rnn", "persistent", 2, 33, 2, 3, nonlinearity="elu", num_layers=2) < 1e-12
+
+
+def test_persistent_barrier_gives_up_instead_of_hanging(sim, monkeypatch):
+    """Two blocks in the simulator, which runs them one after the other: the first
+    waits at the barrier for a block that is not running. It must give up after
+    SPIN_LIMIT polls, flag the failure and write NaN, not hang."""
+    from gpurnn.cuda import fused
+
+    monkeypatch.setattr(fused, "SPIN_LIMIT", 50)
+    T, B, H = 3, 1, 2
+    rng = np.random.default_rng(0)
+    gx, w_hh = rng.standard_normal((T, B, H)), rng.standard_normal((H, H))
+    b = np.zeros(H)
+    h, y = np.zeros((T + 1, B, H)), np.zeros((T, B, H))
+    sync = np.zeros(2, np.int32)
+    lengths = np.full(B, T, np.int32)
+    sim.ops._launch_grid(fused.rnn_forward_persistent, 2, 32, 0, T, 0, 1, gx, w_hh, b, b, h, y, lengths, 0, sync,
+                         shared=H * 8)
+    assert sync[1] == 1
+    assert np.isnan(y).all() and np.isnan(h[1:]).all()
+
+
+def test_forced_algorithm_that_cannot_run_a_shape_says_why(sim):
+    model = make("lstm", 3, 200, backend="cudasim", dtype="float64")
+    with forced("persistent"), pytest.raises(ValueError, match=r"'persistent' .*cannot run this forward.*KiB"):
+        model(np.zeros((2, 2, 3)))
+    numpy_model = make("lstm", 3, 4, backend="numpy")
+    with forced("fused"), pytest.raises(ValueError, match="numpy backend runs only 'graph'"):
+        numpy_model(np.zeros((2, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="name: expected one of"):
+        gpurnn.set_rnn_algorithm("cudnn")
+
+
+def test_env_forces_the_algorithm_and_rejects_unknown_names(sim, monkeypatch):
+    model = make("gru", 2, 3, backend="cudasim", dtype="float64")
+    monkeypatch.setenv("GPURNN_RNN_ALGO", "fused")
+    model(np.zeros((2, 1, 2)))
+    assert model.algorithms == {"forward": "fused"}
+    monkeypatch.setenv("GPURNN_RNN_ALGO", "fastest")
+    with pytest.raises(ValueError, match="GPURNN_RNN_ALGO: expected one of"):
+        model(np.zeros((3, 1, 2)))
+
+
+# ---------------------------------------------------------------------- chooser
+def test_fastest_of_a_timing_table():
+    assert fastest({"graph": 3e-3, "fused": 1e-3, "persistent": 2e-3}) == "fused"
+    with pytest.raises(ValueError, match="at least one"):
+        fastest({})
+
+
+@pytest.fixture
+def timed(sim, tmp_path, monkeypatch):
+    """The simulator's ops with a fake timer (a table of seconds) and a cache in tmp_path."""
+    ops = sim.ops
+    table, calls = {}, []
+
+    def timer(ws, name, fn, algorithm, accumulates):
+        calls.append((name, algorithm))
+        return table[algorithm], None
+
+    monkeypatch.setattr(ops, "timer", timer)
+    monkeypatch.setattr(ops, "choices", Choices("test-device", str(tmp_path / "algorithms.json")))
+    return ops, table, calls
+
+
+def test_chooser_keeps_the_fastest_and_stores_it(timed, tmp_path):
+    ops, table, calls = timed
+    table.update(graph=3e-3, fused=1e-3, persistent=2e-3)
+    model = make("lstm", 2, 3, backend="cudasim", dtype="float64")
+    model(np.zeros((2, 1, 2)))
+    assert model.algorithms == {"forward": "fused"}
+    assert [a for _, a in calls] == ["graph", "fused", "persistent"]
+    stored = json.loads((tmp_path / "algorithms.json").read_text())["test-device"]
+    (key, entry), = stored.items()
+    assert key.startswith("lstm I=2 H=3 L=1 D=1 T=2 B=1 float64") and key.endswith("forward fp32")
+    assert entry == {"algorithm": "fused", "times_ms": {"graph": 3.0, "fused": 1.0, "persistent": 2.0}}
+    model(np.zeros((2, 1, 2)))  # same shape: chosen once
+    assert len(calls) == 3
+
+
+def test_chooser_leaves_out_what_cannot_run(timed):
+    ops, table, calls = timed
+    table.update(graph=3e-3, fused=2e-3, persistent=1e-3)
+    model = make("lstm", 2, 200, backend="cudasim", dtype="float64")  # W_hh too big for one block
+    model(np.zeros((1, 1, 2)))
+    assert model.algorithms == {"forward": "fused"}
+    assert "persistent" not in [a for _, a in calls]
+    ws = next(iter(model._workspaces.values()))
+    assert "KiB" in ws.algorithm_notes["persistent"]
+
+
+def test_chooser_drops_an_algorithm_whose_results_differ(timed, monkeypatch):
+    ops, table, calls = timed
+    results = {"graph": [np.ones(3)], "fused": [np.full(3, 2.0)], "persistent": [np.ones(3)]}
+    monkeypatch.setattr(ops, "timer", lambda ws, name, fn, a, acc: ({"graph": 3, "fused": 1, "persistent": 2}[a],
+                                                                     results[a]))
+    model = make("rnn", 2, 3, backend="cudasim", dtype="float64")
+    with pytest.warns(RuntimeWarning, match="'fused'.*results differ"):
+        model(np.zeros((2, 1, 2)))
+    assert model.algorithms == {"forward": "persistent"}
+
+
+def test_chooser_reads_the_disk_cache_in_a_second_process(tmp_path):
+    """A first process times (fake table) and stores; a second, whose timer fails if
+    called, runs the stored choice."""
+    script = (
+        "import os, sys, numpy as np\n"
+        "os.environ['GPURNN_BACKEND'] = 'cudasim'\n"
+        "import gpurnn\n"
+        "from gpurnn.cuda.algorithms import Choices\n"
+        "ops = gpurnn.get_backend().ops\n"
+        "ops.choices = Choices('test-device', sys.argv[1])\n"
+        "def timer(ws, name, fn, algorithm, accumulates):\n"
+        "    if sys.argv[2] == 'second':\n"
+        "        raise AssertionError('timed again')\n"
+        "    return {'graph': 2.0, 'fused': 3.0, 'persistent': 1.0}[algorithm], None\n"
+        "ops.timer = timer\n"
+        "m = gpurnn.GRU(2, 3, dtype='float64', seed=0)\n"
+        "out, _ = m(np.ones((2, 2, 2)))\n"
+        "print(m.algorithms['forward'], float(out.sum()))\n"
+    )
+    cache = str(tmp_path / "algorithms.json")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPURNN_RNN_ALGO")}
+    outputs = []
+    for which in ("first", "second"):
+        done = subprocess.run([sys.executable, "-c", script, cache, which], capture_output=True, text=True, env=env,
+                              cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.split())
+    assert outputs[0][0] == outputs[1][0] == "persistent"
+    assert outputs[0][1] == outputs[1][1]
+
+
+def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path):
+    path = tmp_path / "algorithms.json"
+    path.write_text("{not json")
+    choices = Choices("dev", str(path))
+    assert choices.lookup("k") is None
+    choices.store("k", "fused", {"fused": 1e-3})
+    assert Choices("dev", str(path)).lookup("k") == "fused"
+    assert Choices("other", str(path)).lookup("k") is None  # another GPU decides for itself
