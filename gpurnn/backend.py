@@ -123,6 +123,13 @@ class NumpyOps:
     name = "numpy"
     xp = np
     algorithm = "graph"  # the only recurrence NumPy runs: a step GEMM and a pointwise step per step
+    profiler = None  # a gpurnn.profile.Profiler while profiling
+
+    def annotate(self, label, phase):
+        """A named phase of the work (see gpurnn.profile): timed while profiling."""
+        if self.profiler is None:
+            return contextlib.nullcontext()
+        return _wall_clock(self.profiler, phase)
 
     rnn_forward = staticmethod(cells.rnn_forward)
     rnn_backward = staticmethod(cells.rnn_backward)
@@ -238,6 +245,17 @@ class NumpyOps:
 
 _backends = {}
 _NUMPY_OPS = NumpyOps()
+
+
+@contextlib.contextmanager
+def _wall_clock(profiler, phase):
+    import time
+
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        profiler.add(phase, time.perf_counter() - start)
 
 
 def get_backend(name=None):

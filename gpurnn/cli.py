@@ -1,4 +1,4 @@
-"""The ``gpurnn`` command (also ``python -m gpurnn``): train, sample, diagnose, info.
+"""The ``gpurnn`` command (also ``python -m gpurnn``): train, sample, diagnose, profile, info.
 
 Usage problems and bad input end with one line on stderr (``gpurnn: error: ...``)
 and a non-zero exit code: 2 for bad arguments or data, 3 for a loss that became
@@ -154,7 +154,26 @@ def build_parser():
     d.add_argument("--out", default="gradient_flow.png", help="where to write the plot")
     d.add_argument("--backend", **backends)
 
-    parser("info", "the backend chosen and why, versions, GPU name")
+    p = parser("profile", "where a layer's time goes: per-phase times, the algorithm chosen, % of the GEMM ceiling")
+    p.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="the recurrent cell")
+    p.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh", help="the rnn cell's activation")
+    p.add_argument("--hidden", type=_positive_int, default=512, help="hidden units per layer")
+    p.add_argument("--input-size", type=_positive_int, help="input features (default: --hidden)")
+    p.add_argument("--layers", type=_positive_int, default=1, help="stacked recurrent layers")
+    p.add_argument("--bidirectional", action="store_true", help="two directions per layer")
+    p.add_argument("--seq-len", type=_positive_int, default=100, help="time steps")
+    p.add_argument("--batch", type=_positive_int, default=64, help="sequences in the batch")
+    p.add_argument("--pass", dest="passes", choices=("fwd", "fwd+bwd"), default="fwd+bwd",
+                   help="profile the forward alone (an inference forward) or forward and backward")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter and activation type")
+    p.add_argument("--precision", choices=("fp32", "tf32"), default="fp32",
+                   help="float32 GEMMs strict or on TF32 tensor cores (CUDA)")
+    p.add_argument("--algorithm", choices=("auto", "graph", "fused", "persistent"), default="auto",
+                   help="the recurrence algorithm: auto times each at the first call and keeps the fastest")
+    p.add_argument("--repeats", type=_positive_int, default=10, help="calls averaged for the total time")
+    p.add_argument("--backend", **backends)
+
+    parser("info", "the backend chosen and why, versions, GPU name, recurrence algorithms")
     return ap
 
 
@@ -259,6 +278,22 @@ def cmd_diagnose(args):
     print(f"plot: {args.out}")
 
 
+def cmd_profile(args):
+    from gpurnn import backend as backend_module
+    from gpurnn import profile
+
+    backend = _backend(args.backend)
+    backend_module.set_math_mode(args.precision)
+    backend_module.set_rnn_algorithm(None if args.algorithm == "auto" else args.algorithm)
+    kwargs = dict(nonlinearity=args.nonlinearity) if args.cell == "rnn" else {}
+    result = profile.profile_layer(args.cell, args.hidden, args.layers, args.seq_len, args.batch, args.input_size,
+                                   args.bidirectional, args.passes == "fwd+bwd", args.dtype, args.repeats, backend,
+                                   **kwargs)
+    sizes = (f"T={args.seq_len} B={args.batch} I={args.input_size or args.hidden} H={args.hidden} L={args.layers}"
+             f"{' bidirectional' if args.bidirectional else ''} {args.dtype} {args.passes}")
+    print("\n".join(profile.report(result, args.cell, sizes)))
+
+
 def cmd_info():
     import numpy
 
@@ -277,6 +312,15 @@ def cmd_info():
         props = backend.xp.cuda.runtime.getDeviceProperties(backend.xp.cuda.Device().id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         print(f"GPU: {name}")
+    forced = gpurnn.backend.rnn_algorithm()
+    print(f"recurrence algorithm: {forced + ' (forced)' if forced else 'chosen per shape at its first call'}"
+          + ("" if backend.name in ("cuda", "cudasim") else "; numpy runs graph only"))
+    choices = getattr(backend.ops, "choices", None)
+    if choices is not None:
+        stored = choices.entries()
+        print(f"stored choices: {len(stored)} shape(s) in {choices.path}")
+        for shape, entry in sorted(stored.items()):
+            print(f"  {shape}: {entry.get('algorithm')}")
 
 
 def _rank_prefix():
@@ -300,6 +344,8 @@ def main(argv=None):
             cmd_sample(args)
         elif args.command == "diagnose":
             cmd_diagnose(args)
+        elif args.command == "profile":
+            cmd_profile(args)
         else:
             cmd_info()
     except TrainingError as exc:

@@ -134,7 +134,7 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
 
 
 def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y, keep,
-                  spans=None, inputs_ready=None):
+                  spans=None, inputs_ready=None, label=None):
     """``forward`` span of time by span, as a generator, for schedules that
     interleave layers: the first ``next`` sets up; each further one issues one
     span's input projection and time steps and returns a mark of the point where
@@ -144,8 +144,10 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
            reverse); None: the spans the backend overlaps input projections over
     inputs_ready: None (x is written), or a list whose k-th entry, filled in by the
                   caller before span k's turn, marks where span k's rows of x are written
+    label: how the NVTX ranges (and gpurnn.profile) name this layer and direction
     """
     T, B = ws.gx.shape[:2]
+    label = label or f"{cell} {'rev' if reverse else 'fwd'}"
     embedded = isinstance(x, Embedded)
     if spans is None:
         spans = [(0, T)] if embedded else time_spans(ops, T, B, w_ih.shape[0], reverse)
@@ -165,30 +167,39 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
         # forward pass: the input projection of the span's rows ...
         gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
         if embedded:
-            ops.gather_rows(ws.table, x.ids[start:stop].reshape(-1), gx)
+            with ops.annotate(f"{label} input [{start}:{stop})", "input"):
+                ops.gather_rows(ws.table, x.ids[start:stop].reshape(-1), gx)
         else:  # ... on the side stream where there is one, overlapping the steps of the spans before
             with ops.side_stream(set_up, None if inputs_ready is None else inputs_ready[k]):
-                ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
+                with ops.annotate(f"{label} input [{start}:{stop})", "input"):
+                    ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
                 projected = ops.mark()
             ops.wait(projected)
         # ... then its steps: all in one launch (persistent), one launch each (fused),
         # or each a GEMM and a pointwise launch (graph)
-        if algorithm == "persistent":
-            ops.persistent_forward(cell, nonlinearity, (start, stop), reverse, ws, w_hh, b_ih, b_hh, gates, y, lengths)
-            yield ops.mark()
-            continue
-        for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
-            if algorithm == "fused":
-                ops.fused_forward(cell, nonlinearity, t, reverse, ws, b_ih, b_hh, gates, y, lengths)
-                continue
-            ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
-            if cell == "rnn":
-                ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, y, lengths, nonlinearity)
-            elif cell == "lstm":
-                ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.c, gates, y, lengths)
+        with ops.annotate(f"{label} steps [{start}:{stop}) {algorithm}", "steps"):
+            if algorithm == "persistent":
+                ops.persistent_forward(cell, nonlinearity, (start, stop), reverse, ws, w_hh, b_ih, b_hh, gates, y,
+                                       lengths)
             else:
-                ops.gru_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, gates, y, lengths)
+                for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
+                    if algorithm == "fused":
+                        ops.fused_forward(cell, nonlinearity, t, reverse, ws, b_ih, b_hh, gates, y, lengths)
+                    else:
+                        forward_step(ops, cell, nonlinearity, t, reverse, ws, w_rec, trans, b_ih, b_hh, gates, y,
+                                     lengths)
         yield ops.mark()
+
+
+def forward_step(ops, cell, nonlinearity, t, reverse, ws, w_rec, trans, b_ih, b_hh, gates, y, lengths):
+    """One forward step of the "graph" algorithm: the recurrent GEMM, then the fused pointwise step."""
+    ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
+    if cell == "rnn":
+        ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, y, lengths, nonlinearity)
+    elif cell == "lstm":
+        ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.c, gates, y, lengths)
+    else:
+        ops.gru_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, gates, y, lengths)
 
 
 def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):
@@ -219,7 +230,7 @@ def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, o
 
 
 def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, ones,
-                   dw_ih, dw_hh, db_ih, db_hh, spans=None, dy_ready=None, d_in=None, recorder=None):
+                   dw_ih, dw_hh, db_ih, db_hh, spans=None, dy_ready=None, d_in=None, recorder=None, label=None):
     """``backward`` span of time by span, as a generator (see ``forward_spans``):
     each ``next`` issues one span's BPTT steps and returns a mark of where they are
     done; the weight gradients follow the last span.
@@ -232,6 +243,7 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
           (what ``backward_input`` adds for the whole sequence)
     """
     T, B = ws.gx.shape[:2]
+    label = label or f"{cell} {'rev' if reverse else 'fwd'}"
     dgx = ws.dgx.reshape(T * B, -1)
     dgh = ws.dgh.reshape(T * B, -1)
     algorithm = "graph" if recorder is not None else ops.algorithm  # a recorder reads dh between GEMM and kernel
@@ -239,33 +251,36 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
         if dy_ready is not None:
             ops.wait(dy_ready[k])
         # backward pass: steps in the opposite order of the forward
-        if algorithm == "persistent":
-            ops.persistent_backward(cell, nonlinearity, (start, stop), k == 0, reverse, ws, dy, w_hh, lengths)
-        else:
-            for t in (range(start, stop) if reverse else range(stop - 1, start - 1, -1)):
-                if recorder is not None:
-                    recorder.observe(t, ws, dy)
-                if algorithm == "fused":  # the recurrent gradient of the step before, inside this step's launch
-                    ops.fused_backward(cell, nonlinearity, t, t != (0 if reverse else T - 1), reverse, ws, dy, w_hh,
-                                       lengths)
-                else:
-                    backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths)
+        with ops.annotate(f"{label} backward steps [{start}:{stop}) {algorithm}", "steps"):
+            if algorithm == "persistent":
+                ops.persistent_backward(cell, nonlinearity, (start, stop), k == 0, reverse, ws, dy, w_hh, lengths)
+            else:
+                for t in (range(start, stop) if reverse else range(stop - 1, start - 1, -1)):
+                    if recorder is not None:
+                        recorder.observe(t, ws, dy)
+                    if algorithm == "fused":  # the recurrent gradient of the step before, inside this step's launch
+                        ops.fused_backward(cell, nonlinearity, t, t != (0 if reverse else T - 1), reverse, ws, dy,
+                                           w_hh, lengths)
+                    else:
+                        backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths)
         if d_in is not None:
             rows = slice(start * B, stop * B)
-            ops.gemm(dgx[rows], w_ih, d_in.reshape(T * B, -1)[rows], beta=1.0)
+            with ops.annotate(f"{label} backward input gradient [{start}:{stop})", "weights"):
+                ops.gemm(dgx[rows], w_ih, d_in.reshape(T * B, -1)[rows], beta=1.0)
         yield ops.mark()
-    if algorithm != "graph":  # the last step's dgates reach the initial state through W_hh
-        ops.gemm(ws.dgh[T - 1 if reverse else 0], w_hh, ws.dh, beta=1.0)
-    # weight gradients: single GEMMs over all T*B rows
-    h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
-    ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)
-    ops.gemm(ones, dgx, db_ih.reshape(1, -1), beta=1.0)
-    ops.gemm(ones, dgh, db_hh.reshape(1, -1), beta=1.0)
-    if isinstance(x, Embedded):
-        ops.gemm(x.onehot, dgx, ws.dtable, trans_a=True)  # dgx summed over the rows of each symbol
-        ops.gemm(ws.dtable, x.weight, dw_ih, trans_a=True, beta=1.0)
-    else:
-        ops.gemm(dgx, x.reshape(T * B, -1), dw_ih, trans_a=True, beta=1.0)
+    with ops.annotate(f"{label} backward weights", "weights"):
+        if algorithm != "graph":  # the last step's dgates reach the initial state through W_hh
+            ops.gemm(ws.dgh[T - 1 if reverse else 0], w_hh, ws.dh, beta=1.0)
+        # weight gradients: single GEMMs over all T*B rows
+        h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
+        ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)
+        ops.gemm(ones, dgx, db_ih.reshape(1, -1), beta=1.0)
+        ops.gemm(ones, dgh, db_hh.reshape(1, -1), beta=1.0)
+        if isinstance(x, Embedded):
+            ops.gemm(x.onehot, dgx, ws.dtable, trans_a=True)  # dgx summed over the rows of each symbol
+            ops.gemm(ws.dtable, x.weight, dw_ih, trans_a=True, beta=1.0)
+        else:
+            ops.gemm(dgx, x.reshape(T * B, -1), dw_ih, trans_a=True, beta=1.0)
 
 
 def backward_input(ops, x, w_ih, ws, dx):
@@ -276,8 +291,9 @@ def backward_input(ops, x, w_ih, ws, dx):
     dx: [T, B, I] accumulates the gradient of x (None when x is Embedded: x.dweight
     accumulates instead, from ws.dtable)
     """
-    if isinstance(x, Embedded):
-        ops.gemm(ws.dtable, w_ih, x.dweight, beta=1.0)  # backprop into the embedding rows
-    else:
-        T, B = ws.gx.shape[:2]
-        ops.gemm(ws.dgx.reshape(T * B, -1), w_ih, dx.reshape(T * B, -1), beta=1.0)
+    with ops.annotate("backward input gradient", "weights"):
+        if isinstance(x, Embedded):
+            ops.gemm(ws.dtable, w_ih, x.dweight, beta=1.0)  # backprop into the embedding rows
+        else:
+            T, B = ws.gx.shape[:2]
+            ops.gemm(ws.dgx.reshape(T * B, -1), w_ih, dx.reshape(T * B, -1), beta=1.0)

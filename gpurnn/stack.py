@@ -189,7 +189,7 @@ def _forward_direction(ops, cfg, params, ws, layer, d, x, keep, spans=None, inpu
         wsd.c[first] = ws.c0[k]
     y = ws.out[layer][:, :, d * H:(d + 1) * H]
     yield from sequence.forward_spans(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh, ws.lengths, d,
-                                      wsd, y, keep, spans, inputs_ready)
+                                      wsd, y, keep, spans, inputs_ready, label=_label(cfg, layer, d))
     ws.h_n[k] = wsd.h[last]
     if cfg.cell == "lstm":
         ws.c_n[k] = wsd.c[last]
@@ -273,7 +273,13 @@ def _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, s
         wsd.dc[...] = ws.d_cn[k]
     dy = d_layer_out[:, :, d * H:(d + 1) * H]
     yield from sequence.backward_spans(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd, dy,
-                                       ws.ones, dw_ih, dw_hh, db_ih, db_hh, spans, dy_ready, d_in, recorder)
+                                       ws.ones, dw_ih, dw_hh, db_ih, db_hh, spans, dy_ready, d_in, recorder,
+                                       label=_label(cfg, layer, d))
     ws.dh0[k] = wsd.dh
     if cfg.cell == "lstm":
         ws.dc0[k] = wsd.dc
+
+
+def _label(cfg, layer, d):
+    """How NVTX ranges name a layer's direction: "lstm l0 fwd", "gru l1 rev"."""
+    return f"{cfg.cell} l{layer} {'rev' if d else 'fwd'}"

@@ -64,6 +64,8 @@ class CudaOps:
         self.cuda = load_numba_cuda()
         self.capture_note = ""
         self.algorithm = "graph"  # the recurrence algorithm of the call being issued (see run)
+        self.profiler = None  # a gpurnn.profile.Profiler while profiling: every call then runs eagerly
+        self._nvtx = None
         self._lanes_running = 1  # lanes whose work may run at the same time as the current one's
         self._wrapped = {}
         self._transpose_faster = {}
@@ -79,6 +81,14 @@ class CudaOps:
             cupy = load_cupy()
             self.name, self.xp = "cuda", cupy
             self.timer = self._time_on_gpu  # (ws, name, fn, algorithm, accumulates) -> (seconds, results)
+            try:
+                from cupy.cuda import nvtx
+
+                nvtx.RangePush("gpurnn")
+                nvtx.RangePop()
+                self._nvtx = nvtx
+            except Exception:  # a CuPy without NVTX: no ranges, nothing else lost
+                self._nvtx = None
             self.choices = Choices(_device_key(cupy))
             # lane 0 is our stream, whose GEMMs use the handle's own workspace; more
             # lanes are made when work first runs concurrently
@@ -186,6 +196,26 @@ class CudaOps:
             self._lanes_running = 1
             for lane in lanes[1:]:
                 home.stream.wait_event(lane.stream.record())
+
+    @contextlib.contextmanager
+    def annotate(self, label, phase):
+        """An NVTX range named ``label`` around the enclosed work (a Nsight Systems timeline
+        reads as the model), and, while profiling, CUDA events timing it as ``phase``."""
+        nvtx = self._nvtx
+        if nvtx is not None:
+            nvtx.RangePush(label)
+        profiling = self.profiler is not None and not self.simulate
+        if profiling:
+            stream = self.xp.cuda.get_current_stream()
+            start = stream.record()
+        try:
+            with NumpyOps.annotate(self, label, phase) if self.simulate else contextlib.nullcontext():
+                yield
+        finally:
+            if profiling:
+                self.profiler.add_events(phase, start, stream.record())
+            if nvtx is not None:
+                nvtx.RangePop()
 
     # ------------------------------------------------------------- GEMMs
     def gemm(self, a, b, out, trans_a=False, trans_b=False, beta=0.0):
@@ -501,7 +531,8 @@ class CudaOps:
         """
         key = (name, math_mode(), deterministic_algorithms())
         entry = ws.graphs.get(key)
-        if entry is not None and entry != "eager":
+        capture = capture and self.profiler is None  # a profile times each phase of an eager call
+        if entry is not None and entry != "eager" and capture:
             entry.launch(self._stream)
             return
         if key not in ws.algorithms:
