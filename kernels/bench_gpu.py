@@ -1,7 +1,7 @@
 """gpurnn's CUDA backend against torch.nn.LSTM/GRU/RNN (cuDNN), same process, same card.
 
-    python kernels/bench_gpu.py [--configs A B C D E Ab] [--cells lstm gru rnn] [--modes fp32 tf32]
-                                [--repeats 20] [--json PATH]
+    python kernels/bench_gpu.py [--configs A B C D E Ab b1 stream] [--cells lstm gru rnn] [--modes fp32 tf32]
+                                [--algorithms auto graph fused persistent] [--repeats 20] [--json PATH]
 
 BENCHMARKS.md's protocol: CUDA events on the caller's stream around each call
 (gpurnn orders its own stream after and before it), 3 warm-ups (kernel
@@ -9,8 +9,16 @@ compilation, graph capture and cuBLAS set-up stay out), median of --repeats,
 min and max kept. Forward = eval mode / torch.no_grad; forward+backward =
 train-mode forward, backward from a random d_out, all weight gradients.
 Before timing, each row checks outputs and gradients against cuDNN on the
-same weights (relative error). Prints a ratio table (gpurnn / cuDNN). Beyond
-BENCHMARKS.md's A-E, "Ab" is config A bidirectional.
+same weights (relative error). Prints a ratio table (gpurnn / cuDNN) and the
+geometric mean of the ratios. Beyond BENCHMARKS.md's A-E: "Ab" is config A
+bidirectional, "b1" a batch of one (T=100, B=1, H=256), and "stream" what
+``gpurnn sample`` does: 100 calls of one step (H=512, B=1) with the state
+carried, eval mode, timed as the 100 calls together.
+
+``--algorithms``: "auto" lets gpurnn choose per shape (the default); naming
+graph, fused or persistent forces it (gpurnn.set_rnn_algorithm) and adds a row
+per algorithm, marked "n/a" where it cannot run the shape. Each row records the
+algorithm that ran.
 """
 
 import argparse
@@ -24,8 +32,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 CONFIGS = {"A": (100, 64, 512, 1), "B": (100, 256, 1024, 1), "C": (1000, 32, 256, 1),
-           "D": (50, 8, 128, 1), "E": (100, 64, 512, 3)}
+           "D": (50, 8, 128, 1), "E": (100, 64, 512, 3), "b1": (100, 1, 256, 1)}
 BIDIRECTIONAL = {"Ab": "A"}  # beyond BENCHMARKS.md's matrix: A with both directions (run concurrently)
+STREAM = {"stream": (100, 1, 512, 1)}  # 100 calls of one step each, the state carried
 
 
 def rel(a, b):
@@ -58,6 +67,70 @@ def set_mode(mode):
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     gpurnn.set_math_mode(mode)
+
+
+def geomean(rows):
+    ratios = [r["ratio"] for r in rows if r.get("ratio")]
+    return float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
+
+
+def bench(cell, name, mode, repeats, algorithm="auto"):
+    """The rows of one (cell, config, mode) with ``algorithm`` forced (or auto)."""
+    import gpurnn
+    from gpurnn.cuda.ops import NotApplicable
+
+    gpurnn.set_rnn_algorithm(None if algorithm == "auto" else algorithm)
+    try:
+        rows = (bench_stream if name in STREAM else bench_row)(cell, name, mode, repeats)
+    except NotApplicable as exc:
+        T, B, H, L = {**CONFIGS, **STREAM}.get(name) or CONFIGS[BIDIRECTIONAL[name]]
+        rows = [dict(cell=cell, config=name, T=T, B=B, H=H, layers=L, mode=mode, pass_=what, ratio=None,
+                     algorithm=algorithm, not_applicable=str(exc)) for what in ("fwd", "fwd+bwd")]
+    finally:
+        gpurnn.set_rnn_algorithm(None)
+        set_mode("fp32")
+    for r in rows:
+        r["algorithm"] = algorithm
+    return rows
+
+
+def bench_stream(cell, name, mode, repeats):
+    """100 eval calls of one step, the state carried, against the peer doing the same."""
+    import cupy
+    import torch
+
+    import gpurnn
+
+    set_mode(mode)
+    steps, B, H, L = STREAM[name]
+    rng = np.random.default_rng(0)
+    ours = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, seed=0, backend="cuda").eval()
+    peer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](H, H).cuda()
+    peer.load_state_dict({k: torch.from_numpy(v.get()) for k, v in ours.state_dict().items()})
+    xs_host = rng.standard_normal((steps, 1, B, H)).astype(np.float32)
+    xs, xts = cupy.asarray(xs_host), torch.from_numpy(xs_host).cuda()
+
+    def ours_stream():
+        state = None
+        for t in range(steps):
+            _, state = ours(xs[t], state)
+        return state
+
+    def peer_stream():
+        state = None
+        with torch.no_grad():
+            for t in range(steps):
+                _, state = peer(xts[t], state)
+        return state
+
+    last = lambda s: s[0] if isinstance(s, tuple) else s  # noqa: E731
+    error = rel(last(ours_stream()).get(), last(peer_stream()).cpu().numpy())
+    o, p = time_ms(ours_stream, repeats), time_ms(peer_stream, repeats)
+    row = dict(cell=cell, config=name, T=steps, B=B, H=H, layers=L, bidirectional=False, mode=mode,
+               pass_="stream", gpurnn_ms=o[0], gpurnn_min_ms=o[1], gpurnn_max_ms=o[2], peer_ms=p[0],
+               peer_min_ms=p[1], peer_max_ms=p[2], ratio=o[0] / p[0], rel_err={"out": error, "dW": 0.0},
+               chosen=ours.algorithms)
+    return [row]
 
 
 def bench_row(cell, name, mode, repeats):
@@ -117,8 +190,7 @@ def bench_row(cell, name, mode, repeats):
         rows.append(dict(cell=cell, config=name, T=T, B=B, H=H, layers=L, bidirectional=bidirectional,
                          mode=mode, pass_=what, gpurnn_ms=o[0], gpurnn_min_ms=o[1], gpurnn_max_ms=o[2],
                          peer_ms=p[0], peer_min_ms=p[1], peer_max_ms=p[2], ratio=o[0] / p[0],
-                         rel_err=errors))
-    set_mode("fp32")
+                         rel_err=errors, chosen=dict(ours.algorithms)))
     return rows
 
 
@@ -140,24 +212,39 @@ def ceilings():
 
 
 def table(rows):
-    lines = [f"{'cell':<5}{'cfg':<4}{'mode':<6}{'pass':<9}{'gpurnn ms':>10}{'cuDNN ms':>10}{'ratio':>7}"
-             f"{'err out':>9}{'err dW':>9}"]
+    lines = [f"{'cell':<5}{'cfg':<7}{'mode':<6}{'pass':<9}{'algorithm':<22}{'gpurnn ms':>10}{'cuDNN ms':>10}"
+             f"{'ratio':>7}{'err out':>9}{'err dW':>9}"]
     for r in rows:
-        lines.append(f"{r['cell']:<5}{r['config']:<4}{r['mode']:<6}{r['pass_']:<9}{r['gpurnn_ms']:>10.3f}"
-                     f"{r['peer_ms']:>10.3f}{r['ratio']:>7.2f}{r['rel_err']['out']:>9.1e}{r['rel_err']['dW']:>9.1e}")
+        ran = r.get("chosen", {})
+        ran = ran.get("backward" if r["pass_"] == "fwd+bwd" else "inference", "") if ran else ""
+        algorithm = r.get("algorithm", "auto") + (f" ({ran})" if ran and r.get("algorithm", "auto") == "auto" else "")
+        head = f"{r['cell']:<5}{r['config']:<7}{r['mode']:<6}{r['pass_']:<9}{algorithm:<22}"
+        if r.get("ratio") is None:
+            lines.append(head + "n/a: " + r.get("not_applicable", "")[:80])
+            continue
+        lines.append(head + f"{r['gpurnn_ms']:>10.3f}{r['peer_ms']:>10.3f}{r['ratio']:>7.2f}"
+                     f"{r['rel_err']['out']:>9.1e}{r['rel_err']['dW']:>9.1e}")
+    for algorithm in sorted({r.get("algorithm", "auto") for r in rows}):
+        for mode in sorted({r["mode"] for r in rows}):
+            some = [r for r in rows if r.get("algorithm", "auto") == algorithm and r["mode"] == mode]
+            above = sum(1 for r in some if r.get("ratio") and r["ratio"] > 1.0)
+            lines.append(f"{algorithm} {mode}: geometric mean of the ratios {geomean(some):.2f}; "
+                         f"{above} of {sum(1 for r in some if r.get('ratio'))} rows above 1.0")
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=[*CONFIGS, *BIDIRECTIONAL], choices=[*CONFIGS, *BIDIRECTIONAL])
+    names = [*CONFIGS, *BIDIRECTIONAL, *STREAM]
+    ap.add_argument("--configs", nargs="+", default=names, choices=names)
     ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"], choices=["lstm", "gru", "rnn"])
     ap.add_argument("--modes", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32"])
+    ap.add_argument("--algorithms", nargs="+", default=["auto"], choices=["auto", "graph", "fused", "persistent"])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    rows = [r for mode in args.modes for cell in args.cells for name in args.configs
-            for r in bench_row(cell, name, mode, args.repeats)]
+    rows = [r for algorithm in args.algorithms for mode in args.modes for cell in args.cells
+            for name in args.configs for r in bench(cell, name, mode, args.repeats, algorithm)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

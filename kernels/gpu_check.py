@@ -10,16 +10,24 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
                  the GPU, twice (the second run reads numba's on-disk kernel cache);
   ceilings       copy bandwidth and fp32/TF32 GEMM ceilings;
   benchmarks     BENCHMARKS.md's matrix (configs A-E x LSTM/GRU/RNN x fwd, fwd+bwd x
-                 fp32, TF32) against cuDNN in this process;
+                 fp32, TF32) against cuDNN in this process, plus A bidirectional, a
+                 batch of one and the streaming row, each shape running the recurrence
+                 algorithm gpurnn chose for it; the geometric mean of the ratios;
+  algorithms     the same rows in fp32 with each algorithm forced (graph, fused,
+                 persistent), to see what each wins and where;
   training       ``bench_train.py``: a CharLM training step's tokens/s against torch,
                  with the time of each phase on both sides;
   torch          ``bench_torch.py``: a torch model's training step with torch.nn.LSTM/GRU
                  against gpurnn.torch.LSTM/GRU (config A and 2x512);
+  sanitizer      compute-sanitizer's memcheck, racecheck, initcheck and synccheck over
+                 ``sanitize.py`` (every cell and option, each algorithm forced): 0 errors;
   lab            (only when named, or with --lab) ``gemm_lab.py``: GEMM layouts and a
                  forward's time split, its printout kept in the JSON.
 Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log under
 --out) and prints the table last. Each stage is guarded so one failure still reports
-the rest. The whole check stays under 8 minutes on an H100/H200.
+the rest. A device call runs 10 minutes at most: run the stages in two calls,
+``--stages suite,first_forward,ceilings,benchmarks,algorithms,training,torch`` and
+``--stages sanitizer`` (each about 5 minutes on an H100, estimated: not yet timed).
 """
 
 import argparse
@@ -86,6 +94,37 @@ def suite(timeout, out_dir):
                 seconds=round(time.perf_counter() - t0, 1))
 
 
+SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+
+
+def sanitizer(timeout, out_dir):
+    """Each compute-sanitizer tool over kernels/sanitize.py: its error summary and exit status."""
+    import shutil
+
+    tool_path = shutil.which("compute-sanitizer")
+    if tool_path is None:
+        raise RuntimeError("compute-sanitizer is not on the PATH")
+    env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
+    results = {}
+    for tool in SANITIZER_TOOLS:
+        cmd = [tool_path, "--tool", tool, "--report-api-errors", "no", "--error-exitcode", "99",
+               sys.executable, os.path.join(HERE, "sanitize.py")]
+        t0 = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            log, returncode = done.stdout + done.stderr, done.returncode
+        except subprocess.TimeoutExpired as exc:
+            log, returncode = (exc.stdout or b"").decode(errors="replace"), "timeout"
+        if out_dir:
+            with open(os.path.join(out_dir, f"sanitizer-{tool}.log"), "w") as f:
+                f.write(log)
+        summary = [line.strip("= ").strip() for line in log.splitlines() if "SUMMARY" in line]
+        results[tool] = dict(returncode=returncode, summary=summary, seconds=round(time.perf_counter() - t0, 1),
+                             tail=log.strip().splitlines()[-5:])
+        print(f"[sanitizer] {tool}: exit {returncode}, {'; '.join(summary)}", flush=True)
+    return results
+
+
 def first_forward():
     env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
     runs = []
@@ -126,7 +165,7 @@ def versions():
                 commit=os.environ.get("GPURNN_COMMIT", "unknown"))
 
 
-STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "training", "torch", "lab")
+STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "sanitizer", "lab")
 
 
 def main():
@@ -136,6 +175,7 @@ def main():
     ap.add_argument("--stages", default=",".join(STAGES[:-1]),
                     help=f"comma-separated subset of {', '.join(STAGES)} (default: all but lab)")
     ap.add_argument("--suite-timeout", type=int, default=300, help="seconds the suite stage may take")
+    ap.add_argument("--sanitizer-timeout", type=int, default=240, help="seconds each sanitizer tool may take")
     ap.add_argument("--lab", action="store_true", help="also run gemm_lab.py")
     args = ap.parse_args()
     chosen = [s.strip() for s in args.stages.split(",") if s.strip()] + (["lab"] if args.lab else [])
@@ -154,8 +194,11 @@ def main():
            "first_forward": first_forward,
            "ceilings": bench_gpu.ceilings,
            "benchmarks": lambda: bench_gpu.main(bench_args),
+           "algorithms": lambda: bench_gpu.main((bench_args or ["--modes", "fp32"])
+                                                + ["--algorithms", "graph", "fused", "persistent"]),
            "training": lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "torch": lambda: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
+           "sanitizer": lambda: sanitizer(args.sanitizer_timeout, args.out),
            "lab": gemm_lab}
     for name in report["stages"]:
         stage(report, name, run[name])
@@ -190,6 +233,14 @@ def main():
     rows = report.get("benchmarks")
     if isinstance(rows, list):
         print(bench_gpu.table(rows))
+    rows = report.get("algorithms")
+    if isinstance(rows, list):
+        print("each algorithm forced:")
+        print(bench_gpu.table(rows))
+    checks = report.get("sanitizer")
+    if isinstance(checks, dict) and "error" not in checks:
+        for tool, r in checks.items():
+            print(f"compute-sanitizer {tool}: exit {r['returncode']}; {'; '.join(r['summary'])}")
     training = report.get("training")
     for r in training if isinstance(training, list) else []:
         print(f"CharLM training step, {r['size']} (LSTM {r['layers']}x{r['H']}, T={r['T']}, B={r['B']}): "

@@ -31,7 +31,37 @@ def test_gpu_check_stages_are_named_and_checked():
     assert done.returncode == 2 and "unknown ['warp']" in done.stderr
     helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0
-    assert "suite, first_forward, ceilings, benchmarks, training, torch, lab" in " ".join(helped.stdout.split())
+    assert ("suite, first_forward, ceilings, benchmarks, algorithms, training, torch, sanitizer, lab"
+            in " ".join(helped.stdout.split()))
+
+
+def test_sanitizer_script_runs_every_algorithm_under_the_simulator():
+    """The script compute-sanitizer runs on the GPU: here under numba's simulator, one
+    cell and tiny sizes (each algorithm forced, train and eval, lengths, dropout)."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "sanitize.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPURNN_RNN_ALGO")}
+    done = subprocess.run([sys.executable, script, "--backend", "cudasim", "--size", "3", "2", "3", "--cells", "gru"],
+                          capture_output=True, text=True, env=dict(env, GPURNN_BACKEND="cudasim"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "0 failures" and sum(line.endswith(" ok") for line in lines) == 12
+
+
+def test_benchmark_table_reports_algorithms_and_rows_that_cannot_run():
+    import bench_gpu
+
+    row = dict(cell="lstm", config="D", mode="fp32", pass_="fwd", gpurnn_ms=0.1, peer_ms=0.2, ratio=0.5,
+               rel_err={"out": 1e-6, "dW": 1e-6}, algorithm="auto", chosen={"inference": "persistent"})
+    na = dict(cell="lstm", config="B", mode="fp32", pass_="fwd", ratio=None, algorithm="persistent",
+              not_applicable="persistent lstm forward: too big")
+    slow = dict(row, ratio=2.0, algorithm="fused", chosen={"inference": "fused"})
+    text = bench_gpu.table([row, na, slow])
+    assert "auto (persistent)" in text and "n/a: persistent lstm forward: too big" in text
+    assert "auto fp32: geometric mean of the ratios 0.50; 0 of 1 rows above 1.0" in text
+    assert "fused fp32: geometric mean of the ratios 2.00; 1 of 1 rows above 1.0" in text
+    assert "persistent fp32: geometric mean of the ratios nan; 0 of 0 rows above 1.0" in text
 
 
 def test_bench_torch_compares_the_same_model_on_both_sides():

@@ -235,7 +235,10 @@ def test_both_recurrent_gemm_layouts_agree(gpu):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((6, 5, 8)).astype(np.float32)
     ref = host(run(make("lstm", 8, 16, seed=0, backend="numpy"), x)[0])
+    import gpurnn
+
     key = (5, (64, 16), np.dtype(np.float32).str, "fp32")
+    gpurnn.set_rnn_algorithm("graph")  # the algorithm whose step GEMMs choose a layout
     try:
         for transposed in (False, True):
             gpu.ops._transpose_faster[key] = transposed
@@ -247,6 +250,7 @@ def test_both_recurrent_gemm_layouts_agree(gpu):
             expect.params["weight_hh_l0"] *= 0.5
             assert rel_err(host(run(m, x)[0]), run(expect, x)[0]) < 1e-5
     finally:
+        gpurnn.set_rnn_algorithm(None)
         gpu.ops._transpose_faster.pop(key, None)
 
 
@@ -326,3 +330,57 @@ def test_softmax_cross_entropy_on_gpu_with_host_or_device_targets(gpu, reduction
         loss = fn(cupy.asarray(logits), t, ln)
         assert loss.shape == () and abs(float(loss) - ref) < 1e-12 * abs(ref)
         assert rel_err(host(fn.backward()), d_ref) < 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ["graph", "fused", "persistent"])
+@pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_algorithm_matches_numpy(gpu, algorithm, cell, L, bi, bf, with_lengths, T, B, I, H, dtype):
+    """Each recurrence algorithm forced in turn (lengths, reverse directions, stacks):
+    eager, captured and replayed calls against the NumPy reference."""
+    from gpurnn.cuda.ops import NotApplicable
+
+    rng = np.random.default_rng(T * B + H + 1)
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, dtype=dtype, seed=4)
+    ref, cud = make(cell, I, H, backend="numpy", **kw), make(cell, I, H, backend="cuda", **kw)
+    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, ref, T, B, rng, dtype)
+    lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    expect = run(ref, x, h0, c0, lengths) + back(ref, d_out, d_hn, d_cn)
+    gpurnn_module = pytest.importorskip("gpurnn")
+    gpurnn_module.set_rnn_algorithm(algorithm)
+    try:
+        for _ in range(3):  # eager, then captured, then replayed
+            cud.zero_grad()
+            try:
+                got = run(cud, x, h0, c0, lengths) + back(cud, d_out, d_hn, d_cn)
+            except NotApplicable as exc:
+                assert algorithm == "persistent" and H > 64, exc  # small layers always fit
+                pytest.skip(str(exc))
+            for a, b in zip(got, expect):
+                if b is not None:
+                    assert rel_err(a, b) < tol
+            for k in ref.grads:
+                assert rel_err(host(cud.grads[k]), ref.grads[k]) < tol, k
+        assert cud.algorithms == {"forward": algorithm, "backward": algorithm}
+        assert all(int(d.sync[1]) == 0 for d in cud._cache[0].dirs)  # no barrier gave up
+    finally:
+        gpurnn_module.set_rnn_algorithm(None)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_chosen_algorithm_is_stored_and_reused(gpu, cell, tmp_path, monkeypatch):
+    from gpurnn.cuda.algorithms import Choices
+
+    monkeypatch.setattr(gpu.ops, "choices", Choices(gpu.ops.choices.device, str(tmp_path / "algorithms.json")))
+    m = make(cell, 16, 64, seed=0, backend="cuda")
+    x = np.random.default_rng(0).standard_normal((30, 4, 16)).astype(np.float32)
+    out, _ = m(x)
+    chosen = m.algorithms["forward"]
+    assert chosen in ("graph", "fused", "persistent")
+    assert list(Choices(gpu.ops.choices.device, str(tmp_path / "algorithms.json")).entries().values())[0][
+        "algorithm"] == chosen
+    other = make(cell, 16, 64, seed=0, backend="cuda")  # a new model of the same shape: no timing
+    monkeypatch.setattr(gpu.ops, "timer", lambda *a: pytest.fail("timed again"))
+    np.testing.assert_allclose(host(other(x)[0]), host(out), rtol=1e-5, atol=1e-6)
+    assert other.algorithms["forward"] == chosen

@@ -468,8 +468,9 @@ class CudaOps:
     def _launch_persistent(self, cell, phase, ws, head, args):
         B, H = ws.h.shape[1], ws.h.shape[2]
         kernel = fused.PERSISTENT[cell, phase]
-        units, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H, kernel,
-                                                              fused.signatures(cell, phase, "persistent", ws.h.dtype))
+        signature = None if self.simulate else tuple(  # the launch's own types decide its registers
+            kernel.typeof_pyval(self._wrap(a)) for a in (*head, 0, *args, ws.sync))
+        units, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H, kernel, signature)
         ws.sync[:1] = 0  # the barrier counts this launch's arrivals from zero
         self._launch_grid(kernel, blocks, threads, *head, units, *args, ws.sync, shared=shared)
 

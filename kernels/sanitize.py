@@ -1,0 +1,76 @@
+"""The all-options script that compute-sanitizer runs (gpu_check's ``sanitizer`` stage).
+
+    compute-sanitizer --tool memcheck python kernels/sanitize.py
+
+Every cell x {one direction, two} x {1 layer, 2 layers with dropout}, with
+lengths, T=9, B=3, I=H=33, each recurrence algorithm forced once (graph, fused,
+persistent): a train-mode forward and backward and an eval forward, each three
+times (eager, captured, replayed). Every result must be finite and agree with
+the graph algorithm's; exits 1 otherwise, so a kernel that reads or writes out
+of bounds shows up here even where the sanitizer's report does not.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda"):
+    import gpurnn
+    from gpurnn import to_host
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, B, H)).astype(np.float32)
+    lengths = np.array([T, min(4, T), 1], np.int32)[:B]
+    failures = []
+    for cell in cells:
+        for bidirectional in (False, True):
+            for layers, dropout in ((1, 0.0), (2, 0.3)):
+                D = 2 if bidirectional else 1
+                d_out = rng.standard_normal((T, B, D * H)).astype(np.float32)
+                reference = None
+                for algorithm in ("graph", "fused", "persistent"):
+                    gpurnn.set_rnn_algorithm(algorithm)
+                    try:
+                        model = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU}[cell](
+                            H, H, num_layers=layers, dropout=dropout, bidirectional=bidirectional, seed=1,
+                            backend=backend)
+                        results = []
+                        for _ in range(3):  # eager, captured, replayed
+                            model.train()
+                            model._rng = np.random.default_rng(7)  # the same dropout masks for every algorithm
+                            model.zero_grad()
+                            out, _ = model(x, lengths=lengths)
+                            dx = model.backward(d_out)[0]
+                            model.eval()
+                            inference, _ = model(x, lengths=lengths)
+                            results = [to_host(a) for a in (out, dx, inference, *model.grads.values())]
+                    finally:
+                        gpurnn.set_rnn_algorithm(None)
+                    label = f"{cell} D={D} L={layers} {algorithm}"
+                    if not all(np.isfinite(r).all() for r in results):
+                        failures.append(f"{label}: non-finite results")
+                    elif reference is None:
+                        reference = results
+                    elif max(np.abs(a - b).max() / (np.abs(b).max() + 1e-6) for a, b in zip(results, reference)) > 1e-3:
+                        failures.append(f"{label}: differs from graph")
+                    print(label, "ok" if not failures or not failures[-1].startswith(label) else failures[-1],
+                          flush=True)
+    return failures
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", nargs=3, type=int, default=(9, 3, 33), metavar=("T", "B", "H"))
+    ap.add_argument("--cells", nargs="+", default=["rnn", "lstm", "gru"], choices=["rnn", "lstm", "gru"])
+    ap.add_argument("--backend", default="cuda", choices=["cuda", "cudasim"],
+                    help="cudasim: the same script under numba's simulator (CI)")
+    args = ap.parse_args()
+    failed = run_all(*args.size, cells=args.cells, backend=args.backend)
+    print(f"{len(failed)} failures" + "".join(f"\n  {f}" for f in failed))
+    sys.exit(1 if failed else 0)
