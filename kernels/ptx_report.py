@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.pop("NUMBA_ENABLE_CUDASIM", None)  # PTX needs the real compiler, not the simulator
@@ -61,29 +60,54 @@ def ptxas_stats(ptxas, ptx, arch):
                 shared_static=number(r"(\d+) bytes smem"))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ptx-report.json"))
-    args = ap.parse_args()
+def builds():
+    """(label, source, key, dtype) of every kernel build: source "kernels" (key: the kernel's
+    name and signature label) or "fused" (key: cell, phase, algorithm)."""
+    from gpurnn.cuda import kernels
+
+    jobs = [(label, "kernels", (name, label), dtype) for name in kernels.KERNELS
+            for dtype in ("float32", "float64") for label in kernels.signatures(name, dtype)]
+    for algorithm in ("fused", "persistent"):
+        jobs += [(f"{cell}_{phase} {algorithm}", "fused", (cell, phase, algorithm), dtype)
+                 for cell in ("rnn", "lstm", "gru") for phase in ("forward", "backward")
+                 for dtype in ("float32", "float64")]
+    return jobs
+
+
+def compile_one(job, ptxas):
+    """Rows of one build, for each arch (run in a worker process: numba compiles in one thread)."""
     from gpurnn.backend import load_numba_cuda
+
     cuda = load_numba_cuda()
     from gpurnn.cuda import fused, kernels
 
+    label, source, key, dtype = job
+    if source == "kernels":
+        kernel, signature = kernels.KERNELS[key[0]], kernels.signatures(key[0], dtype)[key[1]]
+    else:
+        kernel, signature = (fused.FUSED if key[2] == "fused" else fused.PERSISTENT)[key[:2]], fused.signatures(
+            *key, dtype)
+    rows = []
+    for arch in ARCHS:
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=arch)
+        rows.append(dict(kernel=label, dtype=dtype, arch=f"sm_{arch[0]}{arch[1]}", **ptxas_stats(ptxas, ptx, arch)))
+    return rows
+
+
+def main():
+    import concurrent.futures
+    import functools
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ptx-report.json"))
+    args = ap.parse_args()
     ptxas = find_ptxas()
     if ptxas is None:
         sys.exit("ptxas not found: pip install nvidia-cuda-nvcc (the gpurnn[cudasim] extra)")
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    builds = [(label, kernel, dtype, signature) for name, kernel in kernels.KERNELS.items()
-              for dtype in (np.float32, np.float64) for label, signature in kernels.signatures(name, dtype).items()]
-    for algorithm, table in (("fused", fused.FUSED), ("persistent", fused.PERSISTENT)):
-        builds += [(f"{cell}_{phase} {algorithm}", kernel, dtype, fused.signatures(cell, phase, algorithm, dtype))
-                   for (cell, phase), kernel in table.items() for dtype in (np.float32, np.float64)]
-    rows = []
-    for label, kernel, dtype, signature in builds:
-        for arch in ARCHS:
-            ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=arch)
-            rows.append(dict(kernel=label, dtype=np.dtype(dtype).name, arch=f"sm_{arch[0]}{arch[1]}",
-                             **ptxas_stats(ptxas, ptx, arch)))
+    jobs = builds()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        rows = [r for done in pool.map(functools.partial(compile_one, ptxas=ptxas), jobs) for r in done]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(ptxas=version, rows=rows), f, indent=1)
@@ -91,9 +115,10 @@ def main():
     for r in rows:
         print(f"{r['kernel']:<27}{r['dtype']:<9}{r['arch']:<7}{r['registers']:>5}{r['spill_stores']:>10}"
               f"{r['spill_loads']:>10}{r['stack_frame']:>7}{r['shared_static']:>6}")
-    print("A persistent block also holds G*units*H*itemsize bytes of W_hh in dynamic shared memory "
-          "(at most 48 KiB); with the registers above, that decides how many blocks fit on an SM "
-          "(CudaOps.persistent_plan asks the driver on the GPU).")
+    print("Fused and persistent blocks also use dynamic shared memory (fused.shared_bytes: the staged "
+          "h_prev or dgates rows, after a persistent block's G*units*H elements of W_hh; at most 48 KiB); "
+          "with the registers above it decides how many blocks fit on an SM (CudaOps.persistent_plan asks "
+          "the driver on the GPU).")
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     if spilling:
         sys.exit(f"{len(spilling)} kernel builds spill registers")

@@ -113,7 +113,7 @@ def test_persistent_barrier_gives_up_instead_of_hanging(sim, monkeypatch):
     sync = np.zeros(2, np.int32)
     lengths = np.full(B, T, np.int32)
     sim.ops._launch_grid(fused.rnn_forward_persistent, 2, 32, 0, T, 0, 1, gx, w_hh, b, b, h, y, lengths, 0, sync,
-                         shared=H * 8)
+                         shared=fused.shared_bytes("rnn", "forward", "persistent", B, H, 1, 8))
     assert sync[1] == 1
     assert np.isnan(y).all() and np.isnan(h[1:]).all()
 
@@ -122,6 +122,10 @@ def test_forced_algorithm_that_cannot_run_a_shape_says_why(sim):
     model = make("lstm", 3, 200, backend="cudasim", dtype="float64")
     with forced("persistent"), pytest.raises(ValueError, match=r"'persistent' .*cannot run this forward.*KiB"):
         model(np.zeros((2, 2, 3)))
+    wide = make("lstm", 3, 100, backend="cudasim", dtype="float64")  # backward stages [16, 400] dgates: 50 KiB
+    wide(np.zeros((1, 16, 3)))
+    with forced("fused"), pytest.raises(ValueError, match=r"'fused' .*cannot run this backward.*\[16, 400\]"):
+        wide.backward(np.zeros((1, 16, 100)))
     numpy_model = make("lstm", 3, 4, backend="numpy")
     with forced("fused"), pytest.raises(ValueError, match="numpy backend runs only 'graph'"):
         numpy_model(np.zeros((2, 2, 3), np.float32))

@@ -54,8 +54,9 @@ from gpurnn.cuda.kernels import (gru_point_backward, gru_point_forward, lstm_poi
 cuda = load_numba_cuda()
 
 SPIN_LIMIT = 1 << 24  # polls of the barrier counter (~2-4 s) before a block gives up
-SHARED_LIMIT = 48 << 10  # bytes of W_hh a persistent block may hold (no opt-in to more shared memory)
+SHARED_LIMIT = 48 << 10  # bytes of shared memory a block may use (no opt-in to more)
 MAX_THREADS = 256
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 # --------------------------------------------------------------------- memory
 if _simulating():  # the simulator has no cache-hinted loads or sleeps; its blocks see memory as is
@@ -121,37 +122,54 @@ def _element(e, j0, U):
     return b, j0 + e - b * U
 
 
+@cuda.jit(device=True, inline=True)
+def stage(sm, offset, src, t, rows, width):
+    """sm[offset + b*width + k] = src[t, b, k] for b < rows, k < width, then a block barrier:
+    the block's threads load the step's recurrent operand together (coalesced, many loads
+    in flight) and every element's dot product then reads it from shared memory."""
+    for e in range(cuda.threadIdx.x, rows * width, cuda.blockDim.x):
+        b = e // width
+        sm[offset + e] = fresh(src, (t, b, e - b * width))
+    cuda.syncthreads()
+
+
 # ------------------------------------------------------------------- forward tiles
 @cuda.jit(device=True, inline=True)
-def rnn_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, b_ih, b_hh, h, y, lengths, nonlinearity):
-    """Step t for units [j0, j1) of every batch row (shapes as kernels.rnn_forward)."""
+def rnn_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, y, lengths,
+                     nonlinearity):
+    """Step t for units [j0, j1) of every batch row (shapes as kernels.rnn_forward);
+    h_prev is staged at sm[hs_off:] (B*H elements)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
     prev = t + reverse
+    stage(sm, hs_off, h, prev, B, H)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         col = j - w_base
+        row_h = hs_off + b * H
         rec = h.dtype.type(0)
         if t < lengths[b]:  # a padded row carries its state: no product needed
             for k in range(H):
-                rec += fresh(h, (prev, b, k)) * w[k * w_cols + col]
+                rec += sm[row_h + k] * w[k * w_cols + col]
         rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity)
 
 
 @cuda.jit(device=True, inline=True)
-def lstm_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, b_ih, b_hh, h, c, gates, y,
-                      lengths):
+def lstm_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, sm, hs_off, b_ih, b_hh, h, c,
+                      gates, y, lengths):
     """Step t for units [j0, j1) of every batch row (shapes as kernels.lstm_forward)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
     prev = t + reverse
+    stage(sm, hs_off, h, prev, B, H)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         col = j - w_base
+        row_h = hs_off + b * H
         rec_i = rec_f = rec_g = rec_o = h.dtype.type(0)
         if t < lengths[b]:
             for k in range(H):
-                hk = fresh(h, (prev, b, k))
+                hk = sm[row_h + k]
                 row = k * w_cols + col
                 rec_i += hk * w[row]
                 rec_f += hk * w[row + gate_stride]
@@ -161,18 +179,21 @@ def lstm_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, b_
 
 
 @cuda.jit(device=True, inline=True)
-def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, b_ih, b_hh, h, gates, y, lengths):
+def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, sm, hs_off, b_ih, b_hh, h, gates,
+                     y, lengths):
     """Step t for units [j0, j1) of every batch row (shapes as kernels.gru_forward)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
     prev = t + reverse
+    stage(sm, hs_off, h, prev, B, H)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         col = j - w_base
+        row_h = hs_off + b * H
         rec_r = rec_z = rec_n = h.dtype.type(0)
         if t < lengths[b]:
             for k in range(H):
-                hk = fresh(h, (prev, b, k))
+                hk = sm[row_h + k]
                 row = k * w_cols + col
                 rec_r += hk * w[row]
                 rec_z += hk * w[row + gate_stride]
@@ -182,73 +203,86 @@ def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, b_i
 
 # ------------------------------------------------------------------ backward tiles
 @cuda.jit(device=True, inline=True)
-def recurrent_grad(dgh, t_next, b, j, G, w, w_cols, w_base):
-    """(dgates_{t_next} W_hh)[b, j]: what the step BPTT ran before sends into this one's state."""
-    H = dgh.shape[2] // G
-    col = j - w_base
-    total = dgh.dtype.type(0)
-    for k in range(G * H):
-        total += fresh(dgh, (t_next, b, k)) * w[k * w_cols + col]
+def recurrent_grad(sm, row, GH, col, w, w_cols):
+    """(dgates_{t'} W_hh)[b, col]: what the step BPTT ran before (t') sends into this one's
+    state, from that step's dgates row of b staged at sm[row:row + G*H]."""
+    total = sm.dtype.type(0)
+    for k in range(GH):
+        total += sm[row + k] * w[k * w_cols + col]
     return total
 
 
 @cuda.jit(device=True, inline=True)
-def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, h, dy, dh, dgates, lengths,
-                      nonlinearity):
+def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, sm, hs_off, h, dy, dh, dgates,
+                      lengths, nonlinearity):
     """BPTT step t for units [j0, j1): dh[b, j] (+ the recurrent gradient from step t_next
-    when has_next) is the gradient carried in; shapes as kernels.rnn_backward."""
+    when has_next, its dgates staged at sm[hs_off:]) is the gradient carried in; shapes as
+    kernels.rnn_backward."""
     B = h.shape[1]
     U = j1 - j0
+    GH = dgates.shape[2]
+    if has_next:
+        stage(sm, hs_off, dgates, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         dh_in = dh[b, j]
         if has_next:
-            dh_in += recurrent_grad(dgates, t_next, b, j, 1, w, w_cols, w_base)
+            dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
         rnn_point_backward(t, reverse, b, j, dh_in, h, dy, dh, dgates, lengths, nonlinearity)
 
 
 @cuda.jit(device=True, inline=True)
-def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, c, gates, dy, dh, dc, dgates,
-                       lengths):
+def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, sm, hs_off, c, gates, dy, dh,
+                       dc, dgates, lengths):
     """As rnn_backward_tile, for kernels.lstm_backward's buffers."""
     B = c.shape[1]
     U = j1 - j0
+    GH = dgates.shape[2]
+    if has_next:
+        stage(sm, hs_off, dgates, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         dh_in = dh[b, j]
         if has_next:
-            dh_in += recurrent_grad(dgates, t_next, b, j, 4, w, w_cols, w_base)
+            dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
         lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, lengths)
 
 
 @cuda.jit(device=True, inline=True)
-def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, h, gates, dy, dh, dgx, dgh,
-                      lengths):
+def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, sm, hs_off, h, gates, dy, dh, dgx,
+                      dgh, lengths):
     """As rnn_backward_tile, for kernels.gru_backward's buffers (the product reads dgh)."""
     B = h.shape[1]
     U = j1 - j0
+    GH = dgh.shape[2]
+    if has_next:
+        stage(sm, hs_off, dgh, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         dh_in = dh[b, j]
         if has_next:
-            dh_in += recurrent_grad(dgh, t_next, b, j, 3, w, w_cols, w_base)
+            dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
         gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, lengths)
 
 
 # ------------------------------------------------------------ fused step kernels
-# Launch with ceil(H / units) blocks; w_t: W_hh^T [H, G*H] flat; w: W_hh [G*H, H] flat.
+# Launch with ceil(H / units) blocks and, as dynamic shared memory, room for the staged
+# operand: B*H elements forward, B*G*H backward. w_t: W_hh^T [H, G*H] flat; w: W_hh [G*H, H] flat.
 @cuda.jit(cache=True)
 def rnn_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, y, lengths, nonlinearity):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
-    rnn_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, H, 0, b_ih, b_hh, h, y, lengths, nonlinearity)
+    sm = cuda.shared.array(0, h.dtype)
+    rnn_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, H, 0, sm, 0, b_ih, b_hh, h, y, lengths,
+                     nonlinearity)
 
 
 @cuda.jit(cache=True)
 def lstm_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, c, gates, y, lengths):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
-    lstm_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 4 * H, H, 0, b_ih, b_hh, h, c, gates, y,
+    sm = cuda.shared.array(0, h.dtype)
+    lstm_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 4 * H, H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
                       lengths)
 
 
@@ -256,22 +290,26 @@ def lstm_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, c, gates, y, l
 def gru_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, gates, y, lengths):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
-    gru_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 3 * H, H, 0, b_ih, b_hh, h, gates, y, lengths)
+    sm = cuda.shared.array(0, h.dtype)
+    gru_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 3 * H, H, 0, sm, 0, b_ih, b_hh, h, gates, y,
+                     lengths)
 
 
 @cuda.jit(cache=True)
 def rnn_backward_fused(t, t_next, has_next, reverse, units, w, h, dy, dh, dgates, lengths, nonlinearity):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
-    rnn_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, h, dy, dh, dgates, lengths,
-                      nonlinearity)
+    sm = cuda.shared.array(0, h.dtype)
+    rnn_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, sm, 0, h, dy, dh, dgates,
+                      lengths, nonlinearity)
 
 
 @cuda.jit(cache=True)
 def lstm_backward_fused(t, t_next, has_next, reverse, units, w, c, gates, dy, dh, dc, dgates, lengths):
     H = c.shape[2]
     j0 = cuda.blockIdx.x * units
-    lstm_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, c, gates, dy, dh, dc,
+    sm = cuda.shared.array(0, c.dtype)
+    lstm_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, sm, 0, c, gates, dy, dh, dc,
                        dgates, lengths)
 
 
@@ -279,14 +317,16 @@ def lstm_backward_fused(t, t_next, has_next, reverse, units, w, c, gates, dy, dh
 def gru_backward_fused(t, t_next, has_next, reverse, units, w, h, gates, dy, dh, dgx, dgh, lengths):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
-    gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, h, gates, dy, dh, dgx, dgh,
-                      lengths)
+    sm = cuda.shared.array(0, h.dtype)
+    gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, sm, 0, h, gates, dy, dh, dgx,
+                      dgh, lengths)
 
 
 # ------------------------------------------------------------ persistent kernels
-# Launch with ceil(H / units) blocks, all co-resident, and G*units*H*itemsize bytes of
-# dynamic shared memory; sync[0] must be 0. Steps [start, stop) of a span, in the
-# direction's order (forward: backwards in t when reverse; BPTT the other way).
+# Launch with ceil(H / units) blocks, all co-resident, and as dynamic shared memory the
+# block's G*units*H elements of W_hh followed by the staged operand (as the fused
+# kernels'); sync[0] must be 0. Steps [start, stop) of a span, in the direction's order
+# (forward: backwards in t when reverse; BPTT the other way).
 @cuda.jit(device=True, inline=True)
 def _stage_rows(sw, w_hh, G, j0, U, units):
     """sw[k * G*units + g*units + u] = W_hh[g*H + j0 + u, k]: the block's rows, transposed."""
@@ -357,7 +397,8 @@ def rnn_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h,
     _stage_rows(sw, w_hh, 1, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        rnn_forward_tile(t, reverse, j0, j1, gx, sw, units, j0, b_ih, b_hh, h, y, lengths, nonlinearity)
+        rnn_forward_tile(t, reverse, j0, j1, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
+                         nonlinearity)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
@@ -372,7 +413,8 @@ def lstm_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h
     _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        lstm_forward_tile(t, reverse, j0, j1, gx, sw, 4 * units, units, j0, b_ih, b_hh, h, c, gates, y, lengths)
+        lstm_forward_tile(t, reverse, j0, j1, gx, sw, 4 * units, units, j0, sw, 4 * units * H, b_ih, b_hh, h, c,
+                          gates, y, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
@@ -387,7 +429,8 @@ def gru_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h,
     _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        gru_forward_tile(t, reverse, j0, j1, gx, sw, 3 * units, units, j0, b_ih, b_hh, h, gates, y, lengths)
+        gru_forward_tile(t, reverse, j0, j1, gx, sw, 3 * units, units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates,
+                         y, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
@@ -403,8 +446,8 @@ def rnn_backward_persistent(start, stop, first, reverse, units, w_hh, h, dy, dh,
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, h, dy, dh, dgates, lengths,
-                          nonlinearity)
+        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, units * H, h, dy, dh,
+                          dgates, lengths, nonlinearity)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
             return
@@ -420,7 +463,8 @@ def lstm_backward_persistent(start, stop, first, reverse, units, w_hh, c, gates,
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, c, gates, dy, dh, dc,
+        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, 4 * units * H, c,
+                           gates, dy, dh, dc,
                            dgates, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
@@ -436,7 +480,8 @@ def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, 
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, h, gates, dy, dh, dgx,
+        gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, 3 * units * H, h,
+                          gates, dy, dh, dgx,
                           dgh, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
@@ -449,6 +494,15 @@ FUSED = {("rnn", "forward"): rnn_forward_fused, ("lstm", "forward"): lstm_forwar
 PERSISTENT = {("rnn", "forward"): rnn_forward_persistent, ("lstm", "forward"): lstm_forward_persistent,
               ("gru", "forward"): gru_forward_persistent, ("rnn", "backward"): rnn_backward_persistent,
               ("lstm", "backward"): lstm_backward_persistent, ("gru", "backward"): gru_backward_persistent}
+
+
+def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
+    """Dynamic shared memory of a launch: the staged operand (h_prev rows forward, the
+    previous step's dgates rows backward), after the block's W_hh when persistent."""
+    G = GATES[cell]
+    staged = B * H if phase == "forward" else B * G * H
+    weights = G * units * H if algorithm == "persistent" else 0
+    return (staged + weights) * itemsize
 
 
 def signatures(cell, phase, algorithm, dtype):

@@ -428,20 +428,33 @@ class CudaOps:
         W_hh^T from ws.w_hh_t, which the caller has refreshed; buffers as the step kernels'."""
         T, B, H = self._check_direction(cell, t, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates)
         units, blocks, threads = _fused_grid(B, H)
+        shared = self.fused_shared(cell, "forward", ws.h.dtype, B, H)
         args = {"rnn": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, y, lengths,
                         kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
                 "lstm": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, ws.c, gates, y, lengths),
                 "gru": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, gates, y, lengths)}[cell]
-        self._launch_grid(fused.FUSED[cell, "forward"], blocks, threads, t, reverse, units, *args)
+        self._launch_grid(fused.FUSED[cell, "forward"], blocks, threads, t, reverse, units, *args, shared=shared)
 
     def fused_backward(self, cell, nonlinearity, t, has_next, reverse, ws, dy, w_hh, lengths):
         """BPTT step t of one direction in one launch: first the recurrent gradient of the
         step BPTT ran before (when has_next), then the cell's pointwise backward."""
         T, B, H = self._check_direction(cell, t, reverse, ws, dy, lengths, w_hh=w_hh)
         units, blocks, threads = _fused_grid(B, H)
+        shared = self.fused_shared(cell, "backward", ws.h.dtype, B, H)
         t_next = t - 1 if reverse else t + 1
         self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
-                          w_hh.reshape(-1), *self._backward_buffers(cell, nonlinearity, ws, dy, lengths))
+                          w_hh.reshape(-1), *self._backward_buffers(cell, nonlinearity, ws, dy, lengths),
+                          shared=shared)
+
+    def fused_shared(self, cell, phase, dtype, B, H):
+        """Shared memory of a fused step (its staged operand), or NotApplicable past the limit."""
+        shared = fused.shared_bytes(cell, phase, "fused", B, H, 0, np.dtype(dtype).itemsize)
+        if shared > fused.SHARED_LIMIT:
+            raise NotApplicable(f"fused {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name}: a block stages "
+                                f"the step's [{B}, {H if phase == 'forward' else fused.GATES[cell] * H}] operand in "
+                                f"{shared >> 10} KiB of shared memory, over the {fused.SHARED_LIMIT >> 10} KiB "
+                                f"a block may use")
+        return shared
 
     def persistent_forward(self, cell, nonlinearity, span, reverse, ws, w_hh, b_ih, b_hh, gates, y, lengths):
         """Forward steps [start, stop) of one direction in one launch, W_hh on chip."""
@@ -478,23 +491,27 @@ class CudaOps:
         """(units per block, blocks, threads, shared bytes) of a persistent launch whose
         blocks all fit on the GPU at once, with the SMs shared among the lanes that
         may run at the same time; ``NotApplicable`` saying why when there is none."""
-        G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
         itemsize = np.dtype(dtype).itemsize
         lanes = self._lanes_running
-        for units in range(1, H + 1):
+        preferred = _fused_grid(B, H)[0]  # about FUSED_THREADS elements a block, then fewer units, then more
+        tried, reasons = set(), []
+        for units in [*range(preferred, 0, -1), *range(preferred + 1, H + 1)]:
             blocks = -(-H // units)
-            if units > 1 and blocks == -(-H // (units - 1)):
-                continue  # the grid of one unit fewer, with more shared memory a block
-            shared = G * units * H * itemsize
+            if blocks in tried:
+                continue  # the same grid with more shared memory a block
+            tried.add(blocks)
+            shared = fused.shared_bytes(cell, phase, "persistent", B, H, units, itemsize)
             if shared > fused.SHARED_LIMIT:
-                raise NotApplicable(f"persistent {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name}: "
-                                    f"{blocks} blocks would each hold {shared >> 10} KiB of W_hh, over the "
-                                    f"{fused.SHARED_LIMIT >> 10} KiB a block may use; fewer units per block need "
-                                    f"more blocks than fit on the GPU at once ({lanes} lane(s) running)")
+                reasons.append(f"{blocks} blocks of {units} units need {shared >> 10} KiB of shared memory each")
+                continue
             threads = min(fused.MAX_THREADS, _round_up(B * units, 32))
-            if blocks <= self._resident_blocks(kernel, signature, threads, shared) // lanes:
+            resident = self._resident_blocks(kernel, signature, threads, shared) // lanes
+            if blocks <= resident:
                 return units, blocks, threads, shared
-        raise NotApplicable(f"persistent {cell} {phase}: no grid for H={H}")
+            reasons.append(f"{blocks} blocks of {units} units, only {resident} fit at once")
+        raise NotApplicable(f"persistent {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name} ({lanes} lane(s) "
+                            f"running): no grid fits on the GPU at once within {fused.SHARED_LIMIT >> 10} KiB of "
+                            f"shared memory a block, e.g. {reasons[0]}; {reasons[-1]}")
 
     def _resident_blocks(self, kernel, signature, threads, shared):
         """How many blocks of ``kernel`` (compiled for ``signature``) can be resident at once."""
@@ -595,10 +612,12 @@ class CudaOps:
         """Raise NotApplicable (a ValueError) saying why ``algorithm`` cannot run ws's shape."""
         if algorithm not in RNN_ALGORITHMS:
             raise NotApplicable(f"rnn algorithm: expected one of {RNN_ALGORITHMS}, got {algorithm!r}")
-        if algorithm != "persistent":
-            return
         cfg = ws.cfg
         phase = "backward" if name == "backward" else "forward"
+        if algorithm == "fused":
+            self.fused_shared(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H)
+        if algorithm != "persistent":
+            return
         kernel = fused.PERSISTENT[cfg.cell, phase]
         signature = fused.signatures(cfg.cell, phase, "persistent", ws.h0.dtype)
         old, self._lanes_running = self._lanes_running, 1 if self.simulate else ws.lanes
