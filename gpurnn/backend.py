@@ -221,7 +221,7 @@ class NumpyOps:
             raise ValueError(f"rnn algorithm {forced!r} (set_rnn_algorithm / GPURNN_RNN_ALGO): the numpy backend "
                              f"runs only 'graph' (a step GEMM and a pointwise step per step); use the CUDA backend "
                              f"or set it to None")
-        ws.algorithms[name, math_mode(), deterministic_algorithms()] = "graph"
+        ws.algorithms[name, math_mode(), deterministic_algorithms(), forced] = ws.ran[name] = "graph"
         fn()
 
     @staticmethod

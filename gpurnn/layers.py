@@ -146,8 +146,14 @@ class _RNNBase:
         gpurnn.set_rnn_algorithm); {} before the first call."""
         if not self._workspaces:
             return {}
-        ws = next(reversed(self._workspaces.values()))
-        return {key[0]: algorithm for key, algorithm in ws.algorithms.items()}
+        return dict(next(reversed(self._workspaces.values())).ran)
+
+    @property
+    def algorithm_notes(self):
+        """Why algorithms were left out for the latest call's shape: {algorithm: reason}."""
+        if not self._workspaces:
+            return {}
+        return dict(next(reversed(self._workspaces.values())).algorithm_notes)
 
     @property
     def recorded(self):

@@ -57,7 +57,8 @@ class Workspace:
     ones: [1, T*B]        for the bias-gradient GEMMs
     dirs[k]: Direction    per layer and direction, k = l*D + d
     graphs: dict          CUDA graphs captured over these buffers (CUDA backend)
-    algorithms: dict      (pass name, math mode, deterministic) -> the recurrence algorithm it runs
+    algorithms: dict      (pass name, math mode, deterministic, forced) -> the recurrence algorithm it runs
+    ran: dict             pass name -> the algorithm its latest call ran
     algorithm_notes: dict algorithm -> why it was left out for these shapes
     embedding: tuple      the (weight, gradient) arrays those graphs read, with a vocabulary
     zeroed: set           staged buffers known to hold zeros (and lengths == T), so
@@ -92,6 +93,7 @@ class Workspace:
                                         vocab if k < D else None) for k in range(L * D)]
         self.graphs = {}
         self.algorithms = {}
+        self.ran = {}
         self.algorithm_notes = {}
         self.embedding = None
         self.zeroed = set()

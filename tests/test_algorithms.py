@@ -187,8 +187,7 @@ def test_chooser_leaves_out_what_cannot_run(timed):
     model(np.zeros((1, 1, 2)))
     assert model.algorithms == {"forward": "fused"}
     assert "persistent" not in [a for _, a in calls]
-    ws = next(iter(model._workspaces.values()))
-    assert "KiB" in ws.algorithm_notes["persistent"]
+    assert "KiB" in model.algorithm_notes["persistent"]
 
 
 def test_chooser_drops_an_algorithm_whose_results_differ(timed, monkeypatch):
@@ -241,3 +240,15 @@ def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path):
     choices.store("k", "fused", {"fused": 1e-3})
     assert Choices("dev", str(path)).lookup("k") == "fused"
     assert Choices("other", str(path)).lookup("k") is None  # another GPU decides for itself
+
+
+def test_forcing_another_algorithm_takes_effect_on_a_shape_already_run(sim):
+    model = make("rnn", 2, 3, backend="cudasim", dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((3, 2, 2))
+    outputs = {}
+    for algorithm in ("fused", "persistent", None):
+        with forced(algorithm):
+            outputs[algorithm] = model(x)[0]
+            assert model.algorithms == {"forward": algorithm or "graph"}
+    np.testing.assert_allclose(outputs["fused"], outputs[None], rtol=1e-12)
+    np.testing.assert_allclose(outputs["persistent"], outputs[None], rtol=1e-12)

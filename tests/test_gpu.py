@@ -105,7 +105,7 @@ def test_graph_replay_equals_eager_loop(gpu, cell):
     eager = run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)  # first call runs eagerly
     eager_grads = {k: g.copy() for k, g in m.grads.items()}
     ws = m._cache[0]
-    assert set(ws.graphs) == {("forward", "fp32", False), ("backward", "fp32", False)}
+    assert set(ws.graphs) == {("forward", "fp32", False, None), ("backward", "fp32", False, None)}
     assert all(g != "eager" for g in ws.graphs.values()), gpu.reason
     m.zero_grad()
     replay = run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)
@@ -162,7 +162,7 @@ def test_eval_forward_replays_its_own_graph_and_keeps_nothing(gpu, cell):
         for a, b in zip(run(m, x, h0, c0, lengths), trained):
             if b is not None:
                 np.testing.assert_allclose(host(a), b, rtol=1e-6, atol=1e-7)
-    assert set(ws.graphs) == {("forward", "fp32", False), ("inference", "fp32", False)}
+    assert set(ws.graphs) == {("forward", "fp32", False, None), ("inference", "fp32", False, None)}
     assert all(np.isnan(host(d.gates[1:])).all() and np.isfinite(host(d.gates[0])).all() for d in ws.dirs)
 
 
@@ -216,7 +216,7 @@ def test_tf32_mode_runs_close_to_fp32(gpu):
     gpurnn.set_math_mode("tf32")
     try:
         fast = host(run(m, x)[0])
-        assert ("forward", "tf32", False) in next(reversed(m._workspaces.values())).graphs
+        assert ("forward", "tf32", False, None) in next(reversed(m._workspaces.values())).graphs
     finally:
         gpurnn.set_math_mode("fp32")
     assert 0 < rel_err(fast, strict) < 1e-2  # different, and close

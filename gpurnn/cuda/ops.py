@@ -67,6 +67,7 @@ class CudaOps:
         self.profiler = None  # a gpurnn.profile.Profiler while profiling: every call then runs eagerly
         self._nvtx = None
         self._lanes_running = 1  # lanes whose work may run at the same time as the current one's
+        self._resident = {}  # (kernel, signature, threads, shared bytes) -> blocks resident at once
         self._wrapped = {}
         self._transpose_faster = {}
         if simulate:
@@ -517,7 +518,10 @@ class CudaOps:
         """How many blocks of ``kernel`` (compiled for ``signature``) can be resident at once."""
         if self.simulate:
             return 1  # the simulator runs blocks one after another: a barrier among two would never open
-        return kernel.compile(signature).max_cooperative_grid_blocks(threads, shared)
+        key = (kernel, signature, threads, shared)
+        if key not in self._resident:  # asked once: later launches may be inside a stream capture
+            self._resident[key] = kernel.compile(signature).max_cooperative_grid_blocks(threads, shared)
+        return self._resident[key]
 
     def _check_direction(self, cell, t, reverse, ws, y, lengths, **bufs):
         """Check one direction's workspace and the step's other buffers (see _check_step)."""
@@ -539,23 +543,24 @@ class CudaOps:
     def run(self, ws, name, fn, capture=True, accumulates=()):
         """Run ``fn`` (a whole stack forward or backward over workspace ``ws``).
 
-        The first call per (workspace, name, math mode, determinism) picks the
-        recurrence algorithm (``choose_algorithm``), runs eagerly, which also
+        The first call per (workspace, name, math mode, determinism, forced
+        algorithm) picks the recurrence algorithm (``choose_algorithm``), runs eagerly, which also
         compiles the kernels and sets up cuBLAS, and is then captured into a
         CUDA graph; later calls replay the graph. If capture fails, warn once and
         stay eager. ``capture=False`` (diagnostics, which read norms on the host
         every step) always runs eagerly. ``accumulates``: the arrays ``fn`` adds
         into (gradients), restored after each timed run.
         """
-        key = (name, math_mode(), deterministic_algorithms())
+        key = (name, math_mode(), deterministic_algorithms(), rnn_algorithm())
         entry = ws.graphs.get(key)
         capture = capture and self.profiler is None  # a profile times each phase of an eager call
         if entry is not None and entry != "eager" and capture:
             entry.launch(self._stream)
+            ws.ran[name] = ws.algorithms[key]
             return
         if key not in ws.algorithms:
             ws.algorithms[key] = self.choose_algorithm(ws, name, fn, accumulates)
-        self.algorithm = ws.algorithms[key]
+        self.algorithm = ws.ran[name] = ws.algorithms[key]
         try:
             fn()
             if self.simulate or not capture:
