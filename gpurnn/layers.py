@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from gpurnn import checks, stack
+from gpurnn import checks, memory, stack
 from gpurnn.backend import get_backend, to_host
 from gpurnn.cells import NONLINEARITIES
 
@@ -114,6 +114,10 @@ class _RNNBase:
     def zero_grad(self):
         for g in self._grads.values():
             g[...] = 0
+
+    def memory_report(self):
+        """The buffers this layer holds and their bytes (gpurnn.memory): print it for a table."""
+        return memory.report(self)
 
     def train(self, mode=True):
         self.training = checks.flag("mode", mode)

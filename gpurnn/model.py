@@ -13,7 +13,7 @@ device array on the CUDA backend (``float(loss)`` waits for the GPU).
 
 import numpy as np
 
-from gpurnn import checks, flat, nn
+from gpurnn import checks, flat, memory, nn
 from gpurnn.layers import GRU, LSTM, RNN
 
 CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
@@ -58,6 +58,10 @@ class _Composite:
 
     def zero_grad(self):
         self._grad_buffer[...] = 0
+
+    def memory_report(self):
+        """The buffers this model's parameters, gradients and recurrent layers hold (gpurnn.memory)."""
+        return memory.report(self)
 
     def train(self, mode=True):
         self.rnn.train(mode)

@@ -26,6 +26,10 @@ from dataclasses import dataclass
 
 GATE_BLOCKS = {"rnn": 1, "lstm": 4, "gru": 3}
 SAVED_BLOCKS = {"rnn": 0, "lstm": 4, "gru": 4}  # GRU keeps r, z, n and U_n h + b_hn
+# dgx reuses gx's storage: the input projection is dead once the forward's steps have
+# read it (backward never reads it), and backward writes dgx only after that. False
+# gives each its own buffer (the layout tests compare the two).
+SHARE_PROJECTION_GRADIENT = True
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Direction:
     gates: [T, B, S*H] saved activations (None for the plain RNN)
     step_gates: [T, B, S*H] gates[0] seen at every t (time stride 0), for forwards
                 whose activations no backward will read
-    dgx: [T, B, G*H]  gradient of the input projection
+    dgx: [T, B, G*H]  gradient of the input projection (gx's storage: see SHARE_PROJECTION_GRADIENT)
     dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only; else dgx)
     dh, dc: [B, H]    gradient carried back through h (and c)
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
@@ -68,11 +72,12 @@ class Direction:
     @classmethod
     def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
         G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
-        dgx = xp.empty((T, B, G * H), dtype)
+        gx = xp.empty((T, B, G * H), dtype)
+        dgx = gx if SHARE_PROJECTION_GRADIENT else xp.empty((T, B, G * H), dtype)
         gates = xp.empty((T, B, S * H), dtype) if S else None
         step_gates = None if gates is None else xp.lib.stride_tricks.as_strided(gates, strides=(0, *gates.strides[1:]))
         return cls(
-            gx=xp.empty((T, B, G * H), dtype),
+            gx=gx,
             gh=xp.empty((B, G * H), dtype),
             w_hh_t=xp.empty((H, G * H), dtype),
             w_ih_t=None if vocab else xp.empty((I, G * H), dtype),

@@ -1,0 +1,116 @@
+"""Memory: the workspace layout whose buffers share storage, and ``memory_report``.
+
+The input projection gx and its gradient dgx share one buffer
+(sequence.SHARE_PROJECTION_GRADIENT): a layout test runs forward and backward
+with every workspace buffer poisoned (NaN) before each call and compares with
+the unshared layout, bit for bit, on NumPy and under the CUDA simulator (graph
+and fused steps). The report's bytes add up to what NumPy allocated.
+"""
+
+import contextlib
+import gc
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import gpurnn
+from gpurnn import sequence
+from helpers import back, backend_or_skip, host, make, run
+
+CASES = [("lstm", 2, True, 0.3), ("gru", 3, False, 0.0), ("rnn", 2, True, 0.0)]
+
+
+def poison(model):
+    """NaN into every buffer a call writes before reading (not the staged inputs)."""
+    for ws in model._workspaces.values():
+        bufs = [ws.h_n, ws.c_n, ws.dx, ws.dh0, ws.dc0, *ws.out, *ws.d_in[1:], *ws.inp[1:]]
+        for d in ws.dirs:
+            bufs += [d.gx, d.gh, d.h, d.c, d.gates, d.dgx, d.dgh, d.dh, d.dc]
+        for b in bufs:
+            if b is not None:
+                b[...] = np.nan
+
+
+def calls(backend, cell, L, bi, dropout, share, monkeypatch):
+    monkeypatch.setattr(sequence, "SHARE_PROJECTION_GRADIENT", share)
+    model = make(cell, 3, 5, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
+                 backend=backend)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 3))
+    lengths = np.array([4, 1, 3])
+    d_out = rng.standard_normal((4, 3, (2 if bi else 1) * 5))
+    results = []
+    for _ in range(2):
+        poison(model)
+        model.zero_grad()
+        results += list(run(model, x, lengths=lengths)) + list(back(model, d_out))
+        results += [host(g).copy() for g in model.grads.values()]
+    dgx_shares = all(d.dgx is d.gx for ws in model._workspaces.values() for d in ws.dirs)
+    assert dgx_shares == share
+    return results
+
+
+@contextlib.contextmanager
+def algorithm(name):
+    gpurnn.set_rnn_algorithm(name)
+    try:
+        yield
+    finally:
+        gpurnn.set_rnn_algorithm(None)
+
+
+@pytest.mark.parametrize("cell, L, bi, dropout", CASES)
+@pytest.mark.parametrize("backend, forced", [("numpy", None), ("cudasim", None), ("cudasim", "fused")])
+def test_shared_projection_gradient_matches_separate_buffers(backend, forced, cell, L, bi, dropout, monkeypatch):
+    if backend == "cudasim":
+        backend_or_skip("cudasim", "cudasim unavailable in this process")
+    with algorithm(forced):
+        separate = calls(backend, cell, L, bi, dropout, False, monkeypatch)
+        shared = calls(backend, cell, L, bi, dropout, True, monkeypatch)
+    for a, b in zip(shared, separate):
+        if b is not None:
+            assert np.isfinite(a).all()
+            np.testing.assert_array_equal(a, b)
+
+
+def _train_once(x, d_out, lengths):
+    model = gpurnn.LSTM(16, 32, num_layers=2, bidirectional=True, dropout=0.2, seed=0, backend="numpy")
+    results = model(x, lengths=lengths), model.backward(d_out)
+    del results
+    return model
+
+
+def test_report_adds_up_to_what_numpy_allocated():
+    x = np.ones((20, 8, 16), np.float32)
+    d_out = np.ones((20, 8, 64), np.float32)
+    lengths = np.full(8, 20)
+    _train_once(x, d_out, lengths)  # imports and caches first: they are not the model's
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        model = _train_once(x, d_out, lengths)
+        gc.collect()
+        allocated = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    report = model.memory_report()
+    assert 0.95 * allocated <= report.total <= allocated  # the rest: small Python objects
+    rows = {(group, name): nbytes for group, name, nbytes in report.rows}
+    G, H, T, B = 4, 32, 20, 8
+    assert rows["workspace T=20 B=8", "gx"] == 4 * T * B * G * H * 4  # 2 layers x 2 directions, dgx inside
+    assert ("workspace T=20 B=8", "dgx") not in rows and ("workspace T=20 B=8", "step_gates") not in rows
+    assert rows["parameters", "all"] == sum(p.nbytes for p in model.params.values())
+    assert "model total" in str(report)
+
+
+def test_report_counts_a_models_flat_buffers_once():
+    lm = gpurnn.CharLM(20, 16, num_layers=2, backend="numpy")
+    ids = np.zeros((5, 3), np.int64)
+    lm.forward(ids, ids)
+    lm.backward()
+    report = lm.memory_report()
+    rows = {(group, name): nbytes for group, name, nbytes in report.rows}
+    assert rows["parameters", "all"] == rows["gradients", "all"] == sum(p.nbytes for p in lm.params.values())
+    assert any(group == "workspace T=5 B=3" for group, _, _ in report.rows)
