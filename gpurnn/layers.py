@@ -119,6 +119,15 @@ class _RNNBase:
         """The buffers this layer holds and their bytes (gpurnn.memory): print it for a table."""
         return memory.report(self)
 
+    def clear_cache(self):
+        """Drop the buffers (and CUDA graphs) kept for recent input shapes, at most
+        MAX_WORKSPACES of them (a new shape evicts the oldest), and the last training
+        forward's cache: the next call of each shape sets up afresh. On CUDA the memory
+        goes back to CuPy's pool (``cupy.get_default_memory_pool().free_all_blocks()``
+        returns it to the driver)."""
+        self._workspaces.clear()
+        self._cache = None
+
     def train(self, mode=True):
         self.training = checks.flag("mode", mode)
         return self

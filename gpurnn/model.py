@@ -63,6 +63,12 @@ class _Composite:
         """The buffers this model's parameters, gradients and recurrent layers hold (gpurnn.memory)."""
         return memory.report(self)
 
+    def clear_cache(self):
+        """Drop the recurrent layers' per-shape buffers and graphs (see gpurnn.RNN.clear_cache)."""
+        for part in self._parts.values():
+            if hasattr(part, "clear_cache"):
+                part.clear_cache()
+
     def train(self, mode=True):
         self.rnn.train(mode)
         return self

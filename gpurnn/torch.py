@@ -209,8 +209,7 @@ class _Base(torch.nn.Module):
     def clear_cache(self):
         """Drop the per-shape workspaces (and CUDA graphs) kept for recent input shapes
         (at most gpurnn.layers.MAX_WORKSPACES of them; calls of a new shape evict the oldest)."""
-        self._layer._workspaces.clear()
-        self._layer._cache = None
+        self._layer.clear_cache()
 
     def flatten_parameters(self):
         """A no-op: gpurnn's parameters are always one contiguous buffer."""

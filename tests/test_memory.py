@@ -114,3 +114,19 @@ def test_report_counts_a_models_flat_buffers_once():
     rows = {(group, name): nbytes for group, name, nbytes in report.rows}
     assert rows["parameters", "all"] == rows["gradients", "all"] == sum(p.nbytes for p in lm.params.values())
     assert any(group == "workspace T=5 B=3" for group, _, _ in report.rows)
+
+
+def test_clear_cache_drops_every_shapes_buffers():
+    model = gpurnn.GRU(3, 4, backend="numpy")
+    for T in (2, 3):
+        out, _ = model(np.ones((T, 2, 3), np.float32))
+    assert len(model._workspaces) == 2
+    with_buffers = model.memory_report().total
+    model.clear_cache()
+    assert model.memory_report().total < with_buffers and not model._workspaces
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        model.backward(np.ones_like(out))
+    lm = gpurnn.CharLM(5, 4, backend="numpy")
+    lm.forward(np.zeros((2, 1), np.int64), np.zeros((2, 1), np.int64))
+    lm.clear_cache()
+    assert not lm.rnn._workspaces
