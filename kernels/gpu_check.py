@@ -19,6 +19,8 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
                  with the time of each phase on both sides;
   torch          ``bench_torch.py``: a torch model's training step with torch.nn.LSTM/GRU
                  against gpurnn.torch.LSTM/GRU (config A and 2x512);
+  memory         ``bench_memory.py``: device memory of a training step and an eval forward,
+                 gpurnn against torch, each from a fresh process;
   sanitizer      compute-sanitizer's memcheck, racecheck, initcheck and synccheck over
                  ``sanitize.py`` (every cell and option, each algorithm forced): 0 errors;
   lab            (only when named, or with --lab) ``gemm_lab.py``: GEMM layouts and a
@@ -27,7 +29,7 @@ Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log und
 --out) and prints the table last. Each stage is guarded so one failure still reports
 the rest. A device call runs 10 minutes at most: run the stages in two calls,
 ``--stages suite,first_forward,ceilings,benchmarks,algorithms,training,torch`` and
-``--stages sanitizer`` (each about 5 minutes on an H100, estimated: not yet timed).
+``--stages memory,sanitizer`` (each about 5 minutes on an H100, estimated: not yet timed).
 """
 
 import argparse
@@ -165,7 +167,8 @@ def versions():
                 commit=os.environ.get("GPURNN_COMMIT", "unknown"))
 
 
-STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "sanitizer", "lab")
+STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "memory", "sanitizer",
+          "lab")
 
 
 def main():
@@ -183,6 +186,7 @@ def main():
     if unknown:
         ap.error(f"--stages: unknown {unknown}; expected a subset of {', '.join(STAGES)}")
     import bench_gpu
+    import bench_memory
     import bench_torch
     import bench_train
 
@@ -198,6 +202,7 @@ def main():
                                                 + ["--algorithms", "graph", "fused", "persistent"]),
            "training": lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "torch": lambda: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
+           "memory": lambda: bench_memory.main(["--rows", "A", "D"] if args.quick else []),
            "sanitizer": lambda: sanitizer(args.sanitizer_timeout, args.out),
            "lab": gemm_lab}
     for name in report["stages"]:
@@ -237,6 +242,10 @@ def main():
     if isinstance(rows, list):
         print("each algorithm forced:")
         print(bench_gpu.table(rows))
+    memory_rows = report.get("memory")
+    if isinstance(memory_rows, list):
+        print("device memory, each side from a fresh process (drop in free memory):")
+        print(bench_memory.table(memory_rows))
     checks = report.get("sanitizer")
     if isinstance(checks, dict) and "error" not in checks:
         for tool, r in checks.items():

@@ -31,7 +31,7 @@ def test_gpu_check_stages_are_named_and_checked():
     assert done.returncode == 2 and "unknown ['warp']" in done.stderr
     helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0
-    assert ("suite, first_forward, ceilings, benchmarks, algorithms, training, torch, sanitizer, lab"
+    assert ("suite, first_forward, ceilings, benchmarks, algorithms, training, torch, memory, sanitizer, lab"
             in " ".join(helped.stdout.split()))
 
 
@@ -71,3 +71,11 @@ def test_bench_torch_compares_the_same_model_on_both_sides():
     rows = bench_torch.main(["--steps", "1", "--cells", "gru"])
     assert [(r["cell"], r["size"]) for r in rows] == [("gru", "train default")]
     assert rows[0]["ratio"] > 0 and abs(rows[0]["first_loss"]["torch"] - rows[0]["first_loss"]["gpurnn"]) < 1e-4
+
+
+def test_memory_table_has_both_sides_and_the_ratio():
+    import bench_memory
+
+    text = bench_memory.table([dict(cell="lstm", row="C", pass_="train", gpurnn_MiB=728.0, torch_MiB=451.0,
+                                    ratio=728 / 451)])
+    assert text.splitlines()[1].split() == ["lstm", "C", "train", "728.0", "451.0", "1.61"]

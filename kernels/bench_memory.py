@@ -1,0 +1,101 @@
+"""Device memory of a training step and of an eval forward: gpurnn against torch (cuDNN).
+
+    python kernels/bench_memory.py [--rows A B C D E long] [--cells lstm] [--json PATH]
+
+Method, the same for both sides: each measurement runs in a fresh process that
+first sets up its CUDA context and libraries (a tiny op on each), reads the
+device's free memory, builds the model, runs the pass twice, synchronizes and
+reads free memory again. The drop is what that side holds: CuPy's pool and
+torch's caching allocator both keep freed blocks for reuse, so after the calls
+it is their peak, plus what neither pool shows (cuBLAS/cuDNN workspaces, CUDA
+graphs, numba's modules). The weights are included on both sides. A training
+step is forward + backward with all weight gradients; an eval forward keeps no
+activations. gpurnn's first call of a shape also times its recurrence algorithms
+(see README), and the scratch of that timing stays in CuPy's pool: it counts.
+Prints MiB per side and the ratio gpurnn / torch.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+ROWS = {"A": (100, 64, 512, 1), "B": (100, 256, 1024, 1), "C": (1000, 32, 256, 1), "D": (50, 8, 128, 1),
+        "E": (100, 64, 512, 3), "long": (2000, 64, 1024, 2)}
+
+MEASURE = r"""
+import sys, numpy as np, cupy, torch
+side, cell, T, B, H, L, train = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+torch.ones(1, device="cuda").sum().item()
+cupy.ones(1).sum().get()
+free = lambda: (torch.cuda.synchronize(), cupy.cuda.runtime.memGetInfo()[0])[1]
+before = free()
+x = np.random.default_rng(0).standard_normal((T, B, H)).astype(np.float32)
+if side == "gpurnn":
+    import gpurnn
+    m = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, num_layers=L, backend="cuda")
+    m.train(bool(train))
+    xd = cupy.asarray(x)
+    for _ in range(2):
+        out, _ = m(xd)
+        if train:
+            m.backward(cupy.ones_like(out))
+else:
+    m = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](H, H, num_layers=L).cuda()
+    xt = torch.from_numpy(x).cuda()
+    for _ in range(2):
+        if train:
+            out, _ = m(xt)
+            out.backward(torch.ones_like(out))
+        else:
+            with torch.no_grad():
+                out, _ = m(xt)
+    del xt
+del x
+print(before - free())
+"""
+
+
+def measure(side, cell, T, B, H, L, train):
+    env = dict(os.environ, PYTHONPATH=ROOT, GPURNN_BACKEND="cuda")
+    done = subprocess.run([sys.executable, "-c", MEASURE, side, cell, str(T), str(B), str(H), str(L), str(int(train))],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"{side} {cell} {T}x{B}x{H}x{L}: {done.stderr.strip()[-500:]}")
+    return int(done.stdout.split()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--cells", nargs="+", default=["lstm"], choices=["lstm", "gru", "rnn"])
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    rows = []
+    for cell in args.cells:
+        for name in args.rows:
+            T, B, H, L = ROWS[name]
+            for train in (True, False):
+                ours, peer = (measure(side, cell, T, B, H, L, train) for side in ("gpurnn", "torch"))
+                rows.append(dict(cell=cell, row=name, T=T, B=B, H=H, layers=L, pass_="train" if train else "eval",
+                                 gpurnn_MiB=ours / 2**20, torch_MiB=peer / 2**20, ratio=ours / max(peer, 1)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(table(rows))
+    return rows
+
+
+def table(rows):
+    lines = [f"{'cell':<5}{'row':<6}{'pass':<7}{'gpurnn MiB':>11}{'torch MiB':>11}{'ratio':>7}"]
+    lines += [f"{r['cell']:<5}{r['row']:<6}{r['pass_']:<7}{r['gpurnn_MiB']:>11.1f}{r['torch_MiB']:>11.1f}"
+              f"{r['ratio']:>7.2f}" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
