@@ -252,3 +252,35 @@ def test_forcing_another_algorithm_takes_effect_on_a_shape_already_run(sim):
             assert model.algorithms == {"forward": algorithm or "graph"}
     np.testing.assert_allclose(outputs["fused"], outputs[None], rtol=1e-12)
     np.testing.assert_allclose(outputs["persistent"], outputs[None], rtol=1e-12)
+
+
+def test_chooser_leaves_out_an_algorithm_whose_timing_fails(timed, monkeypatch):
+    ops, table, calls = timed
+
+    def timer(ws, name, fn, algorithm, accumulates):
+        if algorithm == "fused":
+            raise RuntimeError("launch failed")
+        return {"graph": 3.0, "persistent": 2.0}[algorithm], None
+
+    monkeypatch.setattr(ops, "timer", timer)
+    model = make("gru", 2, 3, backend="cudasim", dtype="float64")
+    with pytest.warns(RuntimeWarning, match="'fused' left out: timing it failed .*launch failed"):
+        model(np.zeros((2, 1, 2)))
+    assert model.algorithms == {"forward": "persistent"}
+    assert "launch failed" in model.algorithm_notes["fused"]
+
+
+def test_chooser_runs_graph_when_graph_itself_cannot_be_timed(timed, monkeypatch, tmp_path):
+    ops, table, calls = timed
+
+    def timer(ws, name, fn, algorithm, accumulates):
+        if algorithm == "graph":
+            raise RuntimeError("no events")
+        return 1.0, None
+
+    monkeypatch.setattr(ops, "timer", timer)
+    model = make("rnn", 2, 3, backend="cudasim", dtype="float64")
+    with pytest.warns(RuntimeWarning, match="'graph' left out"):
+        model(np.zeros((2, 1, 2)))
+    assert model.algorithms == {"forward": "graph"}
+    assert not (tmp_path / "algorithms.json").exists()  # nothing stored: the next process tries again

@@ -601,17 +601,26 @@ class CudaOps:
             return stored if stored in candidates else candidates[0]
         times, reference = {}, None
         for algorithm in candidates:  # "graph" first: the others are checked against it
-            elapsed, results = self.timer(ws, name, fn, algorithm, accumulates)
-            if reference is None:
+            try:
+                elapsed, results = self.timer(ws, name, fn, algorithm, accumulates)
+            except Exception as exc:  # one algorithm failing must not take the others down
+                self._leave_out(ws, algorithm, f"timing it failed at {shape} ({type(exc).__name__}: {exc})")
+                continue
+            if algorithm == "graph":
                 reference = results
             elif not _agree(results, reference):
-                ws.algorithm_notes[algorithm] = f"rnn algorithm {algorithm!r} left out: its results differ from 'graph' at {shape}"
-                warnings.warn(f"gpurnn: {ws.algorithm_notes[algorithm]}", RuntimeWarning, stacklevel=4)
+                self._leave_out(ws, algorithm, f"its results differ from 'graph' at {shape}")
                 continue
             times[algorithm] = elapsed
+        if "graph" not in times:  # nothing to check the others against: run what always runs, store nothing
+            return "graph"
         best = fastest(times)
         self.choices.store(shape, best, times)
         return best
+
+    def _leave_out(self, ws, algorithm, why):
+        ws.algorithm_notes[algorithm] = f"rnn algorithm {algorithm!r} left out: {why}"
+        warnings.warn(f"gpurnn: {ws.algorithm_notes[algorithm]}", RuntimeWarning, stacklevel=5)
 
     def check_algorithm(self, ws, name, algorithm):
         """Raise NotApplicable (a ValueError) saying why ``algorithm`` cannot run ws's shape."""
@@ -640,8 +649,8 @@ class CudaOps:
         try:
             fn()
             results = [None if r is None else r.copy() for r in ws.results(name)]
-            graph = self._capture(fn) if self._capture_ok else "eager"
-            once = fn if graph == "eager" else (lambda: graph.launch(self._stream))
+            graph = self._try_capture(fn)[0] if self._capture_ok else None  # a failure here is this algorithm's
+            once = fn if graph is None else (lambda: graph.launch(self._stream))
             start, stop = cupy.cuda.Event(), cupy.cuda.Event()
             start.record(self._stream)
             once()
@@ -667,18 +676,25 @@ class CudaOps:
         return elapsed, results
 
     def _capture(self, fn):
+        graph, exc = self._try_capture(fn)
+        if exc is None:
+            return graph
+        self._capture_ok = False  # capture unsupported here: fall back, say why once
+        self.capture_note = f"time loops run eagerly: CUDA graph capture failed ({type(exc).__name__}: {exc})"
+        warnings.warn(f"gpurnn: {self.capture_note}", UserWarning, stacklevel=4)
+        return "eager"
+
+    def _try_capture(self, fn):
+        """(graph, None), or (None, the exception) with the stream out of capture again."""
         try:
             self._stream.begin_capture()
             try:
                 fn()
             finally:
                 graph = self._stream.end_capture()
-            return graph
-        except Exception as exc:  # capture unsupported here: fall back, say why once
-            self._capture_ok = False
-            self.capture_note = f"time loops run eagerly: CUDA graph capture failed ({type(exc).__name__}: {exc})"
-            warnings.warn(f"gpurnn: {self.capture_note}", UserWarning, stacklevel=4)
-            return "eager"
+            return graph, None
+        except Exception as exc:
+            return None, exc
 
 
 class NotApplicable(ValueError):
