@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import gpurnn
+
 from helpers import back, backend_or_skip, host, make, run
 
 torch = pytest.importorskip("torch")
@@ -189,6 +191,20 @@ def sim():
 @given(configs(small=True))
 def test_api_matches_torch_on_the_simulator(sim, c):
     check_against_torch(c, backend="cudasim")
+
+
+@pytest.mark.parametrize("algorithm", ["fused", "persistent"])
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(c=configs(small=True))
+def test_fused_and_persistent_steps_match_torch_on_the_simulator(sim, algorithm, c):
+    """The recurrences that compute their own recurrent product (gpurnn.cuda.fused),
+    forced, over the same random configurations."""
+    gpurnn.set_rnn_algorithm(algorithm)
+    try:
+        check_against_torch(c, backend="cudasim")
+    finally:
+        gpurnn.set_rnn_algorithm(None)
 
 
 # ------------------------------------------------------------------ bad input
