@@ -1,6 +1,14 @@
 """Data-parallel scaling: global tokens/s of ``mpiexec -n N gpurnn train`` against one rank.
 
     python kernels/bench_distributed.py [--ranks 2] [--steps 40] [--repeats 2] [--json PATH]
+    python kernels/bench_distributed.py --nccl [--steps 40]      # on a GPU
+
+``--nccl`` measures instead what the NCCL path costs a GPU training step: the
+CharLM step at ``gpurnn train``'s GPU default, trained in this process once in a
+world of one without communication and once through ``MpiWorld`` (MPI started
+without mpiexec: a world of one whose gradients go through an NCCL all-reduce
+and whose loss goes through MPI), alternating; the difference of the step
+times is the communication's cost per step (NCCL cannot put two ranks on one GPU).
 
 Weak scaling, as data parallelism is used: every rank trains on the same per-rank
 batch (``gpurnn train``'s CPU default: a 1x256 LSTM, T=64, 128 sequences a rank),
@@ -70,14 +78,61 @@ def collectives_per_step(workdir, steps=2):
     return int(done.stdout.split()[-1]) / steps
 
 
+NCCL_STEP = """
+import json, sys
+from mpi4py import MPI
+from gpurnn import distributed, train
+from gpurnn.backend import get_backend
+out, mode, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+backend = get_backend(cfg.pop("backend"))
+world = distributed.MpiWorld(MPI, backend, 60) if mode == "nccl" else distributed.World(backend.name)
+assert mode != "nccl" or backend.name != "cuda" or world._nccl is not None
+train.train(cfg, backend, out, False, progress=False, world=world)
+"""
+
+
+def nccl_cost(steps, repeats, workdir, backend="cuda", sizes=None):
+    """Median step time (ms) of the CharLM step (gpurnn train's GPU default sizes) without
+    and with the world-of-one all-reduce (NCCL on CUDA; MPI on the other backends)."""
+    sys.path.insert(0, ROOT)
+    from gpurnn.train import defaults
+
+    sizes = dict(defaults("charlm", "cuda"), **(sizes or {}), steps=steps)
+    cfg = dict(task="charlm", text=os.path.join(ROOT, "README.md"), cell="lstm", nonlinearity="tanh",
+               optim="adam", clip_norm=5.0, clip_value=None, seed=0, save_every=10**6, val_fraction=0.0,
+               val_every=10**6, backend=backend, **sizes)
+    times = {"local": [], "nccl": []}
+    for _ in range(repeats):
+        for mode in times:
+            out = os.path.join(workdir, mode)
+            shutil.rmtree(out, ignore_errors=True)
+            subprocess.run([sys.executable, "-c", NCCL_STEP, out, mode, json.dumps(cfg)], check=True,
+                           capture_output=True, text=True, timeout=600, env=dict(env(), GPURNN_BACKEND=backend))
+            rows = open(os.path.join(out, "metrics.csv")).read().splitlines()[1:]
+            tokens = statistics.median(float(r.split(",")[3]) for r in rows[min(5, len(rows) - 1):])
+            times[mode].append(sizes["batch"] * sizes["seq_len"] / tokens * 1e3)
+    local, nccl = min(times["local"]), min(times["nccl"])
+    return dict(step_ms=times, local_ms=local, nccl_ms=nccl, allreduce_ms=nccl - local)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nccl", action="store_true", help="the NCCL path's cost per GPU training step instead")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128, help="sequences per rank")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.nccl:
+        with tempfile.TemporaryDirectory() as workdir:
+            result = nccl_cost(args.steps, args.repeats, workdir)
+        print(f"GPU CharLM step: {result['local_ms']:.2f} ms alone, {result['nccl_ms']:.2f} ms through the NCCL "
+              f"all-reduce (world of one): {result['allreduce_ms']:.2f} ms a step (best of {args.repeats})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
     if shutil.which("mpiexec") is None:
         sys.exit("bench_distributed: no mpiexec; pip install 'gpurnn[mpi]'")
     with tempfile.TemporaryDirectory() as workdir:

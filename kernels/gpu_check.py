@@ -21,6 +21,8 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
                  against gpurnn.torch.LSTM/GRU (config A and 2x512);
   memory         ``bench_memory.py``: device memory of a training step and an eval forward,
                  gpurnn against torch, each from a fresh process;
+  nccl           ``bench_distributed.py --nccl``: the NCCL all-reduce's cost per GPU training
+                 step (a world of one);
   sanitizer      compute-sanitizer's memcheck, racecheck, initcheck and synccheck over
                  ``sanitize.py`` (every cell and option, each algorithm forced): 0 errors;
   lab            (only when named, or with --lab) ``gemm_lab.py``: GEMM layouts and a
@@ -29,7 +31,7 @@ Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log und
 --out) and prints the table last. Each stage is guarded so one failure still reports
 the rest. A device call runs 10 minutes at most: run the stages in two calls,
 ``--stages suite,first_forward,ceilings,benchmarks,algorithms,training,torch`` and
-``--stages memory,sanitizer`` (each about 5 minutes on an H100, estimated: not yet timed).
+``--stages memory,nccl,sanitizer`` (each about 5 minutes on an H100, estimated: not yet timed).
 """
 
 import argparse
@@ -167,8 +169,8 @@ def versions():
                 commit=os.environ.get("GPURNN_COMMIT", "unknown"))
 
 
-STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "memory", "sanitizer",
-          "lab")
+STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "memory", "nccl",
+          "sanitizer", "lab")
 
 
 def main():
@@ -185,6 +187,7 @@ def main():
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
         ap.error(f"--stages: unknown {unknown}; expected a subset of {', '.join(STAGES)}")
+    import bench_distributed
     import bench_gpu
     import bench_memory
     import bench_torch
@@ -203,6 +206,7 @@ def main():
            "training": lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "torch": lambda: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "memory": lambda: bench_memory.main(["--rows", "A", "D"] if args.quick else []),
+           "nccl": lambda: bench_distributed.main(["--nccl", "--steps", "20" if args.quick else "40"]),
            "sanitizer": lambda: sanitizer(args.sanitizer_timeout, args.out),
            "lab": gemm_lab}
     for name in report["stages"]:
@@ -246,6 +250,10 @@ def main():
     if isinstance(memory_rows, list):
         print("device memory, each side from a fresh process (drop in free memory):")
         print(bench_memory.table(memory_rows))
+    nccl = report.get("nccl")
+    if isinstance(nccl, dict) and "error" not in nccl:
+        print(f"NCCL all-reduce in the GPU CharLM step (world of one): {nccl['allreduce_ms']:.2f} ms a step "
+              f"({nccl['local_ms']:.2f} -> {nccl['nccl_ms']:.2f} ms)")
     checks = report.get("sanitizer")
     if isinstance(checks, dict) and "error" not in checks:
         for tool, r in checks.items():

@@ -31,7 +31,7 @@ def test_gpu_check_stages_are_named_and_checked():
     assert done.returncode == 2 and "unknown ['warp']" in done.stderr
     helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0
-    assert ("suite, first_forward, ceilings, benchmarks, algorithms, training, torch, memory, sanitizer, lab"
+    assert ("suite, first_forward, ceilings, benchmarks, algorithms, training, torch, memory, nccl, sanitizer, lab"
             in " ".join(helped.stdout.split()))
 
 

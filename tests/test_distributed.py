@@ -220,3 +220,16 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert stderr.count("interrupted: saved step") == 1
     step = int(stderr.split("interrupted: saved step ")[1].split()[0])
     assert train.load_checkpoint(str(out))[0]["step"] == step and len(metrics(out)[0]) == step
+
+
+@needs_mpi
+def test_nccl_cost_benchmark_runs_both_worlds(tmp_path):
+    """bench_distributed --nccl, which the GPU check runs: here on NumPy, where the
+    world of one started through MpiWorld all-reduces over MPI instead of NCCL."""
+    sys.path.insert(0, os.path.join(ROOT, "kernels"))
+    import bench_distributed
+
+    result = bench_distributed.nccl_cost(3, 1, str(tmp_path), backend="numpy",
+                                         sizes=dict(hidden=8, layers=1, seq_len=4, batch=2))
+    assert len(result["step_ms"]["local"]) == len(result["step_ms"]["nccl"]) == 1
+    assert result["local_ms"] > 0 and result["nccl_ms"] > 0
