@@ -243,6 +243,8 @@ class _RNNBase:
             for layer in range(1, cfg.L if dropout_on else 1):
                 ws.masks[layer][...] = xp.asarray(masks[layer])
             keep = self.training or record  # eval keeps nothing for a backward (as cuDNN inference does)
+            if keep:
+                ws.for_training()  # an inference-only shape never allocates activations or gradients
             self._ops.run(ws, "forward" if keep else "inference",
                           lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on, embedding, keep))
             result = (self._time_major_out(ws.out[-1], unbatched), ws.h_n.copy(),

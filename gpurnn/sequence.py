@@ -43,14 +43,17 @@ class Direction:
     h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
     c:  [T+1, B, H]   LSTM cell states (None otherwise)
     gates: [T, B, S*H] saved activations (None for the plain RNN)
-    step_gates: [T, B, S*H] gates[0] seen at every t (time stride 0), for forwards
-                whose activations no backward will read
+    step_gates: [T, B, S*H] one [B, S*H] block seen at every t (time stride 0), where
+                forwards whose activations no backward will read write them
     dgx: [T, B, G*H]  gradient of the input projection (gx's storage: see SHARE_PROJECTION_GRADIENT)
     dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only; else dgx)
     dh, dc: [B, H]    gradient carried back through h (and c)
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
     sync: [2] int32   barrier counter and failure flag of the persistent kernels
+
+    gates and the gradient buffers (dgx, dgh, dh, dc, dtable) are None until
+    ``for_training``: a direction that only ever runs inference forwards has none.
     """
 
     gx: object
@@ -68,31 +71,41 @@ class Direction:
     table: object = None
     dtable: object = None
     sync: object = None
+    cell: str = None
 
     @classmethod
     def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
+        """What a forward needs; ``for_training`` adds what a backward does."""
         G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
-        gx = xp.empty((T, B, G * H), dtype)
-        dgx = gx if SHARE_PROJECTION_GRADIENT else xp.empty((T, B, G * H), dtype)
-        gates = xp.empty((T, B, S * H), dtype) if S else None
-        step_gates = None if gates is None else xp.lib.stride_tricks.as_strided(gates, strides=(0, *gates.strides[1:]))
+        step = xp.empty((1, B, S * H), dtype) if S else None
         return cls(
-            gx=gx,
+            gx=xp.empty((T, B, G * H), dtype),
             gh=xp.empty((B, G * H), dtype),
             w_hh_t=xp.empty((H, G * H), dtype),
             w_ih_t=None if vocab else xp.empty((I, G * H), dtype),
             h=xp.empty((T + 1, B, H), dtype),
             c=xp.empty((T + 1, B, H), dtype) if cell == "lstm" else None,
-            gates=gates,
-            step_gates=step_gates,
-            dgx=dgx,
-            dgh=xp.empty((T, B, G * H), dtype) if cell == "gru" else dgx,
-            dh=xp.empty((B, H), dtype),
-            dc=xp.empty((B, H), dtype) if cell == "lstm" else None,
+            gates=None,
+            step_gates=None if step is None else xp.lib.stride_tricks.as_strided(
+                step, shape=(T, B, S * H), strides=(0, *step.strides[1:])),
+            dgx=None, dgh=None, dh=None, dc=None,
             table=xp.empty((vocab, G * H), dtype) if vocab else None,
-            dtable=xp.empty((vocab, G * H), dtype) if vocab else None,
             sync=xp.zeros(2, xp.int32),
+            cell=cell,
         )
+
+    def for_training(self, xp):
+        """Allocate, once, the saved activations and the gradient buffers."""
+        if self.dh is not None:
+            return
+        T, B, _ = self.gx.shape
+        H, dtype, S = self.h.shape[2], self.gx.dtype, SAVED_BLOCKS[self.cell]
+        self.gates = xp.empty((T, B, S * H), dtype) if S else None
+        self.dgx = self.gx if SHARE_PROJECTION_GRADIENT else xp.empty_like(self.gx)
+        self.dgh = xp.empty_like(self.gx) if self.cell == "gru" else self.dgx
+        self.dh = xp.empty((B, H), dtype)
+        self.dc = xp.empty((B, H), dtype) if self.cell == "lstm" else None
+        self.dtable = None if self.table is None else xp.empty_like(self.table)
 
 
 @dataclass

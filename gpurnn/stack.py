@@ -45,6 +45,7 @@ class Workspace:
     x: [T, B, I]          staged input (None with a vocabulary)   lengths: [B] int32
     ids: [T, B] int32     staged embedding ids, with a vocabulary of V symbols (else None)
     onehot: [T*B, V]      their one-hot, for backward (with a vocabulary)
+    (onehot and every buffer from d_out on are None until ``for_training``)
     h0, c0: [L*D, B, H]   staged initial states (c0 for LSTM only)
     masks[l]: [T, B, D*H] inverted-dropout mask applied to layer l's input (l >= 1)
     inp[l]: [T, B, D*H]   masked input of layer l (l >= 1, when dropout is on)
@@ -72,7 +73,7 @@ class Workspace:
         self.dtype, self.vocab, self.dropout = dtype, vocab, dropout
         self.x = None if vocab else xp.empty((T, B, cfg.I), dtype)
         self.ids = xp.empty((T, B), xp.int32) if vocab else None
-        self.onehot = xp.empty((T * B, vocab), dtype) if vocab else None
+        self.onehot = None  # for_training
         self.lengths = xp.empty((B,), xp.int32)
         self.h0 = xp.empty((L * D, B, H), dtype)
         self.c0 = xp.empty((L * D, B, H), dtype) if lstm else None
@@ -81,22 +82,36 @@ class Workspace:
         self.out = [xp.empty((T, B, D * H), dtype) for _ in range(L)]
         self.h_n = xp.empty((L * D, B, H), dtype)
         self.c_n = xp.empty((L * D, B, H), dtype) if lstm else None
-        self.d_out = xp.empty((T, B, D * H), dtype)
-        self.d_hn = xp.empty((L * D, B, H), dtype)
-        self.d_cn = xp.empty((L * D, B, H), dtype) if lstm else None
-        self.d_in = [None] + [xp.empty((T, B, D * H), dtype) for _ in range(1, L)]
-        self.dx = None if vocab else xp.empty((T, B, cfg.I), dtype)
-        self.dh0 = xp.empty((L * D, B, H), dtype)
-        self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
-        self.ones = xp.ones((1, T * B), dtype)
+        self.d_out = self.d_hn = self.d_cn = self.dx = self.dh0 = self.dc0 = self.ones = None  # for_training
+        self.d_in = [None] * L
         self.dirs = [Direction.allocate(xp, cfg.cell, T, B, cfg.layer_input_size(k // D), H, dtype,
                                         vocab if k < D else None) for k in range(L * D)]
+        self.xp = xp
         self.graphs = {}
         self.algorithms = {}
         self.ran = {}
         self.algorithm_notes = {}
         self.embedding = None
         self.zeroed = set()
+
+    def for_training(self):
+        """Allocate, once, what a training forward saves and a backward works in: an
+        inference-only workspace holds none of it."""
+        if self.dh0 is not None:
+            return
+        xp, cfg, T, B, dtype = self.xp, self.cfg, self.T, self.B, self.dtype
+        L, D, H, lstm = cfg.L, cfg.D, cfg.H, cfg.cell == "lstm"
+        self.onehot = xp.empty((T * B, self.vocab), dtype) if self.vocab else None
+        self.d_out = xp.empty((T, B, D * H), dtype)
+        self.d_hn = xp.empty((L * D, B, H), dtype)
+        self.d_cn = xp.empty((L * D, B, H), dtype) if lstm else None
+        self.d_in = [None] + [xp.empty((T, B, D * H), dtype) for _ in range(1, L)]
+        self.dx = None if self.vocab else xp.empty((T, B, cfg.I), dtype)
+        self.dh0 = xp.empty((L * D, B, H), dtype)
+        self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
+        self.ones = xp.ones((1, T * B), dtype)
+        for d in self.dirs:
+            d.for_training(xp)
 
     @property
     def lanes(self):

@@ -163,7 +163,7 @@ def test_eval_forward_replays_its_own_graph_and_keeps_nothing(gpu, cell):
             if b is not None:
                 np.testing.assert_allclose(host(a), b, rtol=1e-6, atol=1e-7)
     assert set(ws.graphs) == {("forward", "fp32", False, None), ("inference", "fp32", False, None)}
-    assert all(np.isnan(host(d.gates[1:])).all() and np.isfinite(host(d.gates[0])).all() for d in ws.dirs)
+    assert all(np.isnan(host(d.gates)).all() for d in ws.dirs)  # eval writes its own one-step block
 
 
 @pytest.mark.parametrize("cell", CELLS)

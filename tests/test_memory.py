@@ -100,7 +100,8 @@ def test_report_adds_up_to_what_numpy_allocated():
     rows = {(group, name): nbytes for group, name, nbytes in report.rows}
     G, H, T, B = 4, 32, 20, 8
     assert rows["workspace T=20 B=8", "gx"] == 4 * T * B * G * H * 4  # 2 layers x 2 directions, dgx inside
-    assert ("workspace T=20 B=8", "dgx") not in rows and ("workspace T=20 B=8", "step_gates") not in rows
+    assert ("workspace T=20 B=8", "dgx") not in rows
+    assert rows["workspace T=20 B=8", "step_gates"] == 4 * B * G * H * 4  # one step's block, seen at every t
     assert rows["parameters", "all"] == sum(p.nbytes for p in model.params.values())
     assert "model total" in str(report)
 
@@ -130,3 +131,30 @@ def test_clear_cache_drops_every_shapes_buffers():
     lm.forward(np.zeros((2, 1), np.int64), np.zeros((2, 1), np.int64))
     lm.clear_cache()
     assert not lm.rnn._workspaces
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cudasim"])
+def test_inference_holds_no_training_buffers(backend):
+    """An eval-mode model allocates neither saved activations nor gradient buffers; its
+    first training forward adds them, and the eval forward then leaves them untouched."""
+    if backend == "cudasim":
+        backend_or_skip("cudasim", "cudasim unavailable in this process")
+    model = make("lstm", 6, 8, num_layers=2, bidirectional=True, backend=backend, dtype="float64", seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((10, 4, 6))
+    out_eval = host(model(x)[0])
+    names = {name for _, name, _ in model.memory_report().rows}
+    assert not names & {"gates", "d_out", "dx", "dh0", "d_in", "dh", "dc", "ones"}
+    workspace = lambda: sum(n for group, _, n in model.memory_report().rows if group.startswith("workspace"))  # noqa: E731
+    inference_bytes = workspace()
+    model.train()
+    out_train = host(model(x)[0])
+    names = {name for _, name, _ in model.memory_report().rows}
+    assert {"gates", "d_out", "dx", "dh0", "d_in", "dh", "dc", "ones"} <= names
+    assert workspace() > 1.5 * inference_bytes
+    ws = next(iter(model._workspaces.values()))
+    for d in ws.dirs:
+        d.gates[...] = np.nan
+    model.eval()
+    np.testing.assert_allclose(host(model(x)[0]), out_eval, rtol=1e-12)
+    np.testing.assert_allclose(out_train, out_eval, rtol=1e-12)
+    assert all(np.isnan(host(d.gates)).all() for d in ws.dirs)  # eval wrote its own step block
