@@ -144,7 +144,9 @@ def test_inference_holds_no_training_buffers(backend):
     out_eval = host(model(x)[0])
     names = {name for _, name, _ in model.memory_report().rows}
     assert not names & {"gates", "d_out", "dx", "dh0", "d_in", "dh", "dc", "ones"}
-    workspace = lambda: sum(n for group, _, n in model.memory_report().rows if group.startswith("workspace"))  # noqa: E731
+    def workspace():
+        return sum(n for group, _, n in model.memory_report().rows if group.startswith("workspace"))
+
     inference_bytes = workspace()
     model.train()
     out_train = host(model(x)[0])
