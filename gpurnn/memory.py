@@ -16,7 +16,7 @@ import numpy as np
 
 WORKSPACE_BUFFERS = ("x", "ids", "onehot", "lengths", "h0", "c0", "h_n", "c_n", "d_out", "d_hn", "d_cn",
                      "dx", "dh0", "dc0", "ones")
-WORKSPACE_LISTS = ("out", "masks", "inp", "d_in")
+WORKSPACE_LISTS = ("out", "masks", "d_in")
 DIRECTION_BUFFERS = ("gx", "dgx", "dgh", "gh", "w_hh_t", "w_ih_t", "h", "c", "gates", "step_gates", "dh", "dc",
                      "table", "dtable", "sync")
 

@@ -47,8 +47,8 @@ class Workspace:
     onehot: [T*B, V]      their one-hot, for backward (with a vocabulary)
     (onehot and every buffer from d_out on are None until ``for_training``)
     h0, c0: [L*D, B, H]   staged initial states (c0 for LSTM only)
-    masks[l]: [T, B, D*H] inverted-dropout mask applied to layer l's input (l >= 1)
-    inp[l]: [T, B, D*H]   masked input of layer l (l >= 1, when dropout is on)
+    masks[l]: [T, B, D*H] inverted-dropout mask applied to layer l's input (l >= 1), in
+                          place on out[l-1]: nothing reads the unmasked values
     out[l]: [T, B, D*H]   output of layer l
     h_n, c_n: [L*D, B, H] final states
     d_out: [T, B, D*H]    staged gradient of the top output
@@ -78,7 +78,6 @@ class Workspace:
         self.h0 = xp.empty((L * D, B, H), dtype)
         self.c0 = xp.empty((L * D, B, H), dtype) if lstm else None
         self.masks = [None] + [xp.empty((T, B, D * H), dtype) if dropout else None for _ in range(1, L)]
-        self.inp = [None] + [xp.empty((T, B, D * H), dtype) if dropout else None for _ in range(1, L)]
         self.out = [xp.empty((T, B, D * H), dtype) for _ in range(L)]
         self.h_n = xp.empty((L * D, B, H), dtype)
         self.c_n = xp.empty((L * D, B, H), dtype) if lstm else None
@@ -143,10 +142,12 @@ class Workspace:
             buf[...] = default
             self.zeroed.add(name)
 
-    def layer_input(self, layer, dropout_on, embedding):
+    def layer_input(self, layer, embedding):
+        """What layer ``layer`` reads: x (or the embedding rows), else the output below it
+        (with dropout already applied in place)."""
         if layer == 0:
             return self.x if embedding is None else sequence.Embedded(self.ids, *embedding, self.onehot)
-        return self.inp[layer] if dropout_on else self.out[layer - 1]
+        return self.out[layer - 1]
 
 
 def forward(ops, cfg, params, ws, dropout_on, embedding=None, keep=True):
@@ -159,8 +160,8 @@ def forward(ops, cfg, params, ws, dropout_on, embedding=None, keep=True):
         return
     for layer in range(cfg.L):
         if layer and dropout_on:
-            ops.xp.multiply(ws.out[layer - 1], ws.masks[layer], out=ws.inp[layer])  # dropout between layers
-        x = ws.layer_input(layer, dropout_on, embedding)
+            ws.out[layer - 1] *= ws.masks[layer]  # dropout between layers: the unmasked output is dead
+        x = ws.layer_input(layer, embedding)
         with ops.concurrent(cfg.D) as lane:  # the directions share only what they read
             for d in range(cfg.D):
                 with lane(d):
@@ -177,7 +178,7 @@ def _forward_wavefront(ops, cfg, params, ws, dropout_on, embedding, keep):
         layers = []
         for layer in range(cfg.L):
             with lane(layer):
-                x = ws.layer_input(layer, dropout_on, embedding)
+                x = ws.layer_input(layer, embedding)
                 layers.append(_forward_direction(ops, cfg, params, ws, layer, 0, x, keep, spans, ready[layer]))
                 next(layers[layer])  # set up: weight layouts are chosen while the other lanes are idle
         for k, (start, stop) in enumerate(spans):
@@ -186,8 +187,7 @@ def _forward_wavefront(ops, cfg, params, ws, dropout_on, embedding, keep):
                     next(layers[layer])  # span k of this layer
                     if layer + 1 < cfg.L:
                         if dropout_on:
-                            ops.xp.multiply(ws.out[layer][start:stop], ws.masks[layer + 1][start:stop],
-                                            out=ws.inp[layer + 1][start:stop])
+                            ws.out[layer][start:stop] *= ws.masks[layer + 1][start:stop]
                         ready[layer + 1][k] = ops.mark()
         for layer in range(cfg.L):
             with lane(layer):
@@ -224,7 +224,7 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
         return
     d_layer_out = ws.d_out
     for layer in reversed(range(cfg.L)):
-        x = ws.layer_input(layer, dropout_on, embedding)
+        x = ws.layer_input(layer, embedding)
         dx = ws.dx if layer == 0 else ws.d_in[layer]
         if dx is not None:
             dx[...] = 0  # both directions accumulate into it
@@ -255,7 +255,7 @@ def _backward_wavefront(ops, cfg, params, grads, ws, dropout_on, embedding):
         layers = [None] * cfg.L
         for layer in reversed(range(cfg.L)):
             with lane(layer):
-                x = ws.layer_input(layer, dropout_on, embedding)
+                x = ws.layer_input(layer, embedding)
                 d_layer_out = ws.d_out if layer == cfg.L - 1 else ws.d_in[layer + 1]
                 layers[layer] = _backward_direction(ops, cfg, params, grads, ws, layer, 0, x, d_layer_out,
                                                     spans, ready[layer], ws.d_in[layer])
@@ -272,7 +272,7 @@ def _backward_wavefront(ops, cfg, params, grads, ws, dropout_on, embedding):
                 sequence.drain(layers[layer])  # its weight and initial-state gradients
     if ws.dx is not None:
         ws.dx[...] = 0
-    sequence.backward_input(ops, ws.layer_input(0, dropout_on, embedding), params[cfg.param_names(0, 0)[0]],
+    sequence.backward_input(ops, ws.layer_input(0, embedding), params[cfg.param_names(0, 0)[0]],
                             ws.dirs[0], ws.dx)
 
 

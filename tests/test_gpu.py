@@ -187,7 +187,7 @@ def test_poisoned_workspace_is_fully_overwritten(gpu, cell):
 
 def _buffers(ws):
     """Every float output/scratch buffer of a workspace (not ones, not staged inputs)."""
-    bufs = [ws.h_n, ws.c_n, ws.dx, ws.dh0, ws.dc0, *ws.out, *ws.d_in[1:], *ws.inp[1:]]
+    bufs = [ws.h_n, ws.c_n, ws.dx, ws.dh0, ws.dc0, *ws.out, *ws.d_in[1:]]
     for d in ws.dirs:
         bufs += [d.gx, d.gh, d.h, d.c, d.gates, d.dgx, d.dgh, d.dh, d.dc]
     return [b for b in bufs if b is not None]
