@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda"):
+def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeats=3):
     import gpurnn
     from gpurnn import to_host
 
@@ -39,7 +39,7 @@ def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda"):
                             H, H, num_layers=layers, dropout=dropout, bidirectional=bidirectional, seed=1,
                             backend=backend)
                         results = []
-                        for _ in range(3):  # eager, captured, replayed
+                        for _ in range(repeats):  # eager, captured, replayed
                             model.train()
                             model._rng = np.random.default_rng(7)  # the same dropout masks for every algorithm
                             model.zero_grad()
@@ -70,7 +70,8 @@ if __name__ == "__main__":
     ap.add_argument("--cells", nargs="+", default=["rnn", "lstm", "gru"], choices=["rnn", "lstm", "gru"])
     ap.add_argument("--backend", default="cuda", choices=["cuda", "cudasim"],
                     help="cudasim: the same script under numba's simulator (CI)")
+    ap.add_argument("--repeats", type=int, default=3, help="calls of each pass: eager, captured, replayed, ...")
     args = ap.parse_args()
-    failed = run_all(*args.size, cells=args.cells, backend=args.backend)
+    failed = run_all(*args.size, cells=args.cells, backend=args.backend, repeats=args.repeats)
     print(f"{len(failed)} failures" + "".join(f"\n  {f}" for f in failed))
     sys.exit(1 if failed else 0)

@@ -42,7 +42,8 @@ def test_sanitizer_script_runs_every_algorithm_under_the_simulator():
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "sanitize.py")
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPURNN_RNN_ALGO")}
-    done = subprocess.run([sys.executable, script, "--backend", "cudasim", "--size", "3", "2", "3", "--cells", "gru"],
+    done = subprocess.run([sys.executable, script, "--backend", "cudasim", "--size", "3", "2", "3", "--cells", "gru",
+                           "--repeats", "1"],
                           capture_output=True, text=True, env=dict(env, GPURNN_BACKEND="cudasim"))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
