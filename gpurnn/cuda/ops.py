@@ -30,7 +30,11 @@ from gpurnn.cuda import fused, kernels
 from gpurnn.cuda.algorithms import Choices, fastest
 
 THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
-FUSED_THREADS = 128  # elements (b, j) a fused step's block works on, at most one per thread
+# A fused or persistent step is latency-bound: its hidden units are spread over the SMs
+# (blocks ~ SMs / concurrent lanes), each thread computing one element's dot products.
+# The simulator runs blocks one after another; it counts SIMULATED_SMS, so that tests
+# still cut H among several blocks.
+SIMULATED_SMS = 4
 # The input projection runs as INPUT_SPANS GEMMs on a side stream, overlapping the
 # recurrence, while the per-step GEMM leaves the GPU room: measured on an H200,
 # 4 spans took config A's forward from 1.82 to 1.74 ms but B's from 11.5 to 11.7 ms,
@@ -75,6 +79,7 @@ class CudaOps:
             self._stream = None
             self._cublas = None
             self.timer = None  # simulated time says nothing: "graph" unless forced (tests may set one)
+            self.sm_count = SIMULATED_SMS
             self.choices = Choices("cudasim")
         else:
             from gpurnn.cuda.cublas import Cublas
@@ -91,6 +96,7 @@ class CudaOps:
             except Exception:  # a CuPy without NVTX: no ranges, nothing else lost
                 self._nvtx = None
             self.choices = Choices(_device_key(cupy))
+            self.sm_count = cupy.cuda.Device().attributes["MultiProcessorCount"]
             # lane 0 is our stream, whose GEMMs use the handle's own workspace; more
             # lanes are made when work first runs concurrently
             self._lanes = [_Lane(cupy, self.cuda, own_workspace=False)]
@@ -428,7 +434,7 @@ class CudaOps:
         """Forward step t of one direction in one launch (gpurnn.cuda.fused), reading
         W_hh^T from ws.w_hh_t, which the caller has refreshed; buffers as the step kernels'."""
         T, B, H = self._check_direction(cell, t, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates)
-        units, blocks, threads = _fused_grid(B, H)
+        units, blocks, threads = _fused_grid(B, H, self.sm_count // self._lanes_running)
         shared = self.fused_shared(cell, "forward", ws.h.dtype, B, H)
         args = {"rnn": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, y, lengths,
                         kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
@@ -440,7 +446,7 @@ class CudaOps:
         """BPTT step t of one direction in one launch: first the recurrent gradient of the
         step BPTT ran before (when has_next), then the cell's pointwise backward."""
         T, B, H = self._check_direction(cell, t, reverse, ws, dy, lengths, w_hh=w_hh)
-        units, blocks, threads = _fused_grid(B, H)
+        units, blocks, threads = _fused_grid(B, H, self.sm_count // self._lanes_running)
         shared = self.fused_shared(cell, "backward", ws.h.dtype, B, H)
         t_next = t - 1 if reverse else t + 1
         self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
@@ -494,9 +500,9 @@ class CudaOps:
         may run at the same time; ``NotApplicable`` saying why when there is none."""
         itemsize = np.dtype(dtype).itemsize
         lanes = self._lanes_running
-        preferred = _fused_grid(B, H)[0]  # about FUSED_THREADS elements a block, then fewer units, then more
+        spread = _fused_grid(B, H, self.sm_count // lanes)[0]  # a block an SM, then fewer blocks
         tried, reasons = set(), []
-        for units in [*range(preferred, 0, -1), *range(preferred + 1, H + 1)]:
+        for units in range(spread, H + 1):
             blocks = -(-H // units)
             if blocks in tried:
                 continue  # the same grid with more shared memory a block
@@ -730,10 +736,10 @@ def _device_key(cupy):
             f"numba-cuda {numba_cuda.__version__}")
 
 
-def _fused_grid(B, H):
-    """(units per block, blocks, threads) of a fused step: about FUSED_THREADS elements a block."""
-    units = max(1, min(H, FUSED_THREADS // B))
-    return units, -(-H // units), min(FUSED_THREADS, _round_up(B * units, 32))
+def _fused_grid(B, H, sms):
+    """(units per block, blocks, threads) of a step spread over ``sms`` SMs, a block each."""
+    units = -(-H // max(1, sms))
+    return units, -(-H // units), min(fused.MAX_THREADS, _round_up(B * units, 32))
 
 
 def _check_step(t, reverse, state, G, lengths, **bufs):
