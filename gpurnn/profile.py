@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from gpurnn.backend import get_backend, math_mode
+from gpurnn.sequence import GATE_BLOCKS
 
 PHASES = ("input", "steps", "weights")
 
@@ -53,7 +54,7 @@ class Profiler:
 
 def phase_flops(cell, I, H, L, D, T, B, backward):
     """Multiply-adds x 2 of each phase of one call."""
-    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    G = GATE_BLOCKS[cell]
     flops = {p: 0.0 for p in PHASES}
     for layer in range(L):
         inp = I if layer == 0 else D * H

@@ -50,13 +50,13 @@ from numba import int32
 from gpurnn.backend import _simulating, load_numba_cuda
 from gpurnn.cuda.kernels import (gru_point_backward, gru_point_forward, lstm_point_backward, lstm_point_forward,
                                  rnn_point_backward, rnn_point_forward)
+from gpurnn.sequence import GATE_BLOCKS
 
 cuda = load_numba_cuda()
 
 SPIN_LIMIT = 1 << 24  # polls of the barrier counter (~2-4 s) before a block gives up
 SHARED_LIMIT = 48 << 10  # bytes of shared memory a block may use (no opt-in to more)
 MAX_THREADS = 256
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 # --------------------------------------------------------------------- memory
 if _simulating():  # the simulator has no cache-hinted loads or sleeps; its blocks see memory as is
@@ -464,8 +464,7 @@ def lstm_backward_persistent(start, stop, first, reverse, units, w_hh, c, gates,
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
         lstm_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, 4 * units * H, c,
-                           gates, dy, dh, dc,
-                           dgates, lengths)
+                           gates, dy, dh, dc, dgates, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
             return
@@ -481,8 +480,7 @@ def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, 
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
         gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, 3 * units * H, h,
-                          gates, dy, dh, dgx,
-                          dgh, lengths)
+                          gates, dy, dh, dgx, dgh, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
             return
@@ -499,7 +497,7 @@ PERSISTENT = {("rnn", "forward"): rnn_forward_persistent, ("lstm", "forward"): l
 def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
     """Dynamic shared memory of a launch: the staged operand (h_prev rows forward, the
     previous step's dgates rows backward), after the block's W_hh when persistent."""
-    G = GATES[cell]
+    G = GATE_BLOCKS[cell]
     staged = B * H if phase == "forward" else B * G * H
     weights = G * units * H if algorithm == "persistent" else 0
     return (staged + weights) * itemsize

@@ -28,6 +28,7 @@ from gpurnn.backend import (RNN_ALGORITHMS, NumpyOps, deterministic_algorithms, 
                             math_mode, rnn_algorithm, to_host)
 from gpurnn.cuda import fused, kernels
 from gpurnn.cuda.algorithms import Choices, fastest
+from gpurnn.sequence import GATE_BLOCKS
 
 THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
 # A fused or persistent step is latency-bound: its hidden units are spread over the SMs
@@ -458,7 +459,7 @@ class CudaOps:
         shared = fused.shared_bytes(cell, phase, "fused", B, H, 0, np.dtype(dtype).itemsize)
         if shared > fused.SHARED_LIMIT:
             raise NotApplicable(f"fused {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name}: a block stages "
-                                f"the step's [{B}, {H if phase == 'forward' else fused.GATES[cell] * H}] operand in "
+                                f"the step's [{B}, {H if phase == 'forward' else GATE_BLOCKS[cell] * H}] operand in "
                                 f"{shared >> 10} KiB of shared memory, over the {fused.SHARED_LIMIT >> 10} KiB "
                                 f"a block may use")
         return shared
@@ -490,16 +491,16 @@ class CudaOps:
         kernel = fused.PERSISTENT[cell, phase]
         signature = None if self.simulate else tuple(  # the launch's own types decide its registers
             kernel.typeof_pyval(self._wrap(a)) for a in (*head, 0, *args, ws.sync))
-        units, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H, kernel, signature)
+        units, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H, self._lanes_running,
+                                                              kernel, signature)
         ws.sync[:1] = 0  # the barrier counts this launch's arrivals from zero
         self._launch_grid(kernel, blocks, threads, *head, units, *args, ws.sync, shared=shared)
 
-    def persistent_plan(self, cell, phase, dtype, B, H, kernel=None, signature=None):
+    def persistent_plan(self, cell, phase, dtype, B, H, lanes, kernel=None, signature=None):
         """(units per block, blocks, threads, shared bytes) of a persistent launch whose
-        blocks all fit on the GPU at once, with the SMs shared among the lanes that
+        blocks all fit on the GPU at once, with the SMs shared among the ``lanes`` that
         may run at the same time; ``NotApplicable`` saying why when there is none."""
         itemsize = np.dtype(dtype).itemsize
-        lanes = self._lanes_running
         spread = _fused_grid(B, H, self.sm_count // lanes)[0]  # a block an SM, then fewer blocks
         tried, reasons = set(), []
         for units in range(spread, H + 1):
@@ -531,7 +532,7 @@ class CudaOps:
 
     def _check_direction(self, cell, t, reverse, ws, y, lengths, **bufs):
         """Check one direction's workspace and the step's other buffers (see _check_step)."""
-        G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+        G = GATE_BLOCKS[cell]
         extra = {}
         if "w_hh" in bufs:
             H = ws.h.shape[2]
@@ -640,11 +641,8 @@ class CudaOps:
             return
         kernel = fused.PERSISTENT[cfg.cell, phase]
         signature = fused.signatures(cfg.cell, phase, "persistent", ws.h0.dtype)
-        old, self._lanes_running = self._lanes_running, 1 if self.simulate else ws.lanes
-        try:
-            self.persistent_plan(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H, kernel, signature)
-        finally:
-            self._lanes_running = old
+        lanes = 1 if self.simulate else ws.lanes  # the simulator runs one lane at a time
+        self.persistent_plan(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H, lanes, kernel, signature)
 
     def _time_on_gpu(self, ws, name, fn, algorithm, accumulates):
         """(seconds per call, results) of ``fn`` run with ``algorithm``: once eagerly
