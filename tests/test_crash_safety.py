@@ -16,14 +16,24 @@ from gpurnn import cli, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
-ARGS = ["--text", os.path.join(ROOT, "README.md"), "--hidden", "16", "--layers", "2", "--seq-len", "12",
+CORPUS_CHARS = 13_000  # the runs' length must not follow README's: the kills are timed against it
+ARGS = ["--hidden", "16", "--layers", "2", "--seq-len", "12",
         "--batch", "4", "--steps", str(STEPS), "--save-every", "1", "--no-progress", "--backend", "numpy",
         "--val-every", "5", "--val-fraction", "0.005"]  # a short held-out walk: the kills spread over the run
 TRIALS = 20
 
 
-def command(out, *extra):
-    return [sys.executable, "-m", "gpurnn", "train", "--out", str(out), *ARGS, *extra]
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first CORPUS_CHARS characters of README.md (repeated if it is shorter), as --text."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text((text * (CORPUS_CHARS // len(text) + 1))[:CORPUS_CHARS], encoding="utf-8")
+    return ["--text", str(path)]
+
+
+def command(out, corpus, *extra):
+    return [sys.executable, "-m", "gpurnn", "train", "--out", str(out), *corpus, *ARGS, *extra]
 
 
 def losses(out):
@@ -32,10 +42,10 @@ def losses(out):
     return [(r[0], r[1], r[4]) for r in rows]
 
 
-def test_sigkill_at_random_moments_then_resume(tmp_path):
+def test_sigkill_at_random_moments_then_resume(tmp_path, corpus):
     env = dict(os.environ, PYTHONPATH=ROOT)
     reference = tmp_path / "reference"
-    proc = subprocess.Popen(command(reference), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command(reference, corpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while not (reference / "checkpoint.npz").exists() and proc.poll() is None:
         time.sleep(0.005)
     first_save = time.perf_counter()
@@ -48,7 +58,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     saved_steps = []
     for trial in range(TRIALS):
         out = tmp_path / f"trial{trial}"
-        proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(command(out, corpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not (out / "checkpoint.npz").exists() and proc.poll() is None:
             time.sleep(0.005)
         time.sleep(rng.uniform(0, window))
@@ -56,7 +66,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         proc.wait(timeout=60)
         record, _ = train.load_checkpoint(str(out))  # loads, whatever the moment
         saved_steps.append(record["step"])
-        resumed = subprocess.run(command(out, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+        resumed = subprocess.run(command(out, corpus, "--resume"), env=env, capture_output=True, text=True, timeout=300)
         assert resumed.returncode == 0, (trial, resumed.stderr)
         if record["step"] < STEPS:
             assert f"resuming from step {record['step']} of {STEPS}" in resumed.stderr, (trial, resumed.stderr)
@@ -64,7 +74,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     assert len(set(saved_steps)) > 5, saved_steps  # the kills landed all over the run
 
 
-def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                                    corpus):
     out = tmp_path / "run"
     real_savez, calls = np.savez, []
 
@@ -76,7 +87,7 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_last_checkpoin
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(train.np, "savez", savez_on_a_full_disk)
-    code = cli.main(["train", "--out", str(out), *ARGS])
+    code = cli.main(["train", "--out", str(out), *corpus, *ARGS])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "checkpoint.npz: could not be written (No space left on device); the previous one is intact" in err
@@ -85,12 +96,12 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_last_checkpoin
     assert not (out / "checkpoint.npz.tmp").exists()
     assert [row[0] for row in losses(out)] == ["1", "2"]
     monkeypatch.setattr(train.np, "savez", real_savez)
-    assert cli.main(["train", "--out", str(out), "--resume", *ARGS]) == 0  # space again: the run goes on
+    assert cli.main(["train", "--out", str(out), "--resume", *corpus, *ARGS]) == 0  # space again: the run goes on
     assert len(losses(out)) == STEPS
 
 
 @pytest.mark.parametrize("what", ["metrics.csv", "best.npz"])
-def test_other_files_fail_as_cleanly(tmp_path, monkeypatch, capsys, what):
+def test_other_files_fail_as_cleanly(tmp_path, monkeypatch, capsys, what, corpus):
     out = tmp_path / "run"
     real = train.replace_atomically
 
@@ -100,7 +111,7 @@ def test_other_files_fail_as_cleanly(tmp_path, monkeypatch, capsys, what):
         return real(path, write)
 
     monkeypatch.setattr(train, "replace_atomically", full_for)
-    code = cli.main(["train", "--out", str(out), *ARGS])
+    code = cli.main(["train", "--out", str(out), *corpus, *ARGS])
     assert code == 2 and f"{what}: could not be written (No space left on device)" in capsys.readouterr().err
     assert not (out / f"{what}.tmp").exists()
     train.load_checkpoint(str(out))
