@@ -44,15 +44,20 @@ def losses(out):
 
 def test_sigkill_at_random_moments_then_resume(tmp_path, corpus):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    reference = tmp_path / "reference"
-    proc = subprocess.Popen(command(reference, corpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while not (reference / "checkpoint.npz").exists() and proc.poll() is None:
-        time.sleep(0.005)
-    first_save = time.perf_counter()
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    window = time.perf_counter() - first_save  # from the first save to the end of the run
-    expect = losses(reference)
-    assert len(expect) == STEPS
+    windows, references = [], []
+    for k in range(2):  # a fresh checkout's first run is slower (first imports): the kills follow the faster
+        reference = tmp_path / f"reference{k}"
+        proc = subprocess.Popen(command(reference, corpus), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        while not (reference / "checkpoint.npz").exists() and proc.poll() is None:
+            time.sleep(0.005)
+        first_save = time.perf_counter()
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+        windows.append(time.perf_counter() - first_save)  # from the first save to the end of the run
+        references.append(losses(reference))
+    window = min(windows)
+    expect = references[0]
+    assert len(expect) == STEPS and references[1] == expect
 
     rng = random.Random(20261127)
     saved_steps = []
