@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from gpurnn import cells
+from gpurnn.precision import computed_in_float32, is_half
 
 CHOICES = ("auto", "numpy", "cuda", "cudasim")
 MATH_MODES = ("fp32", "tf32")
@@ -131,22 +132,31 @@ class NumpyOps:
             return contextlib.nullcontext()
         return _wall_clock(self.profiler, phase)
 
-    rnn_forward = staticmethod(cells.rnn_forward)
-    rnn_backward = staticmethod(cells.rnn_backward)
-    lstm_forward = staticmethod(cells.lstm_forward)
-    lstm_backward = staticmethod(cells.lstm_backward)
-    gru_forward = staticmethod(cells.gru_forward)
-    gru_backward = staticmethod(cells.gru_backward)
+    rnn_forward = staticmethod(computed_in_float32(cells.rnn_forward))
+    rnn_backward = staticmethod(computed_in_float32(cells.rnn_backward))
+    lstm_forward = staticmethod(computed_in_float32(cells.lstm_forward))
+    lstm_backward = staticmethod(computed_in_float32(cells.lstm_backward))
+    gru_forward = staticmethod(computed_in_float32(cells.gru_forward))
+    gru_backward = staticmethod(computed_in_float32(cells.gru_backward))
 
     @staticmethod
     def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0):
-        """out = op(a) @ op(b) + beta * out, with beta 0 or 1."""
+        """out = op(a) @ op(b) + beta * out, with beta 0 or 1. Half operands are
+        multiplied and summed in float32 and the result rounded once, as cuBLAS's
+        GemmEx with float32 compute."""
         a = a.T if trans_a else a
         b = b.T if trans_b else b
-        if beta:
+        if is_half(out.dtype):
+            product = a.astype(np.float32) @ b.astype(np.float32)
+            out[...] = product + out.astype(np.float32) if beta else product
+        elif beta:
             out += a @ b
         else:
             np.matmul(a, b, out=out)
+
+    @staticmethod
+    def check_dtype(dtype, name="dtype"):
+        """Every type of gpurnn.precision.DTYPES runs here (half as its float32 reference)."""
 
     @staticmethod
     def input_spans(batch, gates_width):
@@ -190,7 +200,10 @@ class NumpyOps:
     def scatter_add(target, indices, values):
         """target[indices[k]] += values[k], repeated indices adding up (as np.add.at,
         which is 3-5x slower). Small tables: a one-hot GEMM; large ones: sort the
-        rows by index, then one reduceat per run of equal indices."""
+        rows by index, then one reduceat per run of equal indices. Half values are
+        summed in float32 and rounded once into the target."""
+        if is_half(values.dtype):
+            values = values.astype(np.float32)
         if indices.size * target.shape[0] <= 1 << 24:
             onehot = np.zeros((indices.size, target.shape[0]), values.dtype)
             onehot[np.arange(indices.size), indices] = 1

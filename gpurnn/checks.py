@@ -9,6 +9,8 @@ import numbers
 
 import numpy as np
 
+from gpurnn import precision
+
 
 def positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -39,13 +41,8 @@ def choice(name, value, options):
 
 
 def float_dtype(name, value):
-    try:
-        dtype = np.dtype(value)
-    except TypeError as exc:
-        raise TypeError(f"{name}: expected 'float32' or 'float64', got {value!r}") from exc
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"{name}: expected 'float32' or 'float64', got {value!r}")
-    return dtype
+    """One of gpurnn.precision.DTYPES as an np.dtype (half types store, float32 computes)."""
+    return precision.dtype(name, value)
 
 
 def seed(name, value):

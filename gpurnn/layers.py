@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from gpurnn import checks, memory, stack
+from gpurnn import checks, memory, precision, stack
 from gpurnn.backend import get_backend, to_host
 from gpurnn.cells import NONLINEARITIES
 
@@ -48,6 +48,7 @@ class _RNNBase:
         self.nonlinearity = nonlinearity
         self.backend = get_backend(backend)
         self._ops = self.backend.ops
+        self._ops.check_dtype(self.dtype)
         self._cfg = stack.Config(self._cell, self.input_size, self.hidden_size, self.num_layers,
                                  self.bidirectional, nonlinearity)
         self._rng = np.random.default_rng(seed)
@@ -105,7 +106,7 @@ class _RNNBase:
             a = self._ops.asarray(state[name], f"state_dict[{name!r}]")
             if tuple(a.shape) != tuple(p.shape):
                 raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(p.shape)}, got {tuple(a.shape)}")
-            if not np.issubdtype(a.dtype, np.floating):
+            if not precision.is_float(a.dtype):
                 raise TypeError(f"state_dict[{name!r}]: expected a floating-point array, got dtype {a.dtype}")
             staged[name] = a
         for name, a in staged.items():  # only after every key passed: no half-loaded model

@@ -149,8 +149,9 @@ class CharLM(_Composite):
 
     __call__ = forward
 
-    def backward(self):
-        d_logits = self.loss_fn.backward()
+    def backward(self, loss_scale=1.0):
+        """Gradients of the last forward's loss (times loss_scale, gpurnn.amp's) into self.grads."""
+        d_logits = self.loss_fn.backward(loss_scale)
         d_out = self.head.backward(d_logits)
         dx = self.rnn.backward(d_out)[0]  # the incoming state is a constant: its gradient is dropped
         if not self.fold_embedding:  # folded, the stack's backward accumulated the embedding's gradient
@@ -188,8 +189,8 @@ class SequenceRegressor(_Composite):
 
     __call__ = forward
 
-    def backward(self):
-        d_last = self.head.backward(self.loss_fn.backward())
+    def backward(self, loss_scale=1.0):
+        d_last = self.head.backward(self.loss_fn.backward(loss_scale))
         xp = self.backend.xp
         d_out = xp.zeros((self._T,) + tuple(d_last.shape), d_last.dtype)
         d_out[-1] = d_last  # only the last step feeds the head

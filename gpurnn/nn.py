@@ -12,7 +12,7 @@ Arrays are the backend's (NumPy, or CuPy on the CUDA backend).
 
 import numpy as np
 
-from gpurnn import checks
+from gpurnn import checks, precision
 from gpurnn.backend import NumpyOps, array_module, get_backend, ops_for, to_host
 
 
@@ -112,16 +112,29 @@ class Linear(_Module):
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         self._cache = x
         x2 = x.reshape(-1, self.in_features)  # 2-D: BLAS's fast path, not a batched matmul
-        out = x2 @ self.params["weight"].T
+        if precision.is_half(self.dtype):  # summed in float32, rounded once (the backend's GEMM)
+            out = self.xp.empty((x2.shape[0], self.out_features), self.dtype)
+            self.backend.ops.gemm(x2, self.params["weight"], out, trans_b=True)
+        else:
+            out = x2 @ self.params["weight"].T
         if "bias" in self.params:
             out += self.params["bias"]
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def backward(self, d_out):
-        """d_out: [..., O] -> dx: [..., I]; dW += d_out^T x, db += sum(d_out)."""
+        """d_out: [..., O] -> dx: [..., I]; dW += d_out^T x, db += sum(d_out).
+        A half layer takes d_out in float32 too (a loss's gradient) and rounds it once."""
         x = self._take_cache("Linear")
         d_out = self.backend.ops.asarray(d_out, "d_out")
         d2 = d_out.reshape(-1, self.out_features)
+        if precision.is_half(self.dtype):
+            d2 = d2.astype(self.dtype, copy=False)
+            ops, dx = self.backend.ops, self.xp.empty((d2.shape[0], self.in_features), self.dtype)
+            ops.gemm(d2, x.reshape(-1, self.in_features), self.grads["weight"], trans_a=True, beta=1.0)
+            if "bias" in self.params:
+                self.grads["bias"] += d2.sum(axis=0, dtype=np.float32)
+            ops.gemm(d2, self.params["weight"], dx)
+            return dx.reshape(*d_out.shape[:-1], self.in_features)
         self.grads["weight"] += d2.T @ x.reshape(-1, self.in_features)
         if "bias" in self.params:
             self.grads["bias"] += d2.sum(axis=0)
@@ -155,9 +168,10 @@ class SoftmaxCrossEntropy:
         if logits.ndim != 3:
             raise ValueError(f"logits: expected [T, B, V], got shape {tuple(logits.shape)}")
         T, B, V = logits.shape
-        safe, weight = self._counted(targets, lengths, (T, B, V), xp, logits.dtype)
-        rows = xp.ascontiguousarray(logits.reshape(-1, V))
-        losses, d_logits = xp.empty(T * B, logits.dtype), xp.empty_like(rows)
+        wide = precision.compute_dtype(logits.dtype)  # half logits: softmax, loss and gradient in float32
+        safe, weight = self._counted(targets, lengths, (T, B, V), xp, wide)
+        rows = xp.ascontiguousarray(logits.reshape(-1, V), dtype=wide)
+        losses, d_logits = xp.empty(T * B, wide), xp.empty_like(rows)
         if xp is np:
             softmax_xent(rows, safe, weight, losses, d_logits)
         else:  # the fused kernel: one pass over the logits
@@ -196,11 +210,14 @@ class SoftmaxCrossEntropy:
         scale = 1 / tp.maximum(count, 1) if self.reduction == "mean" else 1
         return safe, xp.asarray((mask * scale).astype(dtype).reshape(-1))
 
-    def backward(self):
-        """dlogits [T, B, V] = (softmax - onehot) * mask * scale."""
+    def backward(self, loss_scale=1.0):
+        """dlogits [T, B, V] = (softmax - onehot) * mask * scale, times loss_scale
+        (mixed precision's loss scaling, gpurnn.amp); float32 for half logits."""
         if self._cache is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward: no forward pass to differentiate")
         d_logits, self._cache = self._cache, None
+        if loss_scale != 1:
+            d_logits *= loss_scale
         return d_logits
 
 
@@ -241,13 +258,15 @@ class MSELoss:
     def __call__(self, pred, target):
         if tuple(pred.shape) != tuple(target.shape):
             raise ValueError(f"target: expected shape {tuple(pred.shape)}, got {tuple(target.shape)}")
-        diff = pred - target
+        diff = precision.widen(pred) - target  # half predictions: the loss in float32
         self._cache = diff
         loss = (diff * diff).mean()
         return float(loss) if isinstance(loss, (np.ndarray, np.generic)) else loss
 
-    def backward(self):
+    def backward(self, loss_scale=1.0):
+        """2 (pred - target) / size, times loss_scale (see SoftmaxCrossEntropy.backward)."""
         if self._cache is None:
             raise RuntimeError("MSELoss.backward: no forward pass to differentiate")
         diff, self._cache = self._cache, None
-        return 2 * diff / diff.size
+        grad = 2 * diff / diff.size
+        return grad * loss_scale if loss_scale != 1 else grad

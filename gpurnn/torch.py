@@ -21,13 +21,13 @@ first recomputes that forward, with the dropout masks it drew. With no gradient
 needed and the module in eval mode, the forward keeps no activations at all.
 
 Under torch.autocast, half-precision inputs are cast to the module's dtype (said
-once: gpurnn has no float16/bfloat16 yet). On CUDA the call runs on torch's
+once: gpurnn's float16/bfloat16 models are not wired to these modules yet). On CUDA the call runs on torch's
 current stream (CuPy's current stream is set to it), so no host synchronization
 orders the two; CuPy's memory pool and torch's caching allocator each keep their
 own memory.
 
-Differences from torch: float32 and float64 only (``.half()`` raises until gpurnn
-has half precision); ``proj_size`` is not supported; under ``torch.compile`` the
+Differences from torch: float32 and float64 only (``.half()`` raises until the
+half precision of gpurnn's own models, gpurnn.amp, reaches these modules); ``proj_size`` is not supported; under ``torch.compile`` the
 call is a graph break (dynamo does not trace into gpurnn's kernels).
 """
 
@@ -220,7 +220,7 @@ class _Base(torch.nn.Module):
         probe = fn(torch.zeros(1, dtype=self._dtype, device=self._device))
         if probe.dtype not in _DTYPES:
             raise TypeError(f"dtype: gpurnn runs float32 and float64, not {probe.dtype} "
-                            "(half precision is not there yet)")
+                            "(half precision is not wired to the torch modules yet)")
         if (probe.device, probe.dtype) != (self._device, self._dtype):
             values = {name: p.detach().to(probe.device, probe.dtype) for name, p in self.named_parameters()}
             self._build(probe.device, probe.dtype, values)
@@ -250,15 +250,15 @@ class _Base(torch.nn.Module):
         return t
 
     def _autocast(self, *tensors):
-        """Under torch.autocast, half-precision inputs run in the module's dtype (gpurnn has
-        no half precision yet; said once per module), never a dtype error."""
+        """Under torch.autocast, half-precision inputs run in the module's dtype (said once
+        per module), never a dtype error."""
         if not torch.is_autocast_enabled(self._device.type):
             return tensors
         cast = [t.to(self._dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
                 for t in tensors]
         if any(a is not b for a, b in zip(cast, tensors)) and not self._said_autocast:
             warnings.warn(f"gpurnn.torch.{type(self).__name__}: under autocast it runs in {self._dtype} "
-                          "(gpurnn has no float16/bfloat16 yet)", stacklevel=4)
+                          "(its float16/bfloat16 path is not wired to gpurnn.torch yet)", stacklevel=4)
             self._said_autocast = True
         return cast
 
