@@ -119,6 +119,10 @@ def build_parser():
     t.add_argument("--val-every", type=_positive_int, default=100,
                    help="evaluate the held-out data every N steps and at the last step; "
                         "the best result is kept in best.npz")
+    t.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), default="fp32",
+                   help="fp32; tf32: float32 with TF32 tensor-core GEMMs (CUDA); fp16, bf16: weights and "
+                        "activations in half, math in float32, float32 master weights for the optimizer "
+                        "(fp16 with dynamic loss scaling)")
     t.add_argument("--backend", **backends)
     t.add_argument("--out", default="runs/latest", help="the run directory (checkpoints, metrics.csv, loss.png)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -165,7 +169,8 @@ def build_parser():
     p.add_argument("--batch", type=_positive_int, default=64, help="sequences in the batch")
     p.add_argument("--pass", dest="passes", choices=("fwd", "fwd+bwd"), default="fwd+bwd",
                    help="profile the forward alone (an inference forward) or forward and backward")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter and activation type")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
+                   help="parameter and activation type")
     p.add_argument("--precision", choices=("fp32", "tf32"), default="fp32",
                    help="float32 GEMMs strict or on TF32 tensor cores (CUDA)")
     p.add_argument("--algorithm", choices=("auto", "graph", "fused", "persistent"), default="auto",
@@ -195,7 +200,8 @@ def cmd_train(args, explicit):
         raise DataError(f"--text {args.text}: no such file")
     cfg = dict(task=args.task, text=args.text, cell=args.cell, nonlinearity=args.nonlinearity, optim=args.optim,
                clip_norm=None if args.clip_value else args.clip_norm, clip_value=args.clip_value,
-               seed=args.seed, save_every=args.save_every, val_fraction=args.val_fraction, val_every=args.val_every)
+               seed=args.seed, save_every=args.save_every, val_fraction=args.val_fraction, val_every=args.val_every,
+               precision=args.precision)
     sizes = training.defaults(args.task, backend.name)
     for key in TRAIN_SIZES:
         cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]

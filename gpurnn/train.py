@@ -30,7 +30,7 @@ import zipfile
 
 import numpy as np
 
-from gpurnn import distributed, flat, optim
+from gpurnn import amp, backend as backend_module, distributed, flat, optim, precision
 from gpurnn.backend import to_host
 from gpurnn.data import CharCorpus, adding_problem, copy_task
 from gpurnn.model import CharLM, SequenceRegressor
@@ -40,6 +40,9 @@ COPY_SYMBOLS, COPY_LENGTH = 8, 10
 VAL_BATCHES = 4  # held-out batches of the adding and copy tasks
 VAL_METRIC = {"charlm": "bpc", "adding": "mse", "copy": "accuracy"}
 METRICS_HEADER = ["step", "loss", "grad_norm", "tokens_per_s", "val_loss"]
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+MODEL_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SMALLEST_LOSS_SCALE = 2.0 ** -24  # fp16's smallest subnormal: below it, scaling cannot be what overflows
 
 
 class TrainingError(RuntimeError):
@@ -73,8 +76,9 @@ class Task:
                                 f"{self.world.size} ranks")
         share = cfg["batch"] // self.world.size
         self.shard = slice(self.world.rank * share, (self.world.rank + 1) * share)  # this rank's sequences
+        self.dtype = MODEL_DTYPES[cfg.get("precision", "fp32")]
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
-                      seed=cfg["seed"], backend=backend)
+                      seed=cfg["seed"], backend=backend, dtype=self.dtype)
         if self.name == "charlm":
             whole = CharCorpus.from_file(cfg["text"]) if cfg["text"] else CharCorpus.python_stdlib()
             if vocab is not None and whole.vocab != vocab:  # resuming: it must be the same text
@@ -106,7 +110,11 @@ class Task:
             x, y = copy_task(cfg["batch"], cfg["seq_len"], seed, COPY_SYMBOLS, COPY_LENGTH)
             return self.model.forward(x[:, shard], y[:, shard])[0], None
         x, y = adding_problem(cfg["batch"], cfg["seq_len"], seed)
-        return self.model.forward(x[:, shard], y[shard])[0], None
+        return self.model.forward(self._inputs(x)[:, shard], y[shard])[0], None
+
+    def _inputs(self, x):
+        """The adding problem's float32 inputs in the model's dtype."""
+        return x if self.dtype == "float32" else x.astype(self.model.rnn.dtype)
 
     def validate(self):
         """(held-out loss, held-out metric: bpc, MSE or accuracy), or None without held-out data."""
@@ -131,7 +139,7 @@ class Task:
                 counted += int(asked.sum())
             else:
                 x, y = adding_problem(cfg["batch"], cfg["seq_len"], seed)
-                loss = float(((to_host(self.model.predict(x)) - y) ** 2).mean())
+                loss = float(((to_host(self.model.predict(self._inputs(x))).astype(np.float32) - y) ** 2).mean())
             losses.append(float(loss))
         loss = sum(losses) / len(losses)
         return loss, (right / counted if self.name == "copy" else loss)
@@ -139,17 +147,21 @@ class Task:
 
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(out_dir, task, opt, step, state, history, rng_state, best_val=None, prime=None,
-                    name="checkpoint.npz", rngs=None):
+                    name="checkpoint.npz", rngs=None, scaler=None):
     """state: the carried state of the whole global batch; rngs: each rank's dropout RNG state
-    (several ranks; rng_state is rank 0's)."""
+    (several ranks; rng_state is rank 0's). The parameters saved are the optimizer's:
+    the float32 master weights of a half model (gpurnn.amp), so a resumed run goes on
+    from exactly where it stopped; scaler: fp16's loss scaler, whose state is saved too."""
     record = dict(format=1, config=task.cfg, step=step, vocab=task.vocab, history=history, rng=rng_state,
                   optimizer=dict(name=task.cfg["optim"], lr=task.cfg["lr"]), best_val=best_val, prime=prime)
     if rngs is not None:
         record["rngs"] = rngs
-    arrays = {f"param/{k}": to_host(v) for k, v in task.model.params.items()}
+    if scaler is not None:
+        record["loss_scaler"] = scaler.state_dict()
+    arrays = {f"param/{k}": to_host(v) for k, v in opt.params.items()}
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in opt.state_dict().items()})
     for i, s in enumerate(state if isinstance(state, tuple) else (() if state is None else (state,))):
-        arrays[f"state/{i}"] = to_host(s)
+        arrays[f"state/{i}"] = precision.widen(to_host(s))  # npz cannot hold bfloat16; float32 holds it exactly
     arrays["record"] = np.frombuffer(json.dumps(record).encode(), np.uint8)
     path = os.path.join(out_dir, name)
     replace_atomically(path, lambda f: np.savez(f, **arrays))
@@ -192,16 +204,20 @@ def load_checkpoint(out_dir, name="checkpoint.npz"):
     return record, arrays
 
 
-def restore(task, opt, record, arrays):
-    """Put parameters, optimizer state and the carried state back; returns the state."""
+def restore(task, opt, record, arrays, master=None, scaler=None):
+    """Put parameters (into the master weights of a half model), optimizer state, the
+    loss scaler's state and the carried state back; returns the state."""
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    if scaler is not None and "loss_scaler" in record:
+        scaler.load_state_dict(record["loss_scaler"])
     try:
-        task.model.load_state_dict(params)
+        (master or task.model).load_state_dict(params)
         opt.load_state_dict({k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")})
     except (ValueError, TypeError) as exc:
         raise TrainingError(f"the checkpoint does not fit its model: {exc}") from None
     xp = task.model.backend.xp
-    state = [xp.asarray(arrays[f"state/{i}"]) for i in range(2) if f"state/{i}" in arrays]
+    dtype = task.model.rnn.dtype
+    state = [xp.asarray(arrays[f"state/{i}"].astype(dtype)) for i in range(2) if f"state/{i}" in arrays]
     return tuple(state) if len(state) == 2 else (state[0] if state else None)
 
 
@@ -281,14 +297,19 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     if root:
         os.makedirs(out_dir, exist_ok=True)  # only once the data and the model are known to work
     model = task.model
-    opt = optim.OPTIMIZERS[cfg["optim"]](model.params, model.grads, lr=cfg["lr"])
+    precision = cfg.get("precision", "fp32")
+    # half models: the optimizer updates float32 master weights; fp16 also scales the loss
+    master = amp.MasterWeights(model) if precision in ("fp16", "bf16") else None
+    scaler = amp.LossScaler() if precision == "fp16" else None
+    params, grads = (master.params, master.grads) if master else (model.params, model.grads)
+    opt = optim.OPTIMIZERS[cfg["optim"]](params, grads, lr=cfg["lr"])
     state, history, step, best_val = None, [], 0, None
     prime = task.corpus.prime(cfg["seed"]) if task.name == "charlm" else None
     rng = model.rnn._rng.bit_generator
     if world.size > 1:  # each rank its own dropout masks
         rng.state = np.random.default_rng([cfg["seed"] or 0, world.rank]).bit_generator.state
     if record:
-        state = _shard_state(restore(task, opt, record, arrays), task.shard)
+        state = _shard_state(restore(task, opt, record, arrays, master, scaler), task.shard)
         history = [list(h) + [None] * (6 - len(h)) for h in record["history"]]  # older runs had no held-out columns
         step, best_val = record["step"], record.get("best_val")
         rngs = record.get("rngs") or [record["rng"]]
@@ -298,7 +319,9 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
             rng.state = record["rng"]
         else:  # another number of ranks than the checkpoint's: fresh masks per rank
             rng.state = np.random.default_rng([cfg["seed"] or 0, world.rank, step]).bit_generator.state
-    world.broadcast(flat.buffer_of(model.params))  # every rank starts from rank 0's parameters
+    world.broadcast(flat.buffer_of(params))  # every rank starts from rank 0's parameters
+    if master:
+        master.publish()
     if step >= cfg["steps"]:
         log(f"already at step {step} of {cfg['steps']}: nothing to do")
         return history, task, prime
@@ -311,7 +334,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
         if root:
             states, rngs = zip(*gathered)
             save_checkpoint(out_dir, task, opt, step, _join_states(states), history, rngs[0], best_val, prime,
-                            name=name, rngs=list(rngs) if world.size > 1 else None)
+                            name=name, rngs=list(rngs) if world.size > 1 else None, scaler=scaler)
 
     asked = {"stop": False}  # set by Ctrl-C at any moment; acted on only as agreed in a step's all-reduce
     previous = signal.signal(signal.SIGINT, lambda *_: asked.update(stop=True))  # finish the step, then save
@@ -324,30 +347,47 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     good_step = step
     metric = VAL_METRIC[task.name]
     last_val = next((r for r in reversed(history) if r[4] is not None), None)  # the progress bar shows it
-    grads = flat.buffer_of(model.grads)
+    grad_buffer = flat.buffer_of(grads)
+    previous_mode = backend_module.math_mode()
+    backend_module.set_math_mode("tf32" if precision == "tf32" else "fp32")  # half GEMMs accumulate in fp32
     try:
         while step < cfg["steps"] and not stopping:
             t0 = time.perf_counter()
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is checked for just below
                 loss, new_state = task.loss(step, state)
-                model.backward()
+                loss_scale = scaler.scale if scaler else 1.0
+                model.backward(loss_scale=loss_scale)
+                if master:
+                    master.take_grads(loss_scale)  # widened to float32 and unscaled
                 if world.size > 1:  # the step's one collective: gradients, loss and any rank's Ctrl-C
-                    loss, votes = world.allreduce_mean(grads, [float(loss), float(asked["stop"])])
+                    loss, votes = world.allreduce_mean(grad_buffer, [float(loss), float(asked["stop"])])
                     stopping = votes > 0  # every rank alike, whenever its own signal came
                 else:
                     stopping = asked["stop"]
-                norm = optim.global_norm(model.grads)  # the step's one wait for the GPU
+                norm = optim.global_norm(grads)  # the step's one wait for the GPU
                 loss = float(loss)
-            if not (math.isfinite(loss) and math.isfinite(norm)):
+            overflowed = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
+            if overflowed:  # fp16: the scaled gradients overflowed; skip this step at a lower scale
+                scaler.update(found_inf=True)
+                if scaler.scale < SMALLEST_LOSS_SCALE:
+                    raise Diverged(f"the gradients overflow fp16 at every loss scale (down to {scaler.scale:g}) "
+                                   f"at step {step + 1}; the last good checkpoint (step {good_step}) is kept in "
+                                   f"{out_dir}. Try --precision bf16 or fp32, --clip-norm 1.0 or a lower --lr")
+            elif not (math.isfinite(loss) and math.isfinite(norm)):
                 what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm}"
                 raise Diverged(
                     f"{what} at step {step + 1}; the last good checkpoint (step {good_step}) "
                     f"is kept in {out_dir}. Try --clip-norm 1.0 or a lower --lr")
-            if cfg["clip_norm"]:
-                optim.clip_grad_norm(model.grads, cfg["clip_norm"], norm)
-            elif cfg["clip_value"]:
-                optim.clip_grad_value(model.grads, cfg["clip_value"], norm)
-            opt.step()
+            else:
+                if cfg["clip_norm"]:
+                    optim.clip_grad_norm(grads, cfg["clip_norm"], norm)
+                elif cfg["clip_value"]:
+                    optim.clip_grad_value(grads, cfg["clip_value"], norm)
+                opt.step()
+                if master:
+                    master.publish()  # the updated float32 weights, rounded once into the model
+                if scaler:
+                    scaler.update(found_inf=False)
             model.zero_grad()
             state = new_state
             step += 1
@@ -375,6 +415,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
                     write_metrics(out_dir, history, task.name)
                 good_step = step
     finally:
+        backend_module.set_math_mode(previous_mode)
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
             bar.close()
