@@ -24,9 +24,11 @@ def test_every_kernel_compiles_without_spills(tmp_path):
     kernels += ["lstm_forward eval", "gru_forward eval", "adam_update", "gather_rows", "one_hot", "softmax_xent"]
     recurrences = [f"{cell}_{pass_} {algorithm}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")
                    for algorithm in ("fused", "persistent")]
+    half = [f"{cell}_{pass_}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")]
+    half += ["lstm_forward eval", "gru_forward eval", "gather_rows", "one_hot"]  # what float16 models launch
     builds = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
     assert builds == {(k, d, a) for k in kernels + recurrences for d in ("float32", "float64")
-                      for a in ("sm_80", "sm_90")}
+                      for a in ("sm_80", "sm_90")} | {(k, "float16", a) for k in half for a in ("sm_80", "sm_90")}
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         if r["kernel"].endswith("persistent"):  # 256 threads: two blocks an SM need at most 128

@@ -17,11 +17,13 @@ import ctypes.util
 import numpy as np
 
 _OP_N, _OP_T = 0, 1
-_R_32F, _R_64F = 0, 1
+_DATA_TYPE = {np.float32: 0, np.float64: 1, np.float16: 2}  # CUDA_R_32F, CUDA_R_64F, CUDA_R_16F
 _COMPUTE = {("fp32", np.float32): 68,  # CUBLAS_COMPUTE_32F
             ("tf32", np.float32): 77,  # CUBLAS_COMPUTE_32F_FAST_TF32
             ("fp32", np.float64): 70,  # CUBLAS_COMPUTE_64F
-            ("tf32", np.float64): 70}
+            ("tf32", np.float64): 70,
+            ("fp32", np.float16): 68,  # half operands, float32 accumulation, one rounding on store
+            ("tf32", np.float16): 68}
 _GEMM_DEFAULT = -1
 _POINTER_MODE_HOST = 0
 
@@ -54,8 +56,10 @@ class Cublas:
         self._gemm.argtypes = [vp, i32, i32, i32, i32, i32, vp, vp, i32, i32, vp, i32, i32, vp, vp, i32, i32,
                                i32, i32]
         # host scalars alpha = 1 and beta in {0, 1}, kept alive for captured graphs
+        # (float32 scalars for half too: cuBLAS takes alpha and beta in the compute type)
         self._scalars = {np.float32: (ctypes.c_float(1), ctypes.c_float(0), ctypes.c_float(1)),
                          np.float64: (ctypes.c_double(1), ctypes.c_double(0), ctypes.c_double(1))}
+        self._scalars[np.float16] = self._scalars[np.float32]
 
     def _check(self, status, what):
         if status != 0:
@@ -70,7 +74,7 @@ class Cublas:
         K = a.shape[0] if trans_a else a.shape[1]
         item = out.itemsize
         one, zero, beta_one = self._scalars[dtype]
-        data_type = _R_32F if dtype is np.float32 else _R_64F
+        data_type = _DATA_TYPE[dtype]
         self._check(self._set_stream(self._handle, stream_ptr), "SetStream")
         if workspace is not None:
             self._check(self._set_workspace(self._handle, workspace.data.ptr, workspace.nbytes), "SetWorkspace")

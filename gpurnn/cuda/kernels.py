@@ -8,15 +8,19 @@ activations, updates the state and writes what backward needs, so each step
 is one launch. Padded steps (``t >= lengths[b]``) branch per thread: carry the
 state, write zeros.
 
-Constants come from ``constants(h)`` in the buffers' dtype, so float32
-kernels stay in float32 (a bare Python float would promote them to float64).
+Constants come from ``constants(h)`` in the type the buffers compute in, so
+float32 kernels stay in float32 (a bare Python float would promote them to
+float64). float16 buffers compute in float32: every element read goes through
+``wide`` (float16 to float32; any other type unchanged) and every store rounds
+once, as the NumPy reference (gpurnn.precision) does.
 Launch with ``grid(B * H)`` threads; ``cuda.grid(1)`` beyond ``B * H`` returns.
 """
 
 import math
 
 import numpy as np
-from numba import float64
+from numba import config, float64, types
+from numba.cuda.extending import intrinsic
 
 from gpurnn.backend import load_numba_cuda
 from gpurnn.cells import ELU_ALPHA, LEAKY_RELU_SLOPE, NONLINEARITIES
@@ -32,11 +36,32 @@ def sigmoid(x, half):
     return half * math.tanh(half * x) + half  # = 1 / (1 + e^-x), never overflows
 
 
-@cuda.jit(device=True, inline=True)
-def constants(x):
-    """(zero, one, half, slope, alpha) in the dtype of the array x."""
-    return (x.dtype.type(0), x.dtype.type(1), x.dtype.type(0.5),
-            x.dtype.type(LEAKY_RELU_SLOPE), x.dtype.type(ELU_ALPHA))
+_CONSTANTS = (0.0, 1.0, 0.5, LEAKY_RELU_SLOPE, ELU_ALPHA)
+
+if config.ENABLE_CUDASIM:  # the simulator runs device code as Python on NumPy scalars
+    def wide(v):
+        """v in the type its math runs in: float32 for a float16, else v itself."""
+        return np.float32(v) if isinstance(v, np.float16) else v
+
+    def constants(x):
+        """(zero, one, half, slope, alpha) in the type the array x computes in."""
+        kind = np.float32 if x.dtype == np.float16 else x.dtype.type
+        return tuple(kind(c) for c in _CONSTANTS)
+else:  # intrinsics: typed per argument type at compile time, and PTX builds with no driver (an overload needs one)
+    @intrinsic
+    def wide(typingctx, v):
+        if v == types.float16:
+            return types.float32(v), lambda context, builder, sig, args: context.cast(builder, args[0], v,
+                                                                                       types.float32)
+        return v(v), lambda context, builder, sig, args: args[0]
+
+    @intrinsic
+    def constants(typingctx, x):
+        kind = types.float32 if x.dtype == types.float16 else x.dtype
+
+        def codegen(context, builder, sig, args):
+            return context.make_tuple(builder, sig.return_type, [context.get_constant(kind, c) for c in _CONSTANTS])
+        return types.UniTuple(kind, len(_CONSTANTS))(x), codegen
 
 
 @cuda.jit(device=True, inline=True)
@@ -83,7 +108,7 @@ def rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonl
         h[nxt, b, j] = h[prev, b, j]
         y[t, b, j] = k[0]
         return
-    h_new = activate(nonlinearity, (gx[t, b, j] + b_ih[j]) + (rec + b_hh[j]), k)
+    h_new = activate(nonlinearity, (wide(gx[t, b, j]) + wide(b_ih[j])) + (rec + wide(b_hh[j])), k)
     h[nxt, b, j] = h_new
     y[t, b, j] = h_new
 
@@ -96,8 +121,8 @@ def rnn_point_backward(t, reverse, b, j, dh_in, h, dy, dh, dgates, lengths, nonl
         dgates[t, b, j] = k[0]
         dh[b, j] = dh_in
         return
-    dh_total = dh_in + dy[t, b, j]  # output at t plus what flows back from t+1
-    dgates[t, b, j] = dh_total * activate_grad(nonlinearity, h[nxt, b, j], k)
+    dh_total = dh_in + wide(dy[t, b, j])  # output at t plus what flows back from t+1
+    dgates[t, b, j] = dh_total * activate_grad(nonlinearity, wide(h[nxt, b, j]), k)
     dh[b, j] = k[0]  # h_{t-1} reaches h_t only through W_hh
 
 
@@ -108,7 +133,7 @@ def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
     idx = cuda.grid(1)
     if idx < B * H:
         b, j = idx // H, idx % H
-        rnn_point_forward(t, reverse, b, j, gx, gh[b, j], b_ih, b_hh, h, y, lengths, nonlinearity)
+        rnn_point_forward(t, reverse, b, j, gx, wide(gh[b, j]), b_ih, b_hh, h, y, lengths, nonlinearity)
 
 
 @cuda.jit(cache=True)
@@ -118,7 +143,7 @@ def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
     idx = cuda.grid(1)
     if idx < B * H:
         b, j = idx // H, idx % H
-        rnn_point_backward(t, reverse, b, j, dh[b, j], h, dy, dh, dgates, lengths, nonlinearity)
+        rnn_point_backward(t, reverse, b, j, wide(dh[b, j]), h, dy, dh, dgates, lengths, nonlinearity)
 
 
 # -------------------------------------------------------------------------- LSTM
@@ -134,11 +159,11 @@ def lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b
         for k in range(4):
             gates[t, b, k * H + j] = zero
         return
-    i = sigmoid((gx[t, b, j] + b_ih[j]) + (rec_i + b_hh[j]), half)
-    f = sigmoid((gx[t, b, H + j] + b_ih[H + j]) + (rec_f + b_hh[H + j]), half)
-    g = math.tanh((gx[t, b, 2 * H + j] + b_ih[2 * H + j]) + (rec_g + b_hh[2 * H + j]))
-    o = sigmoid((gx[t, b, 3 * H + j] + b_ih[3 * H + j]) + (rec_o + b_hh[3 * H + j]), half)
-    c_new = f * c[prev, b, j] + i * g
+    i = sigmoid((wide(gx[t, b, j]) + wide(b_ih[j])) + (rec_i + wide(b_hh[j])), half)
+    f = sigmoid((wide(gx[t, b, H + j]) + wide(b_ih[H + j])) + (rec_f + wide(b_hh[H + j])), half)
+    g = math.tanh((wide(gx[t, b, 2 * H + j]) + wide(b_ih[2 * H + j])) + (rec_g + wide(b_hh[2 * H + j])))
+    o = sigmoid((wide(gx[t, b, 3 * H + j]) + wide(b_ih[3 * H + j])) + (rec_o + wide(b_hh[3 * H + j])), half)
+    c_new = f * wide(c[prev, b, j]) + i * g
     h_new = o * math.tanh(c_new)
     c[nxt, b, j] = c_new
     h[nxt, b, j] = h_new
@@ -159,15 +184,15 @@ def lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, l
             dgates[t, b, k * H + j] = zero
         dh[b, j] = dh_in
         return
-    i = gates[t, b, j]
-    f = gates[t, b, H + j]
-    g = gates[t, b, 2 * H + j]
-    o = gates[t, b, 3 * H + j]
-    tanh_c = math.tanh(c[nxt, b, j])
-    dh_total = dh_in + dy[t, b, j]
-    dc_total = dc[b, j] + dh_total * o * (one - tanh_c * tanh_c)  # backprop through tanh(c_t)
+    i = wide(gates[t, b, j])
+    f = wide(gates[t, b, H + j])
+    g = wide(gates[t, b, 2 * H + j])
+    o = wide(gates[t, b, 3 * H + j])
+    tanh_c = math.tanh(wide(c[nxt, b, j]))
+    dh_total = dh_in + wide(dy[t, b, j])
+    dc_total = wide(dc[b, j]) + dh_total * o * (one - tanh_c * tanh_c)  # backprop through tanh(c_t)
     dgates[t, b, j] = dc_total * g * i * (one - i)
-    dgates[t, b, H + j] = dc_total * c[prev, b, j] * f * (one - f)
+    dgates[t, b, H + j] = dc_total * wide(c[prev, b, j]) * f * (one - f)
     dgates[t, b, 2 * H + j] = dc_total * i * (one - g * g)
     dgates[t, b, 3 * H + j] = dh_total * tanh_c * o * (one - o)
     dc[b, j] = dc_total * f
@@ -182,8 +207,8 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
     idx = cuda.grid(1)
     if idx < B * H:
         b, j = idx // H, idx % H
-        lstm_point_forward(t, reverse, b, j, gx, gh[b, j], gh[b, H + j], gh[b, 2 * H + j], gh[b, 3 * H + j],
-                           b_ih, b_hh, h, c, gates, y, lengths)
+        lstm_point_forward(t, reverse, b, j, gx, wide(gh[b, j]), wide(gh[b, H + j]), wide(gh[b, 2 * H + j]),
+                           wide(gh[b, 3 * H + j]), b_ih, b_hh, h, c, gates, y, lengths)
 
 
 @cuda.jit(cache=True)
@@ -194,7 +219,7 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     idx = cuda.grid(1)
     if idx < B * H:
         b, j = idx // H, idx % H
-        lstm_point_backward(t, reverse, b, j, dh[b, j], c, gates, dy, dh, dc, dgates, lengths)
+        lstm_point_backward(t, reverse, b, j, wide(dh[b, j]), c, gates, dy, dh, dc, dgates, lengths)
 
 
 # --------------------------------------------------------------------------- GRU
@@ -209,11 +234,11 @@ def gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, 
         for k in range(4):
             gates[t, b, k * H + j] = zero
         return
-    r = sigmoid((gx[t, b, j] + b_ih[j]) + (rec_r + b_hh[j]), half)
-    z = sigmoid((gx[t, b, H + j] + b_ih[H + j]) + (rec_z + b_hh[H + j]), half)
-    hn = rec_n + b_hh[2 * H + j]  # U_n h + b_hn, kept apart: r scales it
-    n = math.tanh((gx[t, b, 2 * H + j] + b_ih[2 * H + j]) + r * hn)
-    h_prev = h[prev, b, j]
+    r = sigmoid((wide(gx[t, b, j]) + wide(b_ih[j])) + (rec_r + wide(b_hh[j])), half)
+    z = sigmoid((wide(gx[t, b, H + j]) + wide(b_ih[H + j])) + (rec_z + wide(b_hh[H + j])), half)
+    hn = rec_n + wide(b_hh[2 * H + j])  # U_n h + b_hn, kept apart: r scales it
+    n = math.tanh((wide(gx[t, b, 2 * H + j]) + wide(b_ih[2 * H + j])) + r * hn)
+    h_prev = wide(h[prev, b, j])
     h_new = n + z * (h_prev - n)  # (1 - z) n + z h_prev
     h[nxt, b, j] = h_new
     y[t, b, j] = h_new
@@ -234,13 +259,13 @@ def gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, leng
             dgh[t, b, k * H + j] = zero
         dh[b, j] = dh_in
         return
-    r = gates[t, b, j]
-    z = gates[t, b, H + j]
-    n = gates[t, b, 2 * H + j]
-    hn = gates[t, b, 3 * H + j]
-    dh_total = dh_in + dy[t, b, j]
+    r = wide(gates[t, b, j])
+    z = wide(gates[t, b, H + j])
+    n = wide(gates[t, b, 2 * H + j])
+    hn = wide(gates[t, b, 3 * H + j])
+    dh_total = dh_in + wide(dy[t, b, j])
     dn = dh_total * (one - z) * (one - n * n)  # backprop through tanh
-    dz = dh_total * (h[prev, b, j] - n) * z * (one - z)
+    dz = dh_total * (wide(h[prev, b, j]) - n) * z * (one - z)
     dr = dn * hn * r * (one - r)
     dgx[t, b, j] = dr
     dgx[t, b, H + j] = dz
@@ -259,8 +284,8 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     idx = cuda.grid(1)
     if idx < B * H:
         b, j = idx // H, idx % H
-        gru_point_forward(t, reverse, b, j, gx, gh[b, j], gh[b, H + j], gh[b, 2 * H + j], b_ih, b_hh, h, gates,
-                          y, lengths)
+        gru_point_forward(t, reverse, b, j, gx, wide(gh[b, j]), wide(gh[b, H + j]), wide(gh[b, 2 * H + j]),
+                          b_ih, b_hh, h, gates, y, lengths)
 
 
 @cuda.jit(cache=True)
@@ -271,7 +296,7 @@ def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
     idx = cuda.grid(1)
     if idx < B * H:
         b, j = idx // H, idx % H
-        gru_point_backward(t, reverse, b, j, dh[b, j], h, gates, dy, dh, dgx, dgh, lengths)
+        gru_point_backward(t, reverse, b, j, wide(dh[b, j]), h, gates, dy, dh, dgx, dgh, lengths)
 
 
 # ----------------------------------------------------------------- optimizer
@@ -381,13 +406,19 @@ KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
            "gather_rows": gather_rows, "one_hot": one_hot, "softmax_xent": softmax_xent}
 
 
+# what a float16 model launches (its optimizer steps float32 master weights, and its
+# loss widens the logits to float32 first: adam_update and softmax_xent see float32)
+HALF_KERNELS = ("rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
+                "gather_rows", "one_hot")
+
+
 def signatures(name, dtype):
     """{label: numba signature} of the launches on workspace buffers (the RNN steps'
     output and output-gradient views, y and dy, may be strided; an eval forward's
     gates have time stride 0; everything else is C-contiguous). Used by the PTX report."""
     from numba import types
 
-    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    f = {"float16": types.float16, "float32": types.float32, "float64": types.float64}[np.dtype(dtype).name]
     i64 = types.int64
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")
