@@ -1,0 +1,294 @@
+"""float16 and bfloat16 models: stored in half, computed in float32, rounded once.
+
+The NumPy backend is the reference (gpurnn.precision): a half model lies within
+precision.TOLERANCES of the same model in float32, each step equals the float32
+spec rounded once, and the CUDA kernels (in the simulator) equal the reference.
+Training keeps float32 master weights (gpurnn.amp) and, for fp16, a loss scaler.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpurnn
+from gpurnn import amp, cells, optim, precision
+from gpurnn.backend import NumpyOps
+from gpurnn.data import adding_problem
+
+from helpers import MODELS as CELLS, backend_or_skip
+
+HALF = ("float16", "bfloat16")
+
+
+def cudasim_backend():
+    return backend_or_skip("cudasim", "cudasim unavailable in this process")
+
+
+def _relative(a, ref):
+    """Largest difference over the largest reference magnitude (how TOLERANCES are stated)."""
+    a, ref = np.asarray(a).astype(np.float64), np.asarray(ref).astype(np.float64)
+    return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def _pair(cell, dtype, backend="numpy", seed=0, **kwargs):
+    """The same layer in float32 and in dtype (the half one holding the float32 weights rounded)."""
+    full = CELLS[cell](6, 16, seed=seed, backend="numpy", **kwargs)
+    half = CELLS[cell](6, 16, seed=seed, backend=backend, dtype=dtype, **kwargs)
+    half.load_state_dict(full.state_dict())
+    full.load_state_dict({k: v.astype(half.dtype).astype(np.float32) for k, v in full.state_dict().items()})
+    return full, half
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)])
+def test_half_model_within_tolerance_of_float32(dtype, cell, layers, bidirectional):
+    full, half = _pair(cell, dtype, num_layers=layers, bidirectional=bidirectional)
+    rng = np.random.default_rng(1)
+    T, B, D = 30, 5, 2 if bidirectional else 1
+    x = rng.standard_normal((T, B, 6)).astype(half.dtype)  # representable in both: only the math differs
+    d_out = rng.standard_normal((T, B, D * 16)).astype(half.dtype)
+    lengths = np.array([30, 17, 30, 4, 1])
+    out_full, _ = full(x.astype(np.float32), lengths=lengths)
+    out_half, _ = half(x, lengths=lengths)
+    assert out_half.dtype == half.dtype
+    dx_full = full.backward(d_out.astype(np.float32))[0]
+    dx_half = half.backward(d_out)[0]
+    tol = precision.TOLERANCES[dtype]
+    assert _relative(out_half, out_full) < tol["output"]
+    assert _relative(dx_half, dx_full) < tol["gradient"]
+    for name in full.grads:
+        assert half.grads[name].dtype == half.dtype
+        assert _relative(half.grads[name], full.grads[name]) < tol["gradient"], name
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("step", [cells.lstm_forward, cells.lstm_backward, cells.gru_forward, cells.gru_backward])
+def test_a_half_step_is_the_float32_step_rounded_once(dtype, step):
+    """Half buffers in, the float32 spec on them, results rounded once: nothing else."""
+    rng = np.random.default_rng(2)
+    half_type = precision.dtype("dtype", dtype)
+    T, B, H = 3, 4, 5
+    G = 4 if step.__name__.startswith("lstm") else 3
+    shapes = dict(gx=(T, B, G * H), gh=(B, G * H), b_ih=(G * H,), b_hh=(G * H,), h=(T + 1, B, H),
+                  c=(T + 1, B, H), gates=(T, B, 4 * H), y=(T, B, H), dy=(T, B, H), dh=(B, H), dc=(B, H),
+                  dgates=(T, B, 4 * H), dgx=(T, B, 3 * H), dgh=(T, B, 3 * H))
+    names = step.__code__.co_varnames[2:step.__code__.co_argcount]
+    half_args, wide_args = [], []
+    for name in names:
+        if name == "lengths":
+            value = np.array([3, 1, 2, 3])
+            half_args.append(value)
+            wide_args.append(value)
+            continue
+        value = rng.uniform(0.05, 0.95, shapes[name]).astype(half_type)  # saved gates look like activations
+        half_args.append(value)
+        wide_args.append(value.astype(np.float32))
+    t = 1
+    NumpyOps.__dict__[step.__name__].__func__(t, 0, *half_args)
+    step(t, 0, *wide_args)
+    for name, h, w in zip(names, half_args, wide_args):
+        if name != "lengths":
+            np.testing.assert_array_equal(h, w.astype(half_type), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_gemm_sums_in_float32_and_rounds_once(dtype):
+    rng = np.random.default_rng(3)
+    half_type = precision.dtype("dtype", dtype)
+    a = rng.standard_normal((7, 300)).astype(half_type)
+    b = rng.standard_normal((300, 5)).astype(half_type)
+    out = rng.standard_normal((7, 5)).astype(half_type)
+    expected = (a.astype(np.float32) @ b.astype(np.float32) + out.astype(np.float32)).astype(half_type)
+    NumpyOps.gemm(a, b, out, beta=1.0)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_float16_kernels_equal_the_numpy_reference(cell):
+    """The CUDA step kernels on float16 buffers (simulator) against the NumPy half reference."""
+    sim = cudasim_backend()
+    ref = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend="numpy", dtype="float16")
+    model = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend=sim, dtype="float16")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 2, 3)).astype(np.float16)
+    d_out = rng.standard_normal((4, 2, 10)).astype(np.float16)
+    lengths = np.array([4, 2])
+    out_ref, state_ref = ref(x, lengths=lengths)
+    out, state = model(x, lengths=lengths)
+    assert model.algorithms == {"forward": "graph"}
+    np.testing.assert_array_equal(out, out_ref)
+    np.testing.assert_array_equal(ref.backward(d_out)[0], model.backward(d_out)[0])
+    for name in ref.grads:
+        np.testing.assert_array_equal(model.grads[name], ref.grads[name], err_msg=name)
+
+
+def test_float16_charlm_on_the_simulator_equals_numpy():
+    """The embedding folded into the first layer (gather_rows, one_hot on float16) and the head."""
+    sim = cudasim_backend()
+    ids = np.random.default_rng(6).integers(0, 7, (5, 3))
+    losses = []
+    for backend in ("numpy", sim):
+        lm = gpurnn.CharLM(7, 8, cell="gru", embedding_dim=8, dtype="float16", seed=7, backend=backend)
+        loss, _ = lm(ids[:-1], ids[1:])
+        lm.backward(loss_scale=1024.0)
+        losses.append((float(loss), np.array(gpurnn.to_host(lm.grads["rnn.weight_ih_l0"]))))
+    assert losses[0][0] == losses[1][0]
+    np.testing.assert_array_equal(losses[0][1], losses[1][1])
+
+
+def test_half_runs_the_graph_algorithm_only_on_cuda():
+    sim = cudasim_backend()
+    model = gpurnn.LSTM(3, 4, dtype="float16", backend=sim)
+    x = np.zeros((2, 1, 3), np.float16)
+    for name in ("fused", "persistent"):
+        gpurnn.set_rnn_algorithm(name)
+        try:
+            with pytest.raises(ValueError, match=f"{name}.*float16.*graph algorithm"):
+                model(x)
+        finally:
+            gpurnn.set_rnn_algorithm(None)
+    model(x)
+    assert model.algorithms == {"inference": "graph"} or model.algorithms["forward"] == "graph"
+
+
+def test_bfloat16_on_the_cuda_backend_is_refused_saying_why():
+    with pytest.raises(TypeError, match="dtype: bfloat16 does not run on the CUDA backend.*#198.*float16"):
+        gpurnn.GRU(3, 4, dtype="bfloat16", backend=cudasim_backend())
+
+
+def test_master_weights_and_loss_scaler():
+    model = gpurnn.SequenceRegressor(2, 8, seed=0, dtype="float16", backend="numpy")
+    master = amp.MasterWeights(model)
+    for name, p in master.params.items():
+        assert p.dtype == np.float32
+        np.testing.assert_array_equal(p, model.params[name].astype(np.float32))
+    scaler = amp.LossScaler(init_scale=1024.0, growth_interval=2)
+    opt = optim.SGD(master.params, master.grads, lr=0.1)
+    x, y = adding_problem(4, 5, 0)
+
+    def step(inject_inf=False):
+        model(x.astype(np.float16), y)
+        with np.errstate(over="ignore", invalid="ignore"):
+            model.backward(loss_scale=scaler.scale)
+        if inject_inf:
+            model.grads["head.bias"][0] = np.inf
+        master.take_grads(scaler.scale)
+        norm = optim.global_norm(master.grads)
+        if math.isfinite(norm):
+            opt.step()
+            master.publish()
+        scaler.update(found_inf=not math.isfinite(norm))
+        model.zero_grad()
+
+    before = {n: p.copy() for n, p in master.params.items()}
+    step(inject_inf=True)  # skipped: nothing moves, the scale halves
+    assert scaler.scale == 512.0 and scaler.skipped == 1
+    for name, p in master.params.items():
+        np.testing.assert_array_equal(p, before[name])
+    step()
+    step()  # two good steps in a row: the scale doubles again
+    assert scaler.scale == 1024.0 and scaler.skipped == 1
+    assert any(not np.array_equal(p, before[n]) for n, p in master.params.items())
+    for name, p in master.params.items():  # the model holds the master weights rounded
+        np.testing.assert_array_equal(model.params[name], p.astype(np.float16))
+
+
+def test_unscaled_gradients_match_an_unscaled_backward():
+    model = gpurnn.SequenceRegressor(2, 8, seed=0, dtype="float16", backend="numpy")
+    master = amp.MasterWeights(model)
+    x, y = adding_problem(4, 5, 0)
+    grads = []
+    for scale in (1.0, 256.0):
+        model(x.astype(np.float16), y)
+        model.backward(loss_scale=scale)
+        master.take_grads(scale)
+        grads.append(master.grad_buffer.copy())
+        model.zero_grad()
+    assert _relative(grads[1], grads[0]) < precision.TOLERANCES["float16"]["gradient"]
+
+
+def test_master_weights_refuse_a_full_precision_model():
+    with pytest.raises(TypeError, match="model: expected a float16 or bfloat16 model, got dtype float32"):
+        amp.MasterWeights(gpurnn.SequenceRegressor(2, 4, backend="numpy"))
+    with pytest.raises(ValueError, match="backoff_factor"):
+        amp.LossScaler(backoff_factor=1.5)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_adding_problem_trains_in_half_like_float32(dtype):
+    """400 Adam steps of the adding problem (T=10): the half run learns it as float32 does
+    (predicting the mean gives MSE ~0.167; float32 ends near 0.006)."""
+    finals = {}
+    for kind in ("float32", dtype):
+        model = gpurnn.SequenceRegressor(2, 32, seed=0, dtype=kind, backend="numpy")
+        master = amp.MasterWeights(model) if kind != "float32" else None
+        params, grads = (master.params, master.grads) if master else (model.params, model.grads)
+        opt = optim.Adam(params, grads, lr=1e-2)
+        scaler = amp.LossScaler() if kind == "float16" else None
+        losses = []
+        for step in range(400):
+            x, y = adding_problem(64, 10, step)
+            loss, _ = model(x.astype(model.rnn.dtype), y)
+            scale = scaler.scale if scaler else 1.0
+            with np.errstate(over="ignore", invalid="ignore"):  # fp16 overflow at a high scale is expected
+                model.backward(loss_scale=scale)
+                if master:
+                    master.take_grads(scale)
+                norm = optim.global_norm(grads)
+            if math.isfinite(norm):
+                optim.clip_grad_norm(grads, 5.0, norm)
+                opt.step()
+                if master:
+                    master.publish()
+            if scaler:
+                scaler.update(found_inf=not math.isfinite(norm))
+            model.zero_grad()
+            losses.append(loss)
+        finals[kind] = float(np.mean(losses[-50:]))
+    assert finals["float32"] < 0.03, finals
+    assert finals[dtype] < 1.5 * finals["float32"], finals
+
+
+def test_half_memory_is_half_of_float32():
+    """Every float buffer a model holds (parameters, gradients, workspaces) is half the bytes."""
+    totals = {}
+    for dtype in ("float32", "float16"):
+        model = gpurnn.CharLM(20, 32, num_layers=2, dtype=dtype, seed=0, backend="numpy")
+        ids = np.random.default_rng(0).integers(0, 20, (17, 8))
+        model(ids[:-1], ids[1:])
+        model.backward()
+        totals[dtype] = model.memory_report().total
+    assert totals["float16"] <= 0.55 * totals["float32"], totals
+
+
+def _train(out, precision_flag, steps, resume=False):
+    cmd = [sys.executable, "-m", "gpurnn", "train", "--task", "charlm", "--text", out + ".txt", "--hidden", "16",
+           "--seq-len", "16", "--batch", "4", "--steps", str(steps), "--val-every", "5", "--save-every", "5",
+           "--backend", "numpy", "--no-progress", "--out", out, "--precision", precision_flag]
+    done = subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True,
+                          env={**os.environ, "GPURNN_BACKEND": "numpy"})
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return [line.split(",")[1] for line in f.read().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("flag", ["fp16", "bf16"])
+def test_cli_half_training_resumes_exactly(tmp_path, flag):
+    text = "the quick brown fox jumps over the lazy dog; " * 40
+    for run in ("whole", "split"):
+        (tmp_path / f"{run}.txt").write_text(text)
+    whole = _train(str(tmp_path / "whole"), flag, 10)
+    _train(str(tmp_path / "split"), flag, 5)
+    split = _train(str(tmp_path / "split"), flag, 10, resume=True)
+    assert split == whole  # master weights, optimizer and loss scale all came back
+    with np.load(tmp_path / "whole" / "checkpoint.npz") as z:
+        assert z["param/rnn.weight_hh_l0"].dtype == np.float32  # the master copy is what is saved
+        record = json.loads(z["record"].tobytes().decode())
+    assert record["config"]["precision"] == flag
+    assert ("loss_scaler" in record) == (flag == "fp16")
