@@ -1,6 +1,6 @@
 """gpurnn's CUDA backend against torch.nn.LSTM/GRU/RNN (cuDNN), same process, same card.
 
-    python kernels/bench_gpu.py [--configs A B C D E Ab b1 stream] [--cells lstm gru rnn] [--modes fp32 tf32]
+    python kernels/bench_gpu.py [--configs A B C D E Ab b1 stream] [--cells lstm gru rnn] [--modes fp32 tf32 fp16]
                                 [--algorithms auto graph fused persistent] [--repeats 20] [--json PATH]
 
 BENCHMARKS.md's protocol: CUDA events on the caller's stream around each call
@@ -14,6 +14,11 @@ geometric mean of the ratios. Beyond BENCHMARKS.md's A-E: "Ab" is config A
 bidirectional, "b1" a batch of one (T=100, B=1, H=256), and "stream" what
 ``gpurnn sample`` does: 100 calls of one step (H=512, B=1) with the state
 carried, eval mode, timed as the 100 calls together.
+
+``--modes``: fp32 (strict float32 GEMMs on both sides), tf32 (TF32 tensor cores on
+both), fp16 (a gpurnn float16 model against torch's float32 module under
+``torch.autocast("cuda", dtype=torch.float16)``, what a torch user runs; errors
+are against that fp16 result).
 
 ``--algorithms``: "auto" lets gpurnn choose per shape (the default); naming
 graph, fused or persistent forces it (gpurnn.set_rnn_algorithm) and adds a row
@@ -66,7 +71,15 @@ def set_mode(mode):
     tf32 = mode == "tf32"
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    gpurnn.set_math_mode(mode)
+    gpurnn.set_math_mode("tf32" if tf32 else "fp32")  # fp16: half GEMMs accumulate in float32 either way
+
+
+def half_mode(mode):
+    """(gpurnn's dtype, a factory of torch's autocast context) for a mode."""
+    import torch
+
+    half = mode == "fp16"
+    return ("float16" if half else "float32"), (lambda: torch.autocast("cuda", dtype=torch.float16, enabled=half))
 
 
 def geomean(rows):
@@ -104,11 +117,13 @@ def bench_stream(cell, name, mode, repeats):
     set_mode(mode)
     steps, B, H, L = STREAM[name]
     rng = np.random.default_rng(0)
-    ours = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, seed=0, backend="cuda").eval()
+    dtype, autocast = half_mode(mode)
+    ours = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, seed=0, backend="cuda",
+                                                                         dtype=dtype).eval()
     peer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](H, H).cuda()
     peer.load_state_dict({k: torch.from_numpy(v.get()) for k, v in ours.state_dict().items()})
     xs_host = rng.standard_normal((steps, 1, B, H)).astype(np.float32)
-    xs, xts = cupy.asarray(xs_host), torch.from_numpy(xs_host).cuda()
+    xs, xts = cupy.asarray(xs_host.astype(dtype)), torch.from_numpy(xs_host).cuda()
 
     def ours_stream():
         state = None
@@ -118,7 +133,7 @@ def bench_stream(cell, name, mode, repeats):
 
     def peer_stream():
         state = None
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for t in range(steps):
                 _, state = peer(xts[t], state)
         return state
@@ -144,16 +159,17 @@ def bench_row(cell, name, mode, repeats):
     T, B, H, L = CONFIGS[BIDIRECTIONAL.get(name, name)]
     D = 2 if bidirectional else 1
     rng = np.random.default_rng(0)
+    dtype, autocast = half_mode(mode)
     ours = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](
-        H, H, num_layers=L, bidirectional=bidirectional, seed=0, backend="cuda")
+        H, H, num_layers=L, bidirectional=bidirectional, seed=0, backend="cuda", dtype=dtype)
     peer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](
         H, H, num_layers=L, bidirectional=bidirectional).cuda()
     peer.load_state_dict({k: torch.from_numpy(v.get()) for k, v in ours.state_dict().items()})
     x_host = rng.standard_normal((T, B, H)).astype(np.float32)
     d_host = rng.standard_normal((T, B, D * H)).astype(np.float32)
-    x, d_out = cupy.asarray(x_host), cupy.asarray(d_host)
+    x, d_out = cupy.asarray(x_host.astype(dtype)), cupy.asarray(d_host.astype(dtype))
     xt = torch.from_numpy(x_host).cuda().requires_grad_(True)
-    dt = torch.from_numpy(d_host).cuda()
+    dt = torch.from_numpy(d_host).cuda().to(torch.float16 if dtype == "float16" else torch.float32)
 
     def ours_fwd():
         return ours(x)
@@ -163,11 +179,12 @@ def bench_row(cell, name, mode, repeats):
         return ours.backward(d_out)
 
     def peer_fwd():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             return peer(xt)
 
     def peer_train():
-        out, _ = peer(xt)
+        with autocast():
+            out, _ = peer(xt)
         out.backward(dt)
 
     # correctness on the same weights, before timing
@@ -177,7 +194,8 @@ def bench_row(cell, name, mode, repeats):
     dx = ours.backward(d_out)[0]
     xt.grad = None
     peer.zero_grad()
-    t_out, _ = peer(xt)
+    with autocast():
+        t_out, _ = peer(xt)
     t_out.backward(dt)
     errors = {"out": rel(out.get(), t_out.detach().cpu().numpy()), "dx": rel(dx.get(), xt.grad.cpu().numpy()),
               "dW": max(rel(ours.grads[k].get(), p.grad.cpu().numpy()) for k, p in peer.named_parameters())}
@@ -238,7 +256,7 @@ def main(argv=None):
     names = [*CONFIGS, *BIDIRECTIONAL, *STREAM]
     ap.add_argument("--configs", nargs="+", default=names, choices=names)
     ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"], choices=["lstm", "gru", "rnn"])
-    ap.add_argument("--modes", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32"])
+    ap.add_argument("--modes", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32", "fp16"])
     ap.add_argument("--algorithms", nargs="+", default=["auto"], choices=["auto", "graph", "fused", "persistent"])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json")

@@ -1,6 +1,6 @@
 """Device memory of a training step and of an eval forward: gpurnn against torch (cuDNN).
 
-    python kernels/bench_memory.py [--rows A B C D E long] [--cells lstm] [--json PATH]
+    python kernels/bench_memory.py [--rows A B C D E long] [--cells lstm] [--precisions fp32 fp16] [--json PATH]
 
 Method, the same for both sides: each measurement runs in a fresh process that
 first sets up its CUDA context and libraries (a tiny op on each), reads the
@@ -14,7 +14,9 @@ activations. gpurnn's first call of a shape times its recurrence algorithms and
 stores the choice on disk (see README); so that the scratch of that timing does
 not count, each gpurnn measurement is preceded by an unmeasured process of the
 same shape, and the measured one reads the stored choice. Prints MiB per side
-and the ratio gpurnn / torch.
+and the ratio gpurnn / torch. fp16: gpurnn's model in float16 against torch's
+fp32 module under ``torch.autocast("cuda", dtype=torch.float16)`` (what a torch
+user runs), and the ratio to gpurnn's own fp32 row of the same shape.
 """
 
 import argparse
@@ -32,14 +34,16 @@ ROWS = {"A": (100, 64, 512, 1), "B": (100, 256, 1024, 1), "C": (1000, 32, 256, 1
 MEASURE = r"""
 import sys, numpy as np, cupy, torch
 side, cell, T, B, H, L, train = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+half = sys.argv[8] == "fp16"
 torch.ones(1, device="cuda").sum().item()
 cupy.ones(1).sum().get()
 free = lambda: (torch.cuda.synchronize(), cupy.cuda.runtime.memGetInfo()[0])[1]
 before = free()
-x = np.random.default_rng(0).standard_normal((T, B, H)).astype(np.float32)
+x = np.random.default_rng(0).standard_normal((T, B, H)).astype(np.float16 if half and side == "gpurnn" else np.float32)
 if side == "gpurnn":
     import gpurnn
-    m = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, num_layers=L, backend="cuda")
+    m = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, num_layers=L, backend="cuda",
+                                                                         dtype="float16" if half else "float32")
     m.train(bool(train))
     xd = cupy.asarray(x)
     for _ in range(2):
@@ -50,24 +54,25 @@ else:
     m = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](H, H, num_layers=L).cuda()
     xt = torch.from_numpy(x).cuda()
     for _ in range(2):
-        if train:
-            out, _ = m(xt)
-            out.backward(torch.ones_like(out))
-        else:
-            with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.float16, enabled=half):
+            if train:
                 out, _ = m(xt)
+                out.backward(torch.ones_like(out))
+            else:
+                with torch.no_grad():
+                    out, _ = m(xt)
     del xt
 del x
 print(before - free())
 """
 
 
-def measure(side, cell, T, B, H, L, train):
+def measure(side, cell, T, B, H, L, train, precision="fp32"):
     env = dict(os.environ, PYTHONPATH=ROOT, GPURNN_BACKEND="cuda")
     runs = 2 if side == "gpurnn" else 1  # the first stores the algorithm choice: its timing scratch not counted
     for _ in range(runs):
         done = subprocess.run([sys.executable, "-c", MEASURE, side, cell, str(T), str(B), str(H), str(L),
-                               str(int(train))], capture_output=True, text=True, env=env, timeout=300)
+                               str(int(train)), precision], capture_output=True, text=True, env=env, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{side} {cell} {T}x{B}x{H}x{L}: {done.stderr.strip()[-500:]}")
     return int(done.stdout.split()[-1])
@@ -77,16 +82,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--cells", nargs="+", default=["lstm"], choices=["lstm", "gru", "rnn"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "fp16"])
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = []
-    for cell in args.cells:
-        for name in args.rows:
-            T, B, H, L = ROWS[name]
-            for train in (True, False):
-                ours, peer = (measure(side, cell, T, B, H, L, train) for side in ("gpurnn", "torch"))
-                rows.append(dict(cell=cell, row=name, T=T, B=B, H=H, layers=L, pass_="train" if train else "eval",
-                                 gpurnn_MiB=ours / 2**20, torch_MiB=peer / 2**20, ratio=ours / max(peer, 1)))
+    for precision in args.precisions:
+        for cell in args.cells:
+            for name in args.rows:
+                T, B, H, L = ROWS[name]
+                for train in (True, False):
+                    ours, peer = (measure(side, cell, T, B, H, L, train, precision) for side in ("gpurnn", "torch"))
+                    rows.append(dict(cell=cell, row=name, T=T, B=B, H=H, layers=L, precision=precision,
+                                     pass_="train" if train else "eval", gpurnn_MiB=ours / 2**20,
+                                     torch_MiB=peer / 2**20, ratio=ours / max(peer, 1)))
+    full = {(r["cell"], r["row"], r["pass_"]): r["gpurnn_MiB"] for r in rows if r["precision"] == "fp32"}
+    for r in rows:  # half's target: at most 0.55x of our own fp32
+        if r["precision"] == "fp16" and (r["cell"], r["row"], r["pass_"]) in full:
+            r["of_our_fp32"] = r["gpurnn_MiB"] / full[r["cell"], r["row"], r["pass_"]]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -95,9 +107,11 @@ def main(argv=None):
 
 
 def table(rows):
-    lines = [f"{'cell':<5}{'row':<6}{'pass':<7}{'gpurnn MiB':>11}{'torch MiB':>11}{'ratio':>7}"]
-    lines += [f"{r['cell']:<5}{r['row']:<6}{r['pass_']:<7}{r['gpurnn_MiB']:>11.1f}{r['torch_MiB']:>11.1f}"
-              f"{r['ratio']:>7.2f}" for r in rows]
+    lines = [f"{'cell':<5}{'row':<6}{'prec':<6}{'pass':<7}{'gpurnn MiB':>11}{'torch MiB':>11}{'ratio':>7}"
+             f"{'of fp32':>9}"]
+    lines += [f"{r['cell']:<5}{r['row']:<6}{r.get('precision', 'fp32'):<6}{r['pass_']:<7}{r['gpurnn_MiB']:>11.1f}"
+              f"{r['torch_MiB']:>11.1f}{r['ratio']:>7.2f}"
+              + (f"{r['of_our_fp32']:>9.2f}" if "of_our_fp32" in r else "") for r in rows]
     return "\n".join(lines)
 
 

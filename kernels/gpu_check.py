@@ -21,6 +21,9 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
                  against gpurnn.torch.LSTM/GRU (config A and 2x512);
   memory         ``bench_memory.py``: device memory of a training step and an eval forward,
                  gpurnn against torch, each from a fresh process;
+  half           float16: the benchmark matrix's fp16 mode (a gpurnn float16 model against
+                 cuDNN under torch.autocast fp16) and the memory of B, C and E in fp16
+                 beside fp32 (target: at most 0.55x our own fp32);
   nccl           ``bench_distributed.py --nccl``: the NCCL all-reduce's cost per GPU training
                  step (a world of one);
   sanitizer      compute-sanitizer's memcheck, racecheck, initcheck and synccheck over
@@ -31,7 +34,8 @@ Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log und
 --out) and prints the table last. Each stage is guarded so one failure still reports
 the rest. A device call runs 10 minutes at most: run the stages in two calls,
 ``--stages suite,first_forward,ceilings,benchmarks,algorithms,training,torch`` and
-``--stages memory,nccl,sanitizer`` (each about 5 minutes on an H100, estimated: not yet timed).
+``--stages memory,nccl,sanitizer`` (each about 5 minutes on an H100, estimated: not yet timed),
+and ``--stages half`` in a third if the time is there.
 """
 
 import argparse
@@ -169,8 +173,8 @@ def versions():
                 commit=os.environ.get("GPURNN_COMMIT", "unknown"))
 
 
-STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "memory", "nccl",
-          "sanitizer", "lab")
+STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "memory", "half",
+          "nccl", "sanitizer", "lab")
 
 
 def main():
@@ -206,6 +210,9 @@ def main():
            "training": lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "torch": lambda: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "memory": lambda: bench_memory.main(["--rows", "A", "D"] if args.quick else []),
+           "half": lambda: dict(benchmarks=bench_gpu.main((bench_args or []) + ["--modes", "fp16"]),
+                                memory=bench_memory.main(["--precisions", "fp32", "fp16", "--rows",
+                                                          *(["A"] if args.quick else ["B", "C", "E"])])),
            "nccl": lambda: bench_distributed.main(["--nccl", "--steps", "20" if args.quick else "40"]),
            "sanitizer": lambda: sanitizer(args.sanitizer_timeout, args.out),
            "lab": gemm_lab}
@@ -250,6 +257,11 @@ def main():
     if isinstance(memory_rows, list):
         print("device memory, each side from a fresh process (drop in free memory):")
         print(bench_memory.table(memory_rows))
+    half = report.get("half")
+    if isinstance(half, dict) and "error" not in half:
+        print("float16 against cuDNN under torch.autocast(float16):")
+        print(bench_gpu.table(half["benchmarks"]))
+        print(bench_memory.table(half["memory"]))
     nccl = report.get("nccl")
     if isinstance(nccl, dict) and "error" not in nccl:
         print(f"NCCL all-reduce in the GPU CharLM step (world of one): {nccl['allreduce_ms']:.2f} ms a step "

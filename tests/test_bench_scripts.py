@@ -31,7 +31,8 @@ def test_gpu_check_stages_are_named_and_checked():
     assert done.returncode == 2 and "unknown ['warp']" in done.stderr
     helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0
-    assert ("suite, first_forward, ceilings, benchmarks, algorithms, training, torch, memory, nccl, sanitizer, lab"
+    assert ("suite, first_forward, ceilings, benchmarks, algorithms, training, torch, memory, half, nccl, sanitizer, "
+            "lab"
             in " ".join(helped.stdout.split()))
 
 
@@ -47,7 +48,8 @@ def test_sanitizer_script_runs_every_algorithm_under_the_simulator():
                           capture_output=True, text=True, env=dict(env, GPURNN_BACKEND="cudasim"))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-1] == "0 failures" and sum(line.endswith(" ok") for line in lines) == 12
+    assert lines[-1] == "0 failures" and sum(line.endswith(" ok") for line in lines) == 16  # 4 configs x 4 runs
+    assert sum(line.endswith("graph float16 ok") for line in lines) == 4
 
 
 def test_benchmark_table_reports_algorithms_and_rows_that_cannot_run():
@@ -77,6 +79,9 @@ def test_bench_torch_compares_the_same_model_on_both_sides():
 def test_memory_table_has_both_sides_and_the_ratio():
     import bench_memory
 
-    text = bench_memory.table([dict(cell="lstm", row="C", pass_="train", gpurnn_MiB=728.0, torch_MiB=451.0,
-                                    ratio=728 / 451)])
-    assert text.splitlines()[1].split() == ["lstm", "C", "train", "728.0", "451.0", "1.61"]
+    full = dict(cell="lstm", row="C", precision="fp32", pass_="train", gpurnn_MiB=728.0, torch_MiB=451.0,
+                ratio=728 / 451)
+    half = dict(full, precision="fp16", gpurnn_MiB=380.0, torch_MiB=300.0, ratio=380 / 300, of_our_fp32=380 / 728)
+    text = bench_memory.table([full, half])
+    assert text.splitlines()[1].split() == ["lstm", "C", "fp32", "train", "728.0", "451.0", "1.61"]
+    assert text.splitlines()[2].split() == ["lstm", "C", "fp16", "train", "380.0", "300.0", "1.27", "0.52"]
