@@ -20,15 +20,19 @@ backward of an older forward (or a second backward of one, as gradcheck does)
 first recomputes that forward, with the dropout masks it drew. With no gradient
 needed and the module in eval mode, the forward keeps no activations at all.
 
-Under torch.autocast, half-precision inputs are cast to the module's dtype (said
-once: gpurnn's float16/bfloat16 models are not wired to these modules yet). On CUDA the call runs on torch's
+Under torch.autocast a float32 module runs in autocast's float16 or bfloat16, as
+cuDNN's RNNs do: a half twin of the gpurnn layer holds the parameters rounded
+(refreshed each call), outputs come in half, gradients are widened into the
+float32 parameters. Where the backend cannot run that type (bfloat16 on CUDA), or
+for a float64 module, half inputs are cast to the module's dtype instead (said
+once). ``.half()`` / ``.bfloat16()`` make a module that holds its parameters in
+half (bfloat16 on CPU only). On CUDA the call runs on torch's
 current stream (CuPy's current stream is set to it), so no host synchronization
 orders the two; CuPy's memory pool and torch's caching allocator each keep their
 own memory.
 
-Differences from torch: float32 and float64 only (``.half()`` raises until the
-half precision of gpurnn's own models, gpurnn.amp, reaches these modules); ``proj_size`` is not supported; under ``torch.compile`` the
-call is a graph break (dynamo does not trace into gpurnn's kernels).
+Differences from torch: no bfloat16 on CUDA; ``proj_size`` is not supported;
+under ``torch.compile`` the call is a graph break (dynamo does not trace into gpurnn's kernels).
 """
 
 import contextlib
@@ -39,11 +43,12 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from gpurnn import flat, layers
+from gpurnn import flat, layers, precision
 from gpurnn.backend import get_backend
 
 __all__ = ["RNN", "LSTM", "GRU"]
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # what autocast may ask for
 _LAYERS_MADE = itertools.count()
 
 
@@ -52,25 +57,30 @@ def _to_array(t, backend):
     t = t.detach()
     if backend.name == "cuda":
         return backend.xp.from_dlpack(t.contiguous())
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: the same bits as ml_dtypes' bfloat16
+        return t.contiguous().view(torch.int16).numpy().view(precision.bfloat16())
     return t.contiguous().numpy()
 
 
 def _to_tensor(a, device):
     """A backend array as a tensor, sharing memory."""
     if isinstance(a, np.ndarray):
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.from_dlpack(a).to(device)
 
 
 class _Run(torch.autograd.Function):
     """out, h_n[, c_n] = the gpurnn layer on x (time-major or as the layer's layout), with
-    gradients for x, h0, c0 and every parameter."""
+    gradients for x, h0, c0 and every parameter. ``layer`` is the module's own, or under
+    autocast its half twin (holding the parameters rounded): its gradients are widened
+    to the parameters' dtype."""
 
     @staticmethod
-    def forward(ctx, module, x, h0, c0, lengths, *params):
-        layer = module._layer
+    def forward(ctx, module, layer, x, h0, c0, lengths, *params):
         arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]
-        ctx.module, ctx.arrays, ctx.lengths = module, arrays, lengths
+        ctx.module, ctx.layer, ctx.arrays, ctx.lengths = module, layer, arrays, lengths
         ctx.rng_state = layer._rng.bit_generator.state  # to redraw the same dropout masks on a recompute
         ctx.needs = (x.requires_grad, h0 is not None and h0.requires_grad, c0 is not None and c0.requires_grad)
         ctx.dropout = module.training  # in eval mode the forward has no dropout, and neither has its recompute
@@ -84,13 +94,13 @@ class _Run(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None):
-        with _on_torch_stream(ctx.module._layer.backend):  # the autograd engine's stream, as the forward's
+        with _on_torch_stream(ctx.layer.backend):  # the autograd engine's stream, as the forward's
             return _Run._backward(ctx, d_out, d_hn, d_cn)
 
     @staticmethod
     def _backward(ctx, d_out, d_hn, d_cn):
         module = ctx.module
-        layer = module._layer
+        layer = ctx.layer
         if layer._cache is not ctx.cache or layer._cache_used:  # another forward since, or a second backward
             layer._rng.bit_generator.state = ctx.rng_state  # this forward's masks again
             _training_forward(layer, ctx.arrays, ctx.lengths, ctx.dropout)
@@ -102,8 +112,9 @@ class _Run(torch.autograd.Function):
         owned = lambda a: _to_tensor(a.copy(), device)  # noqa: E731  torch keeps them: never a view of ours
         inputs = [owned(dx) if ctx.needs[0] else None, owned(dh0) if ctx.needs[1] else None,
                   owned(dc0) if ctx.needs[2] and dc0 is not None else None]
-        params = [owned(layer.grads[name]) for name in module._names]
-        return (None, *inputs, None, *params)
+        params = [_to_tensor(layer.grads[name].astype(module._layer.dtype), device)  # a copy, widened
+                  for name in module._names]
+        return (None, None, *inputs, None, *params)
 
 
 def _training_forward(layer, arrays, lengths, dropout):
@@ -127,8 +138,8 @@ class _Base(torch.nn.Module):
         if proj_size:
             raise ValueError("proj_size: gpurnn has no projected LSTM; expected 0")
         dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in _DTYPES:
-            raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+        if dtype not in _DTYPES and dtype not in _HALF:
+            raise TypeError(f"dtype: expected torch.float32, float64, float16 or bfloat16, got {dtype}")
         self._config = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
                             batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, **extra)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -145,7 +156,7 @@ class _Base(torch.nn.Module):
         # dropout masks that follow torch.manual_seed without drawing from torch's generator
         # (so torch.manual_seed(s) gives this module the weights torch.nn's module gets)
         seed = int(np.random.SeedSequence([torch.initial_seed() % 2**63, next(_LAYERS_MADE)]).generate_state(1)[0])
-        layer = self._layer_class(**self._config, dtype=_DTYPES[dtype], seed=seed, backend=backend)
+        layer = self._layer_class(**self._config, dtype={**_DTYPES, **_HALF}[dtype], seed=seed, backend=backend)
         _, views = flat.pack(layer.params)
         _, grad_views = flat.pack(layer.grads)
         for name in layer.params:
@@ -158,6 +169,7 @@ class _Base(torch.nn.Module):
         hold them); values: the parameters to copy in, or None."""
         layer = self._new_layer(device, dtype)
         self._layer, self._device, self._dtype = layer, device, dtype
+        self._half_layers = {}  # autocast's twins, by torch dtype
         self._names = list(layer.params)
         for name in self._names:
             tensor = _to_tensor(layer.params[name], device)
@@ -192,6 +204,7 @@ class _Base(torch.nn.Module):
         """Pickling (torch.save, copy.deepcopy) keeps the Parameters, not the gpurnn layer."""
         state = self.__dict__.copy()
         state.pop("_layer", None)
+        state["_half_layers"] = {}
         state["_bound"] = None
         return state
 
@@ -210,6 +223,7 @@ class _Base(torch.nn.Module):
         """Drop the per-shape workspaces (and CUDA graphs) kept for recent input shapes
         (at most gpurnn.layers.MAX_WORKSPACES of them; calls of a new shape evict the oldest)."""
         self._layer.clear_cache()
+        self._half_layers.clear()
 
     def flatten_parameters(self):
         """A no-op: gpurnn's parameters are always one contiguous buffer."""
@@ -218,9 +232,8 @@ class _Base(torch.nn.Module):
         """``.to()``, ``.cuda()``, ``.cpu()``, ``.double()``...: a gpurnn layer on the new
         device and dtype, the same Parameter objects viewing its buffer."""
         probe = fn(torch.zeros(1, dtype=self._dtype, device=self._device))
-        if probe.dtype not in _DTYPES:
-            raise TypeError(f"dtype: gpurnn runs float32 and float64, not {probe.dtype} "
-                            "(half precision is not wired to the torch modules yet)")
+        if probe.dtype not in _DTYPES and probe.dtype not in _HALF:
+            raise TypeError(f"dtype: gpurnn runs float32, float64, float16 and bfloat16, not {probe.dtype}")
         if (probe.device, probe.dtype) != (self._device, self._dtype):
             values = {name: p.detach().to(probe.device, probe.dtype) for name, p in self.named_parameters()}
             self._build(probe.device, probe.dtype, values)
@@ -235,7 +248,7 @@ class _Base(torch.nn.Module):
         return text + f", gpurnn backend={self._layer.backend.name}"
 
     # ------------------------------------------------------------ forward
-    def _check(self, name, t, allow_none=True):
+    def _check(self, name, t, dtype, allow_none=True):
         if t is None:
             if allow_none:
                 return None
@@ -245,22 +258,42 @@ class _Base(torch.nn.Module):
         if t.device != self._device:
             raise RuntimeError(f"Input and parameter tensors are not at the same device, found {name} tensor at "
                                f"{t.device} and parameter tensor at {self._device}")
-        if t.dtype != self._dtype:
-            raise RuntimeError(f"{name} must have the type {self._dtype}, got type {t.dtype}")
+        if t.dtype != dtype:
+            raise RuntimeError(f"{name} must have the type {dtype}, got type {t.dtype}")
         return t
 
     def _autocast(self, *tensors):
-        """Under torch.autocast, half-precision inputs run in the module's dtype (said once
-        per module), never a dtype error."""
+        """(tensors, the dtype the call runs in). Under torch.autocast a float32 module runs
+        in autocast's float16 or bfloat16 where gpurnn runs it on this backend (a half twin
+        of the layer; outputs in half, gradients widened into the float32 parameters), as
+        cuDNN's RNNs do; elsewhere half inputs are cast to the module's dtype, said once.
+        Never a dtype error."""
         if not torch.is_autocast_enabled(self._device.type):
-            return tensors
-        cast = [t.to(self._dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
-                for t in tensors]
+            return tensors, self._dtype
+        wanted = torch.get_autocast_dtype(self._device.type)
+        reason = None
+        if self._dtype == torch.float32 and wanted in _HALF:
+            try:
+                self._layer._ops.check_dtype(_HALF[wanted])
+                return [None if t is None else t.to(wanted) for t in tensors], wanted
+            except TypeError as exc:
+                reason = str(exc)
+        cast = [t.to(self._dtype) if t is not None and t.dtype in _HALF else t for t in tensors]
         if any(a is not b for a, b in zip(cast, tensors)) and not self._said_autocast:
-            warnings.warn(f"gpurnn.torch.{type(self).__name__}: under autocast it runs in {self._dtype} "
-                          "(its float16/bfloat16 path is not wired to gpurnn.torch yet)", stacklevel=4)
+            warnings.warn(f"gpurnn.torch.{type(self).__name__}: under autocast it runs in {self._dtype}"
+                          + (f" ({reason})" if reason else ""), stacklevel=4)
             self._said_autocast = True
-        return cast
+        return cast, self._dtype
+
+    def _half_layer(self, dtype):
+        """Autocast's twin of the layer in dtype, holding the parameters rounded (copied on
+        every call: optimizers update the float32 ones in place)."""
+        twin = self._half_layers.get(dtype)
+        if twin is None:
+            twin = self._half_layers[dtype] = self._new_layer(self._device, dtype)
+        for name in self._names:
+            twin.params[name][...] = self._layer.params[name]  # rounded once
+        return twin
 
     def _run(self, x, h0, c0):
         packed = isinstance(x, PackedSequence)
@@ -269,23 +302,23 @@ class _Base(torch.nn.Module):
             sorted_indices, unsorted_indices = x.sorted_indices, x.unsorted_indices
             x, lengths = pad_packed_sequence(x, batch_first=self.batch_first)  # batch in the user's order
             lengths = lengths.numpy()
-        x, h0, c0 = self._autocast(x, h0, c0)
-        x = self._check("input", x, allow_none=False)
-        h0, c0 = self._check("hx", h0), self._check("hx", c0)
+        (x, h0, c0), dtype = self._autocast(x, h0, c0)
+        x = self._check("input", x, dtype, allow_none=False)
+        h0, c0 = self._check("hx", h0, dtype), self._check("hx", c0, dtype)
         with _on_torch_stream(self._layer.backend), torch.autocast(self._device.type, enabled=False):
-            out, state = self._call(x, h0, c0, lengths)
+            out, state = self._call(x, h0, c0, lengths, dtype)
         if packed:
             out = _repack(out, lengths, self.batch_first, sorted_indices, unsorted_indices)
         return out, state
 
-    def _call(self, x, h0, c0, lengths):
+    def _call(self, x, h0, c0, lengths, dtype):
         self._sync()
-        layer = self._layer
+        layer = self._layer if dtype == self._dtype else self._half_layer(dtype)
         params = [self._parameters[name] for name in self._names]
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
                                             or any(t is not None and t.requires_grad for t in (h0, c0)))
         if grad:
-            results = _Run.apply(self, x, h0, c0, lengths, *params)
+            results = _Run.apply(self, layer, x, h0, c0, lengths, *params)
         else:  # nothing to differentiate: in eval mode, gpurnn's inference path (keeps no activations)
             layer.train(self.training)
             arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]

@@ -206,8 +206,18 @@ def test_to_moves_and_keeps_the_parameter_objects():
     opt.step()  # the optimizer's Parameter objects are the module's, so the step reaches the layer
     assert not torch.equal(params[0], before)
     assert np.shares_memory(m._layer.params["weight_ih_l0"], params[0].detach().numpy())
-    with pytest.raises(TypeError, match="half precision"):
-        m.half()
+    m.half()  # parameters held in float16, still the same Parameter objects
+    assert [id(p) for p in m.parameters()] == [id(p) for p in params] and params[0].dtype == torch.float16
+    assert np.shares_memory(m._layer.params["weight_ih_l0"], params[0].detach().numpy())
+    out, _ = m(torch.randn(5, 2, 3, dtype=torch.float16))
+    out.float().sum().backward()
+    assert out.dtype == torch.float16 and params[0].grad.dtype == torch.float16
+    m.bfloat16()  # NumPy's bfloat16 (ml_dtypes) and torch's share the bits
+    assert m._layer.dtype.name == "bfloat16" and params[0].dtype == torch.bfloat16
+    assert m(torch.randn(5, 2, 3, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="dtype: gpurnn runs float32, float64, float16 and bfloat16, not "
+                                        "torch.complex64"), pytest.warns(UserWarning, match="Complex modules"):
+        m.to(torch.complex64)
 
 
 def test_shapes_that_change_keep_a_bounded_cache():
@@ -322,20 +332,72 @@ def test_ddp_over_gloo_keeps_the_ranks_identical_and_equal_to_one_process(tmp_pa
         torch.testing.assert_close(states[0][k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_autocast_runs_in_the_module_dtype_and_says_so_once():
+@pytest.mark.parametrize("cls, peer", [(gt.LSTM, torch.nn.LSTM), (gt.GRU, torch.nn.GRU), (gt.RNN, torch.nn.RNN)])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_autocast_runs_in_half_precision(cls, peer, half):
+    """Under autocast a float32 module runs its half twin (as cuDNN's RNNs do under
+    autocast): half outputs, gradients widened into the float32 parameters, all within
+    the half type's tolerance of float32 torch.nn."""
+    from gpurnn import precision
+
     torch.manual_seed(0)
-    proj, m = torch.nn.Linear(3, 3), gt.GRU(3, 4)
+    m = cls(3, 8, num_layers=2, bidirectional=True)
+    ref = peer(3, 8, num_layers=2, bidirectional=True)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(6, 2, 3).to(half).float().requires_grad_(True)  # representable in half: only the math differs
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=half):
+        out, _ = m(x)
+    assert out.dtype == half
+    out.float().sum().backward()
+    out_ref, _ = ref(x_ref)
+    out_ref.sum().backward()
+    tol = precision.TOLERANCES[str(half).split(".")[1]]
+    relative = lambda a, b: float((a.float() - b).abs().max() / b.abs().max())  # noqa: E731
+    assert relative(out.detach(), out_ref.detach()) < tol["output"]
+    assert x.grad.dtype == torch.float32 and relative(x.grad, x_ref.grad) < tol["gradient"]
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32 and relative(p.grad, q.grad) < tol["gradient"], name
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt.step()  # the float32 weights move; the next autocast call rounds them afresh
+    with torch.no_grad(), torch.autocast("cpu", dtype=half):
+        again, _ = m(x)
+    with torch.no_grad():
+        full, _ = m(x)
+    assert relative(again, full) < tol["output"]
+
+
+def test_autocast_casts_where_half_cannot_run_and_says_so_once(monkeypatch):
+    """A float64 module runs in float64 under autocast (autocast leaves float64 alone),
+    half inputs cast to it; where the backend cannot run autocast's type (bfloat16 on
+    CUDA), a float32 module runs in float32 and says why, once."""
+    import warnings
+
+    from gpurnn.backend import NumpyOps
+
+    torch.manual_seed(0)
+    proj, m = torch.nn.Linear(3, 3), gt.GRU(3, 4, dtype=torch.float64)
     x = torch.randn(5, 2, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = proj(x)
         assert half.dtype == torch.bfloat16
-        with pytest.warns(UserWarning, match="under autocast it runs in torch.float32"):
+        with pytest.warns(UserWarning, match="under autocast it runs in torch.float64"):
             out, h_n = m(half)
         out.sum().backward()  # the gradient flows back through the cast
-    assert out.dtype == torch.float32 and proj.weight.grad is not None
-    torch.testing.assert_close(out, m(half.float())[0])
-    import warnings
+    assert out.dtype == torch.float64 and proj.weight.grad is not None
+    torch.testing.assert_close(out, m(half.double())[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             m(proj(x))  # said once
+
+    def refuse(dtype, name="dtype"):  # as the CUDA backend refuses bfloat16
+        if np.dtype(dtype).name == "bfloat16":
+            raise TypeError(f"{name}: bfloat16 does not run here")
+
+    monkeypatch.setattr(NumpyOps, "check_dtype", staticmethod(refuse))
+    m32 = gt.LSTM(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(UserWarning, match=r"runs in torch.float32 \(dtype: bfloat16 does not run here\)"):
+            out, _ = m32(proj(x))
+    assert out.dtype == torch.float32
