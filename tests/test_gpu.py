@@ -61,6 +61,31 @@ def test_parity_with_numpy_backend(gpu, cell, L, bi, bf, with_lengths, T, B, I, 
 
 
 @pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)
+def test_float16_parity_with_numpy_reference(gpu, cell, L, bi, bf, with_lengths, T, B, I, H):
+    """float16 kernels and GemmEx (float32 accumulation) against NumPy's half reference:
+    the same math, rounded once; only cuBLAS's summation order differs."""
+    rng = np.random.default_rng(T * B + H)
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, dtype="float16", seed=4)
+    ref, cud = make(cell, I, H, backend="numpy", **kw), make(cell, I, H, backend="cuda", **kw)
+    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, ref, T, B, rng, "float16")
+    lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
+    for _ in range(3):  # eager, then captured, then replayed
+        expect = run(ref, x, h0, c0, lengths) + back(ref, d_out, d_hn, d_cn)
+        got = run(cud, x, h0, c0, lengths) + back(cud, d_out, d_hn, d_cn)
+        for a, b in zip(got, expect):
+            if b is not None:
+                assert host(a).dtype == np.float16 and rel_err(a, b) < 3e-3
+        for k in ref.grads:
+            assert rel_err(host(cud.grads[k]), ref.grads[k]) < 3e-3, k
+    assert cud.algorithms["forward"] == "graph"
+
+
+def test_bfloat16_is_refused_on_the_gpu(gpu):
+    with pytest.raises(TypeError, match="bfloat16 does not run on the CUDA backend"):
+        make("lstm", 4, 4, dtype="bfloat16", backend="cuda")
+
+
+@pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)
 def test_parity_with_torch_on_gpu(gpu, cell, L, bi, bf, with_lengths, T, B, I, H):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -138,3 +138,23 @@ def test_no_host_synchronization_in_a_training_step(gt):
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert all(np.isfinite(p.detach().cpu().numpy()).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_autocast_float16_parity_with_cudnn(gt, cls):
+    """Both under torch.autocast(float16): half outputs, float32 parameter gradients, close."""
+    torch.manual_seed(0)
+    ours, peer = pair(gt, cls, 32, 64, num_layers=2)
+    x = torch.randn(20, 8, 32, device="cuda")
+    x_ours, x_peer = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    outs = []
+    for module, inp in ((ours, x_ours), (peer, x_peer)):
+        with torch.autocast("cuda", dtype=torch.float16):
+            out, _ = module(inp)
+        out.float().pow(2).sum().backward()
+        outs.append(out)
+    assert outs[0].dtype == outs[1].dtype == torch.float16
+    assert rel(outs[0], outs[1]) < 5e-3
+    assert rel(x_ours.grad, x_peer.grad) < 1e-2
+    for (name, p), q in zip(ours.named_parameters(), peer.parameters()):
+        assert p.grad.dtype == torch.float32 and rel(p.grad, q.grad) < 1e-2, name
