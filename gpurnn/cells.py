@@ -164,7 +164,7 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     if any_done:
         dh_carried, dc_carried = dh[done], dc[done]
     H = c.shape[-1]
-    act, dact = gates[t], dgates[t]
+    act, dact = gates[t].copy(), dgates[t]  # a copy: dgates may share gates' storage (gpurnn.sequence)
     i, f, g, o = _blocks(act, 4)
     di, df, dg, do = _blocks(dact, 4)
     tanh_c = np.tanh(c[nxt])

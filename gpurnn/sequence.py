@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 GATE_BLOCKS = {"rnn": 1, "lstm": 4, "gru": 3}
 SAVED_BLOCKS = {"rnn": 0, "lstm": 4, "gru": 4}  # GRU keeps r, z, n and U_n h + b_hn
-# dgx reuses gx's storage: the input projection is dead once the forward's steps have
-# read it (backward never reads it), and backward writes dgx only after that. False
-# gives each its own buffer (the layout tests compare the two).
-SHARE_PROJECTION_GRADIENT = True
+# gx's storage is reused for what follows it: the LSTM's saved gates (a step writes
+# gates[t] over gx[t] after reading it: each element of both is one thread's, read
+# before written; its gate blocks have gx's shape), then dgx (backward writes dgx[t]
+# over gates[t], likewise, and never reads gx). GRU keeps 4H gates beside 3H gx: only
+# dgx shares. False gives each its own buffer (the layout tests compare the two).
+SHARE_PROJECTION_STORAGE = True
 
 
 @dataclass
@@ -42,10 +44,10 @@ class Direction:
     w_ih_t: [I, G*H]  room for W_ih^T, likewise (None when the input is Embedded)
     h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
     c:  [T+1, B, H]   LSTM cell states (None otherwise)
-    gates: [T, B, S*H] saved activations (None for the plain RNN)
+    gates: [T, B, S*H] saved activations (None for the plain RNN; the LSTM's in gx's storage)
     step_gates: [T, B, S*H] one [B, S*H] block seen at every t (time stride 0), where
                 forwards whose activations no backward will read write them
-    dgx: [T, B, G*H]  gradient of the input projection (gx's storage: see SHARE_PROJECTION_GRADIENT)
+    dgx: [T, B, G*H]  gradient of the input projection (gx's storage: see SHARE_PROJECTION_STORAGE)
     dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only; else dgx)
     dh, dc: [B, H]    gradient carried back through h (and c)
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
@@ -100,8 +102,11 @@ class Direction:
             return
         T, B, _ = self.gx.shape
         H, dtype, S = self.h.shape[2], self.gx.dtype, SAVED_BLOCKS[self.cell]
-        self.gates = xp.empty((T, B, S * H), dtype) if S else None
-        self.dgx = self.gx if SHARE_PROJECTION_GRADIENT else xp.empty_like(self.gx)
+        if SHARE_PROJECTION_STORAGE and self.cell == "lstm":
+            self.gates = self.gx
+        else:
+            self.gates = xp.empty((T, B, S * H), dtype) if S else None
+        self.dgx = self.gx if SHARE_PROJECTION_STORAGE else xp.empty_like(self.gx)
         self.dgh = xp.empty_like(self.gx) if self.cell == "gru" else self.dgx
         self.dh = xp.empty((B, H), dtype)
         self.dc = xp.empty((B, H), dtype) if self.cell == "lstm" else None

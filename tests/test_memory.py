@@ -1,10 +1,10 @@
 """Memory: the workspace layout whose buffers share storage, and ``memory_report``.
 
-The input projection gx and its gradient dgx share one buffer
-(sequence.SHARE_PROJECTION_GRADIENT): a layout test runs forward and backward
+The input projection gx, the LSTM's saved gates and the gradient dgx share one
+buffer (sequence.SHARE_PROJECTION_STORAGE): a layout test runs forward and backward
 with every workspace buffer poisoned (NaN) before each call and compares with
-the unshared layout, bit for bit, on NumPy and under the CUDA simulator (graph
-and fused steps). The report's bytes add up to what NumPy allocated.
+the unshared layout, bit for bit, on NumPy and under the CUDA simulator (graph,
+fused and persistent steps). The report's bytes add up to what NumPy allocated.
 """
 
 import contextlib
@@ -33,7 +33,7 @@ def poison(model):
 
 
 def calls(backend, cell, L, bi, dropout, share, monkeypatch):
-    monkeypatch.setattr(sequence, "SHARE_PROJECTION_GRADIENT", share)
+    monkeypatch.setattr(sequence, "SHARE_PROJECTION_STORAGE", share)
     model = make(cell, 3, 5, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
                  backend=backend)
     rng = np.random.default_rng(0)
@@ -47,7 +47,8 @@ def calls(backend, cell, L, bi, dropout, share, monkeypatch):
         results += list(run(model, x, lengths=lengths)) + list(back(model, d_out))
         results += [host(g).copy() for g in model.grads.values()]
     dgx_shares = all(d.dgx is d.gx for ws in model._workspaces.values() for d in ws.dirs)
-    assert dgx_shares == share
+    gates_share = all(d.gates is d.gx for ws in model._workspaces.values() for d in ws.dirs)
+    assert dgx_shares == share and gates_share == (share and cell == "lstm")
     return results
 
 
@@ -61,7 +62,8 @@ def algorithm(name):
 
 
 @pytest.mark.parametrize("cell, L, bi, dropout", CASES)
-@pytest.mark.parametrize("backend, forced", [("numpy", None), ("cudasim", None), ("cudasim", "fused")])
+@pytest.mark.parametrize("backend, forced", [("numpy", None), ("cudasim", None), ("cudasim", "fused"),
+                                             ("cudasim", "persistent")])
 def test_shared_projection_gradient_matches_separate_buffers(backend, forced, cell, L, bi, dropout, monkeypatch):
     if backend == "cudasim":
         backend_or_skip("cudasim", "cudasim unavailable in this process")
@@ -136,14 +138,18 @@ def test_clear_cache_drops_every_shapes_buffers():
 @pytest.mark.parametrize("backend", ["numpy", "cudasim"])
 def test_inference_holds_no_training_buffers(backend):
     """An eval-mode model allocates neither saved activations nor gradient buffers; its
-    first training forward adds them, and the eval forward then leaves them untouched."""
+    first training forward adds them, and the eval forward then leaves them untouched
+    (GRU: the LSTM's saved gates live in the input projection's buffer, which every
+    forward writes; an eval forward drops the training cache, so nothing reads them)."""
     if backend == "cudasim":
         backend_or_skip("cudasim", "cudasim unavailable in this process")
-    model = make("lstm", 6, 8, num_layers=2, bidirectional=True, backend=backend, dtype="float64", seed=0).eval()
+    model = make("gru", 6, 8, num_layers=2, bidirectional=True, backend=backend, dtype="float64", seed=0).eval()
     x = np.random.default_rng(0).standard_normal((10, 4, 6))
     out_eval = host(model(x)[0])
+    training_names = {"gates", "d_out", "dx", "dh0", "d_in", "dh", "dgh", "ones"}
     names = {name for _, name, _ in model.memory_report().rows}
-    assert not names & {"gates", "d_out", "dx", "dh0", "d_in", "dh", "dc", "ones"}
+    assert not names & training_names
+
     def workspace():
         return sum(n for group, _, n in model.memory_report().rows if group.startswith("workspace"))
 
@@ -151,7 +157,7 @@ def test_inference_holds_no_training_buffers(backend):
     model.train()
     out_train = host(model(x)[0])
     names = {name for _, name, _ in model.memory_report().rows}
-    assert {"gates", "d_out", "dx", "dh0", "d_in", "dh", "dc", "ones"} <= names
+    assert training_names <= names
     assert workspace() > 1.5 * inference_bytes
     ws = next(iter(model._workspaces.values()))
     for d in ws.dirs:
@@ -160,3 +166,18 @@ def test_inference_holds_no_training_buffers(backend):
     np.testing.assert_allclose(host(model(x)[0]), out_eval, rtol=1e-12)
     np.testing.assert_allclose(out_train, out_eval, rtol=1e-12)
     assert all(np.isnan(host(d.gates)).all() for d in ws.dirs)  # eval wrote its own step block
+
+
+def test_lstm_gates_live_in_the_projection_buffer():
+    model = make("lstm", 6, 8, num_layers=2, backend="numpy", seed=0)
+    x = np.random.default_rng(0).standard_normal((10, 4, 6)).astype(np.float32)
+    model(x)
+    names = {name for _, name, _ in model.memory_report().rows}
+    assert "gx" in names and "gates" not in names  # counted once, under gx
+    ws = next(iter(model._workspaces.values()))
+    assert all(d.gates is d.gx and d.dgx is d.gx for d in ws.dirs)
+    model.eval()
+    model(x)
+    model.train()
+    with pytest.raises(RuntimeError, match="no forward pass to differentiate"):
+        model.backward(np.ones((10, 4, 8), np.float32))  # an eval forward overwrote them, and says so
