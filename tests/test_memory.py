@@ -61,10 +61,11 @@ def algorithm(name):
         gpurnn.set_rnn_algorithm(None)
 
 
-@pytest.mark.parametrize("cell, L, bi, dropout", CASES)
-@pytest.mark.parametrize("backend, forced", [("numpy", None), ("cudasim", None), ("cudasim", "fused"),
-                                             ("cudasim", "persistent")])
-def test_shared_projection_gradient_matches_separate_buffers(backend, forced, cell, L, bi, dropout, monkeypatch):
+@pytest.mark.parametrize("backend, forced, cell, L, bi, dropout",
+                         [(backend, forced, *case) for backend, forced in (("numpy", None), ("cudasim", None),
+                                                                           ("cudasim", "fused"))
+                          for case in CASES] + [("cudasim", "persistent", *CASES[0])])  # the LSTM: gates in gx
+def test_shared_projection_storage_matches_separate_buffers(backend, forced, cell, L, bi, dropout, monkeypatch):
     if backend == "cudasim":
         backend_or_skip("cudasim", "cudasim unavailable in this process")
     with algorithm(forced):
