@@ -3,7 +3,7 @@
     python kernels/ptx_report.py [--out kernels/results/ptx-report.json]
 
 For each kernel of gpurnn.cuda.kernels and gpurnn.cuda.fused, float32 and float64 (and float16 for the
-kernels half models launch, kernels.HALF_KERNELS), sm_80 and sm_90:
+kernels half models launch: the recurrences and kernels.HALF_KERNELS), sm_80 and sm_90:
 numba.cuda.compile_ptx (no GPU needed) with the signature a launch on
 workspace buffers compiles, then ``ptxas -v`` from the nvidia-cuda-nvcc wheel
 (the same CUDA minor as the NVVM that wrote the PTX). Writes a JSON report
@@ -72,7 +72,7 @@ def builds():
     for algorithm in ("fused", "persistent"):
         jobs += [(f"{cell}_{phase} {algorithm}", "fused", (cell, phase, algorithm), dtype)
                  for cell in ("rnn", "lstm", "gru") for phase in ("forward", "backward")
-                 for dtype in ("float32", "float64")]
+                 for dtype in ("float32", "float64", "float16")]
     return jobs
 
 

@@ -4,8 +4,8 @@
 
 Every cell x {one direction, two} x {1 layer, 2 layers with dropout}, with
 lengths, T=9, B=3, I=H=33, each recurrence algorithm forced once (graph, fused,
-persistent), and a float16 model (graph: half runs no other): a train-mode forward
-and backward and an eval forward, each three times (eager, captured, replayed).
+persistent), in float32 and in float16: a train-mode forward and backward and an
+eval forward, each three times (eager, captured, replayed).
 Every result must be finite and agree with the float32 graph algorithm's (float16:
 within 1e-2 of the largest value); exits 1 otherwise, so a kernel that reads or writes out
 of bounds shows up here even where the sanitizer's report does not.
@@ -33,8 +33,8 @@ def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeat
                 D = 2 if bidirectional else 1
                 d_out = rng.standard_normal((T, B, D * H)).astype(np.float32)
                 reference = None
-                for algorithm, dtype in (("graph", "float32"), ("fused", "float32"), ("persistent", "float32"),
-                                         ("graph", "float16")):
+                for algorithm, dtype in [(a, d) for d in ("float32", "float16")
+                                         for a in ("graph", "fused", "persistent")]:
                     gpurnn.set_rnn_algorithm(algorithm)
                     try:
                         model = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU}[cell](

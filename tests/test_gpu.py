@@ -63,7 +63,8 @@ def test_parity_with_numpy_backend(gpu, cell, L, bi, bf, with_lengths, T, B, I, 
 @pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)
 def test_float16_parity_with_numpy_reference(gpu, cell, L, bi, bf, with_lengths, T, B, I, H):
     """float16 kernels and GemmEx (float32 accumulation) against NumPy's half reference:
-    the same math, rounded once; only cuBLAS's summation order differs."""
+    the same math, rounded once; only the summation order differs (whichever recurrence
+    algorithm the shape chose)."""
     rng = np.random.default_rng(T * B + H)
     kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, dtype="float16", seed=4)
     ref, cud = make(cell, I, H, backend="numpy", **kw), make(cell, I, H, backend="cuda", **kw)
@@ -77,7 +78,6 @@ def test_float16_parity_with_numpy_reference(gpu, cell, L, bi, bf, with_lengths,
                 assert host(a).dtype == np.float16 and rel_err(a, b) < 3e-3
         for k in ref.grads:
             assert rel_err(host(cud.grads[k]), ref.grads[k]) < 3e-3, k
-    assert cud.algorithms["forward"] == "graph"
 
 
 def test_bfloat16_is_refused_on_the_gpu(gpu):

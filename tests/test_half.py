@@ -142,19 +142,28 @@ def test_float16_charlm_on_the_simulator_equals_numpy():
     np.testing.assert_array_equal(losses[0][1], losses[1][1])
 
 
-def test_half_runs_the_graph_algorithm_only_on_cuda():
+@pytest.mark.parametrize("algorithm", ["fused", "persistent"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_float16_fused_and_persistent_kernels_match_the_reference(algorithm, cell):
+    """Their dot products sum in float32 in their own order (not the GEMM's): within one
+    float16 rounding of the NumPy half reference, element by element."""
     sim = cudasim_backend()
-    model = gpurnn.LSTM(3, 4, dtype="float16", backend=sim)
-    x = np.zeros((2, 1, 3), np.float16)
-    for name in ("fused", "persistent"):
-        gpurnn.set_rnn_algorithm(name)
-        try:
-            with pytest.raises(ValueError, match=f"{name}.*float16.*graph algorithm"):
-                model(x)
-        finally:
-            gpurnn.set_rnn_algorithm(None)
-    model(x)
-    assert model.algorithms == {"inference": "graph"} or model.algorithms["forward"] == "graph"
+    ref = CELLS[cell](3, 6, num_layers=2, bidirectional=True, seed=8, backend="numpy", dtype="float16")
+    model = CELLS[cell](3, 6, num_layers=2, bidirectional=True, seed=8, backend=sim, dtype="float16")
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((5, 3, 3)).astype(np.float16)
+    d_out = rng.standard_normal((5, 3, 12)).astype(np.float16)
+    lengths = np.array([5, 2, 4])
+    gpurnn.set_rnn_algorithm(algorithm)
+    try:
+        got = [model(x, lengths=lengths)[0], model.backward(d_out)[0]]
+    finally:
+        gpurnn.set_rnn_algorithm(None)
+    assert model.algorithms == {"forward": algorithm, "backward": algorithm}
+    expect = [ref(x, lengths=lengths)[0], ref.backward(d_out)[0]]
+    for a, b in zip(got + [model.grads[k] for k in ref.grads], expect + [ref.grads[k] for k in ref.grads]):
+        assert a.dtype == np.float16
+        assert _relative(a, b) < precision.TOLERANCES["float16"]["output"]
 
 
 def test_bfloat16_on_the_cuda_backend_is_refused_saying_why():

@@ -27,9 +27,10 @@ The weights reach a tile flat, as w[k * w_cols + g * gate_stride + (j - w_base)]
 - backward: W_hh[k, j] for k < G*H (fused: W_hh itself; persistent: the block's
   [G*H, U] columns), with gate_stride unused.
 
-Numerics: each dot product accumulates in the buffers' dtype (float32 or
-float64) in order k = 0..H-1, and sums are grouped as the step kernels'
-(x W_ih^T + b_ih) + (h W_hh^T + b_hh).
+Numerics: each dot product accumulates in the type the buffers compute in
+(float32 for float16 buffers, which are widened as read and staged in half, so
+shared memory holds half the bytes) in order k = 0..H-1, and sums are grouped as
+the step kernels' (x W_ih^T + b_ih) + (h W_hh^T + b_hh).
 
 Barrier (``grid_barrier``): block thread 0 makes the block's writes visible
 (``threadfence``), counts its arrival in sync[0] with an atomic add, and polls
@@ -48,8 +49,8 @@ import numpy as np
 from numba import int32
 
 from gpurnn.backend import _simulating, load_numba_cuda
-from gpurnn.cuda.kernels import (gru_point_backward, gru_point_forward, lstm_point_backward, lstm_point_forward,
-                                 rnn_point_backward, rnn_point_forward)
+from gpurnn.cuda.kernels import (constants, gru_point_backward, gru_point_forward, lstm_point_backward,
+                                 lstm_point_forward, rnn_point_backward, rnn_point_forward, wide)
 from gpurnn.sequence import GATE_BLOCKS
 
 cuda = load_numba_cuda()
@@ -147,10 +148,10 @@ def rnn_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, sm, hs_off, b_ih
         b, j = _element(e, j0, U)
         col = j - w_base
         row_h = hs_off + b * H
-        rec = h.dtype.type(0)
+        rec = constants(h)[0]
         if t < lengths[b]:  # a padded row carries its state: no product needed
             for k in range(H):
-                rec += sm[row_h + k] * w[k * w_cols + col]
+                rec += wide(sm[row_h + k]) * wide(w[k * w_cols + col])
         rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity)
 
 
@@ -166,15 +167,15 @@ def lstm_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, sm
         b, j = _element(e, j0, U)
         col = j - w_base
         row_h = hs_off + b * H
-        rec_i = rec_f = rec_g = rec_o = h.dtype.type(0)
+        rec_i = rec_f = rec_g = rec_o = constants(h)[0]
         if t < lengths[b]:
             for k in range(H):
-                hk = sm[row_h + k]
+                hk = wide(sm[row_h + k])
                 row = k * w_cols + col
-                rec_i += hk * w[row]
-                rec_f += hk * w[row + gate_stride]
-                rec_g += hk * w[row + 2 * gate_stride]
-                rec_o += hk * w[row + 3 * gate_stride]
+                rec_i += hk * wide(w[row])
+                rec_f += hk * wide(w[row + gate_stride])
+                rec_g += hk * wide(w[row + 2 * gate_stride])
+                rec_o += hk * wide(w[row + 3 * gate_stride])
         lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b_hh, h, c, gates, y, lengths)
 
 
@@ -190,14 +191,14 @@ def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, sm,
         b, j = _element(e, j0, U)
         col = j - w_base
         row_h = hs_off + b * H
-        rec_r = rec_z = rec_n = h.dtype.type(0)
+        rec_r = rec_z = rec_n = constants(h)[0]
         if t < lengths[b]:
             for k in range(H):
-                hk = sm[row_h + k]
+                hk = wide(sm[row_h + k])
                 row = k * w_cols + col
-                rec_r += hk * w[row]
-                rec_z += hk * w[row + gate_stride]
-                rec_n += hk * w[row + 2 * gate_stride]
+                rec_r += hk * wide(w[row])
+                rec_z += hk * wide(w[row + gate_stride])
+                rec_n += hk * wide(w[row + 2 * gate_stride])
         gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths)
 
 
@@ -206,9 +207,9 @@ def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, sm,
 def recurrent_grad(sm, row, GH, col, w, w_cols):
     """(dgates_{t'} W_hh)[b, col]: what the step BPTT ran before (t') sends into this one's
     state, from that step's dgates row of b staged at sm[row:row + G*H]."""
-    total = sm.dtype.type(0)
+    total = constants(sm)[0]
     for k in range(GH):
-        total += sm[row + k] * w[k * w_cols + col]
+        total += wide(sm[row + k]) * wide(w[k * w_cols + col])
     return total
 
 
@@ -225,7 +226,7 @@ def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, s
         stage(sm, hs_off, dgates, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
-        dh_in = dh[b, j]
+        dh_in = wide(dh[b, j])
         if has_next:
             dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
         rnn_point_backward(t, reverse, b, j, dh_in, h, dy, dh, dgates, lengths, nonlinearity)
@@ -242,7 +243,7 @@ def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, 
         stage(sm, hs_off, dgates, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
-        dh_in = dh[b, j]
+        dh_in = wide(dh[b, j])
         if has_next:
             dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
         lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, lengths)
@@ -259,7 +260,7 @@ def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, s
         stage(sm, hs_off, dgh, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
-        dh_in = dh[b, j]
+        dh_in = wide(dh[b, j])
         if has_next:
             dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
         gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, lengths)
@@ -508,7 +509,7 @@ def signatures(cell, phase, algorithm, dtype):
     may be strided, an eval forward's gates have time stride 0). Used by the PTX report."""
     from numba import types
 
-    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    f = {"float16": types.float16, "float32": types.float32, "float64": types.float64}[np.dtype(dtype).name]
     i64, flag = types.int64, types.boolean
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")

@@ -28,7 +28,6 @@ from gpurnn.backend import (RNN_ALGORITHMS, NumpyOps, deterministic_algorithms, 
                             math_mode, rnn_algorithm, to_host)
 from gpurnn.cuda import fused, kernels
 from gpurnn.cuda.algorithms import Choices, fastest
-from gpurnn.precision import is_half
 from gpurnn.sequence import GATE_BLOCKS
 
 THREADS = 128  # per block: the per-step kernels are tiny and latency-bound
@@ -457,7 +456,6 @@ class CudaOps:
 
     def fused_shared(self, cell, phase, dtype, B, H):
         """Shared memory of a fused step (its staged operand), or NotApplicable past the limit."""
-        _full_precision_only("fused", cell, phase, dtype)
         shared = fused.shared_bytes(cell, phase, "fused", B, H, 0, np.dtype(dtype).itemsize)
         if shared > fused.SHARED_LIMIT:
             raise NotApplicable(f"fused {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name}: a block stages "
@@ -502,7 +500,6 @@ class CudaOps:
         """(units per block, blocks, threads, shared bytes) of a persistent launch whose
         blocks all fit on the GPU at once, with the SMs shared among the ``lanes`` that
         may run at the same time; ``NotApplicable`` saying why when there is none."""
-        _full_precision_only("persistent", cell, phase, dtype)
         itemsize = np.dtype(dtype).itemsize
         spread = _fused_grid(B, H, self.sm_count // lanes)[0]  # a block an SM, then fewer blocks
         tried, reasons = set(), []
@@ -730,14 +727,6 @@ def _agree(results, reference):
         if np.abs(a - b).max(initial=0) > 2e-2 * (np.abs(b).max(initial=0) + 1e-3):
             return False
     return True
-
-
-def _full_precision_only(algorithm, cell, phase, dtype):
-    """The fused and persistent kernels are float32 and float64 only; half runs "graph"."""
-    if is_half(dtype):
-        raise NotApplicable(f"{algorithm} {cell} {phase}, {np.dtype(dtype).name}: the {algorithm} kernels are "
-                            f"built for float32 and float64; half precision runs the graph algorithm "
-                            f"(a step GEMM with float32 accumulation and a pointwise kernel computing in float32)")
 
 
 def _round_up(n, multiple):
