@@ -77,6 +77,10 @@ class Task:
         share = cfg["batch"] // self.world.size
         self.shard = slice(self.world.rank * share, (self.world.rank + 1) * share)  # this rank's sequences
         self.dtype = MODEL_DTYPES[cfg.get("precision", "fp32")]
+        try:
+            backend.ops.check_dtype(self.dtype)
+        except TypeError as exc:  # bfloat16 on the CUDA backend
+            raise TrainingError(f"--precision {cfg['precision']}: {exc}") from None
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
                       seed=cfg["seed"], backend=backend, dtype=self.dtype)
         if self.name == "charlm":

@@ -167,8 +167,14 @@ def test_float16_fused_and_persistent_kernels_match_the_reference(algorithm, cel
 
 
 def test_bfloat16_on_the_cuda_backend_is_refused_saying_why():
+    from gpurnn.train import Task, TrainingError
+
     with pytest.raises(TypeError, match="dtype: bfloat16 does not run on the CUDA backend.*#198.*float16"):
         gpurnn.GRU(3, 4, dtype="bfloat16", backend=cudasim_backend())
+    cfg = dict(task="adding", precision="bf16", batch=4, layers=1, cell="gru", nonlinearity="tanh", seed=0,
+               hidden=4)
+    with pytest.raises(TrainingError, match="--precision bf16: dtype: bfloat16 does not run on the CUDA backend"):
+        Task(cfg, cudasim_backend())
 
 
 def test_master_weights_and_loss_scaler():
