@@ -60,7 +60,10 @@ def bfloat16():
 
 
 def is_half(dt):
-    return np.dtype(dt).name in HALF
+    """True for float16 and bfloat16 (asked per step and per GEMM: kept cheap)."""
+    if not isinstance(dt, np.dtype):
+        dt = np.dtype(dt)
+    return dt.itemsize == 2 and dt.kind in "fV"  # float16 is kind f, ml_dtypes' bfloat16 kind V
 
 
 def is_float(dt):
