@@ -229,7 +229,7 @@ def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
     prev, nxt = _steps(t, reverse)
     done = t >= lengths
     dh_carried = dh[done]
-    r, z, n, hn = _blocks(gates[t], 4)
+    r, z, n, hn = _blocks(gates[t].copy(), 4)  # a copy: dgh may share gates' storage (gpurnn.sequence)
     dr, dz, dn = _blocks(dgx[t], 3)
     dh_total = dh + dy[t]
     np.multiply(dh_total * (1 - z), 1 - n * n, out=dn)  # backprop through tanh

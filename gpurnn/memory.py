@@ -17,8 +17,8 @@ import numpy as np
 WORKSPACE_BUFFERS = ("x", "ids", "onehot", "lengths", "h0", "c0", "h_n", "c_n", "d_out", "d_hn", "d_cn",
                      "dx", "dh0", "dc0", "ones")
 WORKSPACE_LISTS = ("out", "masks", "d_in")
-DIRECTION_BUFFERS = ("gx", "dgx", "dgh", "gh", "w_hh_t", "w_ih_t", "h", "c", "gates", "step_gates", "dh", "dc",
-                     "table", "dtable", "sync")
+DIRECTION_BUFFERS = ("gx", "gates", "dgx", "dgh", "gh", "w_hh_t", "w_ih_t", "h", "c", "step_gates", "dh", "dc",
+                     "table", "dtable", "sync")  # the owners of shared storage first (see gpurnn.sequence)
 
 
 def _storage(a):

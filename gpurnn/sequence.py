@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 GATE_BLOCKS = {"rnn": 1, "lstm": 4, "gru": 3}
 SAVED_BLOCKS = {"rnn": 0, "lstm": 4, "gru": 4}  # GRU keeps r, z, n and U_n h + b_hn
-# gx's storage is reused for what follows it: the LSTM's saved gates (a step writes
-# gates[t] over gx[t] after reading it: each element of both is one thread's, read
-# before written; its gate blocks have gx's shape), then dgx (backward writes dgx[t]
-# over gates[t], likewise, and never reads gx). GRU keeps 4H gates beside 3H gx: only
-# dgx shares. False gives each its own buffer (the layout tests compare the two).
+# Buffers whose values are dead by the time the next is written share storage:
+# gx's holds the LSTM's saved gates (a step writes gates[t] over gx[t] after reading it:
+# each element of both is one thread's, read before written), then dgx (backward writes
+# dgx[t] over gates[t] likewise, and never reads gx). The GRU keeps 4H gates beside its
+# 3H gx: dgx takes gx's storage, and dgh the r, z, n blocks of gates[t] (backward reads
+# gates[t] before writing dgh[t], and never again). False gives each its own buffer
+# (the layout tests compare the two).
 SHARE_PROJECTION_STORAGE = True
 
 
@@ -48,7 +50,7 @@ class Direction:
     step_gates: [T, B, S*H] one [B, S*H] block seen at every t (time stride 0), where
                 forwards whose activations no backward will read write them
     dgx: [T, B, G*H]  gradient of the input projection (gx's storage: see SHARE_PROJECTION_STORAGE)
-    dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only; else dgx)
+    dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only, in gates' storage; else dgx)
     dh, dc: [B, H]    gradient carried back through h (and c)
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
@@ -107,7 +109,10 @@ class Direction:
         else:
             self.gates = xp.empty((T, B, S * H), dtype) if S else None
         self.dgx = self.gx if SHARE_PROJECTION_STORAGE else xp.empty_like(self.gx)
-        self.dgh = xp.empty_like(self.gx) if self.cell == "gru" else self.dgx
+        if self.cell != "gru":
+            self.dgh = self.dgx
+        else:  # rows of 4H, of which dgh takes the first 3H (GEMMs read it with that row stride)
+            self.dgh = self.gates[:, :, :3 * H] if SHARE_PROJECTION_STORAGE else xp.empty_like(self.gx)
         self.dh = xp.empty((B, H), dtype)
         self.dc = xp.empty((B, H), dtype) if self.cell == "lstm" else None
         self.dtable = None if self.table is None else xp.empty_like(self.table)

@@ -1,7 +1,7 @@
 """Memory: the workspace layout whose buffers share storage, and ``memory_report``.
 
 The input projection gx, the LSTM's saved gates and the gradient dgx share one
-buffer (sequence.SHARE_PROJECTION_STORAGE): a layout test runs forward and backward
+buffer, the GRU's dgh its saved gates' (sequence.SHARE_PROJECTION_STORAGE): a layout test runs forward and backward
 with every workspace buffer poisoned (NaN) before each call and compares with
 the unshared layout, bit for bit, on NumPy and under the CUDA simulator (graph,
 fused and persistent steps). The report's bytes add up to what NumPy allocated.
@@ -48,7 +48,11 @@ def calls(backend, cell, L, bi, dropout, share, monkeypatch):
         results += [host(g).copy() for g in model.grads.values()]
     dgx_shares = all(d.dgx is d.gx for ws in model._workspaces.values() for d in ws.dirs)
     gates_share = all(d.gates is d.gx for ws in model._workspaces.values() for d in ws.dirs)
+    dgh_in_gates = all(d.gates is not None and np.shares_memory(d.dgh, d.gates)
+                       for ws in model._workspaces.values() for d in ws.dirs)
     assert dgx_shares == share and gates_share == (share and cell == "lstm")
+    if cell == "gru":
+        assert dgh_in_gates == share
     return results
 
 
@@ -64,7 +68,7 @@ def algorithm(name):
 @pytest.mark.parametrize("backend, forced, cell, L, bi, dropout",
                          [(backend, forced, *case) for backend, forced in (("numpy", None), ("cudasim", None),
                                                                            ("cudasim", "fused"))
-                          for case in CASES] + [("cudasim", "persistent", *CASES[0])])  # the LSTM: gates in gx
+                          for case in CASES] + [("cudasim", "persistent", *case) for case in CASES[:2]])
 def test_shared_projection_storage_matches_separate_buffers(backend, forced, cell, L, bi, dropout, monkeypatch):
     if backend == "cudasim":
         backend_or_skip("cudasim", "cudasim unavailable in this process")
@@ -147,7 +151,7 @@ def test_inference_holds_no_training_buffers(backend):
     model = make("gru", 6, 8, num_layers=2, bidirectional=True, backend=backend, dtype="float64", seed=0).eval()
     x = np.random.default_rng(0).standard_normal((10, 4, 6))
     out_eval = host(model(x)[0])
-    training_names = {"gates", "d_out", "dx", "dh0", "d_in", "dh", "dgh", "ones"}
+    training_names = {"gates", "d_out", "dx", "dh0", "d_in", "dh", "ones"}  # dgh lives in gates' rows
     names = {name for _, name, _ in model.memory_report().rows}
     assert not names & training_names
 

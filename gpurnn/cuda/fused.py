@@ -523,5 +523,5 @@ def signatures(cell, phase, algorithm, dtype):
         head = (i64, i64, flag, i64, i64)  # t, t_next, has_next, reverse, units / start, stop, first, ...
         w = c1 if algorithm == "fused" else c2
         tail = {"rnn": (w, c3, a3, c2, c3, lengths, i64), "lstm": (w, c3, c3, a3, c2, c2, c3, lengths),
-                "gru": (w, c3, c3, a3, c2, c3, c3, lengths)}[cell]
+                "gru": (w, c3, c3, a3, c2, c3, a3, lengths)}[cell]  # dgh: rows of gates
     return head + tail + ((sync,) if algorithm == "persistent" else ())

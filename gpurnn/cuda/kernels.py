@@ -414,8 +414,9 @@ HALF_KERNELS = ("rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", 
 
 def signatures(name, dtype):
     """{label: numba signature} of the launches on workspace buffers (the RNN steps'
-    output and output-gradient views, y and dy, may be strided; an eval forward's
-    gates have time stride 0; everything else is C-contiguous). Used by the PTX report."""
+    output and output-gradient views, y and dy, may be strided, as the GRU's dgh, which
+    lives in gates' rows; an eval forward's gates have time stride 0; everything else
+    is C-contiguous). Used by the PTX report."""
     from numba import types
 
     f = {"float16": types.float16, "float32": types.float32, "float64": types.float64}[np.dtype(dtype).name]
@@ -431,7 +432,7 @@ def signatures(name, dtype):
         "lstm_forward": {"lstm_forward": lstm_forward(c3), "lstm_forward eval": lstm_forward(a3)},
         "lstm_backward": {"lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths)},
         "gru_forward": {"gru_forward": gru_forward(c3), "gru_forward eval": gru_forward(a3)},
-        "gru_backward": {"gru_backward": (i64, i64, c3, c3, a3, c2, c3, c3, lengths)},
+        "gru_backward": {"gru_backward": (i64, i64, c3, c3, a3, c2, c3, a3, lengths)},  # dgh: rows of gates
         "adam_update": {"adam_update": (c1, c1, c1, c1, f, f, f, f, f)},
         "gather_rows": {"gather_rows": (c2, ids, c2)},
         "one_hot": {"one_hot": (ids, c2)},
