@@ -148,8 +148,8 @@ def test_float16_fused_and_persistent_kernels_match_the_reference(algorithm, cel
     """Their dot products sum in float32 in their own order (not the GEMM's): within one
     float16 rounding of the NumPy half reference, element by element."""
     sim = cudasim_backend()
-    ref = CELLS[cell](3, 6, num_layers=2, bidirectional=True, seed=8, backend="numpy", dtype="float16")
-    model = CELLS[cell](3, 6, num_layers=2, bidirectional=True, seed=8, backend=sim, dtype="float16")
+    ref = CELLS[cell](3, 6, bidirectional=True, seed=8, backend="numpy", dtype="float16")
+    model = CELLS[cell](3, 6, bidirectional=True, seed=8, backend=sim, dtype="float16")
     rng = np.random.default_rng(9)
     x = rng.standard_normal((5, 3, 3)).astype(np.float16)
     d_out = rng.standard_normal((5, 3, 12)).astype(np.float16)
