@@ -327,6 +327,9 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     if master:
         master.publish()
     if step >= cfg["steps"]:
+        if root:  # a kill between the last checkpoint and its metrics left these a step behind it
+            write_metrics(out_dir, history, task.name)
+            plot_loss(out_dir, history, f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}")
         log(f"already at step {step} of {cfg['steps']}: nothing to do")
         return history, task, prime
     if record:

@@ -120,3 +120,18 @@ def test_other_files_fail_as_cleanly(tmp_path, monkeypatch, capsys, what, corpus
     assert code == 2 and f"{what}: could not be written (No space left on device)" in capsys.readouterr().err
     assert not (out / f"{what}.tmp").exists()
     train.load_checkpoint(str(out))
+
+
+def test_a_kill_after_the_last_save_and_before_its_metrics_is_mended_on_resume(tmp_path, corpus, capsys):
+    """The last step's checkpoint is written before its metrics.csv: a kill between the two
+    leaves the file a row short; resuming a finished run rewrites it from the checkpoint."""
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *corpus, "--hidden", "16", "--seq-len", "12", "--batch", "4", "--steps", "3",
+            "--no-progress", "--backend", "numpy"]
+    assert cli.main(args) == 0
+    whole = losses(out)
+    lines = open(out / "metrics.csv").read().splitlines(keepends=True)
+    (out / "metrics.csv").write_text("".join(lines[:-1]))  # as the kill left it
+    assert cli.main(args + ["--resume"]) == 0
+    assert "already at step 3 of 3" in capsys.readouterr().err
+    assert losses(out) == whole and len(whole) == 3
