@@ -11,6 +11,6 @@ from gpurnn.model import CharLM, SequenceRegressor
 from gpurnn.nn import Embedding, Linear, MSELoss, SoftmaxCrossEntropy
 
 __all__ = ["RNN", "LSTM", "GRU", "Embedding", "Linear", "SoftmaxCrossEntropy", "MSELoss", "CharLM",
-           "SequenceRegressor", "amp", "data", "optim", "precision", "diagnostics", "plot", "get_backend", "set_math_mode",
-           "set_rnn_algorithm", "to_host", "use_deterministic_algorithms"]
+           "SequenceRegressor", "amp", "data", "optim", "precision", "diagnostics", "plot", "get_backend",
+           "set_math_mode", "set_rnn_algorithm", "to_host", "use_deterministic_algorithms"]
 __version__ = "0.1.0"

@@ -60,11 +60,7 @@ class MasterWeights:
 
     def load_state_dict(self, state):
         """Float32 (or any float) arrays into the master weights, then into the model."""
-        checks.state_keys(state, self.params)
-        for name, p in self.params.items():
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(p.shape)}, "
-                                 f"got {tuple(state[name].shape)}")
+        checks.state_shapes(state, self.params)
         xp = array_module(self.buffer)
         for name, p in self.params.items():
             p[...] = xp.asarray(np.asarray(state[name], np.float32))

@@ -77,6 +77,15 @@ def state_keys(state, expected):
         raise ValueError(f"state_dict: keys do not match this model: missing {missing}, unexpected {extra}")
 
 
+def state_shapes(state, expected):
+    """A state dict must have exactly the keys of ``expected`` and each array its shape."""
+    state_keys(state, expected)
+    for name, p in expected.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(p.shape)}, "
+                             f"got {tuple(state[name].shape)}")
+
+
 def lengths(name, host_lengths, B, T):
     """host_lengths: a NumPy array; returns it as int32 [B] with 1 <= l <= T."""
     a = host_lengths

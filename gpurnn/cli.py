@@ -15,7 +15,7 @@ import sys
 
 from gpurnn import distributed
 from gpurnn.data import DataError
-from gpurnn.train import TASKS, VAL_BATCHES
+from gpurnn.train import MODEL_DTYPES, TASKS, VAL_BATCHES
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -119,7 +119,7 @@ def build_parser():
     t.add_argument("--val-every", type=_positive_int, default=100,
                    help="evaluate the held-out data every N steps and at the last step; "
                         "the best result is kept in best.npz")
-    t.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), default="fp32",
+    t.add_argument("--precision", choices=tuple(MODEL_DTYPES), default="fp32",
                    help="fp32; tf32: float32 with TF32 tensor-core GEMMs (CUDA); fp16, bf16: weights and "
                         "activations in half, math in float32, float32 master weights for the optimizer "
                         "(fp16 with dynamic loss scaling)")

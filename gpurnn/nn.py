@@ -41,11 +41,7 @@ class _Module:
 
     def load_state_dict(self, state):
         """Copy arrays into the parameters in place, after checking every key and shape."""
-        checks.state_keys(state, self.params)
-        for name, p in self.params.items():
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise ValueError(f"state_dict[{name!r}]: expected shape {tuple(p.shape)}, "
-                                 f"got {tuple(state[name].shape)}")
+        checks.state_shapes(state, self.params)
         for name, p in self.params.items():
             p[...] = self.backend.ops.asarray(state[name], f"state_dict[{name!r}]")
 

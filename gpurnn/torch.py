@@ -47,8 +47,8 @@ from gpurnn import flat, layers, precision
 from gpurnn.backend import get_backend
 
 __all__ = ["RNN", "LSTM", "GRU"]
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # what autocast may ask for
+_HELD = {torch.float32: "float32", torch.float64: "float64", **_HALF}  # what a module's parameters may be
 _LAYERS_MADE = itertools.count()
 
 
@@ -138,7 +138,7 @@ class _Base(torch.nn.Module):
         if proj_size:
             raise ValueError("proj_size: gpurnn has no projected LSTM; expected 0")
         dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in _DTYPES and dtype not in _HALF:
+        if dtype not in _HELD:
             raise TypeError(f"dtype: expected torch.float32, float64, float16 or bfloat16, got {dtype}")
         self._config = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
                             batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, **extra)
@@ -156,7 +156,7 @@ class _Base(torch.nn.Module):
         # dropout masks that follow torch.manual_seed without drawing from torch's generator
         # (so torch.manual_seed(s) gives this module the weights torch.nn's module gets)
         seed = int(np.random.SeedSequence([torch.initial_seed() % 2**63, next(_LAYERS_MADE)]).generate_state(1)[0])
-        layer = self._layer_class(**self._config, dtype={**_DTYPES, **_HALF}[dtype], seed=seed, backend=backend)
+        layer = self._layer_class(**self._config, dtype=_HELD[dtype], seed=seed, backend=backend)
         _, views = flat.pack(layer.params)
         _, grad_views = flat.pack(layer.grads)
         for name in layer.params:
@@ -232,7 +232,7 @@ class _Base(torch.nn.Module):
         """``.to()``, ``.cuda()``, ``.cpu()``, ``.double()``...: a gpurnn layer on the new
         device and dtype, the same Parameter objects viewing its buffer."""
         probe = fn(torch.zeros(1, dtype=self._dtype, device=self._device))
-        if probe.dtype not in _DTYPES and probe.dtype not in _HALF:
+        if probe.dtype not in _HELD:
             raise TypeError(f"dtype: gpurnn runs float32, float64, float16 and bfloat16, not {probe.dtype}")
         if (probe.device, probe.dtype) != (self._device, self._dtype):
             values = {name: p.detach().to(probe.device, probe.dtype) for name, p in self.named_parameters()}

@@ -40,8 +40,7 @@ COPY_SYMBOLS, COPY_LENGTH = 8, 10
 VAL_BATCHES = 4  # held-out batches of the adding and copy tasks
 VAL_METRIC = {"charlm": "bpc", "adding": "mse", "copy": "accuracy"}
 METRICS_HEADER = ["step", "loss", "grad_norm", "tokens_per_s", "val_loss"]
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-MODEL_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+MODEL_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision
 SMALLEST_LOSS_SCALE = 2.0 ** -24  # fp16's smallest subnormal: below it, scaling cannot be what overflows
 
 
@@ -301,10 +300,10 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     if root:
         os.makedirs(out_dir, exist_ok=True)  # only once the data and the model are known to work
     model = task.model
-    precision = cfg.get("precision", "fp32")
+    mode = cfg.get("precision", "fp32")
     # half models: the optimizer updates float32 master weights; fp16 also scales the loss
-    master = amp.MasterWeights(model) if precision in ("fp16", "bf16") else None
-    scaler = amp.LossScaler() if precision == "fp16" else None
+    master = amp.MasterWeights(model) if mode in ("fp16", "bf16") else None
+    scaler = amp.LossScaler() if mode == "fp16" else None
     params, grads = (master.params, master.grads) if master else (model.params, model.grads)
     opt = optim.OPTIMIZERS[cfg["optim"]](params, grads, lr=cfg["lr"])
     state, history, step, best_val = None, [], 0, None
@@ -326,10 +325,11 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     world.broadcast(flat.buffer_of(params))  # every rank starts from rank 0's parameters
     if master:
         master.publish()
+    title = f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}"
     if step >= cfg["steps"]:
         if root:  # a kill between the last checkpoint and its metrics left these a step behind it
             write_metrics(out_dir, history, task.name)
-            plot_loss(out_dir, history, f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}")
+            plot_loss(out_dir, history, title)
         log(f"already at step {step} of {cfg['steps']}: nothing to do")
         return history, task, prime
     if record:
@@ -356,7 +356,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     last_val = next((r for r in reversed(history) if r[4] is not None), None)  # the progress bar shows it
     grad_buffer = flat.buffer_of(grads)
     previous_mode = backend_module.math_mode()
-    backend_module.set_math_mode("tf32" if precision == "tf32" else "fp32")  # half GEMMs accumulate in fp32
+    backend_module.set_math_mode("tf32" if mode == "tf32" else "fp32")  # half GEMMs accumulate in fp32
     try:
         while step < cfg["steps"] and not stopping:
             t0 = time.perf_counter()
@@ -429,7 +429,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     if stopping:
         log(f"interrupted: saved step {step} in {out_dir} (continue with --resume)")
     if root:
-        plot_loss(out_dir, history, f"{cfg['task']} / {cfg['cell']}, hidden {cfg['hidden']}")
+        plot_loss(out_dir, history, title)
     return history, task, prime
 
 

@@ -45,12 +45,11 @@ never a hang.
 
 import math
 
-import numpy as np
 from numba import int32
 
 from gpurnn.backend import _simulating, load_numba_cuda
 from gpurnn.cuda.kernels import (constants, gru_point_backward, gru_point_forward, lstm_point_backward,
-                                 lstm_point_forward, rnn_point_backward, rnn_point_forward, wide)
+                                 lstm_point_forward, numba_float, rnn_point_backward, rnn_point_forward, wide)
 from gpurnn.sequence import GATE_BLOCKS
 
 cuda = load_numba_cuda()
@@ -509,7 +508,7 @@ def signatures(cell, phase, algorithm, dtype):
     may be strided, an eval forward's gates have time stride 0). Used by the PTX report."""
     from numba import types
 
-    f = {"float16": types.float16, "float32": types.float32, "float64": types.float64}[np.dtype(dtype).name]
+    f = numba_float(dtype)
     i64, flag = types.int64, types.boolean
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")

@@ -412,14 +412,17 @@ HALF_KERNELS = ("rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", 
                 "gather_rows", "one_hot")
 
 
+def numba_float(dtype):
+    """The numba type of a float16, float32 or float64 array's elements."""
+    return {"float16": types.float16, "float32": types.float32, "float64": types.float64}[np.dtype(dtype).name]
+
+
 def signatures(name, dtype):
     """{label: numba signature} of the launches on workspace buffers (the RNN steps'
     output and output-gradient views, y and dy, may be strided, as the GRU's dgh, which
     lives in gates' rows; an eval forward's gates have time stride 0; everything else
     is C-contiguous). Used by the PTX report."""
-    from numba import types
-
-    f = {"float16": types.float16, "float32": types.float32, "float64": types.float64}[np.dtype(dtype).name]
+    f = numba_float(dtype)
     i64 = types.int64
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")
