@@ -1,6 +1,6 @@
 """The one GPU check: the whole test suite on the GPU, time to first forward, ceilings, the benchmark matrix.
 
-    PYTHONPATH=. python kernels/gpu_check.py [--out DIR] [--quick] [--stages suite,first_forward,...] [--lab]
+    PYTHONPATH=. python kernels/gpu_check.py [--out DIR] [--quick] [--stages suite,first_forward,...] [--budget S] [--lab]
 
 Stages (``--stages`` runs a subset, in this order; default all but lab):
   suite          the whole pytest suite with GPURNN_BACKEND=cuda, notebooks included
@@ -31,11 +31,18 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
   lab            (only when named, or with --lab) ``gemm_lab.py``: GEMM layouts and a
                  forward's time split, its printout kept in the JSON.
 Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log under
---out) and prints the table last. Each stage is guarded so one failure still reports
-the rest. A device call runs 10 minutes at most: run the stages in two calls,
-``--stages suite,first_forward,ceilings,benchmarks,algorithms,training,torch`` and
-``--stages memory,nccl,sanitizer`` (each about 5 minutes on an H100, estimated: not yet timed),
-and ``--stages half`` in a third if the time is there.
+--out) after every stage, and prints the table last. Each stage is guarded so one
+failure still reports the rest. A device call runs 10 minutes at most and a session
+has about 15 minutes of device time, so give each call a ``--budget`` (no stage starts
+past it; the suite's and the sanitizer's timeouts are cut to what is left) that leaves
+room for the stage it may still be running, e.g.
+
+    --stages suite,benchmarks,torch,memory --budget 420         (first call, timeout_s 600)
+    --stages sanitizer,half,nccl,training,algorithms --budget B  (second: B = what is left less 2 minutes)
+
+The stages' times on an H100 at 061083c: suite 147 s (-n 4; the suite has grown
+since), first_forward, ceilings, benchmarks and training about 100 s together; the
+rest have not been timed.
 """
 
 import argparse
@@ -76,6 +83,29 @@ def stage(report, name, fn):
     print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def finished(result):
+    """Whether a stage's result holds figures (it did not fail and was not skipped)."""
+    return not (isinstance(result, dict) and ({"error", "skipped"} & set(result)))
+
+
+def run_stages(report, names, run, budget, save, start=None):
+    """Run the named stages in order, saving the report after each (a device call
+    killed at its time limit still leaves every finished stage on disk). budget:
+    None, or the seconds this run may take: a stage is not started past it (it is
+    recorded as skipped), and ``run[name]`` is called with the seconds left, which
+    the suite and the sanitizer take as their timeout. start: the perf_counter()
+    the budget counts from (default: now)."""
+    t0 = time.perf_counter() if start is None else start
+    for name in names:
+        left = None if budget is None else budget - (time.perf_counter() - t0)
+        if left is not None and left <= 0:
+            report[name] = {"skipped": f"--budget {budget:g} s spent before this stage began"}
+            print(f"[{name}] skipped: budget spent", flush=True)
+        else:
+            stage(report, name, lambda: run[name](left))
+        save(report)
+
+
 def suite(timeout, out_dir):
     """The whole suite on the CUDA backend; its log goes to out_dir/suite.log."""
     import importlib.util
@@ -83,7 +113,7 @@ def suite(timeout, out_dir):
     env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-rfEs"]
     if importlib.util.find_spec("xdist"):  # the GPU machines have pytest-xdist: the CPU-bound tests in parallel
-        cmd += ["-n", "4"]
+        cmd += ["-n", str(max(2, min(8, (os.cpu_count() or 4) // 2)))]
     t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -186,7 +216,11 @@ def main():
     ap.add_argument("--suite-timeout", type=int, default=300, help="seconds the suite stage may take")
     ap.add_argument("--sanitizer-timeout", type=int, default=240, help="seconds each sanitizer tool may take")
     ap.add_argument("--lab", action="store_true", help="also run gemm_lab.py")
+    ap.add_argument("--budget", type=float, help="seconds this run may take (a device call's limit less a margin): "
+                                                 "no stage starts past it, and the suite's and sanitizer's timeouts "
+                                                 "are cut to what is left; the JSON is saved after every stage")
     args = ap.parse_args()
+    start = time.perf_counter()
     chosen = [s.strip() for s in args.stages.split(",") if s.strip()] + (["lab"] if args.lab else [])
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
@@ -199,42 +233,49 @@ def main():
 
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "stages": [s for s in STAGES if s in chosen]}
-    stage(report, "versions", versions)
     bench_args = ["--configs", "A", "D", "--cells", "lstm", "--modes", "fp32"] if args.quick else []
-    run = {"suite": lambda: suite(args.suite_timeout, args.out),
-           "first_forward": first_forward,
-           "ceilings": bench_gpu.ceilings,
-           "benchmarks": lambda: bench_gpu.main(bench_args),
-           "algorithms": lambda: bench_gpu.main((bench_args or ["--modes", "fp32"])
-                                                + ["--algorithms", "graph", "fused", "persistent"]),
-           "training": lambda: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
-           "torch": lambda: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
-           "memory": lambda: bench_memory.main(["--rows", "A", "D"] if args.quick else []),
-           "half": lambda: dict(benchmarks=bench_gpu.main((bench_args or []) + ["--modes", "fp16"]),
-                                memory=bench_memory.main(["--precisions", "fp32", "fp16", "--rows",
-                                                          *(["A"] if args.quick else ["B", "C", "E"])])),
-           "nccl": lambda: bench_distributed.main(["--nccl", "--steps", "20" if args.quick else "40"]),
-           "sanitizer": lambda: sanitizer(args.sanitizer_timeout, args.out),
-           "lab": gemm_lab}
-    for name in report["stages"]:
-        stage(report, name, run[name])
 
+    def capped(timeout, left, parts=1):  # a subprocess timeout that ends within the budget
+        return timeout if left is None else max(1, min(timeout, int(left / parts)))
+
+    run = {"suite": lambda left: suite(capped(args.suite_timeout, left), args.out),
+           "first_forward": lambda left: first_forward(),
+           "ceilings": lambda left: bench_gpu.ceilings(),
+           "benchmarks": lambda left: bench_gpu.main(bench_args),
+           "algorithms": lambda left: bench_gpu.main((bench_args or ["--modes", "fp32"])
+                                                     + ["--algorithms", "graph", "fused", "persistent"]),
+           "training": lambda left: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
+           "torch": lambda left: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
+           "memory": lambda left: bench_memory.main(["--rows", "A", "D"] if args.quick else []),
+           "half": lambda left: dict(benchmarks=bench_gpu.main((bench_args or []) + ["--modes", "fp16"]),
+                                     memory=bench_memory.main(["--precisions", "fp32", "fp16", "--rows",
+                                                               *(["A"] if args.quick else ["B", "C", "E"])])),
+           "nccl": lambda left: bench_distributed.main(["--nccl", "--steps", "20" if args.quick else "40"]),
+           "sanitizer": lambda left: sanitizer(capped(args.sanitizer_timeout, left, len(SANITIZER_TOOLS)), args.out),
+           "lab": lambda left: gemm_lab()}
+    stage(report, "versions", versions)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", report["versions"].get("device", "gpu")).strip("-").lower()
     name = f"{report['date'][:10]}-{gpu}.json"
     paths = [os.path.join(HERE, "results", name)] + ([os.path.join(args.out, name)] if args.out else [])
-    for path in paths:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+
+    def save(report):
+        for path in paths:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".part", "w") as f:  # renamed whole: a kill mid-write keeps the last full report
+                json.dump(report, f, indent=1)
+            os.replace(path + ".part", path)
+
+    save(report)
+    run_stages(report, report["stages"], run, args.budget, save, start)
 
     print("\n==== gpurnn GPU check ====")
     v = report["versions"]
-    if "error" not in v:
+    if finished(v):
         print(f"{v['device']}  torch {v['torch']} cuDNN {v['cudnn']}  CuPy {v['cupy']}  "
               f"numba-cuda {v['numba_cuda']}  NumPy {v['numpy']}  commit {v['commit'][:10]}")
     t = report.get("suite")
     if t is not None:
-        print("whole suite on CUDA:", t.get("summary") or t.get("error", "")[-300:],
+        print("whole suite on CUDA:", t.get("summary") or t.get("skipped") or t.get("error", "")[-300:],
               f"({t.get('seconds')} s)" if "seconds" in t else "")
         for name in t.get("failed", []):
             print("  FAILED", name)
@@ -243,7 +284,7 @@ def main():
         print("import -> first forward (s):", ", ".join(f"{r['import_to_first_forward_s']:.2f}" for r in ff),
               "(second run uses the kernel cache)")
     c = report.get("ceilings")
-    if isinstance(c, dict) and "error" not in c:
+    if isinstance(c, dict) and finished(c):
         print(f"ceilings: copy {c['copy_TBps']:.2f} TB/s, fp32 GEMM {c['fp32_gemm_TFLOPs']:.1f} TFLOP/s, "
               f"TF32 GEMM {c['tf32_gemm_TFLOPs']:.1f} TFLOP/s")
     rows = report.get("benchmarks")
@@ -258,16 +299,16 @@ def main():
         print("device memory, each side from a fresh process (drop in free memory):")
         print(bench_memory.table(memory_rows))
     half = report.get("half")
-    if isinstance(half, dict) and "error" not in half:
+    if isinstance(half, dict) and finished(half):
         print("float16 against cuDNN under torch.autocast(float16):")
         print(bench_gpu.table(half["benchmarks"]))
         print(bench_memory.table(half["memory"]))
     nccl = report.get("nccl")
-    if isinstance(nccl, dict) and "error" not in nccl:
+    if isinstance(nccl, dict) and finished(nccl):
         print(f"NCCL all-reduce in the GPU CharLM step (world of one): {nccl['allreduce_ms']:.2f} ms a step "
               f"({nccl['local_ms']:.2f} -> {nccl['nccl_ms']:.2f} ms)")
     checks = report.get("sanitizer")
-    if isinstance(checks, dict) and "error" not in checks:
+    if isinstance(checks, dict) and finished(checks):
         for tool, r in checks.items():
             print(f"compute-sanitizer {tool}: exit {r['returncode']}; {'; '.join(r['summary'])}")
     training = report.get("training")
@@ -280,6 +321,9 @@ def main():
     for r in torch_rows if isinstance(torch_rows, list) else []:
         print(f"torch model with gpurnn.torch.{r['cell'].upper()}, {r['size']} ({r['layers']}x{r['H']}, T={r['T']}, "
               f"B={r['B']}): tokens/s ratio {r['ratio']:.2f} against torch.nn")
+    skipped = [name for name in report["stages"] if "skipped" in (report.get(name) or {})]
+    if skipped:
+        print(f"skipped (--budget {args.budget:g} s spent): {', '.join(skipped)}; run them in another call")
     print("written:", ", ".join(paths))
 
 

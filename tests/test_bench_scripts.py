@@ -36,6 +36,39 @@ def test_gpu_check_stages_are_named_and_checked():
             in " ".join(helped.stdout.split()))
 
 
+def test_gpu_check_saves_after_each_stage_and_starts_none_past_its_budget():
+    """A device call killed at its limit must leave every finished stage saved, and a
+    budget must keep the last stages from starting when they cannot finish."""
+    import time
+
+    import gpu_check
+
+    saved, lefts = [], []
+
+    def fake(result, seconds=0.0):
+        def run(left):
+            lefts.append(left)
+            time.sleep(seconds)
+            return result
+        return run
+
+    def broken(left):
+        raise RuntimeError("no GPU here")
+
+    run = {"suite": fake("ok", 0.3), "benchmarks": broken, "torch": fake([1], 0.3), "sanitizer": fake("late")}
+    report = {}
+    gpu_check.run_stages(report, list(run), run, 0.5, lambda r: saved.append(dict(r)))
+    assert report["suite"] == "ok" and "no GPU here" in report["benchmarks"]["error"] and report["torch"] == [1]
+    assert set(report["sanitizer"]) == {"skipped"}  # the stages before spent the budget
+    assert [list(s) for s in saved] == [["suite"], ["suite", "benchmarks"], ["suite", "benchmarks", "torch"],
+                                        ["suite", "benchmarks", "torch", "sanitizer"]]
+    assert len(lefts) == 2 and 0.4 < lefts[0] <= 0.5 and 0 < lefts[1] < 0.2  # each stage is told the seconds left
+
+    report = {}
+    gpu_check.run_stages(report, ["torch"], run, None, lambda r: None)
+    assert report == {"torch": [1]} and lefts[-1] is None  # no budget, no limit
+
+
 def test_sanitizer_script_runs_every_algorithm_under_the_simulator():
     """The script compute-sanitizer runs on the GPU: here under numba's simulator, one
     cell and tiny sizes (each algorithm forced, train and eval, lengths, dropout)."""
