@@ -5,6 +5,8 @@ default, cuda on a GPU machine): results come back through ``host``, so the
 same test body checks every backend.
 """
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,12 @@ import gpurnn
 from gpurnn import to_host as host  # any result (array, tuple, dict of arrays) as NumPy
 
 MODELS = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU}
+
+# bfloat16 comes from ml_dtypes, a dependency of an installed gpurnn; a checkout run
+# from its folder (the GPU machine's) may lack it, and then its tests skip
+needs_ml_dtypes = pytest.mark.skipif(importlib.util.find_spec("ml_dtypes") is None,
+                                     reason="bfloat16 needs ml_dtypes (pip install ml_dtypes)")
+BFLOAT16 = pytest.param("bfloat16", marks=needs_ml_dtypes)
 
 
 def make(cell, *args, nonlinearity="tanh", **kwargs):

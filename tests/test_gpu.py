@@ -7,7 +7,7 @@ Run them with ``GPURNN_BACKEND=cuda python -m pytest -m gpu``
 import numpy as np
 import pytest
 
-from helpers import backend_or_skip, back, host, make, rel_err, run, torch_reference
+from helpers import backend_or_skip, back, host, make, needs_ml_dtypes, rel_err, run, torch_reference
 
 pytestmark = pytest.mark.gpu
 CELLS = ["rnn", "lstm", "gru"]
@@ -80,6 +80,7 @@ def test_float16_parity_with_numpy_reference(gpu, cell, L, bi, bf, with_lengths,
             assert rel_err(host(cud.grads[k]), ref.grads[k]) < 3e-3, k
 
 
+@needs_ml_dtypes
 def test_bfloat16_is_refused_on_the_gpu(gpu):
     with pytest.raises(TypeError, match="bfloat16 does not run on the CUDA backend"):
         make("lstm", 4, 4, dtype="bfloat16", backend="cuda")

@@ -20,9 +20,9 @@ from gpurnn import amp, cells, optim, precision
 from gpurnn.backend import NumpyOps
 from gpurnn.data import adding_problem
 
-from helpers import MODELS as CELLS, backend_or_skip
+from helpers import BFLOAT16, MODELS as CELLS, backend_or_skip, needs_ml_dtypes
 
-HALF = ("float16", "bfloat16")
+HALF = ("float16", BFLOAT16)
 
 
 def cudasim_backend():
@@ -166,6 +166,7 @@ def test_float16_fused_and_persistent_kernels_match_the_reference(algorithm, cel
         assert _relative(a, b) < precision.TOLERANCES["float16"]["output"]
 
 
+@needs_ml_dtypes
 def test_bfloat16_on_the_cuda_backend_is_refused_saying_why():
     from gpurnn.train import Task, TrainingError
 
@@ -293,7 +294,7 @@ def _train(out, precision_flag, steps, resume=False):
         return [line.split(",")[1] for line in f.read().splitlines()[1:]]
 
 
-@pytest.mark.parametrize("flag", ["fp16", "bf16"])
+@pytest.mark.parametrize("flag", ["fp16", pytest.param("bf16", marks=needs_ml_dtypes)])
 def test_cli_half_training_resumes_exactly(tmp_path, flag):
     text = "the quick brown fox jumps over the lazy dog; " * 40
     for run in ("whole", "split"):

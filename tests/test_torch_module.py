@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 torch = pytest.importorskip("torch")
 import gpurnn.torch as gt  # noqa: E402
 from gpurnn import layers  # noqa: E402
+from helpers import needs_ml_dtypes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = {"rnn": gt.RNN, "lstm": gt.LSTM, "gru": gt.GRU}
@@ -212,12 +213,20 @@ def test_to_moves_and_keeps_the_parameter_objects():
     out, _ = m(torch.randn(5, 2, 3, dtype=torch.float16))
     out.float().sum().backward()
     assert out.dtype == torch.float16 and params[0].grad.dtype == torch.float16
-    m.bfloat16()  # NumPy's bfloat16 (ml_dtypes) and torch's share the bits
-    assert m._layer.dtype.name == "bfloat16" and params[0].dtype == torch.bfloat16
-    assert m(torch.randn(5, 2, 3, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
     with pytest.raises(TypeError, match="dtype: gpurnn runs float32, float64, float16 and bfloat16, not "
                                         "torch.complex64"), pytest.warns(UserWarning, match="Complex modules"):
         m.to(torch.complex64)
+
+
+@needs_ml_dtypes
+def test_bfloat16_module_holds_torch_bfloat16_parameters():
+    m = gt.LSTM(3, 4)
+    params = list(m.parameters())
+    m.bfloat16()  # NumPy's bfloat16 (ml_dtypes) and torch's share the bits
+    assert [id(p) for p in m.parameters()] == [id(p) for p in params]
+    assert m._layer.dtype.name == "bfloat16" and params[0].dtype == torch.bfloat16
+    assert np.shares_memory(m._layer.params["weight_ih_l0"], params[0].detach().view(torch.int16).numpy())
+    assert m(torch.randn(5, 2, 3, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
 
 
 def test_shapes_that_change_keep_a_bounded_cache():
@@ -333,7 +342,7 @@ def test_ddp_over_gloo_keeps_the_ranks_identical_and_equal_to_one_process(tmp_pa
 
 
 @pytest.mark.parametrize("cls, peer", [(gt.LSTM, torch.nn.LSTM), (gt.GRU, torch.nn.GRU), (gt.RNN, torch.nn.RNN)])
-@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("half", [pytest.param(torch.bfloat16, marks=needs_ml_dtypes), torch.float16])
 def test_autocast_runs_in_half_precision(cls, peer, half):
     """Under autocast a float32 module runs its half twin (as cuDNN's RNNs do under
     autocast): half outputs, gradients widened into the float32 parameters, all within
@@ -367,6 +376,7 @@ def test_autocast_runs_in_half_precision(cls, peer, half):
     assert relative(again, full) < tol["output"]
 
 
+@needs_ml_dtypes
 def test_autocast_casts_where_half_cannot_run_and_says_so_once(monkeypatch):
     """A float64 module runs in float64 under autocast (autocast leaves float64 alone),
     half inputs cast to it; where the backend cannot run autocast's type (bfloat16 on
