@@ -135,32 +135,51 @@ def suite(timeout, out_dir):
 SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 
 
-def sanitizer(timeout, out_dir):
-    """Each compute-sanitizer tool over kernels/sanitize.py: its error summary and exit status."""
+def sanitizer(timeout, out_dir, left=None):
+    """Each compute-sanitizer tool over kernels/sanitize.py: its error summary and exit
+    status, and, should a tool time out before its summary, how many of the script's
+    configurations it finished and how many lines of error reports it printed by then. left: None,
+    or the seconds all four tools may take, shared out afresh before each tool."""
     import shutil
 
     tool_path = shutil.which("compute-sanitizer")
     if tool_path is None:
         raise RuntimeError("compute-sanitizer is not on the PATH")
     env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
+    deadline = None if left is None else time.perf_counter() + left
     results = {}
-    for tool in SANITIZER_TOOLS:
+    for k, tool in enumerate(SANITIZER_TOOLS):
         cmd = [tool_path, "--tool", tool, "--report-api-errors", "no", "--error-exitcode", "99",
                sys.executable, os.path.join(HERE, "sanitize.py")]
         t0 = time.perf_counter()
+        tool_timeout = timeout if deadline is None else max(1, min(timeout, int((deadline - t0)
+                                                                                / (len(SANITIZER_TOOLS) - k))))
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=tool_timeout)
             log, returncode = done.stdout + done.stderr, done.returncode
         except subprocess.TimeoutExpired as exc:
             log, returncode = (exc.stdout or b"").decode(errors="replace"), "timeout"
         if out_dir:
             with open(os.path.join(out_dir, f"sanitizer-{tool}.log"), "w") as f:
                 f.write(log)
-        summary = [line.strip("= ").strip() for line in log.splitlines() if "SUMMARY" in line]
-        results[tool] = dict(returncode=returncode, summary=summary, seconds=round(time.perf_counter() - t0, 1),
-                             tail=log.strip().splitlines()[-5:])
-        print(f"[sanitizer] {tool}: exit {returncode}, {'; '.join(summary)}", flush=True)
+        results[tool] = dict(returncode=returncode, seconds=round(time.perf_counter() - t0, 1),
+                             tail=log.strip().splitlines()[-5:], **sanitizer_counts(log))
+        print(f"[sanitizer] {tool}: exit {returncode}, {'; '.join(results[tool]['summary'])} "
+              f"({results[tool]['configs_done']} configurations done, {results[tool]['report_lines']} error report lines)",
+              flush=True)
     return results
+
+
+def sanitizer_counts(log):
+    """What a compute-sanitizer log says, complete or cut off: its SUMMARY lines, the
+    sanitize.py configurations that finished, and the lines of error reports printed."""
+    lines = log.splitlines()
+    return dict(summary=[line.strip("= ").strip() for line in lines if "SUMMARY" in line],
+                configs_done=sum(line.endswith(" ok") for line in lines),
+                report_lines=sum(line.startswith("========= ") and "SUMMARY" not in line
+                            and any(word in line for word in ("Invalid", "Race", "Uninitialized", "Barrier",
+                                                              "Error", "error", "hazard"))
+                            for line in lines))
 
 
 def first_forward():
@@ -235,8 +254,8 @@ def main():
               "stages": [s for s in STAGES if s in chosen]}
     bench_args = ["--configs", "A", "D", "--cells", "lstm", "--modes", "fp32"] if args.quick else []
 
-    def capped(timeout, left, parts=1):  # a subprocess timeout that ends within the budget
-        return timeout if left is None else max(1, min(timeout, int(left / parts)))
+    def capped(timeout, left):  # a subprocess timeout that ends within the budget
+        return timeout if left is None else max(1, min(timeout, int(left)))
 
     run = {"suite": lambda left: suite(capped(args.suite_timeout, left), args.out),
            "first_forward": lambda left: first_forward(),
@@ -251,7 +270,7 @@ def main():
                                      memory=bench_memory.main(["--precisions", "fp32", "fp16", "--rows",
                                                                *(["A"] if args.quick else ["B", "C", "E"])])),
            "nccl": lambda left: bench_distributed.main(["--nccl", "--steps", "20" if args.quick else "40"]),
-           "sanitizer": lambda left: sanitizer(capped(args.sanitizer_timeout, left, len(SANITIZER_TOOLS)), args.out),
+           "sanitizer": lambda left: sanitizer(args.sanitizer_timeout, args.out, left),
            "lab": lambda left: gemm_lab()}
     stage(report, "versions", versions)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", report["versions"].get("device", "gpu")).strip("-").lower()
@@ -310,7 +329,8 @@ def main():
     checks = report.get("sanitizer")
     if isinstance(checks, dict) and finished(checks):
         for tool, r in checks.items():
-            print(f"compute-sanitizer {tool}: exit {r['returncode']}; {'; '.join(r['summary'])}")
+            print(f"compute-sanitizer {tool}: exit {r['returncode']}; {'; '.join(r['summary'])} "
+                  f"({r['configs_done']} configurations done, {r['report_lines']} error report lines)")
     training = report.get("training")
     for r in training if isinstance(training, list) else []:
         print(f"CharLM training step, {r['size']} (LSTM {r['layers']}x{r['H']}, T={r['T']}, B={r['B']}): "

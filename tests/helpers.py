@@ -5,8 +5,6 @@ default, cuda on a GPU machine): results come back through ``host``, so the
 same test body checks every backend.
 """
 
-import importlib.util
-
 import numpy as np
 import pytest
 
@@ -17,8 +15,12 @@ MODELS = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU}
 
 # bfloat16 comes from ml_dtypes, a dependency of an installed gpurnn; a checkout run
 # from its folder (the GPU machine's) may lack it, and then its tests skip
-needs_ml_dtypes = pytest.mark.skipif(importlib.util.find_spec("ml_dtypes") is None,
-                                     reason="bfloat16 needs ml_dtypes (pip install ml_dtypes)")
+try:
+    import ml_dtypes  # noqa: F401
+    _have_ml_dtypes = True
+except ImportError:
+    _have_ml_dtypes = False
+needs_ml_dtypes = pytest.mark.skipif(not _have_ml_dtypes, reason="bfloat16 needs ml_dtypes (pip install ml_dtypes)")
 BFLOAT16 = pytest.param("bfloat16", marks=needs_ml_dtypes)
 
 

@@ -69,6 +69,19 @@ def test_gpu_check_saves_after_each_stage_and_starts_none_past_its_budget():
     assert report == {"torch": [1]} and lefts[-1] is None  # no budget, no limit
 
 
+def test_sanitizer_logs_are_read_whole_or_cut_off():
+    import gpu_check
+
+    clean = ("========= COMPUTE-SANITIZER\nrnn D=1 L=1 graph float32 ok\nrnn D=1 L=1 fused float32 ok\n"
+             "0 failures\n========= ERROR SUMMARY: 0 errors\n")
+    assert gpu_check.sanitizer_counts(clean) == dict(summary=["ERROR SUMMARY: 0 errors"], configs_done=2,
+                                                     report_lines=0)
+    cut = ("========= COMPUTE-SANITIZER\nrnn D=1 L=1 graph float32 ok\n"
+           "========= Invalid __global__ write of size 4 bytes\n=========     at lstm_step+0x1f0\n"
+           "========= Error: Race reported between Write access at x and Read access at y\n")
+    assert gpu_check.sanitizer_counts(cut) == dict(summary=[], configs_done=1, report_lines=2)
+
+
 def test_sanitizer_script_runs_every_algorithm_under_the_simulator():
     """The script compute-sanitizer runs on the GPU: here under numba's simulator, one
     cell and tiny sizes (each algorithm forced, train and eval, lengths, dropout)."""
