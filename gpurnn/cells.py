@@ -156,7 +156,8 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
 def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     """c: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]
     dh, dc: [B, H] (in: grads of h_t, c_t; out: direct grads of h_{t-1}, c_{t-1})
-    dgates: [T, B, 4H] (writes dgates[t])
+    dgates: [T, B, 4H] (writes dgates[t]; may be gates' own storage, see gpurnn.sequence:
+            every gate is read before its gradient is written over it)
     """
     prev, nxt = _steps(t, reverse)
     done = t >= lengths
@@ -164,23 +165,24 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     if any_done:
         dh_carried, dc_carried = dh[done], dc[done]
     H = c.shape[-1]
-    act, dact = gates[t].copy(), dgates[t]  # a copy: dgates may share gates' storage (gpurnn.sequence)
-    i, f, g, o = _blocks(act, 4)
-    di, df, dg, do = _blocks(dact, 4)
+    i, f, g, o = _blocks(gates[t], 4)
+    di, df, dg, do = _blocks(dgates[t], 4)
     tanh_c = np.tanh(c[nxt])
     dh_total = dh + dy[t]
     dc_total = dh_total * o
     dc_total *= 1 - tanh_c * tanh_c  # backprop through tanh(c_t)
     dc_total += dc
-    np.multiply(dc_total, g, out=di)  # gradients of the activations i, f, g, o ...
-    np.multiply(dc_total, c[prev], out=df)
-    np.multiply(dc_total, i, out=dg)
-    np.multiply(dh_total, tanh_c, out=do)
-    i_f = act[:, :2 * H]  # ... then of their pre-activations: s' = s (1 - s), tanh' = 1 - g^2
-    dact[:, :2 * H] *= i_f * (1 - i_f)
-    do *= o * (1 - o)
-    dg *= 1 - g * g
+    i_f = gates[t][:, :2 * H]  # derivatives of the activations: s' = s (1 - s), tanh' = 1 - g^2
+    dsig_if, dsig_o, dtanh_g = i_f * (1 - i_f), o * (1 - o), 1 - g * g
+    dc_g = dc_total * g  # g is written over next
     np.multiply(dc_total, f, out=dc)
+    np.multiply(dc_total, i, out=dg)  # gradients of the pre-activations: d(activation) times its derivative
+    dg *= dtanh_g
+    np.multiply(dc_g, dsig_if[:, :H], out=di)
+    np.multiply(dc_total, c[prev], out=df)
+    df *= dsig_if[:, H:]
+    np.multiply(dh_total, tanh_c, out=do)
+    do *= dsig_o
     dh[...] = 0  # h_{t-1} reaches the gates only through W_hh
     if any_done:
         dgates[t, done] = 0
@@ -200,8 +202,8 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     H = h.shape[-1]
     act = gates[t]
     rz, n, hn = act[:, :2 * H], act[:, 2 * H:3 * H], act[:, 3 * H:]
-    np.add(gh, b_hh, out=act[:, :3 * H])
-    hn[...] = act[:, 2 * H:3 * H]  # U_n h + b_hn, kept apart: r scales it
+    np.add(gh[:, :2 * H], b_hh[:2 * H], out=rz)
+    np.add(gh[:, 2 * H:], b_hh[2 * H:], out=hn)  # U_n h + b_hn, kept apart: r scales it
     rz += gx[t][:, :2 * H] + b_ih[:2 * H]
     sigmoid(rz, out=rz)
     r, z = rz[:, :H], rz[:, H:]
@@ -224,20 +226,22 @@ def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
     """h: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh: [B, H] (in/out)
     dgx: [T, B, 3H] grads of the input projection (writes dgx[t])
     dgh: [T, B, 3H] grads of the recurrent projection (writes dgh[t]); they differ
-         in the n block, where U_n h is scaled by r
+         in the n block, where U_n h is scaled by r. dgh may be the r, z, n blocks of
+         gates' own storage (gpurnn.sequence): it is written after the gates are read
     """
     prev, nxt = _steps(t, reverse)
     done = t >= lengths
     dh_carried = dh[done]
-    r, z, n, hn = _blocks(gates[t].copy(), 4)  # a copy: dgh may share gates' storage (gpurnn.sequence)
+    r, z, n, hn = _blocks(gates[t], 4)
     dr, dz, dn = _blocks(dgx[t], 3)
+    H = dh.shape[-1]
     dh_total = dh + dy[t]
     np.multiply(dh_total * (1 - z), 1 - n * n, out=dn)  # backprop through tanh
     np.multiply(dh_total * (h[prev] - n), z * (1 - z), out=dz)
     np.multiply(dn * hn, r * (1 - r), out=dr)
-    dgh[t] = dgx[t]
-    dgh[t, :, 2 * dh.shape[-1]:] *= r
     np.multiply(dh_total, z, out=dh)  # the z h_{t-1} path skips W_hh
+    np.multiply(dn, r, out=dgh[t, :, 2 * H:])  # U_n h is scaled by r (written over n, read above)
+    dgh[t, :, :2 * H] = dgx[t, :, :2 * H]  # ... r and z reach both projections alike (over r and z)
     if done.any():
         dgx[t, done] = 0
         dgh[t, done] = 0
