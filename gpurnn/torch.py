@@ -44,12 +44,36 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from gpurnn import flat, layers, precision
-from gpurnn.backend import get_backend
+from gpurnn.backend import Backend, NumpyOps, get_backend
 
 __all__ = ["RNN", "LSTM", "GRU"]
 _HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # what autocast may ask for
 _HELD = {torch.float32: "float32", torch.float64: "float64", **_HALF}  # what a module's parameters may be
 _LAYERS_MADE = itertools.count()
+
+
+class _TorchBlasOps(NumpyOps):
+    """The NumPy backend with its matrix products on torch's BLAS, for CPU tensors: in
+    a torch program NumPy's OpenBLAS would be a second thread pool, spinning on the
+    cores torch's OpenMP pool works on, each stalling the other (2 cores: AdamW's step
+    right after a backward of ours 4 -> 63 ms, our GEMMs slower too). Half products
+    stay NumPy's (float32 sums rounded once, the reference's contract)."""
+
+    @staticmethod
+    def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0):
+        if precision.is_half(out.dtype):
+            return NumpyOps.gemm(a, b, out, trans_a, trans_b, beta)
+        a, b, out = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)  # views, no copies
+        a = a.T if trans_a else a
+        b = b.T if trans_b else b
+        if beta:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+
+
+_CPU_BACKEND = Backend("numpy", np, "gpurnn.torch on CPU tensors: the NumPy backend, its matrix products on "
+                                    "torch's BLAS", _TorchBlasOps())
 
 
 def _to_array(t, backend):
@@ -152,7 +176,7 @@ class _Base(torch.nn.Module):
     # ------------------------------------------------------------ parameters
     def _new_layer(self, device, dtype):
         """A gpurnn layer for (device, dtype) whose parameters (and gradients) are views of one buffer."""
-        backend = get_backend("cuda" if device.type == "cuda" else "numpy")
+        backend = get_backend("cuda") if device.type == "cuda" else _CPU_BACKEND
         # dropout masks that follow torch.manual_seed without drawing from torch's generator
         # (so torch.manual_seed(s) gives this module the weights torch.nn's module gets)
         seed = int(np.random.SeedSequence([torch.initial_seed() % 2**63, next(_LAYERS_MADE)]).generate_state(1)[0])

@@ -411,3 +411,26 @@ def test_autocast_casts_where_half_cannot_run_and_says_so_once(monkeypatch):
         with pytest.warns(UserWarning, match=r"runs in torch.float32 \(dtype: bfloat16 does not run here\)"):
             out, _ = m32(proj(x))
     assert out.dtype == torch.float32
+
+
+def test_cpu_modules_multiply_on_torchs_blas():
+    """On CPU tensors the matrix products run on torch's BLAS (one thread pool in the
+    process, not NumPy's OpenBLAS spinning beside torch's), every operand layout the
+    drivers use alike: transposed operands, accumulation, an output with a row stride."""
+    from gpurnn.backend import NumpyOps
+
+    ops = gt.LSTM(3, 4)._layer.backend.ops
+    assert type(ops).__name__ == "_TorchBlasOps"
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        a, b = rng.standard_normal((6, 5)).astype(dtype), rng.standard_normal((5, 7)).astype(dtype)
+        for trans_a, trans_b in [(False, False), (True, False), (False, True), (True, True)]:
+            op_a = np.ascontiguousarray(a.T) if trans_a else a
+            op_b = np.ascontiguousarray(b.T) if trans_b else b
+            for beta in (0.0, 1.0):
+                wide = rng.standard_normal((6, 9)).astype(dtype)
+                got, want = wide.copy(), wide.copy()
+                ops.gemm(op_a, op_b, got[:, :7], trans_a, trans_b, beta)  # rows of 9, 7 used
+                NumpyOps.gemm(op_a, op_b, want[:, :7], trans_a, trans_b, beta)
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+                assert np.array_equal(got[:, 7:], wide[:, 7:])
