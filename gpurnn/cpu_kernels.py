@@ -32,7 +32,7 @@ import math
 import numba
 import numpy as np
 
-from gpurnn.cells import NONLINEARITIES, _steps
+from gpurnn.cells import ELU_ALPHA, LEAKY_RELU_SLOPE, NONLINEARITIES, _steps
 
 # numpy's error model: no branch on x / 0; fast math without "no NaNs": a diverging
 # model's NaN must reach its loss, as through the spec
@@ -77,8 +77,8 @@ def activate(code, a):
     if code == 2:
         return sigmoid(a)
     if code == 3:
-        return a if a > 0 else a * np.float32(0.01)  # cells.LEAKY_RELU_SLOPE
-    return a if a > 0 else np.float32(math.expm1(a))  # elu, alpha 1 (cells.ELU_ALPHA)
+        return a if a > 0 else a * np.float32(LEAKY_RELU_SLOPE)
+    return a if a > 0 else np.float32(ELU_ALPHA) * np.float32(math.expm1(a))  # elu
 
 
 @numba.njit(inline="always", **_JIT)
@@ -92,8 +92,8 @@ def activate_grad(code, h):
     if code == 2:
         return h * (one - h)
     if code == 3:
-        return one if h > 0 else np.float32(0.01)
-    return one if h > 0 else h + one
+        return one if h > 0 else np.float32(LEAKY_RELU_SLOPE)
+    return one if h > 0 else h + np.float32(ELU_ALPHA)  # alpha e^a = h + alpha
 
 
 # --------------------------------------------------------------------------- RNN
