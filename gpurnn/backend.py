@@ -112,7 +112,7 @@ def set_cpu_kernels(mode=None):
     global _cpu_kernels
     if mode is not None and not isinstance(mode, (bool, np.bool_)):
         raise TypeError(f"mode: expected True, False or None, got {mode!r}")
-    if mode and importlib.util.find_spec("numba") is None:
+    if mode and not _have_numba():
         raise ImportError("set_cpu_kernels(True): the fused CPU steps need numba: pip install numba")
     _cpu_kernels = None if mode is None else bool(mode)
 
@@ -126,13 +126,14 @@ def cpu_kernels():
         raise ValueError(f"GPURNN_CPU_KERNELS: expected 1, 0 or auto, got {env!r}")
     if env == "0":
         return False
-    if env == "1" and importlib.util.find_spec("numba") is None:
+    if env == "1" and not _have_numba():
         raise ImportError("GPURNN_CPU_KERNELS=1: the fused CPU steps need numba: pip install numba")
     return _have_numba()
 
 
 @functools.lru_cache(maxsize=None)
 def _have_numba():
+    """Asked before every float32 step: looked up once."""
     return importlib.util.find_spec("numba") is not None
 
 
