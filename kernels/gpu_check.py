@@ -83,6 +83,11 @@ def stage(report, name, fn):
     print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def capped(timeout, left):
+    """A subprocess timeout that ends within the budget: timeout, cut to the seconds left (None: no budget)."""
+    return timeout if left is None else max(1, min(timeout, int(left)))
+
+
 def finished(result):
     """Whether a stage's result holds figures (it did not fail and was not skipped)."""
     return not (isinstance(result, dict) and ({"error", "skipped"} & set(result)))
@@ -152,8 +157,7 @@ def sanitizer(timeout, out_dir, left=None):
         cmd = [tool_path, "--tool", tool, "--report-api-errors", "no", "--error-exitcode", "99",
                sys.executable, os.path.join(HERE, "sanitize.py")]
         t0 = time.perf_counter()
-        tool_timeout = timeout if deadline is None else max(1, min(timeout, int((deadline - t0)
-                                                                                / (len(SANITIZER_TOOLS) - k))))
+        tool_timeout = capped(timeout, None if deadline is None else (deadline - t0) / (len(SANITIZER_TOOLS) - k))
         try:
             done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=tool_timeout)
             log, returncode = done.stdout + done.stderr, done.returncode
@@ -253,9 +257,6 @@ def main():
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "stages": [s for s in STAGES if s in chosen]}
     bench_args = ["--configs", "A", "D", "--cells", "lstm", "--modes", "fp32"] if args.quick else []
-
-    def capped(timeout, left):  # a subprocess timeout that ends within the budget
-        return timeout if left is None else max(1, min(timeout, int(left)))
 
     run = {"suite": lambda left: suite(capped(args.suite_timeout, left), args.out),
            "first_forward": lambda left: first_forward(),
