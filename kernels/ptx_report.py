@@ -8,6 +8,11 @@ numba.cuda.compile_ptx (no GPU needed) with the signature a launch on
 workspace buffers compiles, then ``ptxas -v`` from the nvidia-cuda-nvcc wheel
 (the same CUDA minor as the NVVM that wrote the PTX). Writes a JSON report
 and prints a table; exits 1 if any kernel spills.
+
+NVVM writes the same PTX for sm_80 and sm_90 (apart from the ``.target`` line and
+the names it mangles per compilation), so each build is compiled once and
+assembled for both archs; ``same_ptx_for_every_arch`` checks that on one kernel
+each run, so a numba-cuda that starts to tell the archs apart fails the report.
 """
 
 import argparse
@@ -76,8 +81,7 @@ def builds():
     return jobs
 
 
-def compile_one(job, ptxas):
-    """Rows of one build, for each arch (run in a worker process: numba compiles in one thread)."""
+def _ptx(job, arch):
     from gpurnn.backend import load_numba_cuda
 
     cuda = load_numba_cuda()
@@ -89,11 +93,27 @@ def compile_one(job, ptxas):
     else:
         kernel, signature = (fused.FUSED if key[2] == "fused" else fused.PERSISTENT)[key[:2]], fused.signatures(
             *key, dtype)
-    rows = []
-    for arch in ARCHS:
-        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=arch)
-        rows.append(dict(kernel=label, dtype=dtype, arch=f"sm_{arch[0]}{arch[1]}", **ptxas_stats(ptxas, ptx, arch)))
-    return rows
+    return cuda.compile_ptx(kernel.py_func, signature, cc=arch)[0]
+
+
+def _target(ptx, arch):
+    """The PTX aimed at another arch: NVVM's output differs only in this line."""
+    return re.sub(r"^\.target sm_\d+", f".target sm_{arch[0]}{arch[1]}", ptx, count=1, flags=re.MULTILINE)
+
+
+def same_ptx_for_every_arch(job):
+    """Does NVVM write the same PTX for every arch (names and .target aside)?"""
+    def body(ptx):
+        return re.sub(r"_cudapy_smem_\d+", "S", re.sub(r"_ZN\w+", "F", _target(ptx, ARCHS[0])))
+    return len({body(_ptx(job, arch)) for arch in ARCHS}) == 1
+
+
+def compile_one(job, ptxas):
+    """Rows of one build, for each arch (run in a worker process: numba compiles in one thread)."""
+    label, source, key, dtype = job
+    ptx = _ptx(job, ARCHS[0])
+    return [dict(kernel=label, dtype=dtype, arch=f"sm_{arch[0]}{arch[1]}",
+                 **ptxas_stats(ptxas, _target(ptx, arch), arch)) for arch in ARCHS]
 
 
 def main():
@@ -109,7 +129,10 @@ def main():
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     jobs = builds()
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        same = pool.submit(same_ptx_for_every_arch, next(j for j in jobs if j[2][-1:] == ("persistent",)))
         rows = [r for done in pool.map(functools.partial(compile_one, ptxas=ptxas), jobs) for r in done]
+        if not same.result():
+            sys.exit("NVVM wrote different PTX for the archs: compile each build once per arch again")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(ptxas=version, rows=rows), f, indent=1)
