@@ -23,15 +23,15 @@ needed and the module in eval mode, the forward keeps no activations at all.
 Under torch.autocast a float32 module runs in autocast's float16 or bfloat16, as
 cuDNN's RNNs do: a half twin of the gpurnn layer holds the parameters rounded
 (refreshed each call), outputs come in half, gradients are widened into the
-float32 parameters. Where the backend cannot run that type (bfloat16 on CUDA), or
-for a float64 module, half inputs are cast to the module's dtype instead (said
-once). ``.half()`` / ``.bfloat16()`` make a module that holds its parameters in
-half (bfloat16 on CPU only). On CUDA the call runs on torch's
+float32 parameters. Where the backend cannot run that type (bfloat16 on CUDA with a
+CuPy that has no bfloat16 arrays), or for a float64 module, half inputs are cast to
+the module's dtype instead (said once). ``.half()`` / ``.bfloat16()`` make a module
+that holds its parameters in half. On CUDA the call runs on torch's
 current stream (CuPy's current stream is set to it), so no host synchronization
 orders the two; CuPy's memory pool and torch's caching allocator each keep their
 own memory.
 
-Differences from torch: no bfloat16 on CUDA; ``proj_size`` is not supported;
+Differences from torch: ``proj_size`` is not supported;
 under ``torch.compile`` the call is a graph break (dynamo does not trace into gpurnn's kernels).
 """
 
@@ -77,22 +77,24 @@ _CPU_BACKEND = Backend("numpy", np, "gpurnn.torch on CPU tensors: the NumPy back
 
 
 def _to_array(t, backend):
-    """A tensor as the backend's array, sharing memory (NumPy for CPU, CuPy through DLPack for CUDA)."""
-    t = t.detach()
-    if backend.name == "cuda":
-        return backend.xp.from_dlpack(t.contiguous())
-    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: the same bits as ml_dtypes' bfloat16
-        return t.contiguous().view(torch.int16).numpy().view(precision.bfloat16())
-    return t.contiguous().numpy()
+    """A tensor as the backend's array, sharing memory (NumPy for CPU, CuPy through DLPack for CUDA).
+    bfloat16 crosses as its int16 bits: NumPy has no bfloat16, and not every CuPy takes it
+    through DLPack; the bits are ml_dtypes' bfloat16."""
+    t = t.detach().contiguous()
+    bits = t.dtype == torch.bfloat16
+    if bits:
+        t = t.view(torch.int16)
+    a = backend.xp.from_dlpack(t) if backend.name == "cuda" else t.numpy()
+    return a.view(precision.bfloat16()) if bits else a
 
 
 def _to_tensor(a, device):
-    """A backend array as a tensor, sharing memory."""
-    if isinstance(a, np.ndarray):
-        if a.dtype.name == "bfloat16":
-            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(a)
-    return torch.from_dlpack(a).to(device)
+    """A backend array as a tensor, sharing memory (bfloat16 as _to_array carries it)."""
+    bits = a.dtype.name == "bfloat16"
+    if bits:
+        a = a.view(np.int16)
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a).to(device)
+    return t.view(torch.bfloat16) if bits else t
 
 
 class _Run(torch.autograd.Function):

@@ -78,7 +78,7 @@ class Task:
         self.dtype = MODEL_DTYPES[cfg.get("precision", "fp32")]
         try:
             backend.ops.check_dtype(self.dtype)
-        except TypeError as exc:  # bfloat16 on the CUDA backend
+        except TypeError as exc:  # bfloat16 on a GPU whose CuPy has no bfloat16 arrays
             raise TrainingError(f"--precision {cfg['precision']}: {exc}") from None
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
                       seed=cfg["seed"], backend=backend, dtype=self.dtype)

@@ -1,6 +1,6 @@
 """gpurnn's CUDA backend against torch.nn.LSTM/GRU/RNN (cuDNN), same process, same card.
 
-    python kernels/bench_gpu.py [--configs A B C D E Ab b1 stream] [--cells lstm gru rnn] [--modes fp32 tf32 fp16]
+    python kernels/bench_gpu.py [--configs A B C D E Ab b1 stream] [--cells lstm gru rnn] [--modes fp32 tf32 fp16 bf16]
                                 [--algorithms auto graph fused persistent] [--repeats 20] [--json PATH]
 
 BENCHMARKS.md's protocol: CUDA events on the caller's stream around each call
@@ -16,9 +16,10 @@ bidirectional, "b1" a batch of one (T=100, B=1, H=256), and "stream" what
 carried, eval mode, timed as the 100 calls together.
 
 ``--modes``: fp32 (strict float32 GEMMs on both sides), tf32 (TF32 tensor cores on
-both), fp16 (a gpurnn float16 model against torch's float32 module under
-``torch.autocast("cuda", dtype=torch.float16)``, what a torch user runs; errors
-are against that fp16 result).
+both), fp16 / bf16 (a gpurnn float16 / bfloat16 model against torch's float32
+module under ``torch.autocast("cuda", dtype=torch.float16 / torch.bfloat16)``,
+what a torch user runs; errors are against that result; "n/a" where torch's
+module refuses the type).
 
 ``--algorithms``: "auto" lets gpurnn choose per shape (the default); naming
 graph, fused or persistent forces it (gpurnn.set_rnn_algorithm) and adds a row
@@ -42,9 +43,24 @@ BIDIRECTIONAL = {"Ab": "A"}  # beyond BENCHMARKS.md's matrix: A with both direct
 STREAM = {"stream": (100, 1, 512, 1)}  # 100 calls of one step each, the state carried
 
 
+HALF_MODES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def host(t):
+    """A torch tensor on the host as float32 NumPy (NumPy has no torch bfloat16)."""
+    return t.detach().float().cpu().numpy()
+
+
+def weights_of(model):
+    """A gpurnn model's state dict as float32 torch tensors, for torch's module."""
+    import torch
+
+    return {k: torch.from_numpy(np.asarray(v.get(), np.float32)) for k, v in model.state_dict().items()}
 
 
 def time_ms(fn, repeats, warmup=3):
@@ -75,11 +91,17 @@ def set_mode(mode):
 
 
 def half_mode(mode):
-    """(gpurnn's dtype, a factory of torch's autocast context) for a mode."""
+    """(gpurnn's dtype, the dtype torch's outputs come in, a factory of torch's autocast
+    context) for a mode."""
     import torch
 
-    half = mode == "fp16"
-    return ("float16" if half else "float32"), (lambda: torch.autocast("cuda", dtype=torch.float16, enabled=half))
+    from gpurnn import precision
+
+    name = HALF_MODES.get(mode, "float32")
+    peer = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    return (precision.dtype("mode", name), peer,
+            lambda: torch.autocast("cuda", dtype=peer if mode in HALF_MODES else torch.float16,
+                                   enabled=mode in HALF_MODES))
 
 
 def geomean(rows):
@@ -117,11 +139,11 @@ def bench_stream(cell, name, mode, repeats):
     set_mode(mode)
     steps, B, H, L = STREAM[name]
     rng = np.random.default_rng(0)
-    dtype, autocast = half_mode(mode)
+    dtype, _, autocast = half_mode(mode)
     ours = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, seed=0, backend="cuda",
                                                                          dtype=dtype).eval()
     peer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](H, H).cuda()
-    peer.load_state_dict({k: torch.from_numpy(v.get()) for k, v in ours.state_dict().items()})
+    peer.load_state_dict(weights_of(ours))
     xs_host = rng.standard_normal((steps, 1, B, H)).astype(np.float32)
     xs, xts = cupy.asarray(xs_host.astype(dtype)), torch.from_numpy(xs_host).cuda()
 
@@ -139,7 +161,7 @@ def bench_stream(cell, name, mode, repeats):
         return state
 
     last = lambda s: s[0] if isinstance(s, tuple) else s  # noqa: E731
-    error = rel(last(ours_stream()).get(), last(peer_stream()).cpu().numpy())
+    error = rel(last(ours_stream()).get(), host(last(peer_stream())))
     o, p = time_ms(ours_stream, repeats), time_ms(peer_stream, repeats)
     row = dict(cell=cell, config=name, T=steps, B=B, H=H, layers=L, bidirectional=False, mode=mode,
                pass_="stream", gpurnn_ms=o[0], gpurnn_min_ms=o[1], gpurnn_max_ms=o[2], peer_ms=p[0],
@@ -159,17 +181,17 @@ def bench_row(cell, name, mode, repeats):
     T, B, H, L = CONFIGS[BIDIRECTIONAL.get(name, name)]
     D = 2 if bidirectional else 1
     rng = np.random.default_rng(0)
-    dtype, autocast = half_mode(mode)
+    dtype, peer_dtype, autocast = half_mode(mode)
     ours = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](
         H, H, num_layers=L, bidirectional=bidirectional, seed=0, backend="cuda", dtype=dtype)
     peer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](
         H, H, num_layers=L, bidirectional=bidirectional).cuda()
-    peer.load_state_dict({k: torch.from_numpy(v.get()) for k, v in ours.state_dict().items()})
+    peer.load_state_dict(weights_of(ours))
     x_host = rng.standard_normal((T, B, H)).astype(np.float32)
     d_host = rng.standard_normal((T, B, D * H)).astype(np.float32)
     x, d_out = cupy.asarray(x_host.astype(dtype)), cupy.asarray(d_host.astype(dtype))
     xt = torch.from_numpy(x_host).cuda().requires_grad_(True)
-    dt = torch.from_numpy(d_host).cuda().to(torch.float16 if dtype == "float16" else torch.float32)
+    dt = torch.from_numpy(d_host).cuda().to(peer_dtype)
 
     def ours_fwd():
         return ours(x)
@@ -194,11 +216,16 @@ def bench_row(cell, name, mode, repeats):
     dx = ours.backward(d_out)[0]
     xt.grad = None
     peer.zero_grad()
-    with autocast():
-        t_out, _ = peer(xt)
-    t_out.backward(dt)
-    errors = {"out": rel(out.get(), t_out.detach().cpu().numpy()), "dx": rel(dx.get(), xt.grad.cpu().numpy()),
-              "dW": max(rel(ours.grads[k].get(), p.grad.cpu().numpy()) for k, p in peer.named_parameters())}
+    try:
+        with autocast():
+            t_out, _ = peer(xt)
+        t_out.backward(dt)
+    except RuntimeError as exc:  # e.g. a cuDNN without this half type's RNNs
+        from gpurnn.cuda.ops import NotApplicable
+
+        raise NotApplicable(f"torch's {cell} in {mode}: {exc}") from None
+    errors = {"out": rel(out.get(), host(t_out)), "dx": rel(dx.get(), host(xt.grad)),
+              "dW": max(rel(ours.grads[k].get(), host(p.grad)) for k, p in peer.named_parameters())}
 
     rows = []
     for what, ours_fn, peer_fn in (("fwd", ours_fwd, peer_fwd), ("fwd+bwd", ours_train, peer_train)):
@@ -256,7 +283,7 @@ def main(argv=None):
     names = [*CONFIGS, *BIDIRECTIONAL, *STREAM]
     ap.add_argument("--configs", nargs="+", default=names, choices=names)
     ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"], choices=["lstm", "gru", "rnn"])
-    ap.add_argument("--modes", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32", "fp16"])
+    ap.add_argument("--modes", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32", *HALF_MODES])
     ap.add_argument("--algorithms", nargs="+", default=["auto"], choices=["auto", "graph", "fused", "persistent"])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json")

@@ -21,9 +21,9 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
                  against gpurnn.torch.LSTM/GRU (config A and 2x512);
   memory         ``bench_memory.py``: device memory of a training step and an eval forward,
                  gpurnn against torch, each from a fresh process;
-  half           float16: the benchmark matrix's fp16 mode (a gpurnn float16 model against
-                 cuDNN under torch.autocast fp16) and the memory of B, C and E in fp16
-                 beside fp32 (target: at most 0.55x our own fp32);
+  half           float16 and bfloat16: the benchmark matrix's fp16 and bf16 modes (a gpurnn
+                 half model against cuDNN under torch.autocast fp16 / bf16) and the memory
+                 of B, C and E in both beside fp32 (target: at most 0.55x our own fp32);
   nccl           ``bench_distributed.py --nccl``: the NCCL all-reduce's cost per GPU training
                  step (a world of one);
   sanitizer      compute-sanitizer's memcheck, racecheck, initcheck and synccheck over
@@ -267,8 +267,8 @@ def main():
            "training": lambda left: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "torch": lambda left: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "memory": lambda left: bench_memory.main(["--rows", "A", "D"] if args.quick else []),
-           "half": lambda left: dict(benchmarks=bench_gpu.main((bench_args or []) + ["--modes", "fp16"]),
-                                     memory=bench_memory.main(["--precisions", "fp32", "fp16", "--rows",
+           "half": lambda left: dict(benchmarks=bench_gpu.main((bench_args or []) + ["--modes", "fp16", "bf16"]),
+                                     memory=bench_memory.main(["--precisions", "fp32", "fp16", "bf16", "--rows",
                                                                *(["A"] if args.quick else ["B", "C", "E"])])),
            "nccl": lambda left: bench_distributed.main(["--nccl", "--steps", "20" if args.quick else "40"]),
            "sanitizer": lambda left: sanitizer(args.sanitizer_timeout, args.out, left),
@@ -320,7 +320,7 @@ def main():
         print(bench_memory.table(memory_rows))
     half = report.get("half")
     if isinstance(half, dict) and finished(half):
-        print("float16 against cuDNN under torch.autocast(float16):")
+        print("float16 and bfloat16 against cuDNN under torch.autocast(float16 / bfloat16):")
         print(bench_gpu.table(half["benchmarks"]))
         print(bench_memory.table(half["memory"]))
     nccl = report.get("nccl")

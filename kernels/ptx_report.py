@@ -2,8 +2,9 @@
 
     python kernels/ptx_report.py [--out kernels/results/ptx-report.json]
 
-For each kernel of gpurnn.cuda.kernels and gpurnn.cuda.fused, float32 and float64 (and float16 for the
-kernels half models launch: the recurrences and kernels.HALF_KERNELS), sm_80 and sm_90:
+For each kernel of gpurnn.cuda.kernels and gpurnn.cuda.fused, float32 and float64 (and float16 and
+bfloat16, as its uint16 bits, for the kernels half models launch: the recurrences and
+kernels.HALF_KERNELS), sm_80 and sm_90:
 numba.cuda.compile_ptx (no GPU needed) with the signature a launch on
 workspace buffers compiles, then ``ptxas -v`` from the nvidia-cuda-nvcc wheel
 (the same CUDA minor as the NVVM that wrote the PTX). Writes a JSON report
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.pop("NUMBA_ENABLE_CUDASIM", None)  # PTX needs the real compiler, not the simulator
 
 ARCHS = ((8, 0), (9, 0))
+HALF = ("float16", "bfloat16")  # kernels.numba_float names them without ml_dtypes
 
 
 def find_ptxas():
@@ -72,12 +74,12 @@ def builds():
     from gpurnn.cuda import kernels
 
     jobs = [(label, "kernels", (name, label), dtype) for name in kernels.KERNELS
-            for dtype in ("float32", "float64") + (("float16",) if name in kernels.HALF_KERNELS else ())
+            for dtype in ("float32", "float64") + (HALF if name in kernels.HALF_KERNELS else ())
             for label in kernels.signatures(name, dtype)]
     for algorithm in ("fused", "persistent"):
         jobs += [(f"{cell}_{phase} {algorithm}", "fused", (cell, phase, algorithm), dtype)
                  for cell in ("rnn", "lstm", "gru") for phase in ("forward", "backward")
-                 for dtype in ("float32", "float64", "float16")]
+                 for dtype in ("float32", "float64", *HALF)]
     return jobs
 
 

@@ -4,11 +4,12 @@
 
 Every cell x {one direction, two} x {1 layer, 2 layers with dropout}, with
 lengths, T=9, B=3, I=H=33, each recurrence algorithm forced once (graph, fused,
-persistent), in float32 and in float16: a train-mode forward and backward and an
-eval forward, each three times (eager, captured, replayed).
-Every result must be finite and agree with the float32 graph algorithm's (float16:
-within 1e-2 of the largest value); exits 1 otherwise, so a kernel that reads or writes out
-of bounds shows up here even where the sanitizer's report does not.
+persistent), in float32, float16 and bfloat16 (``--dtypes``): a train-mode forward
+and backward and an eval forward, each three times (eager, captured, replayed).
+Every result must be finite and agree with the float32 graph algorithm's (within
+``AGREE`` of the largest value: about 10 units of the type's rounding); exits 1
+otherwise, so a kernel that reads or writes out of bounds shows up here even where
+the sanitizer's report does not.
 """
 
 import os
@@ -18,10 +19,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+DTYPES = ("float32", "float16", "bfloat16")
+AGREE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 8e-2}
 
-def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeats=3):
+
+def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeats=3, dtypes=DTYPES):
     import gpurnn
-    from gpurnn import to_host
+    from gpurnn import precision, to_host
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, H)).astype(np.float32)
@@ -33,8 +37,9 @@ def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeat
                 D = 2 if bidirectional else 1
                 d_out = rng.standard_normal((T, B, D * H)).astype(np.float32)
                 reference = None
-                for algorithm, dtype in [(a, d) for d in ("float32", "float16")
-                                         for a in ("graph", "fused", "persistent")]:
+                runs = [("graph", "float32")] + [(a, d) for d in dtypes for a in ("graph", "fused", "persistent")
+                                                 if (a, d) != ("graph", "float32")]  # the reference first
+                for algorithm, dtype in ((a, precision.dtype("dtypes", d)) for a, d in runs):
                     gpurnn.set_rnn_algorithm(algorithm)
                     try:
                         model = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU}[cell](
@@ -59,7 +64,7 @@ def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeat
                     elif reference is None:
                         reference = results
                     elif max(np.abs(a - b).max() / (np.abs(b).max() + 1e-6)
-                             for a, b in zip(results, reference)) > (1e-3 if dtype == "float32" else 1e-2):
+                             for a, b in zip(results, reference)) > AGREE[dtype.name]:
                         failures.append(f"{label}: differs from graph")
                     print(label, "ok" if not failures or not failures[-1].startswith(label) else failures[-1],
                           flush=True)
@@ -75,7 +80,10 @@ if __name__ == "__main__":
     ap.add_argument("--backend", default="cuda", choices=["cuda", "cudasim"],
                     help="cudasim: the same script under numba's simulator (CI)")
     ap.add_argument("--repeats", type=int, default=3, help="calls of each pass: eager, captured, replayed, ...")
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES,
+                    help="besides the float32 graph run every other is checked against")
     args = ap.parse_args()
-    failed = run_all(*args.size, cells=args.cells, backend=args.backend, repeats=args.repeats)
+    failed = run_all(*args.size, cells=args.cells, backend=args.backend, repeats=args.repeats,
+                     dtypes=tuple(args.dtypes))
     print(f"{len(failed)} failures" + "".join(f"\n  {f}" for f in failed))
     sys.exit(1 if failed else 0)

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from helpers import _have_ml_dtypes
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels"))
 
 
@@ -89,13 +91,14 @@ def test_sanitizer_script_runs_every_algorithm_under_the_simulator():
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "sanitize.py")
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPURNN_RNN_ALGO")}
+    dtypes = ["float32", "bfloat16"] if _have_ml_dtypes else ["float32", "float16"]  # float16: tests/test_half.py
     done = subprocess.run([sys.executable, script, "--backend", "cudasim", "--size", "3", "2", "3", "--cells", "gru",
-                           "--repeats", "1"],
+                           "--repeats", "1", "--dtypes", *dtypes],
                           capture_output=True, text=True, env=dict(env, GPURNN_BACKEND="cudasim"))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == "0 failures" and sum(line.endswith(" ok") for line in lines) == 24  # 4 configs x 6 runs
-    assert sum(line.endswith("float16 ok") for line in lines) == 12
+    assert sum(line.endswith(f"{dtypes[1]} ok") for line in lines) == 12
 
 
 def test_benchmark_table_reports_algorithms_and_rows_that_cannot_run():
@@ -128,6 +131,8 @@ def test_memory_table_has_both_sides_and_the_ratio():
     full = dict(cell="lstm", row="C", precision="fp32", pass_="train", gpurnn_MiB=728.0, torch_MiB=451.0,
                 ratio=728 / 451)
     half = dict(full, precision="fp16", gpurnn_MiB=380.0, torch_MiB=300.0, ratio=380 / 300, of_our_fp32=380 / 728)
-    text = bench_memory.table([full, half])
+    refused = dict(cell="lstm", row="C", precision="bf16", pass_="train", error="torch lstm: bfloat16 not supported")
+    text = bench_memory.table([full, half, refused])
     assert text.splitlines()[1].split() == ["lstm", "C", "fp32", "train", "728.0", "451.0", "1.61"]
     assert text.splitlines()[2].split() == ["lstm", "C", "fp16", "train", "380.0", "300.0", "1.27", "0.52"]
+    assert text.splitlines()[3].endswith("n/a: torch lstm: bfloat16 not supported")

@@ -7,7 +7,7 @@ Run them with ``GPURNN_BACKEND=cuda python -m pytest -m gpu``
 import numpy as np
 import pytest
 
-from helpers import backend_or_skip, back, host, make, needs_ml_dtypes, rel_err, run, torch_reference
+from helpers import BFLOAT16, backend_or_skip, back, host, make, rel_err, run, torch_reference
 
 pytestmark = pytest.mark.gpu
 CELLS = ["rnn", "lstm", "gru"]
@@ -60,30 +60,28 @@ def test_parity_with_numpy_backend(gpu, cell, L, bi, bf, with_lengths, T, B, I, 
         type(g).__module__.startswith("cupy") for g in cud.grads.values())
 
 
+HALF_TOLERANCE = {"float16": 3e-3, "bfloat16": 2.4e-2}  # about 3 units of the type's rounding
+
+
 @pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)
-def test_float16_parity_with_numpy_reference(gpu, cell, L, bi, bf, with_lengths, T, B, I, H):
-    """float16 kernels and GemmEx (float32 accumulation) against NumPy's half reference:
-    the same math, rounded once; only the summation order differs (whichever recurrence
-    algorithm the shape chose)."""
+@pytest.mark.parametrize("dtype", ["float16", BFLOAT16])
+def test_half_parity_with_numpy_reference(gpu, cell, L, bi, bf, with_lengths, T, B, I, H, dtype):
+    """Half kernels (bfloat16 as uint16 bits) and GemmEx (float32 accumulation) against
+    NumPy's half reference: the same math, rounded once; only the summation order differs
+    (whichever recurrence algorithm the shape chose)."""
     rng = np.random.default_rng(T * B + H)
-    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, dtype="float16", seed=4)
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, dtype=dtype, seed=4)
     ref, cud = make(cell, I, H, backend="numpy", **kw), make(cell, I, H, backend="cuda", **kw)
-    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, ref, T, B, rng, "float16")
+    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, ref, T, B, rng, ref.dtype)
     lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
     for _ in range(3):  # eager, then captured, then replayed
         expect = run(ref, x, h0, c0, lengths) + back(ref, d_out, d_hn, d_cn)
         got = run(cud, x, h0, c0, lengths) + back(cud, d_out, d_hn, d_cn)
         for a, b in zip(got, expect):
             if b is not None:
-                assert host(a).dtype == np.float16 and rel_err(a, b) < 3e-3
+                assert host(a).dtype == ref.dtype and rel_err(a, b) < HALF_TOLERANCE[dtype]
         for k in ref.grads:
-            assert rel_err(host(cud.grads[k]), ref.grads[k]) < 3e-3, k
-
-
-@needs_ml_dtypes
-def test_bfloat16_is_refused_on_the_gpu(gpu):
-    with pytest.raises(TypeError, match="bfloat16 does not run on the CUDA backend"):
-        make("lstm", 4, 4, dtype="bfloat16", backend="cuda")
+            assert rel_err(host(cud.grads[k]), ref.grads[k]) < HALF_TOLERANCE[dtype], k
 
 
 @pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)

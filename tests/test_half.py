@@ -109,50 +109,59 @@ def test_half_gemm_sums_in_float32_and_rounds_once(dtype):
     np.testing.assert_array_equal(out, expected)
 
 
+def _same(a, b, what=""):
+    """Equal element by element (widened: NumPy compares no bfloat16; widening is exact)."""
+    np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32), err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_float16_kernels_equal_the_numpy_reference(cell):
-    """The CUDA step kernels on float16 buffers (simulator) against the NumPy half reference."""
+def test_half_kernels_equal_the_numpy_reference(cell, dtype):
+    """The CUDA step kernels on half buffers (simulator; bfloat16 as uint16 bits) against
+    the NumPy half reference, bit for bit."""
     sim = cudasim_backend()
-    ref = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend="numpy", dtype="float16")
-    model = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend=sim, dtype="float16")
+    ref = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend="numpy", dtype=dtype)
+    model = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend=sim, dtype=dtype)
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((4, 2, 3)).astype(np.float16)
-    d_out = rng.standard_normal((4, 2, 10)).astype(np.float16)
+    x = rng.standard_normal((4, 2, 3)).astype(ref.dtype)
+    d_out = rng.standard_normal((4, 2, 10)).astype(ref.dtype)
     lengths = np.array([4, 2])
     out_ref, state_ref = ref(x, lengths=lengths)
     out, state = model(x, lengths=lengths)
-    assert model.algorithms == {"forward": "graph"}
-    np.testing.assert_array_equal(out, out_ref)
-    np.testing.assert_array_equal(ref.backward(d_out)[0], model.backward(d_out)[0])
+    assert model.algorithms == {"forward": "graph"} and out.dtype == ref.dtype
+    _same(out, out_ref)
+    _same(ref.backward(d_out)[0], model.backward(d_out)[0])
     for name in ref.grads:
-        np.testing.assert_array_equal(model.grads[name], ref.grads[name], err_msg=name)
+        _same(model.grads[name], ref.grads[name], name)
 
 
-def test_float16_charlm_on_the_simulator_equals_numpy():
-    """The embedding folded into the first layer (gather_rows, one_hot on float16) and the head."""
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_charlm_on_the_simulator_equals_numpy(dtype):
+    """The embedding folded into the first layer (gather_rows, one_hot on half) and the head."""
     sim = cudasim_backend()
     ids = np.random.default_rng(6).integers(0, 7, (5, 3))
     losses = []
     for backend in ("numpy", sim):
-        lm = gpurnn.CharLM(7, 8, cell="gru", embedding_dim=8, dtype="float16", seed=7, backend=backend)
+        lm = gpurnn.CharLM(7, 8, cell="gru", embedding_dim=8, dtype=dtype, seed=7, backend=backend)
         loss, _ = lm(ids[:-1], ids[1:])
         lm.backward(loss_scale=1024.0)
         losses.append((float(loss), np.array(gpurnn.to_host(lm.grads["rnn.weight_ih_l0"]))))
     assert losses[0][0] == losses[1][0]
-    np.testing.assert_array_equal(losses[0][1], losses[1][1])
+    _same(losses[0][1], losses[1][1])
 
 
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("algorithm", ["fused", "persistent"])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_float16_fused_and_persistent_kernels_match_the_reference(algorithm, cell):
+def test_half_fused_and_persistent_kernels_match_the_reference(algorithm, cell, dtype):
     """Their dot products sum in float32 in their own order (not the GEMM's): within one
-    float16 rounding of the NumPy half reference, element by element."""
+    half rounding of the NumPy half reference, element by element."""
     sim = cudasim_backend()
-    ref = CELLS[cell](3, 6, bidirectional=True, seed=8, backend="numpy", dtype="float16")
-    model = CELLS[cell](3, 6, bidirectional=True, seed=8, backend=sim, dtype="float16")
+    ref = CELLS[cell](3, 6, bidirectional=True, seed=8, backend="numpy", dtype=dtype)
+    model = CELLS[cell](3, 6, bidirectional=True, seed=8, backend=sim, dtype=dtype)
     rng = np.random.default_rng(9)
-    x = rng.standard_normal((5, 3, 3)).astype(np.float16)
-    d_out = rng.standard_normal((5, 3, 12)).astype(np.float16)
+    x = rng.standard_normal((5, 3, 3)).astype(ref.dtype)
+    d_out = rng.standard_normal((5, 3, 12)).astype(ref.dtype)
     lengths = np.array([5, 2, 4])
     gpurnn.set_rnn_algorithm(algorithm)
     try:
@@ -162,20 +171,74 @@ def test_float16_fused_and_persistent_kernels_match_the_reference(algorithm, cel
     assert model.algorithms == {"forward": algorithm, "backward": algorithm}
     expect = [ref(x, lengths=lengths)[0], ref.backward(d_out)[0]]
     for a, b in zip(got + [model.grads[k] for k in ref.grads], expect + [ref.grads[k] for k in ref.grads]):
-        assert a.dtype == np.float16
-        assert _relative(a, b) < precision.TOLERANCES["float16"]["output"]
+        assert a.dtype == ref.dtype
+        assert _relative(a, b) < precision.TOLERANCES[ref.dtype.name]["output"]
 
 
 @needs_ml_dtypes
-def test_bfloat16_on_the_cuda_backend_is_refused_saying_why():
-    from gpurnn.train import Task, TrainingError
+def test_bfloat16_conversions_round_as_ml_dtypes():
+    """The kernels' bfloat16 store (LLVM IR, run here through a CPU intrinsic) and the
+    simulator's both round as ml_dtypes does, bit for bit: ties to even, subnormals,
+    overflow to infinity, NaN kept quiet with its sign; the load is exact."""
+    cudasim_backend()  # numba.cuda in simulator mode before anything imports it
+    from numba import njit, types
+    from numba.extending import intrinsic
 
-    with pytest.raises(TypeError, match="dtype: bfloat16 does not run on the CUDA backend.*#198.*float16"):
-        gpurnn.GRU(3, 4, dtype="bfloat16", backend=cudasim_backend())
-    cfg = dict(task="adding", precision="bf16", batch=4, layers=1, cell="gru", nonlinearity="tanh", seed=0,
-               hidden=4)
-    with pytest.raises(TrainingError, match="--precision bf16: dtype: bfloat16 does not run on the CUDA backend"):
-        Task(cfg, cudasim_backend())
+    from gpurnn.cuda import kernels
+
+    @intrinsic
+    def to_bits(typingctx, v):
+        return types.uint16(v), lambda context, builder, sig, args: kernels.bfloat16_bits(builder, args[0])
+
+    @intrinsic
+    def from_bits(typingctx, v):
+        return types.float32(v), lambda context, builder, sig, args: kernels.bfloat16_value(builder, args[0])
+
+    @njit
+    def convert(x, bits, back):
+        for i in range(x.size):
+            bits[i] = to_bits(x[i])
+            back[i] = from_bits(bits[i])
+
+    rng = np.random.default_rng(12)
+    special = [0, 1 << 31, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7F7FFFFF,
+               0xFF7FFFFF, 1, 0x8000, 0x18000, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x007FFFFF]
+    x = np.concatenate([rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32),
+                        np.array(special, np.uint32)]).view(np.float32)
+    bits, back = np.empty(x.size, np.uint16), np.empty(x.size, np.float32)
+    convert(x, bits, back)
+    with np.errstate(invalid="ignore"):  # NaN into bfloat16
+        expect = x.astype(precision.bfloat16()).view(np.uint16)
+    np.testing.assert_array_equal(bits, expect)
+    np.testing.assert_array_equal(back.view(np.uint32), expect.astype(np.uint32) << 16)
+    like = np.empty(0, np.uint16)  # the simulator's twins: the same rounding in Python integers
+    for value, want in zip(x[-len(special):], expect[-len(special):]):
+        assert kernels.narrow(value, like) == want, hex(int(np.float32(value).view(np.uint32)))
+        assert kernels.wide(want).view(np.uint32) == np.uint32(want) << 16
+    sample = rng.choice(x.size, 2000, replace=False)
+    assert [int(kernels.narrow(v, like)) for v in x[sample]] == expect[sample].tolist()
+
+
+@needs_ml_dtypes
+def test_bfloat16_needs_cupys_bfloat16_on_a_gpu():
+    """A CuPy without bfloat16 arrays: a TypeError naming what is missing, before anything runs."""
+    cudasim_backend()  # numba.cuda in simulator mode before anything imports it
+    from gpurnn.cuda import ops as cuda_ops
+
+    class NoBfloat16:  # the part of an older CuPy that check_dtype touches
+        __version__ = "13.6.0"
+
+        @staticmethod
+        def zeros(shape, dtype):
+            raise TypeError(f"Unsupported type {dtype}")
+
+    ops = cuda_ops.CudaOps.__new__(cuda_ops.CudaOps)
+    ops.simulate, ops.xp, ops._bfloat16_missing = False, NoBfloat16, None
+    ops.check_dtype("float16")
+    with pytest.raises(TypeError, match=r"dtype: bfloat16 on the CUDA backend needs CuPy's bfloat16 arrays "
+                                        r"\(CuPy >= 14 with ml_dtypes installed\); this CuPy 13.6.0 has none "
+                                        r"\(TypeError: Unsupported type bfloat16\)"):
+        ops.check_dtype(precision.bfloat16())
 
 
 def test_master_weights_and_loss_scaler():

@@ -25,10 +25,11 @@ def test_every_kernel_compiles_without_spills(tmp_path):
     recurrences = [f"{cell}_{pass_} {algorithm}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")
                    for algorithm in ("fused", "persistent")]
     half = [f"{cell}_{pass_}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")]
-    half += ["lstm_forward eval", "gru_forward eval", "gather_rows", "one_hot"] + recurrences  # float16 models
+    half += ["lstm_forward eval", "gru_forward eval", "gather_rows", "one_hot"] + recurrences  # half models
     builds = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
     assert builds == {(k, d, a) for k in kernels + recurrences for d in ("float32", "float64")
-                      for a in ("sm_80", "sm_90")} | {(k, "float16", a) for k in half for a in ("sm_80", "sm_90")}
+                      for a in ("sm_80", "sm_90")} | {(k, d, a) for k in half for d in ("float16", "bfloat16")
+                                                       for a in ("sm_80", "sm_90")}
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         if r["kernel"].endswith("persistent"):  # 256 threads: two blocks an SM need at most 128

@@ -7,7 +7,7 @@ Run by ``kernels/gpu_check.py``'s suite stage (GPURNN_BACKEND=cuda).
 import numpy as np
 import pytest
 
-from helpers import backend_or_skip
+from helpers import backend_or_skip, needs_ml_dtypes
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
@@ -140,21 +140,29 @@ def test_no_host_synchronization_in_a_training_step(gt):
     assert all(np.isfinite(p.detach().cpu().numpy()).all() for p in m.parameters())
 
 
+@pytest.mark.parametrize("half, tol", [("float16", 1e-2), pytest.param("bfloat16", 8e-2, marks=needs_ml_dtypes)])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-def test_autocast_float16_parity_with_cudnn(gt, cls):
-    """Both under torch.autocast(float16): half outputs, float32 parameter gradients, close."""
+def test_autocast_half_parity_with_cudnn(gt, cls, half, tol):
+    """Both under torch.autocast(float16 or bfloat16): half outputs, float32 parameter
+    gradients, close (bfloat16: where torch's own RNN runs it)."""
+    half = getattr(torch, half)
     torch.manual_seed(0)
     ours, peer = pair(gt, cls, 32, 64, num_layers=2)
     x = torch.randn(20, 8, 32, device="cuda")
     x_ours, x_peer = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     outs = []
     for module, inp in ((ours, x_ours), (peer, x_peer)):
-        with torch.autocast("cuda", dtype=torch.float16):
-            out, _ = module(inp)
-        out.float().pow(2).sum().backward()
+        try:
+            with torch.autocast("cuda", dtype=half):
+                out, _ = module(inp)
+            out.float().pow(2).sum().backward()
+        except RuntimeError as exc:
+            if module is peer and half == torch.bfloat16:
+                pytest.skip(f"torch's {cls} does not run bfloat16 under autocast here: {exc}")
+            raise
         outs.append(out)
-    assert outs[0].dtype == outs[1].dtype == torch.float16
-    assert rel(outs[0], outs[1]) < 5e-3
-    assert rel(x_ours.grad, x_peer.grad) < 1e-2
+    assert outs[0].dtype == outs[1].dtype == half
+    assert rel(outs[0], outs[1]) < tol / 2
+    assert rel(x_ours.grad, x_peer.grad) < tol
     for (name, p), q in zip(ours.named_parameters(), peer.parameters()):
-        assert p.grad.dtype == torch.float32 and rel(p.grad, q.grad) < 1e-2, name
+        assert p.grad.dtype == torch.float32 and rel(p.grad, q.grad) < tol, name

@@ -14,16 +14,16 @@ streams sharing a handle (torch keeps one per handle and stream likewise).
 import ctypes
 import ctypes.util
 
-import numpy as np
-
 _OP_N, _OP_T = 0, 1
-_DATA_TYPE = {np.float32: 0, np.float64: 1, np.float16: 2}  # CUDA_R_32F, CUDA_R_64F, CUDA_R_16F
-_COMPUTE = {("fp32", np.float32): 68,  # CUBLAS_COMPUTE_32F
-            ("tf32", np.float32): 77,  # CUBLAS_COMPUTE_32F_FAST_TF32
-            ("fp32", np.float64): 70,  # CUBLAS_COMPUTE_64F
-            ("tf32", np.float64): 70,
-            ("fp32", np.float16): 68,  # half operands, float32 accumulation, one rounding on store
-            ("tf32", np.float16): 68}
+_DATA_TYPE = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14}  # CUDA_R_32F, _64F, _16F, _16BF
+_COMPUTE = {("fp32", "float32"): 68,  # CUBLAS_COMPUTE_32F
+            ("tf32", "float32"): 77,  # CUBLAS_COMPUTE_32F_FAST_TF32
+            ("fp32", "float64"): 70,  # CUBLAS_COMPUTE_64F
+            ("tf32", "float64"): 70,
+            ("fp32", "float16"): 68,  # half operands, float32 accumulation, one rounding on store
+            ("tf32", "float16"): 68,
+            ("fp32", "bfloat16"): 68,
+            ("tf32", "bfloat16"): 68}
 _GEMM_DEFAULT = -1
 _POINTER_MODE_HOST = 0
 
@@ -57,9 +57,9 @@ class Cublas:
                                i32, i32]
         # host scalars alpha = 1 and beta in {0, 1}, kept alive for captured graphs
         # (float32 scalars for half too: cuBLAS takes alpha and beta in the compute type)
-        self._scalars = {np.float32: (ctypes.c_float(1), ctypes.c_float(0), ctypes.c_float(1)),
-                         np.float64: (ctypes.c_double(1), ctypes.c_double(0), ctypes.c_double(1))}
-        self._scalars[np.float16] = self._scalars[np.float32]
+        self._scalars = {"float32": (ctypes.c_float(1), ctypes.c_float(0), ctypes.c_float(1)),
+                         "float64": (ctypes.c_double(1), ctypes.c_double(0), ctypes.c_double(1))}
+        self._scalars["float16"] = self._scalars["bfloat16"] = self._scalars["float32"]
 
     def _check(self, status, what):
         if status != 0:
@@ -69,7 +69,7 @@ class Cublas:
         """out = op(a) @ op(b) + beta * out on row-major CuPy arrays with unit
         inner stride. cuBLAS is column-major, so it computes out^T = op(b)^T op(a)^T.
         workspace: None (the handle's default pool), or a CuPy uint8 buffer for this call."""
-        dtype = out.dtype.type
+        dtype = out.dtype.name
         M, N = out.shape
         K = a.shape[0] if trans_a else a.shape[1]
         item = out.itemsize

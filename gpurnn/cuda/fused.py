@@ -28,7 +28,7 @@ The weights reach a tile flat, as w[k * w_cols + g * gate_stride + (j - w_base)]
   [G*H, U] columns), with gate_stride unused.
 
 Numerics: each dot product accumulates in the type the buffers compute in
-(float32 for float16 buffers, which are widened as read and staged in half, so
+(float32 for half buffers, which are widened as read and staged in half, so
 shared memory holds half the bytes) in order k = 0..H-1, and sums are grouped as
 the step kernels' (x W_ih^T + b_ih) + (h W_hh^T + b_hh).
 
@@ -49,7 +49,8 @@ from numba import int32
 
 from gpurnn.backend import _simulating, load_numba_cuda
 from gpurnn.cuda.kernels import (constants, gru_point_backward, gru_point_forward, lstm_point_backward,
-                                 lstm_point_forward, numba_float, rnn_point_backward, rnn_point_forward, wide)
+                                 lstm_point_forward, narrow, numba_float, rnn_point_backward, rnn_point_forward,
+                                 wide)
 from gpurnn.sequence import GATE_BLOCKS
 
 cuda = load_numba_cuda()
@@ -370,12 +371,11 @@ def _poison_forward(start, stop, reverse, j0, j1, h, y):
     """After a failed barrier: NaN in every output and state of the span this block owns."""
     B = h.shape[1]
     U = j1 - j0
-    nan = h.dtype.type(math.nan)
     for t in range(start, stop):
         for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
             b, j = _element(e, j0, U)
-            y[t, b, j] = nan
-            h[t + 1 - reverse, b, j] = nan
+            y[t, b, j] = narrow(math.nan, y)
+            h[t + 1 - reverse, b, j] = narrow(math.nan, h)
 
 
 @cuda.jit(device=True, inline=True)
@@ -385,7 +385,7 @@ def _poison_backward(j0, j1, dh):
     U = j1 - j0
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
-        dh[b, j] = dh.dtype.type(math.nan)
+        dh[b, j] = narrow(math.nan, dh)
 
 
 @cuda.jit

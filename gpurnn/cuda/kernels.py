@@ -10,15 +10,22 @@ state, write zeros.
 
 Constants come from ``constants(h)`` in the type the buffers compute in, so
 float32 kernels stay in float32 (a bare Python float would promote them to
-float64). float16 buffers compute in float32: every element read goes through
-``wide`` (float16 to float32; any other type unchanged) and every store rounds
-once, as the NumPy reference (gpurnn.precision) does.
+float64). Half buffers compute in float32: every element read goes through
+``wide`` (to float32; float32 and float64 unchanged) and every computed value is
+stored through ``narrow(value, buffer)``, which rounds it once into the buffer's
+type, as the NumPy reference (gpurnn.precision) does. bfloat16 buffers reach the
+kernels as their uint16 bits (numba cannot type bfloat16 arrays, numba-cuda
+issue #198, and its simulator has no bfloat16): ``wide`` puts the 16 bits on top
+of a float32's, ``narrow`` rounds to nearest even in integer arithmetic, as
+ml_dtypes and CUDA's ``__float2bfloat16_rn`` do. No kernel holds integers of its
+own in a uint16 buffer, so in the kernels uint16 means bfloat16.
 Launch with ``grid(B * H)`` threads; ``cuda.grid(1)`` beyond ``B * H`` returns.
 """
 
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import config, float64, types
 from numba.cuda.extending import intrinsic
 
@@ -37,15 +44,49 @@ def sigmoid(x, half):
 
 
 _CONSTANTS = (0.0, 1.0, 0.5, LEAKY_RELU_SLOPE, ELU_ALPHA)
+_I32 = ir.IntType(32)
+
+
+def bfloat16_bits(builder, value):
+    """LLVM IR: the float32 value rounded to the nearest bfloat16 (ties to even), as
+    its 16 bits; a NaN stays a quiet NaN of its sign (ml_dtypes' bits exactly)."""
+    bits = builder.bitcast(value, _I32)
+    upper = builder.lshr(bits, ir.Constant(_I32, 16))
+    odd = builder.and_(upper, ir.Constant(_I32, 1))
+    rounded = builder.lshr(builder.add(bits, builder.add(ir.Constant(_I32, 0x7FFF), odd)), ir.Constant(_I32, 16))
+    quiet_nan = builder.or_(builder.and_(upper, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 0x7FC0))
+    is_nan = builder.fcmp_unordered("uno", value, value)
+    return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+
+
+def bfloat16_value(builder, bits):
+    """LLVM IR: the float32 a bfloat16's 16 bits stand for (exact)."""
+    return builder.bitcast(builder.shl(builder.zext(bits, _I32), ir.Constant(_I32, 16)), ir.FloatType())
+
 
 if config.ENABLE_CUDASIM:  # the simulator runs device code as Python on NumPy scalars
     def wide(v):
-        """v in the type its math runs in: float32 for a float16, else v itself."""
-        return np.float32(v) if isinstance(v, np.float16) else v
+        """v in the type its math runs in: float32 for a half (bfloat16: its uint16 bits), else v itself."""
+        if isinstance(v, np.float16):
+            return np.float32(v)
+        if isinstance(v, np.uint16):
+            return (np.uint32(v) << np.uint32(16)).view(np.float32)
+        return v
+
+    def narrow(value, like):
+        """value as stored into the array like: bfloat16 bits for a uint16 array (the integer
+        rounding of bfloat16_bits), else value itself (NumPy's store rounds into float16)."""
+        if like.dtype != np.uint16:
+            return value
+        value = np.float32(value)
+        bits = int(value.view(np.uint32))
+        if value != value:
+            return np.uint16(bits >> 16 & 0x8000 | 0x7FC0)
+        return np.uint16((bits + 0x7FFF + (bits >> 16 & 1)) >> 16)
 
     def constants(x):
         """(zero, one, half, slope, alpha) in the type the array x computes in."""
-        kind = np.float32 if x.dtype == np.float16 else x.dtype.type
+        kind = np.float32 if x.dtype in (np.float16, np.uint16) else x.dtype.type  # half: float32
         return tuple(kind(c) for c in _CONSTANTS)
 else:  # intrinsics: typed per argument type at compile time, and PTX builds with no driver (an overload needs one)
     @intrinsic
@@ -53,11 +94,22 @@ else:  # intrinsics: typed per argument type at compile time, and PTX builds wit
         if v == types.float16:
             return types.float32(v), lambda context, builder, sig, args: context.cast(builder, args[0], v,
                                                                                        types.float32)
+        if v == types.uint16:  # bfloat16 bits
+            return types.float32(v), lambda context, builder, sig, args: bfloat16_value(builder, args[0])
         return v(v), lambda context, builder, sig, args: args[0]
 
     @intrinsic
+    def narrow(typingctx, value, like):
+        kind = like.dtype
+        if kind == types.uint16:
+            def codegen(context, builder, sig, args):
+                return bfloat16_bits(builder, context.cast(builder, args[0], value, types.float32))
+            return types.uint16(value, like), codegen
+        return kind(value, like), lambda context, builder, sig, args: context.cast(builder, args[0], value, kind)
+
+    @intrinsic
     def constants(typingctx, x):
-        kind = types.float32 if x.dtype == types.float16 else x.dtype
+        kind = types.float32 if x.dtype in (types.float16, types.uint16) else x.dtype  # half: float32
 
         def codegen(context, builder, sig, args):
             return context.make_tuple(builder, sig.return_type, [context.get_constant(kind, c) for c in _CONSTANTS])
@@ -94,6 +146,15 @@ def activate_grad(nonlinearity, h, k):
     return one if h > zero else h + alpha  # ELU: alpha e^a = h + alpha
 
 
+@cuda.jit(device=True, inline=True)
+def store_gates(gates, t, b, j, H, v0, v1, v2, v3):
+    """What backward reads of element (b, j) at step t: gates[t, b, k*H + j] = v_k."""
+    gates[t, b, j] = narrow(v0, gates)
+    gates[t, b, H + j] = narrow(v1, gates)
+    gates[t, b, 2 * H + j] = narrow(v2, gates)
+    gates[t, b, 3 * H + j] = narrow(v3, gates)
+
+
 # --------------------------------------------------------------------------- RNN
 # Each cell's step is a device function of one element (b, j), given the
 # recurrent projection of that element (rec: (h_prev W_hh^T)[b, j] per gate
@@ -106,11 +167,11 @@ def rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonl
     k = constants(h)
     if t >= lengths[b]:  # padded step: carry the state, output 0
         h[nxt, b, j] = h[prev, b, j]
-        y[t, b, j] = k[0]
+        y[t, b, j] = narrow(k[0], y)
         return
     h_new = activate(nonlinearity, (wide(gx[t, b, j]) + wide(b_ih[j])) + (rec + wide(b_hh[j])), k)
-    h[nxt, b, j] = h_new
-    y[t, b, j] = h_new
+    h[nxt, b, j] = narrow(h_new, h)
+    y[t, b, j] = narrow(h_new, y)
 
 
 @cuda.jit(device=True, inline=True)
@@ -118,12 +179,12 @@ def rnn_point_backward(t, reverse, b, j, dh_in, h, dy, dh, dgates, lengths, nonl
     nxt = t + 1 - reverse
     k = constants(h)
     if t >= lengths[b]:  # padded step: the gradient passes through untouched
-        dgates[t, b, j] = k[0]
-        dh[b, j] = dh_in
+        dgates[t, b, j] = narrow(k[0], dgates)
+        dh[b, j] = narrow(dh_in, dh)
         return
     dh_total = dh_in + wide(dy[t, b, j])  # output at t plus what flows back from t+1
-    dgates[t, b, j] = dh_total * activate_grad(nonlinearity, wide(h[nxt, b, j]), k)
-    dh[b, j] = k[0]  # h_{t-1} reaches h_t only through W_hh
+    dgates[t, b, j] = narrow(dh_total * activate_grad(nonlinearity, wide(h[nxt, b, j]), k), dgates)
+    dh[b, j] = narrow(k[0], dh)  # h_{t-1} reaches h_t only through W_hh
 
 
 @cuda.jit(cache=True)
@@ -155,9 +216,9 @@ def lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b
     if t >= lengths[b]:  # padded step: carry the state, output 0
         c[nxt, b, j] = c[prev, b, j]
         h[nxt, b, j] = h[prev, b, j]
-        y[t, b, j] = zero
+        y[t, b, j] = narrow(zero, y)
         for k in range(4):
-            gates[t, b, k * H + j] = zero
+            gates[t, b, k * H + j] = narrow(zero, gates)
         return
     i = sigmoid((wide(gx[t, b, j]) + wide(b_ih[j])) + (rec_i + wide(b_hh[j])), half)
     f = sigmoid((wide(gx[t, b, H + j]) + wide(b_ih[H + j])) + (rec_f + wide(b_hh[H + j])), half)
@@ -165,13 +226,10 @@ def lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b
     o = sigmoid((wide(gx[t, b, 3 * H + j]) + wide(b_ih[3 * H + j])) + (rec_o + wide(b_hh[3 * H + j])), half)
     c_new = f * wide(c[prev, b, j]) + i * g
     h_new = o * math.tanh(c_new)
-    c[nxt, b, j] = c_new
-    h[nxt, b, j] = h_new
-    y[t, b, j] = h_new
-    gates[t, b, j] = i
-    gates[t, b, H + j] = f
-    gates[t, b, 2 * H + j] = g
-    gates[t, b, 3 * H + j] = o
+    c[nxt, b, j] = narrow(c_new, c)
+    h[nxt, b, j] = narrow(h_new, h)
+    y[t, b, j] = narrow(h_new, y)
+    store_gates(gates, t, b, j, H, i, f, g, o)
 
 
 @cuda.jit(device=True, inline=True)
@@ -181,8 +239,8 @@ def lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, l
     zero, one, half, _, _ = constants(c)
     if t >= lengths[b]:  # padded step: the gradients pass through untouched
         for k in range(4):
-            dgates[t, b, k * H + j] = zero
-        dh[b, j] = dh_in
+            dgates[t, b, k * H + j] = narrow(zero, dgates)
+        dh[b, j] = narrow(dh_in, dh)
         return
     i = wide(gates[t, b, j])
     f = wide(gates[t, b, H + j])
@@ -191,12 +249,12 @@ def lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, l
     tanh_c = math.tanh(wide(c[nxt, b, j]))
     dh_total = dh_in + wide(dy[t, b, j])
     dc_total = wide(dc[b, j]) + dh_total * o * (one - tanh_c * tanh_c)  # backprop through tanh(c_t)
-    dgates[t, b, j] = dc_total * g * i * (one - i)
-    dgates[t, b, H + j] = dc_total * wide(c[prev, b, j]) * f * (one - f)
-    dgates[t, b, 2 * H + j] = dc_total * i * (one - g * g)
-    dgates[t, b, 3 * H + j] = dh_total * tanh_c * o * (one - o)
-    dc[b, j] = dc_total * f
-    dh[b, j] = zero  # h_{t-1} reaches the gates only through W_hh
+    dgates[t, b, j] = narrow(dc_total * g * i * (one - i), dgates)
+    dgates[t, b, H + j] = narrow(dc_total * wide(c[prev, b, j]) * f * (one - f), dgates)
+    dgates[t, b, 2 * H + j] = narrow(dc_total * i * (one - g * g), dgates)
+    dgates[t, b, 3 * H + j] = narrow(dh_total * tanh_c * o * (one - o), dgates)
+    dc[b, j] = narrow(dc_total * f, dc)
+    dh[b, j] = narrow(zero, dh)  # h_{t-1} reaches the gates only through W_hh
 
 
 @cuda.jit(cache=True)
@@ -230,9 +288,9 @@ def gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, 
     zero, one, half, _, _ = constants(h)
     if t >= lengths[b]:  # padded step: carry the state, output 0
         h[nxt, b, j] = h[prev, b, j]
-        y[t, b, j] = zero
+        y[t, b, j] = narrow(zero, y)
         for k in range(4):
-            gates[t, b, k * H + j] = zero
+            gates[t, b, k * H + j] = narrow(zero, gates)
         return
     r = sigmoid((wide(gx[t, b, j]) + wide(b_ih[j])) + (rec_r + wide(b_hh[j])), half)
     z = sigmoid((wide(gx[t, b, H + j]) + wide(b_ih[H + j])) + (rec_z + wide(b_hh[H + j])), half)
@@ -240,12 +298,9 @@ def gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, 
     n = math.tanh((wide(gx[t, b, 2 * H + j]) + wide(b_ih[2 * H + j])) + r * hn)
     h_prev = wide(h[prev, b, j])
     h_new = n + z * (h_prev - n)  # (1 - z) n + z h_prev
-    h[nxt, b, j] = h_new
-    y[t, b, j] = h_new
-    gates[t, b, j] = r
-    gates[t, b, H + j] = z
-    gates[t, b, 2 * H + j] = n
-    gates[t, b, 3 * H + j] = hn
+    h[nxt, b, j] = narrow(h_new, h)
+    y[t, b, j] = narrow(h_new, y)
+    store_gates(gates, t, b, j, H, r, z, n, hn)
 
 
 @cuda.jit(device=True, inline=True)
@@ -255,9 +310,9 @@ def gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, leng
     zero, one, half, _, _ = constants(h)
     if t >= lengths[b]:  # padded step: the gradient passes through untouched
         for k in range(3):
-            dgx[t, b, k * H + j] = zero
-            dgh[t, b, k * H + j] = zero
-        dh[b, j] = dh_in
+            dgx[t, b, k * H + j] = narrow(zero, dgx)
+            dgh[t, b, k * H + j] = narrow(zero, dgh)
+        dh[b, j] = narrow(dh_in, dh)
         return
     r = wide(gates[t, b, j])
     z = wide(gates[t, b, H + j])
@@ -267,13 +322,13 @@ def gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, leng
     dn = dh_total * (one - z) * (one - n * n)  # backprop through tanh
     dz = dh_total * (wide(h[prev, b, j]) - n) * z * (one - z)
     dr = dn * hn * r * (one - r)
-    dgx[t, b, j] = dr
-    dgx[t, b, H + j] = dz
-    dgx[t, b, 2 * H + j] = dn
-    dgh[t, b, j] = dr
-    dgh[t, b, H + j] = dz
-    dgh[t, b, 2 * H + j] = dn * r
-    dh[b, j] = dh_total * z  # the z h_{t-1} path skips W_hh
+    dgx[t, b, j] = narrow(dr, dgx)
+    dgx[t, b, H + j] = narrow(dz, dgx)
+    dgx[t, b, 2 * H + j] = narrow(dn, dgx)
+    dgh[t, b, j] = narrow(dr, dgh)
+    dgh[t, b, H + j] = narrow(dz, dgh)
+    dgh[t, b, 2 * H + j] = narrow(dn * r, dgh)
+    dh[b, j] = narrow(dh_total * z, dh)  # the z h_{t-1} path skips W_hh
 
 
 @cuda.jit(cache=True)
@@ -345,7 +400,7 @@ def one_hot(ids, out):
     n, v = element_of(out)
     if n < 0:
         return
-    out[n, v] = out.dtype.type(1) if ids[n] == v else out.dtype.type(0)
+    out[n, v] = narrow(1.0, out) if ids[n] == v else narrow(0.0, out)
 
 
 # ---------------------------------------------------------------------- loss
@@ -406,15 +461,17 @@ KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
            "gather_rows": gather_rows, "one_hot": one_hot, "softmax_xent": softmax_xent}
 
 
-# what a float16 model launches (its optimizer steps float32 master weights, and its
+# what a half model launches (its optimizer steps float32 master weights, and its
 # loss widens the logits to float32 first: adam_update and softmax_xent see float32)
 HALF_KERNELS = ("rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
                 "gather_rows", "one_hot")
 
 
 def numba_float(dtype):
-    """The numba type of a float16, float32 or float64 array's elements."""
-    return {"float16": types.float16, "float32": types.float32, "float64": types.float64}[np.dtype(dtype).name]
+    """The numba type of the elements the kernels see of a float16, bfloat16 (its bits),
+    float32 or float64 array."""
+    return {"float16": types.float16, "bfloat16": types.uint16, "float32": types.float32,
+            "float64": types.float64}[dtype if isinstance(dtype, str) else np.dtype(dtype).name]
 
 
 def signatures(name, dtype):

@@ -48,6 +48,11 @@ WORKSPACE_BYTES = 32 << 20  # a cuBLAS workspace of our own: what cuBLAS reserve
 ONE_HOT_BYTES = 64 << 20  # the deterministic scatter_add's one-hot block, at most
 
 
+def _as_kernels_see(a):
+    """The buffer a kernel is handed: a bfloat16 array as its uint16 bits (see gpurnn.cuda.kernels)."""
+    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+
+
 class _Lane:
     """A stream for one recurrence (its kernels and step GEMMs) and a side stream
     for the input projections that overlap it. ``workspaces``: stream pointer ->
@@ -75,6 +80,7 @@ class CudaOps:
         self._resident = {}  # (kernel, signature, threads, shared bytes) -> blocks resident at once
         self._wrapped = {}
         self._transpose_faster = {}
+        self._bfloat16_missing = None  # asked once on a GPU: "" when CuPy has bfloat16 arrays, else why not
         if simulate:
             self.name, self.xp = "cudasim", np
             self._stream = None
@@ -255,7 +261,7 @@ class CudaOps:
         blocks of rows, target += onehot(indices)^T values, always in one order."""
         if self.simulate:
             NumpyOps.scatter_add(target, indices, values)
-        elif deterministic_algorithms():
+        elif deterministic_algorithms() or target.dtype.name == "bfloat16":  # cupyx has no bfloat16 (CuPy #9630)
             self._scatter_add_by_gemm(target, indices, values)
         else:
             import cupyx
@@ -342,6 +348,7 @@ class CudaOps:
         directly costs ~50 us per launch)."""
         if not hasattr(a, "__cuda_array_interface__"):
             return a
+        a = _as_kernels_see(a)
         desc = a.__cuda_array_interface__
         key = (desc["data"][0], desc["shape"], desc["strides"], desc["typestr"])
         view = self._wrapped.get(key)
@@ -359,7 +366,7 @@ class CudaOps:
             return a
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-        return FakeCUDAArray(a)
+        return FakeCUDAArray(_as_kernels_see(a))
 
     def adam_update(self, p, g, m, v, step_size, beta1, beta2, eps, bias2_sqrt):
         """The fused twin of gpurnn.optim.adam_update, one launch per parameter."""
@@ -521,14 +528,21 @@ class CudaOps:
                             f"running): no grid fits on the GPU at once within {fused.SHARED_LIMIT >> 10} KiB of "
                             f"shared memory a block, e.g. {reasons[0]}; {reasons[-1]}")
 
-    @staticmethod
-    def check_dtype(dtype, name="dtype"):
-        """float32, float64 and float16 run here; bfloat16 does not (a TypeError saying why)."""
-        if np.dtype(dtype).name == "bfloat16":
-            raise TypeError(f"{name}: bfloat16 does not run on the CUDA backend: numba-cuda cannot type "
-                            f"bfloat16 arrays (numba-cuda issue #198) and its simulator has no bfloat16, so "
-                            f"the kernels would need uint16 views and hand-written rounding, not built yet; "
-                            f"use float16 (fp16) on the GPU, or bfloat16 on the numpy backend")
+    def check_dtype(self, dtype, name="dtype"):
+        """float32, float64, float16 and bfloat16 run here; bfloat16 needs arrays of it from
+        CuPy (CuPy 14 with ml_dtypes), else a TypeError saying what is missing."""
+        if np.dtype(dtype).name != "bfloat16" or self.simulate:
+            return
+        if self._bfloat16_missing is None:
+            try:
+                self.xp.zeros(1, np.dtype(dtype)).view(np.uint16)
+                self._bfloat16_missing = ""
+            except Exception as exc:  # a CuPy without bfloat16 arrays
+                self._bfloat16_missing = f"{type(exc).__name__}: {exc}"
+        if self._bfloat16_missing:
+            raise TypeError(f"{name}: bfloat16 on the CUDA backend needs CuPy's bfloat16 arrays (CuPy >= 14 with "
+                            f"ml_dtypes installed); this CuPy {self.xp.__version__} has none "
+                            f"({self._bfloat16_missing}). Use float16 (fp16), or pip install ml_dtypes")
 
     def _resident_blocks(self, kernel, signature, threads, shared):
         """How many blocks of ``kernel`` (compiled for ``signature``) can be resident at once."""
