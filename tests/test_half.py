@@ -371,3 +371,22 @@ def test_cli_half_training_resumes_exactly(tmp_path, flag):
         record = json.loads(z["record"].tobytes().decode())
     assert record["config"]["precision"] == flag
     assert ("loss_scaler" in record) == (flag == "fp16")
+
+
+@needs_ml_dtypes
+def test_cli_bfloat16_training_on_the_simulator_equals_numpy(tmp_path, capsys, monkeypatch):
+    """`gpurnn train --precision bf16` through the CUDA code path (kernels on uint16 bits,
+    master weights, checkpoint) gives the NumPy reference's losses, bit for bit."""
+    from gpurnn import cli
+
+    cudasim_backend()
+    losses = {}
+    for backend in ("numpy", "cudasim"):
+        monkeypatch.setenv("GPURNN_BACKEND", backend)  # --backend auto: the simulator is asked for by environment
+        out = tmp_path / backend
+        args = ["train", "--task", "adding", "--precision", "bf16", "--hidden", "8", "--batch", "4", "--steps", "3",
+                "--seq-len", "6", "--val-every", "3", "--no-progress", "--out", str(out)]
+        assert cli.main(args) == 0, capsys.readouterr().err
+        assert f"on {backend} (" in capsys.readouterr().err
+        losses[backend] = [row.split(",")[1::3] for row in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(losses["numpy"]) == 3 and losses["cudasim"] == losses["numpy"]
