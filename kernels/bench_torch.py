@@ -41,6 +41,19 @@ class Model(torch.nn.Module):
         return self.head(self.rnn(self.embedding(x))[0])
 
 
+def pools():
+    """What CuPy's pool and torch's caching allocator hold and use now, in MiB. Each keeps
+    its idle blocks (held - used) from the other: a shared pool (issue 12's allocator
+    switch) could save at most the smaller idle figure, so these decide whether one is
+    worth building."""
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    mib = 2.0 ** -20
+    return dict(cupy_held=pool.total_bytes() * mib, cupy_used=pool.used_bytes() * mib,
+                torch_held=torch.cuda.memory_reserved() * mib, torch_used=torch.cuda.memory_allocated() * mib)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -82,9 +95,13 @@ def main(argv=None):
             row = dict(cell=cell, size=size, layers=layers, H=H, T=T, B=B, device=str(device),
                        tokens_per_s=tok, ratio=tok["gpurnn"] / tok["torch"],
                        first_loss={s: v[0] for s, v in losses.items()})
+            if device.type == "cuda":
+                row["pools_MiB"] = pools()
             rows.append(row)
             print(f"{cell} {size} ({layers}x{H}, T={T}, B={B}) on {device}: torch.nn {tok['torch']:,.0f} tok/s, "
-                  f"gpurnn.torch {tok['gpurnn']:,.0f} tok/s, ratio {row['ratio']:.2f}", flush=True)
+                  f"gpurnn.torch {tok['gpurnn']:,.0f} tok/s, ratio {row['ratio']:.2f}"
+                  + ("; MiB held/used: CuPy {cupy_held:.0f}/{cupy_used:.0f}, torch {torch_held:.0f}/{torch_used:.0f}"
+                     .format(**row["pools_MiB"]) if "pools_MiB" in row else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(threads=torch.get_num_threads(), rows=rows), f, indent=1)

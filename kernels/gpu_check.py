@@ -340,8 +340,11 @@ def main():
                           for side, p in r["phases_ms"].items()))
     torch_rows = report.get("torch")
     for r in torch_rows if isinstance(torch_rows, list) else []:
+        pools = r.get("pools_MiB")
         print(f"torch model with gpurnn.torch.{r['cell'].upper()}, {r['size']} ({r['layers']}x{r['H']}, T={r['T']}, "
-              f"B={r['B']}): tokens/s ratio {r['ratio']:.2f} against torch.nn")
+              f"B={r['B']}): tokens/s ratio {r['ratio']:.2f} against torch.nn"
+              + (f"; idle MiB (held - used): CuPy {pools['cupy_held'] - pools['cupy_used']:.0f}, "
+                 f"torch {pools['torch_held'] - pools['torch_used']:.0f}" if pools else ""))
     skipped = [name for name in report["stages"] if "skipped" in (report.get(name) or {})]
     if skipped:
         print(f"skipped (--budget {args.budget:g} s spent): {', '.join(skipped)}; run them in another call")

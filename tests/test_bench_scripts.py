@@ -136,3 +136,18 @@ def test_memory_table_has_both_sides_and_the_ratio():
     assert text.splitlines()[1].split() == ["lstm", "C", "fp32", "train", "728.0", "451.0", "1.61"]
     assert text.splitlines()[2].split() == ["lstm", "C", "fp16", "train", "380.0", "300.0", "1.27", "0.52"]
     assert text.splitlines()[3].endswith("n/a: torch lstm: bfloat16 not supported")
+
+
+def test_bench_torch_reads_both_memory_pools(monkeypatch):
+    """The GPU rows' pool figures (what decides issue 12's allocator switch), with the two
+    libraries' counters faked: a typo here would only show on a lent GPU."""
+    import types
+
+    torch = pytest.importorskip("torch")
+    import bench_torch
+
+    pool = types.SimpleNamespace(total_bytes=lambda: 3 << 20, used_bytes=lambda: 1 << 20)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(get_default_memory_pool=lambda: pool))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 8 << 20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 5 << 20)
+    assert bench_torch.pools() == dict(cupy_held=3.0, cupy_used=1.0, torch_held=8.0, torch_used=5.0)
