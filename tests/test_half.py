@@ -229,11 +229,13 @@ def test_bfloat16_needs_cupys_bfloat16_on_a_gpu():
         __version__ = "13.6.0"
 
         @staticmethod
-        def zeros(shape, dtype):
+        def ones(shape, dtype):
             raise TypeError(f"Unsupported type {dtype}")
 
     ops = cuda_ops.CudaOps.__new__(cuda_ops.CudaOps)
-    ops.simulate, ops.xp, ops._bfloat16_missing = False, NoBfloat16, None
+    ops.simulate, ops.xp, ops._bfloat16_missing = False, np, None  # NumPy with ml_dtypes: what the probe asks for
+    ops.check_dtype(precision.bfloat16())
+    ops.xp, ops._bfloat16_missing = NoBfloat16, None
     ops.check_dtype("float16")
     with pytest.raises(TypeError, match=r"dtype: bfloat16 on the CUDA backend needs CuPy's bfloat16 arrays "
                                         r"\(CuPy >= 14 with ml_dtypes installed\); this CuPy 13.6.0 has none "

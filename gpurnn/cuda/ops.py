@@ -534,10 +534,13 @@ class CudaOps:
         if np.dtype(dtype).name != "bfloat16" or self.simulate:
             return
         if self._bfloat16_missing is None:
-            try:
-                self.xp.zeros(1, np.dtype(dtype)).view(np.uint16)
+            try:  # what the backend does to half buffers: fill, slice, multiply, widen, view the bits
+                probe = self.xp.ones(2, np.dtype(dtype))
+                probe[1:] = probe[:1] * 3
+                if probe.astype(np.float32).tolist() != [1.0, 3.0] or probe.view(np.uint16).tolist()[1] != 0x4040:
+                    raise ValueError(f"bfloat16 [1, 3] came back as {probe.astype(np.float32).tolist()}")
                 self._bfloat16_missing = ""
-            except Exception as exc:  # a CuPy without bfloat16 arrays
+            except Exception as exc:  # a CuPy without bfloat16 arrays, or without their kernels
                 self._bfloat16_missing = f"{type(exc).__name__}: {exc}"
         if self._bfloat16_missing:
             raise TypeError(f"{name}: bfloat16 on the CUDA backend needs CuPy's bfloat16 arrays (CuPy >= 14 with "
