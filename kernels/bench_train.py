@@ -1,6 +1,6 @@
 """Tokens/s of a CharLM training step: gpurnn against the same model in PyTorch, one process.
 
-    python kernels/bench_train.py [--device cpu|cuda] [--steps 20] [--json PATH]
+    python kernels/bench_train.py [--device cpu|cuda] [--steps 20] [--sizes default A] [--json PATH]
 
 Both sides: embedding -> LSTM -> linear -> cross-entropy, backward, gradient-norm
 clipping at 5, an Adam step; the same weights and the same batches, vocabulary 100.
@@ -34,12 +34,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sizes", nargs="+", default=["default", "A"], choices=["default", "A"])
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"
     size = defaults("charlm", "cuda" if gpu else "numpy")
-    rows = [bench("train default", size["hidden"], size["layers"], size["seq_len"], size["batch"], gpu, args.steps),
-            bench("A", 512, 1, 100, 64, gpu, args.steps)]
+    sizes = {"default": ("train default", size["hidden"], size["layers"], size["seq_len"], size["batch"]),
+             "A": ("A", 512, 1, 100, 64)}
+    rows = [bench(*sizes[name], gpu, args.steps) for name in args.sizes]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -20,7 +20,7 @@ CORPUS_CHARS = 13_000  # the runs' length must not follow README's: the kills ar
 ARGS = ["--hidden", "16", "--layers", "2", "--seq-len", "12",
         "--batch", "4", "--steps", str(STEPS), "--save-every", "1", "--no-progress", "--backend", "numpy",
         "--val-every", "5", "--val-fraction", "0.005"]  # a short held-out walk: the kills spread over the run
-TRIALS = 20
+TRIALS = 12  # kills drawn over the window: ~9 distinct saved steps expected, more than 5 asserted
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 
+from gpurnn import precision
 from gpurnn.backend import (RNN_ALGORITHMS, NumpyOps, deterministic_algorithms, load_cupy, load_numba_cuda,
                             math_mode, rnn_algorithm, to_host)
 from gpurnn.cuda import fused, kernels
@@ -531,11 +532,12 @@ class CudaOps:
     def check_dtype(self, dtype, name="dtype"):
         """float32, float64, float16 and bfloat16 run here; bfloat16 needs arrays of it from
         CuPy (CuPy 14 with ml_dtypes), else a TypeError saying what is missing."""
-        if np.dtype(dtype).name != "bfloat16" or self.simulate:
+        dtype = precision.dtype(name, dtype)  # "bfloat16" by name: NumPy knows it once ml_dtypes is imported
+        if dtype.name != "bfloat16" or self.simulate:
             return
         if self._bfloat16_missing is None:
             try:  # what the backend does to half buffers: fill, slice, multiply, widen, view the bits
-                probe = self.xp.ones(2, np.dtype(dtype))
+                probe = self.xp.ones(2, dtype)
                 probe[1:] = probe[:1] * 3
                 if probe.astype(np.float32).tolist() != [1.0, 3.0] or probe.view(np.uint16).tolist()[1] != 0x4040:
                     raise ValueError(f"bfloat16 [1, 3] came back as {probe.astype(np.float32).tolist()}")
