@@ -119,6 +119,8 @@ def suite(timeout, out_dir):
     cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-rfEs"]
     if importlib.util.find_spec("xdist"):  # the GPU machines have pytest-xdist: the CPU-bound tests in parallel
         cmd += ["-n", str(max(2, min(8, (os.cpu_count() or 4) // 2)))]
+    else:
+        cmd += ["-o", "addopts="]  # pyproject's "-n 2" needs pytest-xdist
     t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
