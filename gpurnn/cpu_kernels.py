@@ -37,7 +37,8 @@ from gpurnn.cells import ELU_ALPHA, LEAKY_RELU_SLOPE, NONLINEARITIES, _steps
 # numpy's error model: no branch on x / 0; fast math without "no NaNs": a diverging
 # model's NaN must reach its loss, as through the spec
 _JIT = dict(nogil=True, cache=True, fastmath={"contract", "arcp", "afn", "nsz"}, error_model="numpy")
-_NONLINEARITY_CODE = {name: k for k, name in enumerate(NONLINEARITIES)}  # tanh, relu, sigmoid, leaky_relu, elu
+_NONLINEARITY_CODE = {name: k for k, name in enumerate(NONLINEARITIES)}
+TANH, RELU, SIGMOID, LEAKY_RELU, ELU = (_NONLINEARITY_CODE[n] for n in NONLINEARITIES)  # constants in the kernels
 
 
 @numba.njit(inline="always", **_JIT)
@@ -69,31 +70,31 @@ def sigmoid(x):
 
 @numba.njit(inline="always", **_JIT)
 def activate(code, a):
-    """phi(a) for the plain RNN; code indexes cells.NONLINEARITIES."""
-    if code == 0:
+    """phi(a) for the plain RNN; code is one of TANH ... ELU (cells.NONLINEARITIES' order)."""
+    if code == TANH:
         return tanh(a)
-    if code == 1:
+    if code == RELU:
         return np.float32(0) if a < 0 else a
-    if code == 2:
+    if code == SIGMOID:
         return sigmoid(a)
-    if code == 3:
+    if code == LEAKY_RELU:
         return a if a > 0 else a * np.float32(LEAKY_RELU_SLOPE)
-    return a if a > 0 else np.float32(ELU_ALPHA) * np.float32(math.expm1(a))  # elu
+    return a if a > 0 else np.float32(ELU_ALPHA) * np.float32(math.expm1(a))  # ELU
 
 
 @numba.njit(inline="always", **_JIT)
 def activate_grad(code, h):
     """phi'(a) from h = phi(a), as cells.activate_grad."""
     one = np.float32(1)
-    if code == 0:
+    if code == TANH:
         return one - h * h
-    if code == 1:
+    if code == RELU:
         return one if h > 0 else np.float32(0)
-    if code == 2:
+    if code == SIGMOID:
         return h * (one - h)
-    if code == 3:
+    if code == LEAKY_RELU:
         return one if h > 0 else np.float32(LEAKY_RELU_SLOPE)
-    return one if h > 0 else h + np.float32(ELU_ALPHA)  # alpha e^a = h + alpha
+    return one if h > 0 else h + np.float32(ELU_ALPHA)  # ELU: alpha e^a = h + alpha
 
 
 # --------------------------------------------------------------------------- RNN

@@ -11,6 +11,7 @@ import pytest
 
 import gpurnn
 from gpurnn import backend, cells
+from gpurnn.sequence import GATE_BLOCKS
 
 pytest.importorskip("numba")
 from gpurnn import cpu_kernels  # noqa: E402
@@ -26,7 +27,7 @@ def test_tanh_is_within_five_ulps_of_float64():
                         -np.geomspace(1e-8, 10, 20_001), [0.0]]).astype(np.float32)
     out, y = np.empty((1, x.size), np.float32), np.empty((1, x.size), np.float32)
     zeros = np.zeros((1, x.size), np.float32)
-    cpu_kernels._rnn_forward(0, x[None], zeros, zeros[0], zeros[0], zeros, out, y, np.ones(1, bool))  # tanh
+    cpu_kernels._rnn_forward(cpu_kernels.TANH, x[None], zeros, zeros[0], zeros[0], zeros, out, y, np.ones(1, bool))
     exact = np.tanh(x.astype(np.float64))
     ulps = np.abs(out[0] - exact) / np.spacing(np.abs(exact).astype(np.float32))
     assert ulps.max() <= 5 and out[0][-1] == 0
@@ -37,7 +38,7 @@ def test_tanh_is_within_five_ulps_of_float64():
 def _tanh(v):
     out, y = np.empty((1, 1), np.float32), np.empty((1, 1), np.float32)
     zero = np.zeros((1, 1), np.float32)
-    cpu_kernels._rnn_forward(0, np.full((1, 1), v, np.float32), zero, zero[0], zero[0], zero, out, y,
+    cpu_kernels._rnn_forward(cpu_kernels.TANH, np.full((1, 1), v, np.float32), zero, zero[0], zero[0], zero, out, y,
                              np.ones(1, bool))
     return out[0, 0]
 
@@ -47,7 +48,7 @@ def _buffers(cell, rng, shared, name):
     its input projection's storage and its gate gradients in the gates', the GRU's dgh in
     its gates' r, z, n blocks), filled with values a step may meet: pre-activations
     before a forward step, activations in (0, 1) before a backward one."""
-    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    G = GATE_BLOCKS[cell]
     f = np.float32
     gx = rng.standard_normal((T, B, G * H)) * 2 if name == "forward" else rng.random((T, B, G * H))
     buf = dict(gx=gx.astype(f), gh=rng.standard_normal((B, G * H)).astype(f),
