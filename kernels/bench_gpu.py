@@ -92,16 +92,17 @@ def set_mode(mode):
 
 def half_mode(mode):
     """(gpurnn's dtype, the dtype torch's outputs come in, a factory of torch's autocast
-    context) for a mode."""
+    context: none for fp32 and tf32) for a mode."""
+    import contextlib
+
     import torch
 
     from gpurnn import precision
 
     name = HALF_MODES.get(mode, "float32")
-    peer = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-    return (precision.dtype("mode", name), peer,
-            lambda: torch.autocast("cuda", dtype=peer if mode in HALF_MODES else torch.float16,
-                                   enabled=mode in HALF_MODES))
+    peer = getattr(torch, name)
+    autocast = (lambda: torch.autocast("cuda", dtype=peer)) if mode in HALF_MODES else contextlib.nullcontext
+    return precision.dtype("mode", name), peer, autocast
 
 
 def geomean(rows):
