@@ -330,7 +330,8 @@ class _RNNBase:
             self._ops.run(ws, "backward",
                           lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on,
                                                  recorders, embedding),
-                          capture=recorders is None, accumulates=accumulates)
+                          capture=recorders is None, accumulates=accumulates,
+                          consumes=ws.consumed_by_backward())
             grads = (None if ws.dx is None else self._time_major_out(ws.dx, unbatched), ws.dh0.copy(),
                      ws.dc0.copy() if cfg.cell == "lstm" else None)
         if unbatched:

@@ -55,6 +55,7 @@ class Direction:
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
     sync: [2] int32   barrier counter and failure flag of the persistent kernels
+    gates_overwritten: whether backward writes gradients over the saved gates
 
     gates and the gradient buffers (dgx, dgh, dh, dc, dtable) are None until
     ``for_training``: a direction that only ever runs inference forwards has none.
@@ -76,6 +77,7 @@ class Direction:
     dtable: object = None
     sync: object = None
     cell: str = None
+    gates_overwritten: bool = False
 
     @classmethod
     def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
@@ -113,6 +115,7 @@ class Direction:
             self.dgh = self.dgx
         else:  # rows of 4H, of which dgh takes the first 3H (GEMMs read it with that row stride)
             self.dgh = self.gates[:, :, :3 * H] if SHARE_PROJECTION_STORAGE else xp.empty_like(self.gx)
+        self.gates_overwritten = SHARE_PROJECTION_STORAGE and self.gates is not None
         self.dh = xp.empty((B, H), dtype)
         self.dc = xp.empty((B, H), dtype) if self.cell == "lstm" else None
         self.dtable = None if self.table is None else xp.empty_like(self.table)

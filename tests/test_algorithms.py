@@ -232,6 +232,49 @@ def test_chooser_reads_the_disk_cache_in_a_second_process(tmp_path):
     assert outputs[0][1] == outputs[1][1]
 
 
+@pytest.mark.parametrize("cell, layers, bidirectional", [("gru", 2, False), ("lstm", 1, True)])
+def test_timing_a_backward_starts_each_algorithm_from_what_it_overwrites(timed, monkeypatch, cell, layers,
+                                                                          bidirectional):
+    """A backward writes gradients over the saved gates (stored in gx's storage and
+    the GRU's gates'). A timer runs it many times (as _time_on_gpu: once for the
+    results it compares, then repeats), so each timed algorithm must start from the
+    forward's gates again, and so must the call itself: no algorithm is left out as
+    differing, and the gradients equal an untimed run's."""
+    ops, table, calls = timed
+
+    def timer(ws, name, fn, algorithm, accumulates):
+        saved = [a.copy() for a in accumulates]
+        ops.algorithm = algorithm
+        try:
+            fn()
+            results = [None if r is None else r.copy() for r in ws.results(name)]
+            results += [a - copy for a, copy in zip(accumulates, saved)]
+            fn()
+            fn()  # the timed repeats
+        finally:
+            ops.algorithm = "graph"
+            for a, copy in zip(accumulates, saved):
+                a[...] = copy
+        return {"graph": 3.0, "fused": 2.0, "persistent": 1.0}[algorithm], results
+
+    rng = np.random.default_rng(0)
+    D = 2 if bidirectional else 1
+    x, d_out = rng.standard_normal((4, 2, 3 * D)), rng.standard_normal((4, 2, 3 * D))
+    grads = {}
+    for timing in (False, True):
+        monkeypatch.setattr(ops, "timer", timer if timing else None)
+        model = make(cell, 3 * D, 3, num_layers=layers, bidirectional=bidirectional, backend="cudasim",
+                     dtype="float64", seed=1)
+        run(model, x)
+        grads[timing] = [*back(model, d_out)] + [g.copy() for g in model.grads.values()]
+    assert model.algorithms == {"forward": "persistent", "backward": "persistent"}
+    ws = model._workspaces[4, 2, False, None]
+    assert all(d.gates_overwritten for d in ws.dirs)
+    for timed_grad, plain in zip(grads[True], grads[False]):
+        if plain is not None:
+            np.testing.assert_allclose(timed_grad, plain, rtol=1e-10, atol=1e-12)
+
+
 def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path):
     path = tmp_path / "algorithms.json"
     path.write_text("{not json")

@@ -575,7 +575,7 @@ class CudaOps:
         return _check_step(t, reverse, ws.h, G=G, lengths=lengths, gx=ws.gx, y=y, **bufs, **extra)
 
     # ------------------------------------------------------------- graphs
-    def run(self, ws, name, fn, capture=True, accumulates=()):
+    def run(self, ws, name, fn, capture=True, accumulates=(), consumes=()):
         """Run ``fn`` (a whole stack forward or backward over workspace ``ws``).
 
         The first call per (workspace, name, math mode, determinism, forced
@@ -584,7 +584,9 @@ class CudaOps:
         CUDA graph; later calls replay the graph. If capture fails, warn once and
         stay eager. ``capture=False`` (diagnostics, which read norms on the host
         every step) always runs eagerly. ``accumulates``: the arrays ``fn`` adds
-        into (gradients), restored after each timed run.
+        into (gradients), restored after each timed run. ``consumes``: what ``fn``
+        reads and then overwrites (a backward's saved gates), put back
+        before each algorithm's first timed run and before this call's own.
         """
         key = (name, math_mode(), deterministic_algorithms(), rnn_algorithm())
         entry = ws.graphs.get(key)
@@ -594,7 +596,7 @@ class CudaOps:
             ws.ran[name] = ws.algorithms[key]
             return
         if key not in ws.algorithms:
-            ws.algorithms[key] = self.choose_algorithm(ws, name, fn, accumulates)
+            ws.algorithms[key] = self._choose_from_fresh_inputs(ws, name, fn, accumulates, consumes)
         self.algorithm = ws.ran[name] = ws.algorithms[key]
         try:
             fn()
@@ -606,6 +608,31 @@ class CudaOps:
                 ws.graphs[key] = "eager"
         finally:
             self.algorithm = "graph"
+
+    def _choose_from_fresh_inputs(self, ws, name, fn, accumulates, consumes):
+        """``choose_algorithm``, where each algorithm's first run (the one whose results
+        are compared; its capture and replays only time) starts from what ``fn``
+        consumes, copied before the first run and put back after the last."""
+        kept, runs = [], {"algorithm": None}
+
+        def from_fresh_inputs():
+            if self.algorithm != runs["algorithm"]:  # this algorithm's first run
+                runs["algorithm"] = self.algorithm
+                if kept:
+                    for a, copy in zip(consumes, kept):
+                        a[...] = copy
+                else:
+                    kept.extend(a.copy() for a in consumes)
+            fn()
+
+        chosen = self.choose_algorithm(ws, name, from_fresh_inputs if consumes else fn, accumulates)
+        if kept:  # an algorithm was timed: the call runs from the inputs as staged
+            for a, copy in zip(consumes, kept):
+                a[...] = copy
+            del kept[:]
+            if not self.simulate:
+                self.xp.get_default_memory_pool().free_all_blocks()  # the copies' memory, back to the driver
+        return chosen
 
     def choose_algorithm(self, ws, name, fn, accumulates=()):
         """The recurrence algorithm for this call's shape: the forced one (checked
