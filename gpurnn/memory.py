@@ -3,8 +3,9 @@
 Rows are (group, name, bytes): the parameters, their gradients, and for each
 [T, B] shape a layer keeps buffers for (its workspace, see gpurnn.stack), every
 buffer kind summed over layers and directions. Arrays that share storage (the
-parameter views of one flat buffer, ``dgx`` in ``gx``'s storage, the stride-0
-view of the saved gates) count once, under the first name met. On the CUDA
+parameter views of one flat buffer, ``dgx`` in ``gx``'s storage, the layers' input
+gradients in ``d_out``'s, the stride-0 view of the saved gates) count once, under
+the first name met. On the CUDA
 backend the process-wide cuBLAS workspaces and CuPy's pool follow, and each
 workspace's captured graphs are counted (their own memory is the driver's and
 not visible from here).

@@ -247,7 +247,7 @@ def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):
 def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, ones,
              dw_ih, dw_hh, db_ih, db_hh, recorder=None):
     """BPTT through one direction of one layer, after ``forward`` on the same ws;
-    ``backward_input`` then adds this direction's part of the input's gradient.
+    ``backward_input`` then writes this direction's part of the input's gradient.
 
     dy: [T, B, H]  gradient of this direction's outputs (a view)
     ws.dh (ws.dc): [B, H] in: gradient of the final state; out: of the initial state
@@ -270,8 +270,9 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
            None: the whole sequence at once
     dy_ready: None (dy is written), or a list whose k-th entry, filled in by the
               caller before span k's turn, marks where span k's rows of dy are written
-    d_in: None, or [T, B, I]: each span then adds its rows of the input's gradient
-          (what ``backward_input`` adds for the whole sequence)
+    d_in: None, or [T, B, I]: each span then writes its rows of the input's gradient
+          (what ``backward_input`` writes for the whole sequence), after its steps
+          have read dy's rows (so d_in may be dy's storage)
     """
     T, B = ws.gx.shape[:2]
     label = label or f"{cell} {'rev' if reverse else 'fwd'}"
@@ -297,7 +298,7 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
         if d_in is not None:
             rows = slice(start * B, stop * B)
             with ops.annotate(f"{label} backward input gradient [{start}:{stop})", "weights"):
-                ops.gemm(dgx[rows], w_ih, d_in.reshape(T * B, -1)[rows], beta=1.0)
+                ops.gemm(dgx[rows], w_ih, d_in.reshape(T * B, -1)[rows])
         yield ops.mark()
     with ops.annotate(f"{label} backward weights", "weights"):
         if algorithm != "graph":  # the last step's dgates reach the initial state through W_hh
@@ -314,17 +315,17 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
             ops.gemm(dgx, x.reshape(T * B, -1), dw_ih, trans_a=True, beta=1.0)
 
 
-def backward_input(ops, x, w_ih, ws, dx):
-    """Add one direction's part of the input's gradient, after its ``backward``.
-    Kept apart so that two directions' BPTT may run at the same time while their
-    sums into the shared gradient run one after the other.
+def backward_input(ops, x, w_ih, ws, dx, accumulate):
+    """Write (or, ``accumulate``, add) one direction's part of the input's gradient,
+    after its ``backward``. Kept apart so that two directions' BPTT may run at the
+    same time while their parts of the shared gradient are written one after the other.
 
-    dx: [T, B, I] accumulates the gradient of x (None when x is Embedded: x.dweight
-    accumulates instead, from ws.dtable)
+    dx: [T, B, I] the gradient of x (None when x is Embedded: x.dweight accumulates
+    instead, from ws.dtable, whatever ``accumulate`` says)
     """
     with ops.annotate("backward input gradient", "weights"):
         if isinstance(x, Embedded):
             ops.gemm(ws.dtable, w_ih, x.dweight, beta=1.0)  # backprop into the embedding rows
         else:
             T, B = ws.gx.shape[:2]
-            ops.gemm(ws.dgx.reshape(T * B, -1), w_ih, dx.reshape(T * B, -1), beta=1.0)
+            ops.gemm(ws.dgx.reshape(T * B, -1), w_ih, dx.reshape(T * B, -1), beta=1.0 if accumulate else 0.0)

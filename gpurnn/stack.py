@@ -18,6 +18,13 @@ import numpy as np
 from gpurnn import sequence
 from gpurnn.sequence import GATE_BLOCKS, Direction
 
+# The gradient flowing down the stack lives in one buffer: d_out's. Each layer's BPTT
+# reads its output's gradient there before the input-gradient GEMMs write its input's
+# gradient over it (a layer's span k of it, in the wavefront), and the layer below reads
+# it only after that; x's gradient dx takes the same storage where I == D*H. False gives
+# each layer its own buffer (the layout tests compare the two).
+SHARE_GRADIENT_STORAGE = True
+
 
 class Config:
     """What a stack computes: cell, sizes, directions, nonlinearity."""
@@ -51,10 +58,11 @@ class Workspace:
                           place on out[l-1]: nothing reads the unmasked values
     out[l]: [T, B, D*H]   output of layer l
     h_n, c_n: [L*D, B, H] final states
-    d_out: [T, B, D*H]    staged gradient of the top output
+    d_out: [T, B, D*H]    staged gradient of the top output (backward overwrites it)
     d_hn, d_cn: [L*D, B, H] staged gradients of the final states
-    d_in[l]: [T, B, D*H]  gradient of layer l's input (l >= 1)
-    dx: [T, B, I]         gradient of x (None with a vocabulary)   dh0, dc0: [L*D, B, H]
+    d_in[l]: [T, B, D*H]  gradient of layer l's input (l >= 1), in d_out's storage
+    dx: [T, B, I]         gradient of x (None with a vocabulary), in d_out's storage if
+                          I == D*H (see SHARE_GRADIENT_STORAGE)   dh0, dc0: [L*D, B, H]
     ones: [1, T*B]        for the bias-gradient GEMMs
     dirs[k]: Direction    per layer and direction, k = l*D + d
     graphs: dict          CUDA graphs captured over these buffers (CUDA backend)
@@ -104,8 +112,14 @@ class Workspace:
         self.d_out = xp.empty((T, B, D * H), dtype)
         self.d_hn = xp.empty((L * D, B, H), dtype)
         self.d_cn = xp.empty((L * D, B, H), dtype) if lstm else None
-        self.d_in = [None] + [xp.empty((T, B, D * H), dtype) for _ in range(1, L)]
-        self.dx = None if self.vocab else xp.empty((T, B, cfg.I), dtype)
+
+        def gradient(width):  # of a layer's input: in d_out's storage where it fits
+            if SHARE_GRADIENT_STORAGE and width == D * H:
+                return self.d_out
+            return xp.empty((T, B, width), dtype)
+
+        self.d_in = [None] + [gradient(D * H) for _ in range(1, L)]
+        self.dx = None if self.vocab else gradient(cfg.I)
         self.dh0 = xp.empty((L * D, B, H), dtype)
         self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
         self.ones = xp.ones((1, T * B), dtype)
@@ -132,9 +146,10 @@ class Workspace:
         return [self.out[-1], self.h_n, self.c_n]
 
     def consumed_by_backward(self):
-        """What a backward reads and then overwrites: the saved gates that gradients
+        """What a backward reads and then overwrites: the staged d_out (the layers'
+        input gradients are written over it) and the saved gates that gradients
         share storage with. Running a backward again needs them put back first."""
-        return [d.gates for d in self.dirs if d.gates_overwritten]
+        return [self.d_out] + [d.gates for d in self.dirs if d.gates_overwritten]
 
     def stage(self, name, value, default=0):
         """Copy ``value`` into the buffer ``name``; None means ``default``,
@@ -231,10 +246,9 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
     for layer in reversed(range(cfg.L)):
         x = ws.layer_input(layer, embedding)
         dx = ws.dx if layer == 0 else ws.d_in[layer]
-        if dx is not None:
-            dx[...] = 0  # both directions accumulate into it
         # the directions' BPTT may run at the same time (not while recorders read
-        # each step on the host); their sums into the input's gradient run in turn
+        # each step on the host); their sums into the input's gradient run in turn,
+        # after both have read d_layer_out, whose storage dx may be
         with ops.concurrent(cfg.D if recorders is None else 1) as lane:
             for d in range(cfg.D):
                 with lane(d):
@@ -242,7 +256,8 @@ def backward(ops, cfg, params, grads, ws, dropout_on, recorders=None, embedding=
                     sequence.drain(_backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out,
                                                        recorder=recorder))
         for d in range(cfg.D):
-            sequence.backward_input(ops, x, params[cfg.param_names(layer, d)[0]], ws.dirs[layer * cfg.D + d], dx)
+            sequence.backward_input(ops, x, params[cfg.param_names(layer, d)[0]], ws.dirs[layer * cfg.D + d], dx,
+                                    accumulate=d > 0)
         if layer and dropout_on:
             dx *= ws.masks[layer]  # backprop through the same dropout mask
         d_layer_out = dx
@@ -254,8 +269,6 @@ def _backward_wavefront(ops, cfg, params, grads, ws, dropout_on, embedding):
     the gradient the layer above sends into span k of its output."""
     spans = sequence.time_spans(ops, ws.T, ws.B, GATE_BLOCKS[cfg.cell] * cfg.H, reverse=True)
     ready = [[None] * len(spans) for _ in range(cfg.L - 1)] + [None]  # [l][k]: span k of layer l's dy is written
-    for layer in range(1, cfg.L):
-        ws.d_in[layer][...] = 0  # each span adds its rows
     with ops.concurrent(cfg.L) as lane:
         layers = [None] * cfg.L
         for layer in reversed(range(cfg.L)):
@@ -275,10 +288,8 @@ def _backward_wavefront(ops, cfg, params, grads, ws, dropout_on, embedding):
         for layer in range(cfg.L):
             with lane(layer):
                 sequence.drain(layers[layer])  # its weight and initial-state gradients
-    if ws.dx is not None:
-        ws.dx[...] = 0
     sequence.backward_input(ops, ws.layer_input(0, embedding), params[cfg.param_names(0, 0)[0]],
-                            ws.dirs[0], ws.dx)
+                            ws.dirs[0], ws.dx, accumulate=False)
 
 
 def _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, spans=None, dy_ready=None,

@@ -1,10 +1,13 @@
 """Memory: the workspace layout whose buffers share storage, and ``memory_report``.
 
 The input projection gx, the LSTM's saved gates and the gradient dgx share one
-buffer, the GRU's dgh its saved gates' (sequence.SHARE_PROJECTION_STORAGE): a layout test runs forward and backward
-with every workspace buffer poisoned (NaN) before each call and compares with
-the unshared layout, bit for bit, on NumPy and under the CUDA simulator (graph,
-fused and persistent steps). The report's bytes add up to what NumPy allocated.
+buffer, the GRU's dgh its saved gates' (sequence.SHARE_PROJECTION_STORAGE); the
+gradients flowing down a stack (d_out, every layer's input gradient, and dx where
+I == D*H) share d_out's (stack.SHARE_GRADIENT_STORAGE): a layout test runs forward
+and backward with every workspace buffer poisoned (NaN) before each call and
+compares with the unshared layout, bit for bit, on NumPy and under the CUDA
+simulator (graph, fused and persistent steps; bidirectional layers, a wavefront of
+unidirectional ones, dropout). The report's bytes add up to what NumPy allocated.
 """
 
 import contextlib
@@ -15,10 +18,12 @@ import numpy as np
 import pytest
 
 import gpurnn
-from gpurnn import sequence
+from gpurnn import sequence, stack
 from helpers import back, backend_or_skip, host, make, run
 
-CASES = [("lstm", 2, True, 0.3), ("gru", 3, False, 0.0), ("rnn", 2, True, 0.0)]
+H = 5
+CASES = [("lstm", 3, 2, True, 0.3), ("gru", H, 3, False, 0.0), ("rnn", 2 * H, 2, True, 0.0),
+         ("lstm", H, 3, False, 0.4)]  # (cell, I, layers, bidirectional, dropout): dx shares where I == D*H
 
 
 def poison(model):
@@ -32,14 +37,16 @@ def poison(model):
                 b[...] = np.nan
 
 
-def calls(backend, cell, L, bi, dropout, share, monkeypatch):
+def calls(backend, cell, I, L, bi, dropout, share, monkeypatch):
     monkeypatch.setattr(sequence, "SHARE_PROJECTION_STORAGE", share)
-    model = make(cell, 3, 5, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
+    monkeypatch.setattr(stack, "SHARE_GRADIENT_STORAGE", share)
+    D = 2 if bi else 1
+    model = make(cell, I, H, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
                  backend=backend)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((4, 3, 3))
+    x = rng.standard_normal((4, 3, I))
     lengths = np.array([4, 1, 3])
-    d_out = rng.standard_normal((4, 3, (2 if bi else 1) * 5))
+    d_out = rng.standard_normal((4, 3, D * H))
     run(model, x, lengths=lengths)  # a training forward allocates every buffer, which poison then fills
     poison(model)
     model.zero_grad()
@@ -49,6 +56,9 @@ def calls(backend, cell, L, bi, dropout, share, monkeypatch):
     gates_share = all(d.gates is d.gx for ws in model._workspaces.values() for d in ws.dirs)
     dgh_in_gates = all(d.gates is not None and np.shares_memory(d.dgh, d.gates)
                        for ws in model._workspaces.values() for d in ws.dirs)
+    ws = next(iter(model._workspaces.values()))
+    assert all((d_in is ws.d_out) == share for d_in in ws.d_in[1:])
+    assert (ws.dx is ws.d_out) == (share and I == D * H)
     assert dgx_shares == share and gates_share == (share and cell == "lstm")
     if cell == "gru":
         assert dgh_in_gates == share
@@ -64,17 +74,17 @@ def algorithm(name):
         gpurnn.set_rnn_algorithm(None)
 
 
-@pytest.mark.parametrize("backend, forced, cell, L, bi, dropout",
+@pytest.mark.parametrize("backend, forced, cell, I, L, bi, dropout",
                          [(backend, forced, *case) for backend, forced in (("numpy", None), ("cudasim", None))
                           for case in CASES]
                          + [("cudasim", algorithm, *case) for algorithm in ("fused", "persistent")
                             for case in CASES[:2]])  # the cells whose gates share storage
-def test_shared_projection_storage_matches_separate_buffers(backend, forced, cell, L, bi, dropout, monkeypatch):
+def test_shared_storage_matches_separate_buffers(backend, forced, cell, I, L, bi, dropout, monkeypatch):
     if backend == "cudasim":
         backend_or_skip("cudasim", "cudasim unavailable in this process")
     with algorithm(forced):
-        separate = calls(backend, cell, L, bi, dropout, False, monkeypatch)
-        shared = calls(backend, cell, L, bi, dropout, True, monkeypatch)
+        separate = calls(backend, cell, I, L, bi, dropout, False, monkeypatch)
+        shared = calls(backend, cell, I, L, bi, dropout, True, monkeypatch)
     for a, b in zip(shared, separate):
         if b is not None:
             assert np.isfinite(a).all()
@@ -151,7 +161,7 @@ def test_inference_holds_no_training_buffers(backend):
     model = make("gru", 6, 8, num_layers=2, bidirectional=True, backend=backend, dtype="float64", seed=0).eval()
     x = np.random.default_rng(0).standard_normal((10, 4, 6))
     out_eval = host(model(x)[0])
-    training_names = {"gates", "d_out", "dx", "dh0", "d_in", "dh", "ones"}  # dgh lives in gates' rows
+    training_names = {"gates", "d_out", "dx", "dh0", "dh", "ones"}  # dgh lives in gates' rows, d_in in d_out
     names = {name for _, name, _ in model.memory_report().rows}
     assert not names & training_names
 

@@ -585,7 +585,7 @@ class CudaOps:
         stay eager. ``capture=False`` (diagnostics, which read norms on the host
         every step) always runs eagerly. ``accumulates``: the arrays ``fn`` adds
         into (gradients), restored after each timed run. ``consumes``: what ``fn``
-        reads and then overwrites (a backward's saved gates), put back
+        reads and then overwrites (a backward's d_out and saved gates), put back
         before each algorithm's first timed run and before this call's own.
         """
         key = (name, math_mode(), deterministic_algorithms(), rnn_algorithm())
