@@ -141,11 +141,11 @@ class _RNNBase:
         a = self._ops.asarray(value, name)
         return checks.array(name, a, shape, self.dtype, layout)
 
-    def _workspace(self, T, B, dropout_on, vocab):
-        key = (T, B, dropout_on, vocab)
+    def _workspace(self, T, B, dropout_on, vocab, padded):
+        key = (T, B, dropout_on, vocab, padded)
         ws = self._workspaces.pop(key, None)
         if ws is None:
-            ws = stack.Workspace(self.backend.xp, self._cfg, T, B, self.dtype, dropout_on, vocab)
+            ws = stack.Workspace(self.backend.xp, self._cfg, T, B, self.dtype, dropout_on, vocab, padded)
             if len(self._workspaces) >= MAX_WORKSPACES:
                 evicted = self._workspaces.popitem(last=False)[1]
                 if self._cache is not None and self._cache[0] is evicted:
@@ -227,7 +227,8 @@ class _RNNBase:
             for layer in range(1, cfg.L):  # inverted dropout, drawn from the model's seeded RNG
                 masks[layer] = ((self._rng.random((T, B, cfg.D * cfg.H)) < keep) / keep).astype(self.dtype)
 
-        ws = self._workspace(T, B, dropout_on, None if embedding is None else embedding[0].shape[0])
+        padded = lengths is not None and bool((lengths < T).any())  # its buffers are laid out otherwise
+        ws = self._workspace(T, B, dropout_on, None if embedding is None else embedding[0].shape[0], padded)
         if embedding is not None and (ws.embedding is None
                                       or any(a is not b for a, b in zip(ws.embedding, embedding))):
             ws.graphs.clear()  # graphs point at the embedding arrays they were captured with

@@ -4,8 +4,8 @@ Rows are (group, name, bytes): the parameters, their gradients, and for each
 [T, B] shape a layer keeps buffers for (its workspace, see gpurnn.stack), every
 buffer kind summed over layers and directions. Arrays that share storage (the
 parameter views of one flat buffer, ``dgx`` in ``gx``'s storage, the layers' input
-gradients in ``d_out``'s, the stride-0 view of the saved gates) count once, under
-the first name met. On the CUDA
+gradients in ``d_out``'s, outputs in the states', the stride-0 view of the saved
+gates) count once, under the first name met. On the CUDA
 backend the process-wide cuBLAS workspaces and CuPy's pool follow, and each
 workspace's captured graphs are counted (their own memory is the driver's and
 not visible from here).
@@ -77,10 +77,10 @@ def report(model):
             group = f"workspace T={ws.T} B={ws.B}"
             for name in WORKSPACE_BUFFERS:
                 rep.add(group, name, [getattr(ws, name)])
-            for name in WORKSPACE_LISTS:
-                rep.add(group, name, getattr(ws, name))
             for name in DIRECTION_BUFFERS:
                 rep.add(group, name, [getattr(d, name) for d in ws.dirs])
+            for name in WORKSPACE_LISTS:  # after the states: outputs may be views of them
+                rep.add(group, name, getattr(ws, name))
             graphs += sum(1 for g in ws.graphs.values() if g != "eager")
     ops = layers[0]._ops if layers else None
     if ops is not None and getattr(ops, "name", "") == "cuda":

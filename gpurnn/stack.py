@@ -24,6 +24,11 @@ from gpurnn.sequence import GATE_BLOCKS, Direction
 # it only after that; x's gradient dx takes the same storage where I == D*H. False gives
 # each layer its own buffer (the layout tests compare the two).
 SHARE_GRADIENT_STORAGE = True
+# A unidirectional layer's output is its states h[1:]: every step writes both, the same
+# value by the same thread. Not where a padded step outputs 0 while carrying its state,
+# nor where dropout masks the output in place for the layer above (backward reads the
+# unmasked states). False gives every layer an output buffer of its own.
+SHARE_OUTPUT_STORAGE = True
 
 
 class Config:
@@ -56,7 +61,7 @@ class Workspace:
     h0, c0: [L*D, B, H]   staged initial states (c0 for LSTM only)
     masks[l]: [T, B, D*H] inverted-dropout mask applied to layer l's input (l >= 1), in
                           place on out[l-1]: nothing reads the unmasked values
-    out[l]: [T, B, D*H]   output of layer l
+    out[l]: [T, B, D*H]   output of layer l (dirs[l].h[1:] where SHARE_OUTPUT_STORAGE allows)
     h_n, c_n: [L*D, B, H] final states
     d_out: [T, B, D*H]    staged gradient of the top output (backward overwrites it)
     d_hn, d_cn: [L*D, B, H] staged gradients of the final states
@@ -74,11 +79,12 @@ class Workspace:
                           that calls without them skip re-writing them
     """
 
-    def __init__(self, xp, cfg, T, B, dtype, dropout, vocab=None):
+    def __init__(self, xp, cfg, T, B, dtype, dropout, vocab=None, padded=False):
+        """padded: whether calls on these buffers have steps past a sequence's length."""
         L, D, H = cfg.L, cfg.D, cfg.H
         lstm = cfg.cell == "lstm"
         self.cfg, self.T, self.B = cfg, T, B
-        self.dtype, self.vocab, self.dropout = dtype, vocab, dropout
+        self.dtype, self.vocab, self.dropout, self.padded = dtype, vocab, dropout, padded
         self.x = None if vocab else xp.empty((T, B, cfg.I), dtype)
         self.ids = xp.empty((T, B), xp.int32) if vocab else None
         self.onehot = None  # for_training
@@ -86,13 +92,14 @@ class Workspace:
         self.h0 = xp.empty((L * D, B, H), dtype)
         self.c0 = xp.empty((L * D, B, H), dtype) if lstm else None
         self.masks = [None] + [xp.empty((T, B, D * H), dtype) if dropout else None for _ in range(1, L)]
-        self.out = [xp.empty((T, B, D * H), dtype) for _ in range(L)]
+        self.dirs = [Direction.allocate(xp, cfg.cell, T, B, cfg.layer_input_size(k // D), H, dtype,
+                                        vocab if k < D else None) for k in range(L * D)]
+        self.out = [self.dirs[layer].h[1:] if self.output_is_state(layer) else xp.empty((T, B, D * H), dtype)
+                    for layer in range(L)]
         self.h_n = xp.empty((L * D, B, H), dtype)
         self.c_n = xp.empty((L * D, B, H), dtype) if lstm else None
         self.d_out = self.d_hn = self.d_cn = self.dx = self.dh0 = self.dc0 = self.ones = None  # for_training
         self.d_in = [None] * L
-        self.dirs = [Direction.allocate(xp, cfg.cell, T, B, cfg.layer_input_size(k // D), H, dtype,
-                                        vocab if k < D else None) for k in range(L * D)]
         self.xp = xp
         self.graphs = {}
         self.algorithms = {}
@@ -125,6 +132,11 @@ class Workspace:
         self.ones = xp.ones((1, T * B), dtype)
         for d in self.dirs:
             d.for_training(xp)
+
+    def output_is_state(self, layer):
+        """Whether layer ``layer``'s output lives in its states (see SHARE_OUTPUT_STORAGE)."""
+        masked = self.dropout and layer < self.cfg.L - 1
+        return SHARE_OUTPUT_STORAGE and self.cfg.D == 1 and not self.padded and not masked
 
     @property
     def lanes(self):

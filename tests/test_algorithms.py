@@ -269,7 +269,7 @@ def test_timing_a_backward_starts_each_algorithm_from_what_it_overwrites(timed, 
         run(model, x)
         grads[timing] = [*back(model, d_out)] + [g.copy() for g in model.grads.values()]
     assert model.algorithms == {"forward": "persistent", "backward": "persistent"}
-    ws = model._workspaces[4, 2, False, None]
+    ws = model._workspaces[4, 2, False, None, False]
     assert ws.dx is ws.d_out and all(d.gates_overwritten for d in ws.dirs)
     for timed_grad, plain in zip(grads[True], grads[False]):
         if plain is not None:

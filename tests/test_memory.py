@@ -3,11 +3,14 @@
 The input projection gx, the LSTM's saved gates and the gradient dgx share one
 buffer, the GRU's dgh its saved gates' (sequence.SHARE_PROJECTION_STORAGE); the
 gradients flowing down a stack (d_out, every layer's input gradient, and dx where
-I == D*H) share d_out's (stack.SHARE_GRADIENT_STORAGE): a layout test runs forward
-and backward with every workspace buffer poisoned (NaN) before each call and
-compares with the unshared layout, bit for bit, on NumPy and under the CUDA
-simulator (graph, fused and persistent steps; bidirectional layers, a wavefront of
-unidirectional ones, dropout). The report's bytes add up to what NumPy allocated.
+I == D*H) share d_out's (stack.SHARE_GRADIENT_STORAGE); a unidirectional layer's
+output is its states, without padded steps or dropout on it
+(stack.SHARE_OUTPUT_STORAGE). A layout test runs forward and backward with every
+workspace buffer poisoned (NaN) before each call and compares with the unshared
+layout, bit for bit, on NumPy and under the CUDA simulator (graph, fused and
+persistent steps; bidirectional layers, a wavefront of unidirectional ones,
+dropout, padded sequences or none). The report's bytes add up to what NumPy
+allocated.
 """
 
 import contextlib
@@ -37,15 +40,16 @@ def poison(model):
                 b[...] = np.nan
 
 
-def calls(backend, cell, I, L, bi, dropout, share, monkeypatch):
+def calls(backend, cell, I, L, bi, dropout, padded, share, monkeypatch):
     monkeypatch.setattr(sequence, "SHARE_PROJECTION_STORAGE", share)
     monkeypatch.setattr(stack, "SHARE_GRADIENT_STORAGE", share)
+    monkeypatch.setattr(stack, "SHARE_OUTPUT_STORAGE", share)
     D = 2 if bi else 1
     model = make(cell, I, H, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
                  backend=backend)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3, I))
-    lengths = np.array([4, 1, 3])
+    lengths = np.array([4, 1, 3]) if padded else None  # padded steps output 0 but carry the state
     d_out = rng.standard_normal((4, 3, D * H))
     run(model, x, lengths=lengths)  # a training forward allocates every buffer, which poison then fills
     poison(model)
@@ -59,6 +63,9 @@ def calls(backend, cell, I, L, bi, dropout, share, monkeypatch):
     ws = next(iter(model._workspaces.values()))
     assert all((d_in is ws.d_out) == share for d_in in ws.d_in[1:])
     assert (ws.dx is ws.d_out) == (share and I == D * H)
+    for layer in range(L):
+        output_is_state = share and D == 1 and not padded and (layer == L - 1 or not dropout)
+        assert np.shares_memory(ws.out[layer], ws.dirs[layer].h) == output_is_state
     assert dgx_shares == share and gates_share == (share and cell == "lstm")
     if cell == "gru":
         assert dgh_in_gates == share
@@ -79,12 +86,13 @@ def algorithm(name):
                           for case in CASES]
                          + [("cudasim", algorithm, *case) for algorithm in ("fused", "persistent")
                             for case in CASES[:2]])  # the cells whose gates share storage
-def test_shared_storage_matches_separate_buffers(backend, forced, cell, I, L, bi, dropout, monkeypatch):
+@pytest.mark.parametrize("padded", [True, False])
+def test_shared_storage_matches_separate_buffers(backend, forced, cell, I, L, bi, dropout, padded, monkeypatch):
     if backend == "cudasim":
         backend_or_skip("cudasim", "cudasim unavailable in this process")
     with algorithm(forced):
-        separate = calls(backend, cell, I, L, bi, dropout, False, monkeypatch)
-        shared = calls(backend, cell, I, L, bi, dropout, True, monkeypatch)
+        separate = calls(backend, cell, I, L, bi, dropout, padded, False, monkeypatch)
+        shared = calls(backend, cell, I, L, bi, dropout, padded, True, monkeypatch)
     for a, b in zip(shared, separate):
         if b is not None:
             assert np.isfinite(a).all()
