@@ -41,7 +41,7 @@ class Direction:
     """Buffers of one layer and one direction for sequences of shape [T, B, ·].
 
     gx: [T, B, G*H]   input projection x W_ih^T (the step kernels add b_ih)
-    gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T
+    gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T (backward: the bias gradient's sum)
     w_hh_t: [H, G*H]  room for W_hh^T, for backends whose GEMM is faster on it
     w_ih_t: [I, G*H]  room for W_ih^T, likewise (None when the input is Embedded)
     h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
@@ -306,8 +306,14 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
         # weight gradients: single GEMMs over all T*B rows
         h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
         ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)
-        ops.gemm(ones, dgx, db_ih.reshape(1, -1), beta=1.0)
-        ops.gemm(ones, dgh, db_hh.reshape(1, -1), beta=1.0)
+        if ws.dgh is ws.dgx:  # one gradient for both biases (RNN, LSTM): one pass over it
+            db = ws.gh[:1]  # the forward's step scratch, free in backward
+            ops.gemm(ones, dgx, db)
+            db_ih += db[0]
+            db_hh += db[0]
+        else:
+            ops.gemm(ones, dgx, db_ih.reshape(1, -1), beta=1.0)
+            ops.gemm(ones, dgh, db_hh.reshape(1, -1), beta=1.0)
         if isinstance(x, Embedded):
             ops.gemm(x.onehot, dgx, ws.dtable, trans_a=True)  # dgx summed over the rows of each symbol
             ops.gemm(ws.dtable, x.weight, dw_ih, trans_a=True, beta=1.0)
