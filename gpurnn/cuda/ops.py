@@ -536,11 +536,12 @@ class CudaOps:
         if dtype.name != "bfloat16" or self.simulate:
             return
         if self._bfloat16_missing is None:
-            try:  # what the backend does to half buffers: fill, slice, multiply, widen, view the bits
+            try:  # what the backend does to half buffers: fill, slice, multiply, add, widen, view the bits
                 probe = self.xp.ones(2, dtype)
                 probe[1:] = probe[:1] * 3
-                if probe.astype(np.float32).tolist() != [1.0, 3.0] or probe.view(np.uint16).tolist()[1] != 0x4040:
-                    raise ValueError(f"bfloat16 [1, 3] came back as {probe.astype(np.float32).tolist()}")
+                probe[1:] += probe[:1]  # the bias gradients' sums
+                if probe.astype(np.float32).tolist() != [1.0, 4.0] or probe.view(np.uint16).tolist()[1] != 0x4080:
+                    raise ValueError(f"bfloat16 [1, 4] came back as {probe.astype(np.float32).tolist()}")
                 self._bfloat16_missing = ""
             except Exception as exc:  # a CuPy without bfloat16 arrays, or without their kernels
                 self._bfloat16_missing = f"{type(exc).__name__}: {exc}"
@@ -630,8 +631,9 @@ class CudaOps:
             for a, copy in zip(consumes, kept):
                 a[...] = copy
             del kept[:]
-            if not self.simulate:
-                self.xp.get_default_memory_pool().free_all_blocks()  # the copies' memory, back to the driver
+            if not self.simulate:  # the copies' memory back to the driver, once the put-back has read them
+                self._stream.synchronize()
+                self.xp.get_default_memory_pool().free_all_blocks()
         return chosen
 
     def choose_algorithm(self, ws, name, fn, accumulates=()):
