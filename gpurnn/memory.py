@@ -18,15 +18,14 @@ import numpy as np
 WORKSPACE_BUFFERS = ("x", "ids", "onehot", "lengths", "h0", "c0", "h_n", "c_n", "d_out", "d_hn", "d_cn",
                      "dx", "dh0", "dc0", "ones")
 WORKSPACE_LISTS = ("out", "masks", "d_in")
-DIRECTION_BUFFERS = ("gx", "gates", "dgx", "dgh", "gh", "w_hh_t", "w_ih_t", "h", "c", "step_gates", "dh", "dc",
-                     "table", "dtable", "sync")  # the owners of shared storage first (see gpurnn.sequence)
+DIRECTION_BUFFERS = ("gx", "gates", "dgx", "dgh", "gh", "w_hh_t", "w_ih_t", "h", "c", "c_step", "step_gates", "dh",
+                     "dc", "table", "dtable", "sync")  # the owners of shared storage first (see gpurnn.sequence)
 
 
 def _storage(a):
     """(identity, bytes) of the allocation an array views."""
-    data = getattr(a, "data", None)
-    mem = getattr(data, "mem", None)  # a CuPy array: its memory block
-    if mem is not None:
+    if not isinstance(a, np.ndarray):  # a CuPy array: its memory block (a NumPy bfloat16 array has no .data)
+        mem = a.data.mem
         return ("cupy", id(mem)), mem.size
     root = a
     while getattr(root, "base", None) is not None:  # views, and as_strided's wrapper, down to the owner
