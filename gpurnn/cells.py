@@ -139,15 +139,16 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
     sigmoid(act[:, :2 * H], out=act[:, :2 * H])  # i and f are adjacent
     np.tanh(g, out=g)
     sigmoid(o, out=o)
+    done = t >= lengths
+    c_carried = c[prev, done]  # read before c_new is written: an inference forward's c is one block
     c_new, h_new = c[nxt], h[nxt]
     np.multiply(f, c[prev], out=c_new)
     c_new += i * g
     np.tanh(c_new, out=h_new)
     h_new *= o
     y[t] = h_new
-    done = t >= lengths
     if done.any():  # padded steps carry the state and output 0
-        c[nxt, done] = c[prev, done]
+        c[nxt, done] = c_carried
         h[nxt, done] = h[prev, done]
         y[t, done] = 0
         gates[t, done] = 0

@@ -109,6 +109,9 @@ def computed_in_float32(step):
                 windows[name] = a[t:t + 2] if name in _STATES else (a[t:t + 1] if a.ndim == 3 else a)
                 wide[name] = windows[name].astype(np.float32)
         step(0, reverse, *wide.values())
-        for name in writes:
-            windows[name][...] = wide[name]  # the one rounding to half
+        for name in writes:  # the one rounding to half; of the two states, the step writes the next
+            if name in _STATES:  # (the other may be the same memory: an inference forward's cell state)
+                windows[name][1 - reverse] = wide[name][1 - reverse]
+            else:
+                windows[name][...] = wide[name]
     return run

@@ -45,7 +45,10 @@ class Direction:
     w_hh_t: [H, G*H]  room for W_hh^T, for backends whose GEMM is faster on it
     w_ih_t: [I, G*H]  room for W_ih^T, likewise (None when the input is Embedded)
     h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
-    c:  [T+1, B, H]   LSTM cell states (None otherwise)
+    c:  [T+1, B, H]   LSTM cell states (None otherwise); until ``for_training``, c_step
+    c_step: [T+1, B, H] one [B, H] block seen at every state index (time stride 0), the
+                LSTM's cell state for forwards no backward will read: each element is
+                read and then written by the one thread that owns it, step after step
     gates: [T, B, S*H] saved activations (None for the plain RNN; the LSTM's in gx's storage)
     step_gates: [T, B, S*H] one [B, S*H] block seen at every t (time stride 0), where
                 forwards whose activations no backward will read write them
@@ -57,8 +60,8 @@ class Direction:
     sync: [2] int32   barrier counter and failure flag of the persistent kernels
     gates_overwritten: whether backward writes gradients over the saved gates
 
-    gates and the gradient buffers (dgx, dgh, dh, dc, dtable) are None until
-    ``for_training``: a direction that only ever runs inference forwards has none.
+    gates, all T+1 cell states and the gradient buffers (dgx, dgh, dh, dc, dtable) are
+    None until ``for_training``: a direction that only ever runs inference forwards has none.
     """
 
     gx: object
@@ -75,6 +78,7 @@ class Direction:
     dc: object
     table: object = None
     dtable: object = None
+    c_step: object = None
     sync: object = None
     cell: str = None
     gates_overwritten: bool = False
@@ -84,18 +88,19 @@ class Direction:
         """What a forward needs; ``for_training`` adds what a backward does."""
         G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
         step = xp.empty((1, B, S * H), dtype) if S else None
+        c_step = _every_step(xp, xp.empty((1, B, H), dtype), T + 1) if cell == "lstm" else None
         return cls(
             gx=xp.empty((T, B, G * H), dtype),
             gh=xp.empty((B, G * H), dtype),
             w_hh_t=xp.empty((H, G * H), dtype),
             w_ih_t=None if vocab else xp.empty((I, G * H), dtype),
             h=xp.empty((T + 1, B, H), dtype),
-            c=xp.empty((T + 1, B, H), dtype) if cell == "lstm" else None,
+            c=c_step,
             gates=None,
-            step_gates=None if step is None else xp.lib.stride_tricks.as_strided(
-                step, shape=(T, B, S * H), strides=(0, *step.strides[1:])),
+            step_gates=None if step is None else _every_step(xp, step, T),
             dgx=None, dgh=None, dh=None, dc=None,
             table=xp.empty((vocab, G * H), dtype) if vocab else None,
+            c_step=c_step,
             sync=xp.zeros(2, xp.int32),
             cell=cell,
         )
@@ -106,6 +111,8 @@ class Direction:
             return
         T, B, _ = self.gx.shape
         H, dtype, S = self.h.shape[2], self.gx.dtype, SAVED_BLOCKS[self.cell]
+        if self.cell == "lstm":
+            self.c = xp.empty((T + 1, B, H), dtype)  # backward reads every cell state
         if SHARE_PROJECTION_STORAGE and self.cell == "lstm":
             self.gates = self.gx
         else:
@@ -119,6 +126,11 @@ class Direction:
         self.dh = xp.empty((B, H), dtype)
         self.dc = xp.empty((B, H), dtype) if self.cell == "lstm" else None
         self.dtable = None if self.table is None else xp.empty_like(self.table)
+
+
+def _every_step(xp, block, steps):
+    """``block`` [1, ...] seen at each of ``steps`` indices: a view with time stride 0."""
+    return xp.lib.stride_tricks.as_strided(block, shape=(steps, *block.shape[1:]), strides=(0, *block.strides[1:]))
 
 
 @dataclass

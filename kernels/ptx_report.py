@@ -77,9 +77,11 @@ def builds():
             for dtype in ("float32", "float64") + (HALF if name in kernels.HALF_KERNELS else ())
             for label in kernels.signatures(name, dtype)]
     for algorithm in ("fused", "persistent"):
-        jobs += [(f"{cell}_{phase} {algorithm}", "fused", (cell, phase, algorithm), dtype)
+        jobs += [(f"{cell}_{phase} {algorithm}", "fused", (cell, phase, algorithm, False), dtype)
                  for cell in ("rnn", "lstm", "gru") for phase in ("forward", "backward")
                  for dtype in ("float32", "float64", *HALF)]
+        jobs += [(f"lstm_forward {algorithm} eval", "fused", ("lstm", "forward", algorithm, True), dtype)
+                 for dtype in ("float32", "float64", *HALF)]  # the cell state at time stride 0
     return jobs
 
 
@@ -93,8 +95,9 @@ def _ptx(job, arch):
     if source == "kernels":
         kernel, signature = kernels.KERNELS[key[0]], kernels.signatures(key[0], dtype)[key[1]]
     else:
-        kernel, signature = (fused.FUSED if key[2] == "fused" else fused.PERSISTENT)[key[:2]], fused.signatures(
-            *key, dtype)
+        cell, phase, algorithm, inference = key
+        kernel = (fused.FUSED if algorithm == "fused" else fused.PERSISTENT)[cell, phase]
+        signature = fused.signatures(cell, phase, algorithm, dtype, inference)
     return cuda.compile_ptx(kernel.py_func, signature, cc=arch)[0]
 
 
@@ -131,7 +134,7 @@ def main():
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     jobs = builds()
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        same = pool.submit(same_ptx_for_every_arch, next(j for j in jobs if j[2][-1:] == ("persistent",)))
+        same = pool.submit(same_ptx_for_every_arch, next(j for j in jobs if j[1] == "fused" and j[2][2] == "persistent"))
         rows = [r for done in pool.map(functools.partial(compile_one, ptxas=ptxas), jobs) for r in done]
         if not same.result():
             sys.exit("NVVM wrote different PTX for the archs: compile each build once per arch again")

@@ -215,6 +215,35 @@ def test_inference_holds_no_training_buffers(backend):
     assert all(np.isnan(host(d.gates)).all() for d in ws.dirs)  # eval wrote its own step block
 
 
+@pytest.mark.parametrize("backend, forced, dtype", [("numpy", None, "float64"), ("numpy", None, "float16"),
+                                                     ("cudasim", None, "float64"), ("cudasim", "fused", "float64"),
+                                                     ("cudasim", "persistent", "float64"),
+                                                     ("cudasim", None, "bfloat16")])
+@pytest.mark.parametrize("lengths", [None, [6, 2, 5]])
+def test_lstm_inference_keeps_one_cell_state(backend, forced, dtype, lengths):
+    """An inference-only LSTM shape holds one [B, H] cell state per layer and direction,
+    seen at every step (each element read, then written, by its one thread); its
+    outputs equal a training forward's bit for bit, before and after training added
+    the T+1 states backward reads."""
+    if backend == "cudasim":
+        backend_or_skip("cudasim", "cudasim unavailable in this process")
+    model = make("lstm", 4, 5, num_layers=2, bidirectional=True, backend=backend, dtype=dtype, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((6, 3, 4)).astype(model.dtype)
+    with algorithm(forced):
+        evaluated = [host(a) for a in run(model, x, lengths=lengths)]
+        rows = {name: nbytes for _, name, nbytes in model.memory_report().rows}
+        assert rows["c"] == 4 * 3 * 5 * model.dtype.itemsize  # 2 layers x 2 directions of [B, H]
+        model.train()
+        trained = [host(a) for a in run(model, x, lengths=lengths)]
+        model.eval()
+        again = [host(a) for a in run(model, x, lengths=lengths)]
+    ws = next(iter(model._workspaces.values()))
+    assert all(d.c.shape == (7, 3, 5) and d.c is not d.c_step for d in ws.dirs)
+    for a, b, c in zip(evaluated, trained, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)
+
+
 def test_lstm_gates_live_in_the_projection_buffer():
     model = make("lstm", 6, 8, num_layers=2, backend="numpy", seed=0)
     x = np.random.default_rng(0).standard_normal((10, 4, 6)).astype(np.float32)

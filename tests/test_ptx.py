@@ -24,6 +24,7 @@ def test_every_kernel_compiles_without_spills(tmp_path):
     kernels += ["lstm_forward eval", "gru_forward eval", "adam_update", "gather_rows", "one_hot", "softmax_xent"]
     recurrences = [f"{cell}_{pass_} {algorithm}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")
                    for algorithm in ("fused", "persistent")]
+    recurrences += [f"lstm_forward {algorithm} eval" for algorithm in ("fused", "persistent")]
     half = [f"{cell}_{pass_}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")]
     half += ["lstm_forward eval", "gru_forward eval", "gather_rows", "one_hot"] + recurrences  # half models
     builds = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
@@ -32,7 +33,7 @@ def test_every_kernel_compiles_without_spills(tmp_path):
                                                        for a in ("sm_80", "sm_90")}
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        if r["kernel"].endswith("persistent"):  # 256 threads: two blocks an SM need at most 128
+        if "persistent" in r["kernel"].split():  # 256 threads: two blocks an SM need at most 128
             assert 0 < r["registers"] <= 128, r
         else:
             assert 0 < r["registers"] <= 64, r  # lean enough for full occupancy at 128 threads

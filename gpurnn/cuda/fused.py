@@ -503,9 +503,10 @@ def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
     return (staged + weights) * itemsize
 
 
-def signatures(cell, phase, algorithm, dtype):
+def signatures(cell, phase, algorithm, dtype, inference=False):
     """The numba signature of a launch on workspace buffers (as kernels.signatures; y and dy
-    may be strided, an eval forward's gates have time stride 0). Used by the PTX report."""
+    may be strided, an eval forward's gates have time stride 0, and with ``inference``
+    the LSTM's cell states too). Used by the PTX report."""
     from numba import types
 
     f = numba_float(dtype)
@@ -516,7 +517,8 @@ def signatures(cell, phase, algorithm, dtype):
     if phase == "forward":
         head = (i64, i64, i64) if algorithm == "fused" else (i64, i64, i64, i64)  # t, reverse, units / span
         w = c1 if algorithm == "fused" else c2
-        tail = {"rnn": (c3, w, c1, c1, c3, a3, lengths, i64), "lstm": (c3, w, c1, c1, c3, c3, a3, a3, lengths),
+        c = a3 if inference else c3
+        tail = {"rnn": (c3, w, c1, c1, c3, a3, lengths, i64), "lstm": (c3, w, c1, c1, c3, c, a3, a3, lengths),
                 "gru": (c3, w, c1, c1, c3, a3, a3, lengths)}[cell]
     else:
         head = (i64, i64, flag, i64, i64)  # t, t_next, has_next, reverse, units / start, stop, first, ...

@@ -477,19 +477,19 @@ def numba_float(dtype):
 def signatures(name, dtype):
     """{label: numba signature} of the launches on workspace buffers (the RNN steps'
     output and output-gradient views, y and dy, may be strided, as the GRU's dgh, which
-    lives in gates' rows; an eval forward's gates have time stride 0; everything else
-    is C-contiguous). Used by the PTX report."""
+    lives in gates' rows; an eval forward's gates, and its LSTM cell states, have time
+    stride 0; everything else is C-contiguous). Used by the PTX report."""
     f = numba_float(dtype)
     i64 = types.int64
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")
     lengths = ids = types.Array(types.int32, 1, "C")
-    lstm_forward = lambda gates: (i64, i64, c3, c2, c1, c1, c3, c3, gates, a3, lengths)  # noqa: E731
+    lstm_forward = lambda c, gates: (i64, i64, c3, c2, c1, c1, c3, c, gates, a3, lengths)  # noqa: E731
     gru_forward = lambda gates: (i64, i64, c3, c2, c1, c1, c3, gates, a3, lengths)  # noqa: E731
     return {
         "rnn_forward": {"rnn_forward": (i64, i64, c3, c2, c1, c1, c3, a3, lengths, i64)},
         "rnn_backward": {"rnn_backward": (i64, i64, c3, a3, c2, c3, lengths, i64)},
-        "lstm_forward": {"lstm_forward": lstm_forward(c3), "lstm_forward eval": lstm_forward(a3)},
+        "lstm_forward": {"lstm_forward": lstm_forward(c3, c3), "lstm_forward eval": lstm_forward(a3, a3)},
         "lstm_backward": {"lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths)},
         "gru_forward": {"gru_forward": gru_forward(c3), "gru_forward eval": gru_forward(a3)},
         "gru_backward": {"gru_backward": (i64, i64, c3, c3, a3, c2, c3, a3, lengths)},  # dgh: rows of gates
