@@ -697,7 +697,7 @@ class CudaOps:
         if algorithm != "persistent":
             return
         kernel = fused.PERSISTENT[cfg.cell, phase]
-        one_cell_state = cfg.cell == "lstm" and ws.dirs[0].c is ws.dirs[0].c_step  # an inference-only shape's
+        one_cell_state = cfg.cell == "lstm" and ws.dirs[0].c is ws.dirs[0].c_step  # at time stride 0: inference only
         signature = fused.signatures(cfg.cell, phase, "persistent", ws.h0.dtype, inference=one_cell_state)
         lanes = 1 if self.simulate else ws.lanes  # the simulator runs one lane at a time
         self.persistent_plan(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H, lanes, kernel, signature)
