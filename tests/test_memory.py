@@ -99,6 +99,49 @@ def test_shared_storage_matches_separate_buffers(backend, forced, cell, I, L, bi
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cudasim"])
+@pytest.mark.parametrize("cell, I, L, bi, dropout", CASES)
+def test_a_backward_consumes_only_what_its_workspace_lists(backend, cell, I, L, bi, dropout, monkeypatch):
+    """Run every backward twice, putting back only Workspace.consumed_by_backward() (and
+    the gradients it adds into) in between, as the GPU's algorithm timer does: the second
+    run must give the first one's results. A buffer that a backward overwrites but the
+    list leaves out fails this."""
+    if backend == "cudasim":
+        backend_or_skip("cudasim", "cudasim unavailable in this process")
+    model = make(cell, I, H, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
+                 backend=backend)
+    ops, twice = model._ops, []
+    run_once = ops.run
+
+    def run_twice(ws, name, fn, capture=True, accumulates=(), consumes=()):
+        if name != "backward":
+            return run_once(ws, name, fn, capture, accumulates, consumes)
+        assert [id(a) for a in consumes] == [id(a) for a in ws.consumed_by_backward()]
+        kept, before = [a.copy() for a in consumes], [a.copy() for a in accumulates]
+        run_once(ws, name, fn, capture, accumulates, consumes)
+        first = [host(r).copy() for r in ws.results(name) if r is not None]
+        first += [host(a - b) for a, b in zip(accumulates, before)]
+        for a, copy in zip(consumes, kept):
+            a[...] = copy
+        for a, copy in zip(accumulates, before):
+            a[...] = copy
+        run_once(ws, name, fn, capture, accumulates, consumes)
+        second = [host(r).copy() for r in ws.results(name) if r is not None]
+        second += [host(a - b) for a, b in zip(accumulates, before)]
+        twice.append((first, second))
+
+    monkeypatch.setattr(ops, "run", run_twice)
+    rng = np.random.default_rng(0)
+    D = 2 if bi else 1
+    for lengths in (np.array([4, 1, 3]), None):
+        run(model, rng.standard_normal((4, 3, I)), lengths=lengths)
+        back(model, rng.standard_normal((4, 3, D * H)))
+    assert len(twice) == 2
+    for first, second in twice:
+        for a, b in zip(first, second):
+            np.testing.assert_array_equal(a, b)
+
+
 def _train_once(x, d_out, lengths):
     model = gpurnn.LSTM(16, 32, num_layers=2, bidirectional=True, dropout=0.2, seed=0, backend="numpy")
     results = model(x, lengths=lengths), model.backward(d_out)
