@@ -2,10 +2,12 @@
 
     compute-sanitizer --tool memcheck python kernels/sanitize.py
 
-Every cell x {one direction, two} x {1 layer, 2 layers with dropout}, with
-lengths, T=9, B=3, I=H=33, each recurrence algorithm forced once (graph, fused,
-persistent), in float32, float16 and bfloat16 (``--dtypes``): a train-mode forward
-and backward and an eval forward, each three times (eager, captured, replayed).
+Every cell x {one direction, two} x {1 layer, 2 layers with dropout}, T=9, B=3,
+I=H=33, each recurrence algorithm forced once (graph, fused, persistent), in float32,
+float16 and bfloat16 (``--dtypes``): an eval forward (first, so an LSTM's runs with one
+cell state at time stride 0) and a train-mode forward and backward, each three times
+(eager, captured, replayed). Two directions run padded sequences (lengths 9, 4, 1); one
+direction full ones, whose layer outputs are their states (gpurnn.stack).
 Every result must be finite and agree with the float32 graph algorithm's (within
 ``AGREE`` of the largest value: about 10 units of the type's rounding); exits 1
 otherwise, so a kernel that reads or writes out of bounds shows up here even where
@@ -29,10 +31,11 @@ def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeat
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, H)).astype(np.float32)
-    lengths = np.array([T, min(4, T), 1], np.int32)[:B]
+    padded = np.array([T, min(4, T), 1], np.int32)[:B]
     failures = []
     for cell in cells:
         for bidirectional in (False, True):
+            lengths = padded if bidirectional else None
             for layers, dropout in ((1, 0.0), (2, 0.3)):
                 D = 2 if bidirectional else 1
                 d_out = rng.standard_normal((T, B, D * H)).astype(np.float32)
@@ -47,13 +50,13 @@ def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeat
                             backend=backend, dtype=dtype)
                         results = []
                         for _ in range(repeats):  # eager, captured, replayed
+                            model.eval()
+                            inference, _ = model(x.astype(dtype), lengths=lengths)
                             model.train()
                             model._rng = np.random.default_rng(7)  # the same dropout masks for every algorithm
                             model.zero_grad()
                             out, _ = model(x.astype(dtype), lengths=lengths)
                             dx = model.backward(d_out.astype(dtype))[0]
-                            model.eval()
-                            inference, _ = model(x.astype(dtype), lengths=lengths)
                             results = [to_host(a).astype(np.float32)
                                        for a in (out, dx, inference, *model.grads.values())]
                     finally:

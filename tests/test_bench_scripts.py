@@ -86,13 +86,14 @@ def test_sanitizer_logs_are_read_whole_or_cut_off():
 
 def test_sanitizer_script_runs_every_algorithm_under_the_simulator():
     """The script compute-sanitizer runs on the GPU: here under numba's simulator, one
-    cell and tiny sizes (each algorithm forced, train and eval, lengths, dropout)."""
+    cell (the LSTM: its eval runs one cell state) and tiny sizes (each algorithm forced, train
+    and eval, padded and full sequences, dropout)."""
     import subprocess
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "sanitize.py")
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPURNN_RNN_ALGO")}
     dtypes = ["float32", "bfloat16"] if _have_ml_dtypes else ["float32", "float16"]  # float16: tests/test_half.py
-    done = subprocess.run([sys.executable, script, "--backend", "cudasim", "--size", "3", "2", "3", "--cells", "gru",
+    done = subprocess.run([sys.executable, script, "--backend", "cudasim", "--size", "3", "2", "3", "--cells", "lstm",
                            "--repeats", "1", "--dtypes", *dtypes],
                           capture_output=True, text=True, env=dict(env, GPURNN_BACKEND="cudasim"))
     assert done.returncode == 0, done.stdout + done.stderr
