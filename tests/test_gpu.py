@@ -408,3 +408,57 @@ def test_chosen_algorithm_is_stored_and_reused(gpu, cell, tmp_path, monkeypatch)
     monkeypatch.setattr(gpu.ops, "timer", lambda *a: pytest.fail("timed again"))
     np.testing.assert_allclose(host(other(x)[0]), host(out), rtol=1e-5, atol=1e-6)
     assert other.algorithms["forward"] == chosen
+
+
+@pytest.mark.parametrize("cell, L, bi", [("lstm", 2, False), ("gru", 1, True)])
+def test_first_training_step_times_algorithms_and_still_matches_numpy(gpu, cell, L, bi, tmp_path, monkeypatch):
+    """A fresh shape's first backward times the algorithms (running it many times over
+    the gates and d_out it overwrites) and then runs its own: its gradients must be the
+    NumPy reference's, and no algorithm may be left out as differing."""
+    import warnings
+
+    from gpurnn.cuda.algorithms import Choices
+
+    monkeypatch.setattr(gpu.ops, "choices", Choices(gpu.ops.choices.device, str(tmp_path / "algorithms.json")))
+    rng = np.random.default_rng(11)
+    kw = dict(num_layers=L, bidirectional=bi, dtype="float64", seed=3)
+    ref, cud = make(cell, 12, 24, backend="numpy", **kw), make(cell, 12, 24, backend="cuda", **kw)
+    x, h0, c0, d_hn, d_cn, d_out = inputs(cell, ref, 15, 4, rng, np.float64)
+    expect = run(ref, x, h0, c0) + back(ref, d_out, d_hn, d_cn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "left out: its results differ"
+        got = run(cud, x, h0, c0) + back(cud, d_out, d_hn, d_cn)
+    for a, b in zip(got, expect):
+        if b is not None:
+            assert rel_err(a, b) < 1e-10
+    for k in ref.grads:
+        assert rel_err(host(cud.grads[k]), ref.grads[k]) < 1e-10, k
+
+
+@pytest.mark.parametrize("algorithm", ["graph", "fused", "persistent"])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_lstm_eval_with_one_cell_state_matches_numpy(gpu, algorithm, with_lengths):
+    """An eval-only LSTM shape runs its cell state at time stride 0 (eager, captured,
+    replayed), and replays that graph still after training added the full states."""
+    import gpurnn
+
+    rng = np.random.default_rng(12)
+    kw = dict(num_layers=2, bidirectional=False, dtype="float64", seed=5)
+    ref, cud = make("lstm", 10, 20, backend="numpy", **kw).eval(), make("lstm", 10, 20, backend="cuda", **kw).eval()
+    x, h0, c0, _, _, d_out = inputs("lstm", ref, 13, 3, rng, np.float64)
+    lengths = np.array([13, 5, 1]) if with_lengths else None
+    expect = run(ref, x, h0, c0, lengths)
+    gpurnn.set_rnn_algorithm(algorithm)
+    try:
+        for train_between in (False, False, False, True, False):
+            if train_between:
+                cud.train()
+                run(cud, x, h0, c0, lengths)
+                back(cud, d_out)
+                cud.eval()
+            for a, b in zip(run(cud, x, h0, c0, lengths), expect):
+                assert rel_err(a, b) < 1e-10
+    finally:
+        gpurnn.set_rnn_algorithm(None)
+    ws = cud._workspaces[13, 3, False, None, with_lengths]
+    assert all(d.c is not d.c_step for d in ws.dirs)  # training brought the T+1 states
