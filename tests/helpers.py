@@ -5,6 +5,8 @@ default, cuda on a GPU machine): results come back through ``host``, so the
 same test body checks every backend.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,16 @@ except ImportError:
     _have_ml_dtypes = False
 needs_ml_dtypes = pytest.mark.skipif(not _have_ml_dtypes, reason="bfloat16 needs ml_dtypes (pip install ml_dtypes)")
 BFLOAT16 = pytest.param("bfloat16", marks=needs_ml_dtypes)
+
+
+@contextlib.contextmanager
+def forced_algorithm(name):
+    """gpurnn.set_rnn_algorithm(name) for the enclosed calls (None: the chooser's), reset after."""
+    gpurnn.set_rnn_algorithm(name)
+    try:
+        yield
+    finally:
+        gpurnn.set_rnn_algorithm(None)
 
 
 def make(cell, *args, nonlinearity="tanh", **kwargs):

@@ -9,7 +9,6 @@ algorithm chooser with a fake timing table, its on-disk cache read back in a
 second process, and forced algorithms that cannot run a shape.
 """
 
-import contextlib
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import gpurnn
 from gpurnn.cells import NONLINEARITIES
 from gpurnn.cuda.algorithms import Choices, fastest
-from helpers import back, backend_or_skip, make, rel_err, run
+from helpers import back, backend_or_skip, forced_algorithm, make, rel_err, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,15 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def sim():
     return backend_or_skip("cudasim", "cudasim unavailable in this process")
-
-
-@contextlib.contextmanager
-def forced(algorithm):
-    gpurnn.set_rnn_algorithm(algorithm)
-    try:
-        yield
-    finally:
-        gpurnn.set_rnn_algorithm(None)
 
 
 def compare(cell, algorithm, I, H, T, B, lengths=None, seed=0, **kw):
@@ -54,7 +44,7 @@ def compare(cell, algorithm, I, H, T, B, lengths=None, seed=0, **kw):
     d_out = rng.standard_normal((T, B, (2 if ref.bidirectional else 1) * H)).astype(dt)
     d_hn, d_cn = (rng.standard_normal((LD, B, H)).astype(dt) for _ in range(2))
     expected = run(ref, x, h0, c0, lengths) + back(ref, d_out, d_hn, d_cn)
-    with forced(algorithm):
+    with forced_algorithm(algorithm):
         got = run(sim, x, h0, c0, lengths) + back(sim, d_out, d_hn, d_cn)
         assert sim.algorithms == {"forward": algorithm, "backward": algorithm}
     errors = [rel_err(g, e) for g, e in zip(got, expected) if e is not None]
@@ -120,14 +110,14 @@ def test_persistent_barrier_gives_up_instead_of_hanging(sim, monkeypatch):
 
 def test_forced_algorithm_that_cannot_run_a_shape_says_why(sim):
     model = make("lstm", 3, 200, backend="cudasim", dtype="float64")
-    with forced("persistent"), pytest.raises(ValueError, match=r"'persistent' .*cannot run this forward.*KiB"):
+    with forced_algorithm("persistent"), pytest.raises(ValueError, match=r"'persistent' .*cannot run this forward.*KiB"):
         model(np.zeros((2, 2, 3)))
     wide = make("lstm", 3, 100, backend="cudasim", dtype="float64")  # backward stages [16, 400] dgates: 50 KiB
     wide(np.zeros((1, 16, 3)))
-    with forced("fused"), pytest.raises(ValueError, match=r"'fused' .*cannot run this backward.*\[16, 400\]"):
+    with forced_algorithm("fused"), pytest.raises(ValueError, match=r"'fused' .*cannot run this backward.*\[16, 400\]"):
         wide.backward(np.zeros((1, 16, 100)))
     numpy_model = make("lstm", 3, 4, backend="numpy")
-    with forced("fused"), pytest.raises(ValueError, match="numpy backend runs only 'graph'"):
+    with forced_algorithm("fused"), pytest.raises(ValueError, match="numpy backend runs only 'graph'"):
         numpy_model(np.zeros((2, 2, 3), np.float32))
     with pytest.raises(ValueError, match="name: expected one of"):
         gpurnn.set_rnn_algorithm("cudnn")
@@ -291,7 +281,7 @@ def test_forcing_another_algorithm_takes_effect_on_a_shape_already_run(sim):
     x = np.random.default_rng(0).standard_normal((3, 2, 2))
     outputs = {}
     for algorithm in ("fused", "persistent", None):
-        with forced(algorithm):
+        with forced_algorithm(algorithm):
             outputs[algorithm] = model(x)[0]
             assert model.algorithms == {"forward": algorithm or "graph"}
     np.testing.assert_allclose(outputs["fused"], outputs[None], rtol=1e-12)

@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import gpurnn
-
-from helpers import back, backend_or_skip, host, make, run
+from helpers import back, backend_or_skip, forced_algorithm, host, make, run
 
 torch = pytest.importorskip("torch")
 
@@ -200,11 +198,8 @@ def test_api_matches_torch_on_the_simulator(sim, c):
 def test_fused_and_persistent_steps_match_torch_on_the_simulator(sim, algorithm, c):
     """The recurrences that compute their own recurrent product (gpurnn.cuda.fused),
     forced, over the same random configurations."""
-    gpurnn.set_rnn_algorithm(algorithm)
-    try:
+    with forced_algorithm(algorithm):
         check_against_torch(c, backend="cudasim")
-    finally:
-        gpurnn.set_rnn_algorithm(None)
 
 
 # ------------------------------------------------------------------ bad input

@@ -7,7 +7,7 @@ Run them with ``GPURNN_BACKEND=cuda python -m pytest -m gpu``
 import numpy as np
 import pytest
 
-from helpers import BFLOAT16, backend_or_skip, back, host, make, rel_err, run, torch_reference
+from helpers import BFLOAT16, backend_or_skip, back, forced_algorithm, host, make, rel_err, run, torch_reference
 
 pytestmark = pytest.mark.gpu
 CELLS = ["rnn", "lstm", "gru"]
@@ -371,9 +371,7 @@ def test_every_algorithm_matches_numpy(gpu, algorithm, cell, L, bi, bf, with_len
     lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
     tol = 1e-10 if dtype == "float64" else 1e-4
     expect = run(ref, x, h0, c0, lengths) + back(ref, d_out, d_hn, d_cn)
-    gpurnn_module = pytest.importorskip("gpurnn")
-    gpurnn_module.set_rnn_algorithm(algorithm)
-    try:
+    with forced_algorithm(algorithm):
         for _ in range(3):  # eager, then captured, then replayed
             cud.zero_grad()
             try:
@@ -388,8 +386,6 @@ def test_every_algorithm_matches_numpy(gpu, algorithm, cell, L, bi, bf, with_len
                 assert rel_err(host(cud.grads[k]), ref.grads[k]) < tol, k
         assert cud.algorithms == {"forward": algorithm, "backward": algorithm}
         assert all(int(d.sync[1]) == 0 for d in cud._cache[0].dirs)  # no barrier gave up
-    finally:
-        gpurnn_module.set_rnn_algorithm(None)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -440,16 +436,13 @@ def test_first_training_step_times_algorithms_and_still_matches_numpy(gpu, cell,
 def test_lstm_eval_with_one_cell_state_matches_numpy(gpu, algorithm, with_lengths):
     """An eval-only LSTM shape runs its cell state at time stride 0 (eager, captured,
     replayed), and replays that graph still after training added the full states."""
-    import gpurnn
-
     rng = np.random.default_rng(12)
     kw = dict(num_layers=2, bidirectional=False, dtype="float64", seed=5)
     ref, cud = make("lstm", 10, 20, backend="numpy", **kw).eval(), make("lstm", 10, 20, backend="cuda", **kw).eval()
     x, h0, c0, _, _, d_out = inputs("lstm", ref, 13, 3, rng, np.float64)
     lengths = np.array([13, 5, 1]) if with_lengths else None
     expect = run(ref, x, h0, c0, lengths)
-    gpurnn.set_rnn_algorithm(algorithm)
-    try:
+    with forced_algorithm(algorithm):
         for train_between in (False, False, False, True, False):
             if train_between:
                 cud.train()
@@ -458,7 +451,5 @@ def test_lstm_eval_with_one_cell_state_matches_numpy(gpu, algorithm, with_length
                 cud.eval()
             for a, b in zip(run(cud, x, h0, c0, lengths), expect):
                 assert rel_err(a, b) < 1e-10
-    finally:
-        gpurnn.set_rnn_algorithm(None)
     ws = cud._workspaces[13, 3, False, None, with_lengths]
     assert all(d.c is not d.c_step for d in ws.dirs)  # training brought the T+1 states

@@ -20,7 +20,7 @@ from gpurnn import amp, cells, optim, precision
 from gpurnn.backend import NumpyOps
 from gpurnn.data import adding_problem
 
-from helpers import BFLOAT16, MODELS as CELLS, backend_or_skip, needs_ml_dtypes
+from helpers import BFLOAT16, MODELS as CELLS, backend_or_skip, forced_algorithm, needs_ml_dtypes
 
 HALF = ("float16", BFLOAT16)
 
@@ -163,11 +163,8 @@ def test_half_fused_and_persistent_kernels_match_the_reference(algorithm, cell, 
     x = rng.standard_normal((5, 3, 3)).astype(ref.dtype)
     d_out = rng.standard_normal((5, 3, 12)).astype(ref.dtype)
     lengths = np.array([5, 2, 4])
-    gpurnn.set_rnn_algorithm(algorithm)
-    try:
+    with forced_algorithm(algorithm):
         got = [model(x, lengths=lengths)[0], model.backward(d_out)[0]]
-    finally:
-        gpurnn.set_rnn_algorithm(None)
     assert model.algorithms == {"forward": algorithm, "backward": algorithm}
     expect = [ref(x, lengths=lengths)[0], ref.backward(d_out)[0]]
     for a, b in zip(got + [model.grads[k] for k in ref.grads], expect + [ref.grads[k] for k in ref.grads]):

@@ -13,7 +13,6 @@ dropout, padded sequences or none). The report's bytes add up to what NumPy
 allocated.
 """
 
-import contextlib
 import gc
 import tracemalloc
 
@@ -22,7 +21,7 @@ import pytest
 
 import gpurnn
 from gpurnn import sequence, stack
-from helpers import back, backend_or_skip, host, make, run
+from helpers import back, backend_or_skip, forced_algorithm, host, make, run
 
 H = 5
 CASES = [("lstm", 3, 2, True, 0.3), ("gru", H, 3, False, 0.0), ("rnn", 2 * H, 2, True, 0.0),
@@ -72,15 +71,6 @@ def calls(backend, cell, I, L, bi, dropout, padded, share, monkeypatch):
     return results
 
 
-@contextlib.contextmanager
-def algorithm(name):
-    gpurnn.set_rnn_algorithm(name)
-    try:
-        yield
-    finally:
-        gpurnn.set_rnn_algorithm(None)
-
-
 @pytest.mark.parametrize("backend, forced, cell, I, L, bi, dropout",
                          [(backend, forced, *case) for backend, forced in (("numpy", None), ("cudasim", None))
                           for case in CASES]
@@ -90,7 +80,7 @@ def algorithm(name):
 def test_shared_storage_matches_separate_buffers(backend, forced, cell, I, L, bi, dropout, padded, monkeypatch):
     if backend == "cudasim":
         backend_or_skip("cudasim", "cudasim unavailable in this process")
-    with algorithm(forced):
+    with forced_algorithm(forced):
         separate = calls(backend, cell, I, L, bi, dropout, padded, False, monkeypatch)
         shared = calls(backend, cell, I, L, bi, dropout, padded, True, monkeypatch)
     for a, b in zip(shared, separate):
@@ -272,7 +262,7 @@ def test_lstm_inference_keeps_one_cell_state(backend, forced, dtype, lengths):
         backend_or_skip("cudasim", "cudasim unavailable in this process")
     model = make("lstm", 4, 5, num_layers=2, bidirectional=True, backend=backend, dtype=dtype, seed=0).eval()
     x = np.random.default_rng(0).standard_normal((6, 3, 4)).astype(model.dtype)
-    with algorithm(forced):
+    with forced_algorithm(forced):
         evaluated = [host(a) for a in run(model, x, lengths=lengths)]
         rows = {name: nbytes for _, name, nbytes in model.memory_report().rows}
         assert rows["c"] == 4 * 3 * 5 * model.dtype.itemsize  # 2 layers x 2 directions of [B, H]
