@@ -377,7 +377,9 @@ def test_every_algorithm_matches_numpy(gpu, algorithm, cell, L, bi, bf, with_len
             try:
                 got = run(cud, x, h0, c0, lengths) + back(cud, d_out, d_hn, d_cn)
             except NotApplicable as exc:
-                assert algorithm == "persistent" and H > 64, exc  # small layers always fit
+                # small layers always fit; a fused step stages its [B, H] (backward [B, G*H]) operand
+                # in one block's shared memory, which B=130, H=130 outgrows (fused_shared: 66 KiB > 48)
+                assert H > 64 and (algorithm == "persistent" or "shared memory" in str(exc)), exc
                 pytest.skip(str(exc))
             for a, b in zip(got, expect):
                 if b is not None:
