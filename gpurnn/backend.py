@@ -416,7 +416,45 @@ def load_numba_cuda():
     from numba import config, cuda
 
     config.CUDA_LOW_OCCUPANCY_WARNINGS = False  # the per-step grids are small by design
+    if config.ENABLE_CUDASIM:
+        _lock_simulated_shared_arrays()
     return cuda
+
+
+def _lock_simulated_shared_arrays():
+    """numba's simulator runs a Python thread per CUDA thread, and gives the threads of a
+    block one static ``cuda.shared.array`` per source line by looking it up and, when
+    missing, creating it, without a lock: two threads can each create their own on
+    first use. A persistent kernel's barrier flag then goes unseen by the threads that
+    read another copy, which leave their steps early (NaN or stale outputs, about one
+    test run in three with a 0.5 ms switch interval). Create them under a lock instead."""
+    import sys
+    import threading
+
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "gpurnn_locked", False):
+        return
+    unlocked, lock = shared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory (one buffer), or refused: as numba does
+            return unlocked(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        where = (caller.f_code.co_filename, caller.f_lineno)  # numba's key: the line that asks
+        with lock:
+            found = self._allocations.get(where)
+            if found is None:
+                found = self._allocations[where] = np.empty(shape, dtype)
+        return found
+
+    shared.array = array
+    shared.gpurnn_locked = True
 
 
 def _simulating():

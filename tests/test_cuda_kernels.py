@@ -4,6 +4,8 @@ NumPy spec, whole models against the numpy backend, and launch checks."""
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -349,3 +351,32 @@ def test_softmax_xent_kernel_matches_spec(sim, dtype, V):
     bad = np.array([0, V, -1], np.int32)  # the simulator would raise on an out-of-bounds read
     sim.ops.softmax_xent(logits, bad, weight, *outs[1])
     assert np.isfinite(outs[1][0][0]) and np.isnan(outs[1][0][1:]).all()
+
+
+def test_a_blocks_threads_share_one_static_shared_array_when_they_ask_at_once(sim, monkeypatch):
+    """numba's simulator looks a static shared array up and creates it when missing,
+    without a lock; gpurnn.backend makes that one step. Here creating one takes 10 ms,
+    so without the lock every thread that asked meanwhile would get an array of its own
+    (as a persistent kernel's barrier flag sometimes did)."""
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared(0)
+    empty = np.empty
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(0.01)  # the other threads ask while this one creates it
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(np, "empty", slow_empty)
+    got, together = [], threading.Barrier(8)
+
+    def ask():
+        together.wait()
+        got.append(shared.array(1, np.int32))  # one source line, as a kernel's
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and all(a is got[0] for a in got)
