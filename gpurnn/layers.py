@@ -247,6 +247,8 @@ class _RNNBase:
             keep = self.training or record  # eval keeps nothing for a backward (as cuDNN inference does)
             if keep:
                 ws.for_training()  # an inference-only shape never allocates activations or gradients
+            else:
+                ws.for_inference(self._ops)
             self._ops.run(ws, "forward" if keep else "inference",
                           lambda: stack.forward(self._ops, cfg, self._params, ws, dropout_on, embedding, keep))
             result = (self._time_major_out(ws.out[-1], unbatched), ws.h_n.copy(),

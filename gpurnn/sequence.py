@@ -22,7 +22,7 @@ table E W_ih^T, so the forward gathers rows instead of running the
 instead of the two [T*B]-row GEMMs for dW_ih and dx.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GATE_BLOCKS = {"rnn": 1, "lstm": 4, "gru": 3}
 SAVED_BLOCKS = {"rnn": 0, "lstm": 4, "gru": 4}  # GRU keeps r, z, n and U_n h + b_hn
@@ -34,6 +34,11 @@ SAVED_BLOCKS = {"rnn": 0, "lstm": 4, "gru": 4}  # GRU keeps r, z, n and U_n h + 
 # gates[t] before writing dgh[t], and never again). False gives each its own buffer
 # (the layout tests compare the two).
 SHARE_PROJECTION_STORAGE = True
+# An inference forward cut into three or more spans writes each span's input projection
+# into one of two span-long slots, in turn: a span's projection is dead once its steps
+# have read it, and the slot's next writer (span k+2's GEMM, on the side stream) waits
+# for span k's steps, so the projection of span k+1 still overlaps the steps of span k.
+RING_SLOTS = 2
 
 
 @dataclass
@@ -41,6 +46,11 @@ class Direction:
     """Buffers of one layer and one direction for sequences of shape [T, B, ·].
 
     gx: [T, B, G*H]   input projection x W_ih^T (the step kernels add b_ih)
+    gx_ring: [RING_SLOTS*S, B, G*H] where an inference forward of spans at most S long
+                writes its spans' projections, in turn (None: it writes them into gx)
+    span_lengths: [spans, B] int32  with gx_ring, lengths - start of each span (in time
+                order): steps then count from their span's start, as the slot's rows do
+    span_starts: [spans, 1] int32   those starts; ring_spans: the spans, (start, stop) in time order
     gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T (backward: the bias gradient's sum)
     w_hh_t: [H, G*H]  room for W_hh^T, for backends whose GEMM is faster on it
     w_ih_t: [I, G*H]  room for W_ih^T, likewise (None when the input is Embedded)
@@ -62,6 +72,7 @@ class Direction:
 
     gates, all T+1 cell states and the gradient buffers (dgx, dgh, dh, dc, dtable) are
     None until ``for_training``: a direction that only ever runs inference forwards has none.
+    gx is None until ``for_training`` or ``for_inference`` (which may give gx_ring instead).
     """
 
     gx: object
@@ -80,17 +91,22 @@ class Direction:
     dtable: object = None
     c_step: object = None
     sync: object = None
+    gx_ring: object = None
+    span_lengths: object = None
+    span_starts: object = None
+    ring_spans: list = None
     cell: str = None
     gates_overwritten: bool = False
 
     @classmethod
     def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
-        """What a forward needs; ``for_training`` adds what a backward does."""
+        """What any forward needs but the input projection's room; ``for_inference`` adds
+        that, ``for_training`` that and what a backward needs."""
         G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
         step = xp.empty((1, B, S * H), dtype) if S else None
         c_step = _every_step(xp, xp.empty((1, B, H), dtype), T + 1) if cell == "lstm" else None
         return cls(
-            gx=xp.empty((T, B, G * H), dtype),
+            gx=None,
             gh=xp.empty((B, G * H), dtype),
             w_hh_t=xp.empty((H, G * H), dtype),
             w_ih_t=None if vocab else xp.empty((I, G * H), dtype),
@@ -105,12 +121,33 @@ class Direction:
             cell=cell,
         )
 
+    def for_inference(self, xp, spans):
+        """Allocate, once, where an inference forward cut into ``spans`` writes its input
+        projections: a ring of RING_SLOTS span-long slots where there are more spans
+        than slots (not for an embedded input, projected as one span), else gx. A
+        direction a training forward has run keeps using its gx."""
+        if self.gx is not None or self.gx_ring is not None:
+            return
+        T, B, H = self.h.shape[0] - 1, self.h.shape[1], self.h.shape[2]
+        width = GATE_BLOCKS[self.cell] * H
+        if len(spans) <= RING_SLOTS or self.table is not None:
+            self.gx = xp.empty((T, B, width), self.h.dtype)
+            return
+        self.ring_spans = sorted(spans)
+        rows = max(stop - start for start, stop in spans)
+        self.gx_ring = xp.empty((RING_SLOTS * rows, B, width), self.h.dtype)
+        self.span_lengths = xp.empty((len(spans), B), xp.int32)
+        self.span_starts = xp.array([[start] for start, _ in self.ring_spans], dtype=xp.int32)
+
     def for_training(self, xp):
-        """Allocate, once, the saved activations and the gradient buffers."""
+        """Allocate, once, the input projection (if ``for_inference`` gave it a ring, it
+        keeps that for inference forwards), the saved activations and the gradient buffers."""
         if self.dh is not None:
             return
-        T, B, _ = self.gx.shape
-        H, dtype, S = self.h.shape[2], self.gx.dtype, SAVED_BLOCKS[self.cell]
+        T, B, H = self.h.shape[0] - 1, self.h.shape[1], self.h.shape[2]
+        dtype, S = self.h.dtype, SAVED_BLOCKS[self.cell]
+        if self.gx is None:
+            self.gx = xp.empty((T, B, GATE_BLOCKS[self.cell] * H), dtype)
         if self.cell == "lstm":
             self.c = xp.empty((T + 1, B, H), dtype)  # backward reads every cell state
         if SHARE_PROJECTION_STORAGE and self.cell == "lstm":
@@ -188,13 +225,25 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
     inputs_ready: None (x is written), or a list whose k-th entry, filled in by the
                   caller before span k's turn, marks where span k's rows of x are written
     label: how the NVTX ranges (and gpurnn.profile) name this layer and direction
+
+    An inference forward (keep False) over a direction with a gx_ring writes span k's
+    projection into slot k % RING_SLOTS, once span k-RING_SLOTS's steps are done, and
+    runs the span's steps on a view of the direction whose rows count from its start.
     """
-    T, B = ws.gx.shape[:2]
+    T, B = ws.h.shape[0] - 1, ws.h.shape[1]
     label = label or f"{cell} {'rev' if reverse else 'fwd'}"
     embedded = isinstance(x, Embedded)
     if spans is None:
         spans = [(0, T)] if embedded else time_spans(ops, T, B, w_ih.shape[0], reverse)
     gates = ws.gates if keep else ws.step_gates
+    ring = None if keep else ws.gx_ring
+    if ring is not None:
+        if sorted(spans) != ws.ring_spans:
+            raise RuntimeError(f"inference forward: spans of time {sorted(spans)}, but its workspace's ring of "
+                               f"input projections was allocated for {ws.ring_spans}")
+        slot_rows = ring.shape[0] // RING_SLOTS
+        ws.span_lengths[...] = lengths  # steps in a slot count from their span's start: their lengths too
+        ws.span_lengths -= ws.span_starts
     algorithm = ops.algorithm
     if algorithm == "graph":
         w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
@@ -204,16 +253,27 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
         ops.gemm(x.weight, w_ih, ws.table, trans_b=True)  # every row's input projection is a row of this
     else:
         w_in, trans_in = ops.input_operand(w_ih, ws.w_ih_t, (T // len(spans)) * B)  # as is, or W_ih^T
-    set_up = ops.mark()  # the weight copies and the table are written
+    set_up = ops.mark()  # the weight copies, the table and the spans' lengths are written
     yield
+    steps_done = []  # [k]: where span k's steps are done
     for k, (start, stop) in enumerate(spans):
+        if ring is None:
+            d, t0, gx_rows, free = ws, 0, ws.gx[start:stop], None
+            span_gates, span_y, span_lengths = gates, y, lengths
+        else:  # the span's own view of the direction: its rows of every buffer, counted from start
+            slot = (k % RING_SLOTS) * slot_rows
+            gx_rows = ring[slot:slot + stop - start]
+            free = steps_done[k - RING_SLOTS] if k >= RING_SLOTS else None  # the slot's last reader is done
+            d = replace(ws, gx=gx_rows, h=ws.h[start:stop + 1], c=None if ws.c is None else ws.c[start:stop + 1])
+            t0, span_y, span_lengths = start, y[start:stop], ws.span_lengths[ws.ring_spans.index((start, stop))]
+            span_gates = None if gates is None else gates[start:stop]
         # forward pass: the input projection of the span's rows ...
-        gx = ws.gx[start:stop].reshape((stop - start) * B, -1)
+        gx = gx_rows.reshape((stop - start) * B, -1)
         if embedded:
             with ops.annotate(f"{label} input [{start}:{stop})", "input"):
                 ops.gather_rows(ws.table, x.ids[start:stop].reshape(-1), gx)
         else:  # ... on the side stream where there is one, overlapping the steps of the spans before
-            with ops.side_stream(set_up, None if inputs_ready is None else inputs_ready[k]):
+            with ops.side_stream(set_up, None if inputs_ready is None else inputs_ready[k], free):
                 with ops.annotate(f"{label} input [{start}:{stop})", "input"):
                     ops.gemm(x[start:stop].reshape((stop - start) * B, -1), w_in, gx, trans_b=trans_in)
                 projected = ops.mark()
@@ -222,16 +282,18 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
         # or each a GEMM and a pointwise launch (graph)
         with ops.annotate(f"{label} steps [{start}:{stop}) {algorithm}", "steps"):
             if algorithm == "persistent":
-                ops.persistent_forward(cell, nonlinearity, (start, stop), reverse, ws, w_hh, b_ih, b_hh, gates, y,
-                                       lengths)
+                ops.persistent_forward(cell, nonlinearity, (start - t0, stop - t0), reverse, d, w_hh, b_ih, b_hh,
+                                       span_gates, span_y, span_lengths)
             else:
                 for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
                     if algorithm == "fused":
-                        ops.fused_forward(cell, nonlinearity, t, reverse, ws, b_ih, b_hh, gates, y, lengths)
+                        ops.fused_forward(cell, nonlinearity, t - t0, reverse, d, b_ih, b_hh, span_gates, span_y,
+                                          span_lengths)
                     else:
-                        forward_step(ops, cell, nonlinearity, t, reverse, ws, w_rec, trans, b_ih, b_hh, gates, y,
-                                     lengths)
-        yield ops.mark()
+                        forward_step(ops, cell, nonlinearity, t - t0, reverse, d, w_rec, trans, b_ih, b_hh,
+                                     span_gates, span_y, span_lengths)
+        steps_done.append(ops.mark())
+        yield steps_done[-1]
 
 
 def forward_step(ops, cell, nonlinearity, t, reverse, ws, w_rec, trans, b_ih, b_hh, gates, y, lengths):

@@ -133,6 +133,14 @@ class Workspace:
         for d in self.dirs:
             d.for_training(xp)
 
+    def for_inference(self, ops):
+        """Allocate, once, where an inference forward writes its input projections (a ring
+        of two span-long slots per direction where ``ops`` cuts time into more spans,
+        see sequence.RING_SLOTS)."""
+        spans = sequence.time_spans(ops, self.T, self.B, GATE_BLOCKS[self.cfg.cell] * self.cfg.H, reverse=False)
+        for d in self.dirs:
+            d.for_inference(self.xp, spans)
+
     def output_is_state(self, layer):
         """Whether layer ``layer``'s output lives in its states (see SHARE_OUTPUT_STORAGE)."""
         masked = self.dropout and layer < self.cfg.L - 1

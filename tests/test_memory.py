@@ -13,6 +13,7 @@ dropout, padded sequences or none). The report's bytes add up to what NumPy
 allocated.
 """
 
+import contextlib
 import gc
 import tracemalloc
 
@@ -275,6 +276,91 @@ def test_lstm_inference_keeps_one_cell_state(backend, forced, dtype, lengths):
     for a, b, c in zip(evaluated, trained, again):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(c, b)
+
+
+RING_CASES = [("lstm", 1, False), ("gru", 2, True), ("rnn", 3, False)]  # (cell, layers, bidirectional)
+
+
+@pytest.mark.parametrize("backend, forced", [("numpy", None), ("cudasim", None), ("cudasim", "fused"),
+                                             ("cudasim", "persistent")])
+@pytest.mark.parametrize("cell, L, bi", RING_CASES)
+@pytest.mark.parametrize("lengths", [None, [9, 2, 6]])
+def test_inference_projects_its_spans_into_a_ring_of_two_slots(backend, forced, cell, L, bi, lengths, monkeypatch):
+    """Cut into 4 spans (NumPy too, here), an inference forward writes span k's input
+    projection into slot k % 2 of a ring half gx's size (T=9: spans of 2, 2, 2, 3 in
+    two 3-row slots) and counts its steps from the span's start; its outputs equal a
+    training forward's bit for bit, with the ring poisoned before each call, before
+    and after training allocated the full gx (which inference forwards then leave alone)."""
+    if backend == "cudasim":
+        backend_or_skip("cudasim", "cudasim unavailable in this process")
+    model = make(cell, 4, 5, num_layers=L, bidirectional=bi, backend=backend, dtype="float64", seed=0).eval()
+    monkeypatch.setattr(model._ops, "input_spans", lambda batch, gates_width: 4)
+    x = np.random.default_rng(0).standard_normal((9, 3, 4))
+
+    def infer():
+        for d in ws.dirs:
+            d.gx_ring[...] = np.nan
+        return [host(a).copy() for a in run(model, x, lengths=lengths) if a is not None]
+
+    with forced_algorithm(forced):
+        run(model, x[:, :1], lengths=None if lengths is None else lengths[:1])  # another shape's workspace first
+        ws = model._workspace(9, 3, False, None, lengths is not None)
+        ws.for_inference(model._ops)
+        assert all(d.gx is None and d.gx_ring.shape == (6, 3, sequence.GATE_BLOCKS[cell] * 5) for d in ws.dirs)
+        evaluated = infer()
+        model.train()
+        trained = [host(a).copy() for a in run(model, x, lengths=lengths) if a is not None]
+        model.eval()
+        projections = [host(d.gx).copy() for d in ws.dirs]
+        again = infer()
+    assert all(d.gx.shape == (9, 3, sequence.GATE_BLOCKS[cell] * 5) for d in ws.dirs)
+    for d, before in zip(ws.dirs, projections):
+        np.testing.assert_array_equal(host(d.gx), before)  # the ring, not gx, took the inference forward
+    for a, b, c in zip(evaluated, trained, again):
+        assert np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)
+
+
+def test_an_inference_forward_refuses_spans_its_ring_was_not_made_for(monkeypatch):
+    model = make("gru", 4, 5, backend="numpy", seed=0).eval()
+    x = np.zeros((9, 3, 4), np.float32)
+    monkeypatch.setattr(model._ops, "input_spans", lambda batch, gates_width: 4)
+    model(x)
+    monkeypatch.setattr(model._ops, "input_spans", lambda batch, gates_width: 3)
+    with pytest.raises(RuntimeError, match=r"spans of time \[\(0, 3\), \(3, 6\), \(6, 9\)\], but its workspace's "
+                                           r"ring of input projections was allocated for \[\(0, 2\)"):
+        model(x)
+
+
+def test_a_slot_is_rewritten_only_after_its_last_reader(monkeypatch):
+    """The ring's ordering, as the marks a GPU's streams wait on: span k's projection
+    (on the side stream) waits for the end of span k-2's steps, the slot's last
+    reader, and span k's steps wait for its projection. Marks are numbered in the
+    order they are made: the set-up, then per span its projection and its steps' end."""
+    model = make("lstm", 4, 5, backend="numpy", seed=0).eval()
+    ops = model._ops
+    events, marks = [], iter(range(1000))
+    monkeypatch.setattr(ops, "input_spans", lambda batch, gates_width: 4)
+    monkeypatch.setattr(ops, "mark", lambda: next(marks))
+    monkeypatch.setattr(ops, "wait", lambda mark: events.append(("steps wait for", mark)))
+    monkeypatch.setattr(ops, "gemm", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ops, "lstm_forward", lambda t, *args: events.append(("step", t)))
+
+    @contextlib.contextmanager
+    def side_stream(*after):
+        events.append(("projection waits for", after))
+        yield
+
+    monkeypatch.setattr(ops, "side_stream", side_stream)
+    model(np.zeros((8, 2, 4), np.float32))
+    side = [after for what, after in events if what == "projection waits for"]
+    set_up = side[0][0]
+    projected = [set_up + 1 + 2 * k for k in range(4)]
+    steps_end = [set_up + 2 + 2 * k for k in range(4)]
+    assert [after[2] for after in side] == [None, None, steps_end[0], steps_end[1]]
+    assert [m for what, m in events if what == "steps wait for"] == projected
+    assert [t for what, t in events if what == "step"] == [0, 1] * 4  # counted from each span's start
 
 
 def test_lstm_gates_live_in_the_projection_buffer():
