@@ -455,3 +455,32 @@ def test_lstm_eval_with_one_cell_state_matches_numpy(gpu, algorithm, with_length
                 assert rel_err(a, b) < 1e-10
     ws = cud._workspaces[13, 3, False, None, with_lengths]
     assert all(d.c is not d.c_step for d in ws.dirs)  # training brought the T+1 states
+    assert all(d.gx_ring is not None for d in ws.dirs)  # 4 spans: inference keeps projecting into two slots
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("algorithm", ["graph", "fused", "persistent"])
+@pytest.mark.parametrize("layers, bidirectional", [(3, False), (2, True)])
+def test_inference_ring_matches_numpy_while_the_side_stream_projects_ahead(gpu, cell, algorithm, layers,
+                                                                          bidirectional):
+    """An eval-only shape cut into 4 spans of 16 steps projects span k+1 on the side
+    stream into the slot span k-1 used, while span k's steps read the other: eager,
+    captured and replayed (a wavefront of 3 layers, or 2 bidirectional ones), it matches
+    NumPy, and a training forward of the same shape after it agrees."""
+    rng = np.random.default_rng(13)
+    kw = dict(num_layers=layers, bidirectional=bidirectional, dtype="float64", seed=6)
+    ref, cud = make(cell, 24, 48, backend="numpy", **kw).eval(), make(cell, 24, 48, backend="cuda", **kw).eval()
+    x, h0, c0, _, _, _ = inputs(cell, ref, 64, 8, rng, np.float64)
+    lengths = np.array([64, 40, 3, 17, 64, 1, 50, 63])
+    expect = run(ref, x, h0, c0, lengths)
+    with forced_algorithm(algorithm):
+        for _ in range(3):
+            for a, b in zip(run(cud, x, h0, c0, lengths), expect):
+                if b is not None:
+                    assert rel_err(a, b) < 1e-10
+        ws = cud._workspaces[64, 8, False, None, True]
+        assert all(d.gx_ring is not None and d.gx is None for d in ws.dirs)
+        cud.train()
+        for a, b in zip(run(cud, x, h0, c0, lengths), expect):
+            if b is not None:
+                assert rel_err(a, b) < 1e-10
