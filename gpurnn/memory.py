@@ -18,8 +18,9 @@ import numpy as np
 WORKSPACE_BUFFERS = ("x", "ids", "onehot", "lengths", "h0", "c0", "h_n", "c_n", "d_out", "d_hn", "d_cn",
                      "dx", "dh0", "dc0", "ones")
 WORKSPACE_LISTS = ("out", "masks", "d_in")
-DIRECTION_BUFFERS = ("gx", "gx_ring", "span_lengths", "gates", "dgx", "dgh", "gh", "w_hh_t", "w_ih_t", "h", "c", "c_step", "step_gates", "dh",
-                     "dc", "table", "dtable", "sync")  # the owners of shared storage first (see gpurnn.sequence)
+DIRECTION_BUFFERS = ("gx", "gx_ring", "span_lengths", "span_starts", "gates", "dgx", "dgh", "gh", "w_hh_t", "w_ih_t",
+                     "h", "c", "c_step", "step_gates", "dh", "dc", "table", "dtable",
+                     "sync")  # the owners of shared storage first (see gpurnn.sequence)
 
 
 def _storage(a):

@@ -137,6 +137,8 @@ class Workspace:
         """Allocate, once, where an inference forward writes its input projections (a ring
         of two span-long slots per direction where ``ops`` cuts time into more spans,
         see sequence.RING_SLOTS)."""
+        if all(d.gx is not None or d.gx_ring is not None for d in self.dirs):
+            return  # every call in eval mode comes here: no spans to work out again
         spans = sequence.time_spans(ops, self.T, self.B, GATE_BLOCKS[self.cfg.cell] * self.cfg.H, reverse=False)
         for d in self.dirs:
             d.for_inference(self.xp, spans)

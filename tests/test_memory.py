@@ -308,6 +308,10 @@ def test_inference_projects_its_spans_into_a_ring_of_two_slots(backend, forced, 
         ws.for_inference(model._ops)
         assert all(d.gx is None and d.gx_ring.shape == (6, 3, sequence.GATE_BLOCKS[cell] * 5) for d in ws.dirs)
         evaluated = infer()
+        rows = {name: n for group, name, n in model.memory_report().rows if group == "workspace T=9 B=3"}
+        G = sequence.GATE_BLOCKS[cell]
+        assert rows["gx_ring"] == len(ws.dirs) * 6 * 3 * G * 5 * 8 and "gx" not in rows
+        assert rows["span_lengths"] == rows["span_starts"] * 3 == len(ws.dirs) * 4 * 3 * 4  # int32, 4 spans
         model.train()
         trained = [host(a).copy() for a in run(model, x, lengths=lengths) if a is not None]
         model.eval()
