@@ -195,7 +195,9 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     """r, z = sigmoid(.), n = tanh(W_n x + b_in + r (U_n h + b_hn)),
     h_t = (1 - z) n + z h_{t-1}.
 
-    gx: [T, B, 3H] (blocks r, z, n)   gh: [B, 3H]   b_ih, b_hh: [3H]   h: [T+1, B, H]
+    gx: [T, B, 3H] (blocks r, z, n; may be the first 3H columns of gates' own rows,
+        gpurnn.sequence: each is read before its gate is written over it)
+    gh: [B, 3H]   b_ih, b_hh: [3H]   h: [T+1, B, H]
     gates: [T, B, 4H] saved r, z, n and hn = U_n h + b_hn (writes gates[t])
     y: [T, B, H]   lengths: [B]
     """
@@ -203,13 +205,12 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     H = h.shape[-1]
     act = gates[t]
     rz, n, hn = act[:, :2 * H], act[:, 2 * H:3 * H], act[:, 3 * H:]
-    np.add(gh[:, :2 * H], b_hh[:2 * H], out=rz)
-    np.add(gh[:, 2 * H:], b_hh[2 * H:], out=hn)  # U_n h + b_hn, kept apart: r scales it
-    rz += gx[t][:, :2 * H] + b_ih[:2 * H]
+    np.add(gx[t], b_ih, out=act[:, :3 * H])  # x W_ih^T + b_ih, in gx's own place when they share
+    rz += gh[:, :2 * H] + b_hh[:2 * H]  # ... + (h W_hh^T + b_hh)
     sigmoid(rz, out=rz)
     r, z = rz[:, :H], rz[:, H:]
-    np.multiply(r, hn, out=n)
-    n += gx[t][:, 2 * H:] + b_ih[2 * H:]
+    np.add(gh[:, 2 * H:], b_hh[2 * H:], out=hn)  # U_n h + b_hn, kept apart: r scales it
+    n += r * hn
     np.tanh(n, out=n)
     h_new = h[nxt]
     np.subtract(h[prev], n, out=h_new)
@@ -223,27 +224,26 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
         gates[t, done] = 0
 
 
-def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
-    """h: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh: [B, H] (in/out)
-    dgx: [T, B, 3H] grads of the input projection (writes dgx[t])
-    dgh: [T, B, 3H] grads of the recurrent projection (writes dgh[t]); they differ
-         in the n block, where U_n h is scaled by r. dgh may be the r, z, n blocks of
-         gates' own storage (gpurnn.sequence): it is written after the gates are read
+def gru_backward(t, reverse, h, gates, dy, dh, dgates, lengths):
+    """h: [T+1, B, H]  gates: [T, B, 4H] (r, z, n, hn)  dy: [T, B, H]  dh: [B, H] (in/out)
+    dgates: [T, B, 4H] (writes dgates[t]) the pre-activation gradients dr, dz, dn r, dn:
+            the recurrent projection's gradient is its first 3H columns, the input
+            projection's its r, z and last blocks (U_n h is scaled by r, W_n x is not).
+            dgates may be gates' own storage (gpurnn.sequence): the gates are read first
     """
     prev, nxt = _steps(t, reverse)
+    H = dh.shape[-1]
     done = t >= lengths
     dh_carried = dh[done]
     r, z, n, hn = _blocks(gates[t], 4)
-    dr, dz, dn = _blocks(dgx[t], 3)
-    H = dh.shape[-1]
     dh_total = dh + dy[t]
-    np.multiply(dh_total * (1 - z), 1 - n * n, out=dn)  # backprop through tanh
-    np.multiply(dh_total * (h[prev] - n), z * (1 - z), out=dz)
-    np.multiply(dn * hn, r * (1 - r), out=dr)
+    dn = dh_total * (1 - z) * (1 - n * n)  # backprop through tanh
+    dz = dh_total * (h[prev] - n) * (z * (1 - z))
+    dr = dn * hn * (r * (1 - r))
+    dn_r = dn * r  # U_n h reaches n scaled by r
     np.multiply(dh_total, z, out=dh)  # the z h_{t-1} path skips W_hh
-    np.multiply(dn, r, out=dgh[t, :, 2 * H:])  # U_n h is scaled by r (written over n, read above)
-    dgh[t, :, :2 * H] = dgx[t, :, :2 * H]  # ... r and z reach both projections alike (over r and z)
+    for k, grad in enumerate((dr, dz, dn_r, dn)):  # every gate is read: the gradients may take their place
+        dgates[t, :, k * H:(k + 1) * H] = grad
     if done.any():
-        dgx[t, done] = 0
-        dgh[t, done] = 0
+        dgates[t, done] = 0
         dh[done] = dh_carried

@@ -21,10 +21,10 @@ hands each unpadded row to a row function. That is what lets LLVM vectorize the
 loop over a row's units: not inlined into the loop over rows (there it stays
 scalar: 1.0 against 0.3 ms an LSTM step), and with no buffer read through one
 argument while written through another (a loop whose written buffer may overlap
-another runs scalar). So a buffer the spec reads and overwrites (the LSTM's gates
-over its input projection, its gate gradients over its gates, the GRU's dgh over
-its gates; gpurnn.sequence) is one argument, updated in place; where a layout
-keeps them apart, the wrapper first copies the input into the output buffer.
+another runs scalar). So a buffer the spec reads and overwrites (each gated
+cell's gates over its input projection, its gate gradients over its gates;
+gpurnn.sequence) is one argument, updated in place; where a layout keeps them
+apart, the wrapper first copies the input into the output buffer.
 """
 
 import math
@@ -213,14 +213,14 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
 
 # --------------------------------------------------------------------------- GRU
 @numba.njit(**_JIT)
-def _gru_forward_row(act, gx, gh, b_ih, b_hh, h_prev, h_new, y):
-    """act: [4H] out: r, z, n and hn = U_n h + b_hn."""
+def _gru_forward_row(act, gh, b_ih, b_hh, h_prev, h_new, y):
+    """act: [4H] in: its first 3H the input projection; out: r, z, n and hn = U_n h + b_hn."""
     H = h_new.size
     for j in range(H):
-        rg = sigmoid((gh[j] + b_hh[j]) + (gx[j] + b_ih[j]))
-        z = sigmoid((gh[H + j] + b_hh[H + j]) + (gx[H + j] + b_ih[H + j]))
+        rg = sigmoid((act[j] + b_ih[j]) + (gh[j] + b_hh[j]))
+        z = sigmoid((act[H + j] + b_ih[H + j]) + (gh[H + j] + b_hh[H + j]))
         hn = gh[2 * H + j] + b_hh[2 * H + j]
-        n = tanh(rg * hn + (gx[2 * H + j] + b_ih[2 * H + j]))
+        n = tanh((act[2 * H + j] + b_ih[2 * H + j]) + rg * hn)
         act[j], act[H + j], act[2 * H + j], act[3 * H + j] = rg, z, n, hn
         h_new[j] = (h_prev[j] - n) * z + n  # (1 - z) n + z h_prev
     for j in range(H):
@@ -228,19 +228,19 @@ def _gru_forward_row(act, gx, gh, b_ih, b_hh, h_prev, h_new, y):
 
 
 @numba.njit(**_JIT)
-def _gru_forward(act, gx, gh, b_ih, b_hh, h_prev, h_new, y_t, valid):
+def _gru_forward(act, gh, b_ih, b_hh, h_prev, h_new, y_t, valid):
     for r in range(h_new.shape[0]):
         if valid[r]:
-            _gru_forward_row(act[r], gx[r], gh[r], b_ih, b_hh, h_prev[r], h_new[r], y_t[r])
+            _gru_forward_row(act[r], gh[r], b_ih, b_hh, h_prev[r], h_new[r], y_t[r])
         else:
             _carry(h_prev[r], h_new[r], y_t[r])
             act[r, :] = 0
 
 
 @numba.njit(**_JIT)
-def _gru_backward_row(act, h_prev, dy, dh, dgx):
-    """act: [4H] in: r, z, n, hn; out: its first 3H hold dgh (the recurrent projection's
-    gradient: dgx's, with the n block scaled by r)."""
+def _gru_backward_row(act, h_prev, dy, dh):
+    """act: [4H] in: r, z, n, hn; out: dr, dz, dn r, dn (the recurrent projection's
+    gradient is its first 3H, the input projection's its r, z and last blocks)."""
     H = dh.size
     one = np.float32(1)
     for j in range(H):
@@ -249,19 +249,17 @@ def _gru_backward_row(act, h_prev, dy, dh, dgx):
         dn = dh_total * (one - z) * (one - n * n)  # backprop through tanh
         dz = dh_total * (h_prev[j] - n) * (z * (one - z))
         dr = dn * hn * (rg * (one - rg))
-        dgx[j], dgx[H + j], dgx[2 * H + j] = dr, dz, dn
-        act[j], act[H + j], act[2 * H + j] = dr, dz, dn * rg
+        act[j], act[H + j], act[2 * H + j], act[3 * H + j] = dr, dz, dn * rg, dn
         dh[j] = dh_total * z  # the z h_{t-1} path skips W_hh
 
 
 @numba.njit(**_JIT)
-def _gru_backward(act, h_prev, dy_t, dh, dgx_t, valid):
+def _gru_backward(act, h_prev, dy_t, dh, valid):
     for r in range(dh.shape[0]):
         if valid[r]:
-            _gru_backward_row(act[r], h_prev[r], dy_t[r], dh[r], dgx_t[r])
+            _gru_backward_row(act[r], h_prev[r], dy_t[r], dh[r])
         else:
-            dgx_t[r, :] = 0
-            act[r, :dgx_t.shape[1]] = 0
+            act[r, :] = 0
 
 
 @numba.njit(**_JIT)
@@ -273,13 +271,14 @@ def _carry(h_prev, h_new, y):
 
 def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     prev, nxt = _steps(t, reverse)
-    _gru_forward(gates[t], gx[t], gh, b_ih, b_hh, h[prev], h[nxt], y[t], t < lengths)
+    H = h.shape[-1]
+    if not np.may_share_memory(gates[t], gx[t]):
+        gates[t][:, :3 * H] = gx[t]
+    _gru_forward(gates[t], gh, b_ih, b_hh, h[prev], h[nxt], y[t], t < lengths)
 
 
-def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
+def gru_backward(t, reverse, h, gates, dy, dh, dgates, lengths):
     prev, nxt = _steps(t, reverse)
-    shared = np.may_share_memory(dgh[t], gates[t])
-    act = gates[t] if shared else gates[t].copy()  # the gates become dgh in place
-    _gru_backward(act, h[prev], dy[t], dh, dgx[t], t < lengths)
-    if not shared:
-        dgh[t] = act[:, :dgh.shape[-1]]
+    if not np.may_share_memory(dgates[t], gates[t]):
+        dgates[t] = gates[t]
+    _gru_backward(dgates[t], h[prev], dy[t], dh, t < lengths)

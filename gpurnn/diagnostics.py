@@ -46,10 +46,9 @@ class _Recorder:
         self.reverse = direction
         self.w_hh = model._params[cfg.param_names(layer, direction)[1]]
         self.dh, self.dc, self.jac = np.zeros(T), np.zeros(T), np.zeros(T)
-        G = sequence.GATE_BLOCKS[cfg.cell]
-        dgx = xp.empty((T, B, G * cfg.H), model.dtype)
-        self.probe = dict(dh=xp.empty((B, cfg.H), model.dtype), dc=xp.zeros((B, cfg.H), model.dtype), dgx=dgx,
-                          dgh=xp.empty_like(dgx) if cfg.cell == "gru" else dgx)
+        width = max(sequence.GATE_BLOCKS[cfg.cell], sequence.SAVED_BLOCKS[cfg.cell]) * cfg.H
+        self.probe = dict(dh=xp.empty((B, cfg.H), model.dtype), dc=xp.zeros((B, cfg.H), model.dtype),
+                          dgates=xp.empty((T, B, width), model.dtype))
         self.zeros = xp.zeros((T, B, cfg.H), model.dtype)
         self.lengths = None
 

@@ -3,9 +3,9 @@
 Rows are (group, name, bytes): the parameters, their gradients, and for each
 [T, B] shape a layer keeps buffers for (its workspace, see gpurnn.stack), every
 buffer kind summed over layers and directions. Arrays that share storage (the
-parameter views of one flat buffer, ``dgx`` in ``gx``'s storage, the layers' input
-gradients in ``d_out``'s, outputs in the states', the stride-0 view of the saved
-gates) count once, under the first name met. On the CUDA
+parameter views of one flat buffer, the input projection, saved gates and gate
+gradients, the layers' input gradients in ``d_out``'s, outputs in the states',
+the stride-0 view of the saved gates) count once, under the first name met. On the CUDA
 backend the process-wide cuBLAS workspaces and CuPy's pool follow, and each
 workspace's captured graphs are counted (their own memory is the driver's and
 not visible from here).
@@ -18,7 +18,7 @@ import numpy as np
 WORKSPACE_BUFFERS = ("x", "ids", "onehot", "lengths", "h0", "c0", "h_n", "c_n", "d_out", "d_hn", "d_cn",
                      "dx", "dh0", "dc0", "ones")
 WORKSPACE_LISTS = ("out", "masks", "d_in")
-DIRECTION_BUFFERS = ("gx", "gx_ring", "span_lengths", "span_starts", "gates", "dgx", "dgh", "gh", "w_hh_t", "w_ih_t",
+DIRECTION_BUFFERS = ("gx", "gx_ring", "span_lengths", "span_starts", "gates", "dgates", "gh", "w_hh_t", "w_ih_t",
                      "h", "c", "c_step", "step_gates", "dh", "dc", "table", "dtable",
                      "sync")  # the owners of shared storage first (see gpurnn.sequence)
 

@@ -26,13 +26,15 @@ from dataclasses import dataclass, replace
 
 GATE_BLOCKS = {"rnn": 1, "lstm": 4, "gru": 3}
 SAVED_BLOCKS = {"rnn": 0, "lstm": 4, "gru": 4}  # GRU keeps r, z, n and U_n h + b_hn
-# Buffers whose values are dead by the time the next is written share storage:
-# gx's holds the LSTM's saved gates (a step writes gates[t] over gx[t] after reading it:
-# each element of both is one thread's, read before written), then dgx (backward writes
-# dgx[t] over gates[t] likewise, and never reads gx). The GRU keeps 4H gates beside its
-# 3H gx: dgx takes gx's storage, and dgh the r, z, n blocks of gates[t] (backward reads
-# gates[t] before writing dgh[t], and never again). False gives each its own buffer
-# (the layout tests compare the two).
+# Buffers whose values are dead by the time the next is written share storage: the
+# saved gates are written over the input projection (a step writes gates[t] over gx[t]
+# after reading it: each element of both is one thread's, read before written), then
+# the gate gradients over the gates (backward writes dgates[t] over gates[t] likewise,
+# and never reads gx). The GRU saves 4H a row, r, z, n and U_n h + b_hn, so its gx is
+# the first 3H columns of its gates' rows, and its dgates rows are dr, dz, dn r, dn:
+# the recurrent projection's gradient (dgh) is their first 3H columns, the input
+# projection's (dgx) the r, z and last blocks. False gives each its own buffer (the
+# layout tests compare the two).
 SHARE_PROJECTION_STORAGE = True
 # An inference forward cut into three or more spans writes each span's input projection
 # into one of two span-long slots, in turn: a span's projection is dead once its steps
@@ -45,7 +47,8 @@ RING_SLOTS = 2
 class Direction:
     """Buffers of one layer and one direction for sequences of shape [T, B, ·].
 
-    gx: [T, B, G*H]   input projection x W_ih^T (the step kernels add b_ih)
+    gx: [T, B, G*H]   input projection x W_ih^T (the step kernels add b_ih); in training
+                the first G*H columns of gates' rows (see SHARE_PROJECTION_STORAGE)
     gx_ring: [RING_SLOTS*S, B, G*H] where an inference forward of spans at most S long
                 writes its spans' projections, in turn (None: it writes them into gx)
     span_lengths: [spans, B] int32  with gx_ring, lengths - start of each span (in time
@@ -59,18 +62,18 @@ class Direction:
     c_step: [T+1, B, H] one [B, H] block seen at every state index (time stride 0), the
                 LSTM's cell state for forwards no backward will read: each element is
                 read and then written by the one thread that owns it, step after step
-    gates: [T, B, S*H] saved activations (None for the plain RNN; the LSTM's in gx's storage)
+    gates: [T, B, S*H] saved activations (None for the plain RNN)
     step_gates: [T, B, S*H] one [B, S*H] block seen at every t (time stride 0), where
                 forwards whose activations no backward will read write them
-    dgx: [T, B, G*H]  gradient of the input projection (gx's storage: see SHARE_PROJECTION_STORAGE)
-    dgh: [T, B, G*H]  gradient of the recurrent projection (GRU only, in gates' storage; else dgx)
+    dgates: [T, B, max(G, S)*H] what BPTT's steps write: the pre-activation gradients, in
+                gates' storage (the plain RNN's in gx's); ``dgh`` and ``dgx_blocks`` view them
     dh, dc: [B, H]    gradient carried back through h (and c)
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
     sync: [2] int32   barrier counter and failure flag of the persistent kernels
     gates_overwritten: whether backward writes gradients over the saved gates
 
-    gates, all T+1 cell states and the gradient buffers (dgx, dgh, dh, dc, dtable) are
+    gates, all T+1 cell states and the gradient buffers (dgates, dh, dc, dtable) are
     None until ``for_training``: a direction that only ever runs inference forwards has none.
     gx is None until ``for_training`` or ``for_inference`` (which may give gx_ring instead).
     """
@@ -83,8 +86,7 @@ class Direction:
     c: object
     gates: object
     step_gates: object
-    dgx: object
-    dgh: object
+    dgates: object
     dh: object
     dc: object
     table: object = None
@@ -114,7 +116,7 @@ class Direction:
             c=c_step,
             gates=None,
             step_gates=None if step is None else _every_step(xp, step, T),
-            dgx=None, dgh=None, dh=None, dc=None,
+            dgates=None, dh=None, dc=None,
             table=xp.empty((vocab, G * H), dtype) if vocab else None,
             c_step=c_step,
             sync=xp.zeros(2, xp.int32),
@@ -141,28 +143,48 @@ class Direction:
 
     def for_training(self, xp):
         """Allocate, once, the input projection (if ``for_inference`` gave it a ring, it
-        keeps that for inference forwards), the saved activations and the gradient buffers."""
+        keeps that for inference forwards; a GRU's own 3H-wide gx gives way to the first
+        3H columns of its gates' rows), the saved activations and the gradient buffers."""
         if self.dh is not None:
             return
         T, B, H = self.h.shape[0] - 1, self.h.shape[1], self.h.shape[2]
-        dtype, S = self.h.dtype, SAVED_BLOCKS[self.cell]
-        if self.gx is None:
-            self.gx = xp.empty((T, B, GATE_BLOCKS[self.cell] * H), dtype)
+        dtype, G, S = self.h.dtype, GATE_BLOCKS[self.cell], SAVED_BLOCKS[self.cell]
         if self.cell == "lstm":
             self.c = xp.empty((T + 1, B, H), dtype)  # backward reads every cell state
-        if SHARE_PROJECTION_STORAGE and self.cell == "lstm":
-            self.gates = self.gx
+        if S and SHARE_PROJECTION_STORAGE:
+            if self.gx is not None and self.gx.shape[2] != S * H:
+                self.gx = None  # an inference forward's GRU projection, 3H wide: its place moves into 4H rows
+            self.gates = self.gx if self.gx is not None else xp.empty((T, B, S * H), dtype)
+            self.gx = self.gates if G == S else self.gates[:, :, :G * H]  # the GRU's: 3H of each 4H row
         else:
+            if self.gx is None:
+                self.gx = xp.empty((T, B, G * H), dtype)
             self.gates = xp.empty((T, B, S * H), dtype) if S else None
-        self.dgx = self.gx if SHARE_PROJECTION_STORAGE else xp.empty_like(self.gx)
-        if self.cell != "gru":
-            self.dgh = self.dgx
-        else:  # rows of 4H, of which dgh takes the first 3H (GEMMs read it with that row stride)
-            self.dgh = self.gates[:, :, :3 * H] if SHARE_PROJECTION_STORAGE else xp.empty_like(self.gx)
+        if SHARE_PROJECTION_STORAGE:
+            self.dgates = self.gx if self.gates is None else self.gates
+        else:
+            self.dgates = xp.empty((T, B, max(G, S) * H), dtype)
         self.gates_overwritten = SHARE_PROJECTION_STORAGE and self.gates is not None
         self.dh = xp.empty((B, H), dtype)
         self.dc = xp.empty((B, H), dtype) if self.cell == "lstm" else None
         self.dtable = None if self.table is None else xp.empty_like(self.table)
+
+    @property
+    def dgh(self):
+        """[T, B, G*H] the recurrent projection's gradient: dgates, or the first 3H columns
+        of the GRU's (dr, dz, dn r), which GEMMs read with its rows' stride."""
+        if self.dgates is None or self.cell != "gru":
+            return self.dgates
+        return self.dgates[:, :, :3 * self.h.shape[2]]
+
+    def dgx_blocks(self):
+        """The input projection's gradient as [(columns of dgates [T, B, k*H], the rows of
+        W_ih and b_ih they go with)]: dgates whole, or the GRU's r and z blocks and its
+        last block, dn (dn r, the recurrent side's, lies between them)."""
+        if self.cell != "gru":
+            return [(self.dgates, slice(None))]
+        H = self.h.shape[2]
+        return [(self.dgates[:, :, :2 * H], slice(0, 2 * H)), (self.dgates[:, :, 3 * H:], slice(2 * H, 3 * H))]
 
 
 def _every_step(xp, block, steps):
@@ -310,11 +332,11 @@ def forward_step(ops, cell, nonlinearity, t, reverse, ws, w_rec, trans, b_ih, b_
 def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):
     """One BPTT step: the fused pointwise backward, then dh_prev += dgates_t W_hh."""
     if cell == "rnn":
-        ops.rnn_backward(t, reverse, ws.h, dy, ws.dh, ws.dgx, lengths, nonlinearity)
+        ops.rnn_backward(t, reverse, ws.h, dy, ws.dh, ws.dgates, lengths, nonlinearity)
     elif cell == "lstm":
-        ops.lstm_backward(t, reverse, ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgx, lengths)
+        ops.lstm_backward(t, reverse, ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgates, lengths)
     else:
-        ops.gru_backward(t, reverse, ws.h, ws.gates, dy, ws.dh, ws.dgx, ws.dgh, lengths)
+        ops.gru_backward(t, reverse, ws.h, ws.gates, dy, ws.dh, ws.dgates, lengths)
     ops.gemm(ws.dgh[t], w_hh, ws.dh, beta=1.0)
 
 
@@ -350,7 +372,7 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
     """
     T, B = ws.gx.shape[:2]
     label = label or f"{cell} {'rev' if reverse else 'fwd'}"
-    dgx = ws.dgx.reshape(T * B, -1)
+    dgx_blocks = [(dgx.reshape(T * B, -1), gate_rows) for dgx, gate_rows in ws.dgx_blocks()]
     dgh = ws.dgh.reshape(T * B, -1)
     algorithm = "graph" if recorder is not None else ops.algorithm  # a recorder reads dh between GEMM and kernel
     for k, (start, stop) in enumerate(spans or [(0, T)]):
@@ -372,7 +394,8 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
         if d_in is not None:
             rows = slice(start * B, stop * B)
             with ops.annotate(f"{label} backward input gradient [{start}:{stop})", "weights"):
-                ops.gemm(dgx[rows], w_ih, d_in.reshape(T * B, -1)[rows])
+                for k, (dgx, gate_rows) in enumerate(dgx_blocks):
+                    ops.gemm(dgx[rows], w_ih[gate_rows], d_in.reshape(T * B, -1)[rows], beta=float(k > 0))
         yield ops.mark()
     with ops.annotate(f"{label} backward weights", "weights"):
         if algorithm != "graph":  # the last step's dgates reach the initial state through W_hh
@@ -380,19 +403,22 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
         # weight gradients: single GEMMs over all T*B rows
         h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
         ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)
-        if ws.dgh is ws.dgx:  # one gradient for both biases (RNN, LSTM): one pass over it
+        if cell != "gru":  # one gradient for both biases (RNN, LSTM): one pass over it
             db = ws.gh[:1]  # the forward's step scratch, free in backward
-            ops.gemm(ones, dgx, db)
+            ops.gemm(ones, dgh, db)
             db_ih += db[0]
             db_hh += db[0]
         else:
-            ops.gemm(ones, dgx, db_ih.reshape(1, -1), beta=1.0)
             ops.gemm(ones, dgh, db_hh.reshape(1, -1), beta=1.0)
+            for dgx, gate_rows in dgx_blocks:
+                ops.gemm(ones, dgx, db_ih[gate_rows].reshape(1, -1), beta=1.0)
         if isinstance(x, Embedded):
-            ops.gemm(x.onehot, dgx, ws.dtable, trans_a=True)  # dgx summed over the rows of each symbol
+            for dgx, gate_rows in dgx_blocks:  # dgx summed over the rows of each symbol
+                ops.gemm(x.onehot, dgx, ws.dtable[:, gate_rows], trans_a=True)
             ops.gemm(ws.dtable, x.weight, dw_ih, trans_a=True, beta=1.0)
         else:
-            ops.gemm(dgx, x.reshape(T * B, -1), dw_ih, trans_a=True, beta=1.0)
+            for dgx, gate_rows in dgx_blocks:
+                ops.gemm(dgx, x.reshape(T * B, -1), dw_ih[gate_rows], trans_a=True, beta=1.0)
 
 
 def backward_input(ops, x, w_ih, ws, dx, accumulate):
@@ -408,4 +434,6 @@ def backward_input(ops, x, w_ih, ws, dx, accumulate):
             ops.gemm(ws.dtable, w_ih, x.dweight, beta=1.0)  # backprop into the embedding rows
         else:
             T, B = ws.gx.shape[:2]
-            ops.gemm(ws.dgx.reshape(T * B, -1), w_ih, dx.reshape(T * B, -1), beta=1.0 if accumulate else 0.0)
+            for k, (dgx, gate_rows) in enumerate(ws.dgx_blocks()):  # the GRU's in two blocks: the sum over both
+                ops.gemm(dgx.reshape(T * B, -1), w_ih[gate_rows], dx.reshape(T * B, -1),
+                         beta=1.0 if accumulate or k else 0.0)

@@ -130,8 +130,12 @@ class Workspace:
         self.dh0 = xp.empty((L * D, B, H), dtype)
         self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
         self.ones = xp.ones((1, T * B), dtype)
+        projections = [d.gx for d in self.dirs]
         for d in self.dirs:
             d.for_training(xp)
+        if any(old is not None and old is not d.gx for old, d in zip(projections, self.dirs)):
+            for key in [key for key in self.graphs if key[0] == "inference"]:
+                del self.graphs[key]  # captured over the projections that gave way (and are freed now)
 
     def for_inference(self, ops):
         """Allocate, once, where an inference forward writes its input projections (a ring

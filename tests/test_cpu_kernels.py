@@ -44,10 +44,10 @@ def _tanh(v):
 
 
 def _buffers(cell, rng, shared, name):
-    """A direction's buffers as gpurnn.sequence lays them out (shared: the LSTM's gates in
-    its input projection's storage and its gate gradients in the gates', the GRU's dgh in
-    its gates' r, z, n blocks), filled with values a step may meet: pre-activations
-    before a forward step, activations in (0, 1) before a backward one."""
+    """A direction's buffers as gpurnn.sequence lays them out (shared: the gates in the
+    input projection's storage, the GRU's projection the first 3H columns of its 4H
+    rows, and the gate gradients in the gates'), filled with values a step may meet:
+    pre-activations before a forward step, activations in (0, 1) before a backward one."""
     G = GATE_BLOCKS[cell]
     f = np.float32
     gx = rng.standard_normal((T, B, G * H)) * 2 if name == "forward" else rng.random((T, B, G * H))
@@ -61,8 +61,10 @@ def _buffers(cell, rng, shared, name):
         buf["dgates"] = buf["gates"] if shared else np.zeros((T, B, 4 * H), f)
     elif cell == "gru":
         buf["gates"] = rng.random((T, B, 4 * H)).astype(f)
-        buf["dgx"] = np.zeros((T, B, 3 * H), f)
-        buf["dgh"] = buf["gates"][:, :, :3 * H] if shared else np.zeros((T, B, 3 * H), f)
+        if shared:
+            buf["gates"][:, :, :3 * H] = buf["gx"]
+            buf["gx"] = buf["gates"][:, :, :3 * H]
+        buf["dgates"] = buf["gates"] if shared else np.zeros((T, B, 4 * H), f)
     else:
         buf["dgates"] = np.zeros((T, B, H), f)
     return buf
@@ -78,7 +80,7 @@ def _step(module, cell, name, t, reverse, buf, lengths, nonlinearity):
                 if name == "forward" else (b["c"], b["gates"], b["dy"], b["dh"], b["dc"], b["dgates"], lengths))
     else:
         args = ((b["gx"], b["gh"], b["b_ih"], b["b_hh"], b["h"], b["gates"], b["y"], lengths) if name == "forward"
-                else (b["h"], b["gates"], b["dy"], b["dh"], b["dgx"], b["dgh"], lengths))
+                else (b["h"], b["gates"], b["dy"], b["dh"], b["dgates"], lengths))
     getattr(module, f"{cell}_{name}")(t, reverse, *args)
 
 
@@ -112,7 +114,7 @@ def _relink(buf, cell, shared):
     if cell == "lstm":
         buf["gates"] = buf["dgates"] = buf["gx"]
     elif cell == "gru":
-        buf["dgh"] = buf["gates"][:, :, :3 * H]
+        buf["gx"], buf["dgates"] = buf["gates"][:, :, :3 * H], buf["gates"]
 
 
 def test_a_nan_reaches_the_state_as_through_the_spec():

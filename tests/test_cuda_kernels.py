@@ -29,16 +29,16 @@ def step_buffers(cell, T, B, H, rng, dtype=np.float64):
     gates = rng.uniform(0.05, 0.95, (T, B, S * H)).astype(dtype)  # activations live in (0, 1)
     return dict(gx=r(T, B, G * H), gh=r(B, G * H), b_ih=r(G * H), b_hh=r(G * H),
                 h=r(T + 1, B, H), c=r(T + 1, B, H), gates=gates, y=r(T, B, H), dy=r(T, B, H), dh=r(B, H), dc=r(B, H),
-                dgx=r(T, B, G * H), dgh=r(T, B, G * H))
+                dgates=r(T, B, max(G, S) * H))
 
 
 ARGS = {  # argument names of each op, in order, after (t, reverse)
     "rnn_forward": ["gx", "gh", "b_ih", "b_hh", "h", "y", "lengths"],
-    "rnn_backward": ["h", "dy", "dh", "dgx", "lengths"],
+    "rnn_backward": ["h", "dy", "dh", "dgates", "lengths"],
     "lstm_forward": ["gx", "gh", "b_ih", "b_hh", "h", "c", "gates", "y", "lengths"],
-    "lstm_backward": ["c", "gates", "dy", "dh", "dc", "dgx", "lengths"],
+    "lstm_backward": ["c", "gates", "dy", "dh", "dc", "dgates", "lengths"],
     "gru_forward": ["gx", "gh", "b_ih", "b_hh", "h", "gates", "y", "lengths"],
-    "gru_backward": ["h", "gates", "dy", "dh", "dgx", "dgh", "lengths"],
+    "gru_backward": ["h", "gates", "dy", "dh", "dgates", "lengths"],
 }
 
 
@@ -270,8 +270,9 @@ def test_embedded_first_layer_matches_explicit_rows(request, backend, cell, bidi
 def test_eval_forward_keeps_no_activations(request, backend, cell):
     """An eval forward gives the training forward's results but writes every step's
     activations into one step's block of its own, leaving the saved ones alone (nothing
-    is kept for a backward, as cuDNN's inference; the LSTM's saved gates live in the input
-    projection's buffer, which every forward rewrites); a recording eval forward keeps them all."""
+    is kept for a backward, as cuDNN's inference; the saved gates live in the input
+    projection's rows, which every forward rewrites: the LSTM's whole rows, the first 3H
+    columns of the GRU's 4H); a recording eval forward keeps them all."""
     if backend == "cudasim":
         request.getfixturevalue("sim")
     rng = np.random.default_rng(12)
@@ -287,7 +288,8 @@ def test_eval_forward_keeps_no_activations(request, backend, cell):
             if b is not None:
                 np.testing.assert_array_equal(a, b)
         assert next(reversed(m._workspaces.values())) is ws  # the same buffers were used
-        assert all(np.isnan(d.gates).all() for d in ws.dirs) == (cell != "lstm")
+        kept = [d.gates[..., d.gx.shape[2]:] for d in ws.dirs]  # the columns no forward's projection writes
+        assert all(np.isnan(k).all() for k in kept) and all(k.size == (cell == "gru") * 6 * 2 * 5 for k in kept)
     m(x, lengths=lengths, record=True)
     assert not any(np.isnan(d.gates).any() for d in ws.dirs)
 

@@ -187,7 +187,33 @@ def test_eval_forward_replays_its_own_graph_and_keeps_nothing(gpu, cell):
             if b is not None:
                 np.testing.assert_allclose(host(a), b, rtol=1e-6, atol=1e-7)
     assert set(ws.graphs) == {("forward", "fp32", False, None), ("inference", "fp32", False, None)}
-    assert all(np.isnan(host(d.gates)).all() for d in ws.dirs)  # eval writes its own one-step block
+    kept = [host(d.gates)[..., d.gx.shape[2]:] for d in ws.dirs]  # not the projection's columns, which eval writes
+    assert all(np.isnan(k).all() for k in kept)  # eval writes its own one-step block
+
+
+def test_a_gru_eval_graph_over_a_projection_that_gave_way_is_captured_again(gpu):
+    """A GRU shape in one or two spans first run in eval mode projects into a 3H-wide gx
+    of its own; its first training forward moves the projection into its gates' 4H rows
+    and frees that gx, so the inference graph captured over it is dropped and captured
+    again: every eval call, before and after, matches NumPy."""
+    rng = np.random.default_rng(8)
+    kw = dict(num_layers=2, bidirectional=True, dtype="float64", seed=2)
+    ref, cud = make("gru", 6, 16, backend="numpy", **kw).eval(), make("gru", 6, 16, backend="cuda", **kw).eval()
+    x, h0, _, _, _, d_out = inputs("gru", ref, 2, 3, rng, np.float64)  # T=2: two spans, no ring
+    expect = run(ref, x, h0)
+    for train_between in (False, False, True, False, False):
+        if train_between:
+            cud.train()
+            run(cud, x, h0)
+            back(cud, d_out)
+            cud.eval()
+            ws = next(iter(cud._workspaces.values()))
+            assert not any(key[0] == "inference" for key in ws.graphs)
+            assert all(np.shares_memory(d.gx, d.gates) for d in ws.dirs)
+        for a, b in zip(run(cud, x, h0), expect):
+            if b is not None:
+                assert rel_err(a, b) < 1e-10
+    assert any(key[0] == "inference" for key in ws.graphs)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -213,7 +239,7 @@ def _buffers(ws):
     """Every float output/scratch buffer of a workspace (not ones, not staged inputs)."""
     bufs = [ws.h_n, ws.c_n, ws.dx, ws.dh0, ws.dc0, *ws.out, *ws.d_in[1:]]
     for d in ws.dirs:
-        bufs += [d.gx, d.gh, d.h, d.c, d.gates, d.dgx, d.dgh, d.dh, d.dc]
+        bufs += [d.gx, d.gh, d.h, d.c, d.gates, d.dgates, d.dh, d.dc]
     return [b for b in bufs if b is not None]
 
 

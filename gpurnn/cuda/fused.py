@@ -250,20 +250,21 @@ def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, 
 
 
 @cuda.jit(device=True, inline=True)
-def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, sm, hs_off, h, gates, dy, dh, dgx,
-                      dgh, lengths):
-    """As rnn_backward_tile, for kernels.gru_backward's buffers (the product reads dgh)."""
+def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, sm, hs_off, h, gates, dy, dh,
+                      dgates, lengths):
+    """As rnn_backward_tile, for kernels.gru_backward's buffers (the product reads the first
+    3H columns of dgates, the recurrent projection's gradient)."""
     B = h.shape[1]
     U = j1 - j0
-    GH = dgh.shape[2]
+    GH = 3 * h.shape[2]
     if has_next:
-        stage(sm, hs_off, dgh, t_next, B, GH)
+        stage(sm, hs_off, dgates, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         dh_in = wide(dh[b, j])
         if has_next:
             dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
-        gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, lengths)
+        gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgates, lengths)
 
 
 # ------------------------------------------------------------ fused step kernels
@@ -315,12 +316,12 @@ def lstm_backward_fused(t, t_next, has_next, reverse, units, w, c, gates, dy, dh
 
 
 @cuda.jit(cache=True)
-def gru_backward_fused(t, t_next, has_next, reverse, units, w, h, gates, dy, dh, dgx, dgh, lengths):
+def gru_backward_fused(t, t_next, has_next, reverse, units, w, h, gates, dy, dh, dgates, lengths):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
-    gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, sm, 0, h, gates, dy, dh, dgx,
-                      dgh, lengths)
+    gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, sm, 0, h, gates, dy, dh,
+                      dgates, lengths)
 
 
 # ------------------------------------------------------------ persistent kernels
@@ -471,7 +472,7 @@ def lstm_backward_persistent(start, stop, first, reverse, units, w_hh, c, gates,
 
 
 @cuda.jit
-def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, dy, dh, dgx, dgh, lengths, sync):
+def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, dy, dh, dgates, lengths, sync):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     j1 = min(H, j0 + units)
@@ -480,7 +481,7 @@ def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, 
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
         gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, 3 * units * H, h,
-                          gates, dy, dh, dgx, dgh, lengths)
+                          gates, dy, dh, dgates, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
             return
@@ -505,8 +506,9 @@ def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
 
 def signatures(cell, phase, algorithm, dtype, inference=False):
     """The numba signature of a launch on workspace buffers (as kernels.signatures; y and dy
-    may be strided, an eval forward's gates have time stride 0, and with ``inference``
-    the LSTM's cell states too). Used by the PTX report."""
+    may be strided, as the GRU's input projection in training, an eval forward's gates
+    have time stride 0, and with ``inference`` the LSTM's cell states too). Used by the
+    PTX report."""
     from numba import types
 
     f = numba_float(dtype)
@@ -518,11 +520,12 @@ def signatures(cell, phase, algorithm, dtype, inference=False):
         head = (i64, i64, i64) if algorithm == "fused" else (i64, i64, i64, i64)  # t, reverse, units / span
         w = c1 if algorithm == "fused" else c2
         c = a3 if inference else c3
-        tail = {"rnn": (c3, w, c1, c1, c3, a3, lengths, i64), "lstm": (c3, w, c1, c1, c3, c, a3, a3, lengths),
-                "gru": (c3, w, c1, c1, c3, a3, a3, lengths)}[cell]
+        gx = c3 if inference or cell != "gru" else a3  # the GRU's training gx: the first 3H columns of gates' rows
+        tail = {"rnn": (gx, w, c1, c1, c3, a3, lengths, i64), "lstm": (gx, w, c1, c1, c3, c, a3, a3, lengths),
+                "gru": (gx, w, c1, c1, c3, a3, a3, lengths)}[cell]
     else:
         head = (i64, i64, flag, i64, i64)  # t, t_next, has_next, reverse, units / start, stop, first, ...
         w = c1 if algorithm == "fused" else c2
         tail = {"rnn": (w, c3, a3, c2, c3, lengths, i64), "lstm": (w, c3, c3, a3, c2, c2, c3, lengths),
-                "gru": (w, c3, c3, a3, c2, c3, a3, lengths)}[cell]  # dgh: rows of gates
+                "gru": (w, c3, c3, a3, c2, c3, lengths)}[cell]
     return head + tail + ((sync,) if algorithm == "persistent" else ())

@@ -304,14 +304,13 @@ def gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, 
 
 
 @cuda.jit(device=True, inline=True)
-def gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, lengths):
+def gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgates, lengths):
     H = h.shape[2]
     prev = t + reverse
     zero, one, half, _, _ = constants(h)
     if t >= lengths[b]:  # padded step: the gradient passes through untouched
-        for k in range(3):
-            dgx[t, b, k * H + j] = narrow(zero, dgx)
-            dgh[t, b, k * H + j] = narrow(zero, dgh)
+        for k in range(4):
+            dgates[t, b, k * H + j] = narrow(zero, dgates)
         dh[b, j] = narrow(dh_in, dh)
         return
     r = wide(gates[t, b, j])
@@ -322,19 +321,17 @@ def gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgx, dgh, leng
     dn = dh_total * (one - z) * (one - n * n)  # backprop through tanh
     dz = dh_total * (wide(h[prev, b, j]) - n) * z * (one - z)
     dr = dn * hn * r * (one - r)
-    dgx[t, b, j] = narrow(dr, dgx)
-    dgx[t, b, H + j] = narrow(dz, dgx)
-    dgx[t, b, 2 * H + j] = narrow(dn, dgx)
-    dgh[t, b, j] = narrow(dr, dgh)
-    dgh[t, b, H + j] = narrow(dz, dgh)
-    dgh[t, b, 2 * H + j] = narrow(dn * r, dgh)
+    dgates[t, b, j] = narrow(dr, dgates)
+    dgates[t, b, H + j] = narrow(dz, dgates)
+    dgates[t, b, 2 * H + j] = narrow(dn * r, dgates)  # U_n h reaches n scaled by r
+    dgates[t, b, 3 * H + j] = narrow(dn, dgates)  # W_n x does not
     dh[b, j] = narrow(dh_total * z, dh)  # the z h_{t-1} path skips W_hh
 
 
 @cuda.jit(cache=True)
 def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
-    """gx: [T, B, 3H] (r, z, n)  gh: [B, 3H]  b_ih, b_hh: [3H]  h: [T+1, B, H]
-    gates: [T, B, 4H] (r, z, n, hn)  y: [T, B, H]  lengths: [B]"""
+    """gx: [T, B, 3H] (r, z, n; in training the first 3H columns of gates' rows)  gh: [B, 3H]
+    b_ih, b_hh: [3H]  h: [T+1, B, H]  gates: [T, B, 4H] (r, z, n, hn)  y: [T, B, H]  lengths: [B]"""
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx < B * H:
@@ -344,14 +341,14 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
 
 
 @cuda.jit(cache=True)
-def gru_backward(t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
+def gru_backward(t, reverse, h, gates, dy, dh, dgates, lengths):
     """h: [T+1, B, H]  gates: [T, B, 4H]  dy: [T, B, H]  dh: [B, H] (in/out)
-    dgx, dgh: [T, B, 3H]"""
+    dgates: [T, B, 4H] (dr, dz, dn r, dn)"""
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx < B * H:
         b, j = idx // H, idx % H
-        gru_point_backward(t, reverse, b, j, wide(dh[b, j]), h, gates, dy, dh, dgx, dgh, lengths)
+        gru_point_backward(t, reverse, b, j, wide(dh[b, j]), h, gates, dy, dh, dgates, lengths)
 
 
 # ----------------------------------------------------------------- optimizer
@@ -476,23 +473,24 @@ def numba_float(dtype):
 
 def signatures(name, dtype):
     """{label: numba signature} of the launches on workspace buffers (the RNN steps'
-    output and output-gradient views, y and dy, may be strided, as the GRU's dgh, which
-    lives in gates' rows; an eval forward's gates, and its LSTM cell states, have time
-    stride 0; everything else is C-contiguous). Used by the PTX report."""
+    output and output-gradient views, y and dy, may be strided, as the GRU's input
+    projection in training, which lives in gates' rows; an eval forward's gates, and
+    its LSTM cell states, have time stride 0; everything else is C-contiguous). Used by
+    the PTX report."""
     f = numba_float(dtype)
     i64 = types.int64
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")
     lengths = ids = types.Array(types.int32, 1, "C")
     lstm_forward = lambda c, gates: (i64, i64, c3, c2, c1, c1, c3, c, gates, a3, lengths)  # noqa: E731
-    gru_forward = lambda gates: (i64, i64, c3, c2, c1, c1, c3, gates, a3, lengths)  # noqa: E731
+    gru_forward = lambda gx, gates: (i64, i64, gx, c2, c1, c1, c3, gates, a3, lengths)  # noqa: E731
     return {
         "rnn_forward": {"rnn_forward": (i64, i64, c3, c2, c1, c1, c3, a3, lengths, i64)},
         "rnn_backward": {"rnn_backward": (i64, i64, c3, a3, c2, c3, lengths, i64)},
         "lstm_forward": {"lstm_forward": lstm_forward(c3, c3), "lstm_forward eval": lstm_forward(a3, a3)},
         "lstm_backward": {"lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths)},
-        "gru_forward": {"gru_forward": gru_forward(c3), "gru_forward eval": gru_forward(a3)},
-        "gru_backward": {"gru_backward": (i64, i64, c3, c3, a3, c2, c3, a3, lengths)},  # dgh: rows of gates
+        "gru_forward": {"gru_forward": gru_forward(a3, c3), "gru_forward eval": gru_forward(c3, a3)},
+        "gru_backward": {"gru_backward": (i64, i64, c3, c3, a3, c2, c3, lengths)},
         "adam_update": {"adam_update": (c1, c1, c1, c1, f, f, f, f, f)},
         "gather_rows": {"gather_rows": (c2, ids, c2)},
         "one_hot": {"one_hot": (ids, c2)},

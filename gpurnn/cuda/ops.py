@@ -417,7 +417,7 @@ class CudaOps:
                      kernels.NONLINEARITY_CODES[nonlinearity])
 
     def rnn_backward(self, t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
-        T, B, H = _check_step(t, reverse, h, dy=dy, dh=dh, dgx=dgates, lengths=lengths, G=1)
+        T, B, H = _check_step(t, reverse, h, dy=dy, dh=dh, dgates=dgates, lengths=lengths, G=1)
         self._launch(kernels.rnn_backward, B, H, t, reverse, h, dy, dh, dgates, lengths,
                      kernels.NONLINEARITY_CODES[nonlinearity])
 
@@ -427,7 +427,7 @@ class CudaOps:
         self._launch(kernels.lstm_forward, B, H, t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths)
 
     def lstm_backward(self, t, reverse, c, gates, dy, dh, dc, dgates, lengths):
-        T, B, H = _check_step(t, reverse, c, gates=gates, dy=dy, dh=dh, dc=dc, dgx=dgates,
+        T, B, H = _check_step(t, reverse, c, gates=gates, dy=dy, dh=dh, dc=dc, dgates=dgates,
                               lengths=lengths, G=4)
         self._launch(kernels.lstm_backward, B, H, t, reverse, c, gates, dy, dh, dc, dgates, lengths)
 
@@ -436,10 +436,9 @@ class CudaOps:
                               lengths=lengths, G=3)
         self._launch(kernels.gru_forward, B, H, t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths)
 
-    def gru_backward(self, t, reverse, h, gates, dy, dh, dgx, dgh, lengths):
-        T, B, H = _check_step(t, reverse, h, gates=gates, dy=dy, dh=dh, dgx=dgx, dgh=dgh,
-                              lengths=lengths, G=3)
-        self._launch(kernels.gru_backward, B, H, t, reverse, h, gates, dy, dh, dgx, dgh, lengths)
+    def gru_backward(self, t, reverse, h, gates, dy, dh, dgates, lengths):
+        T, B, H = _check_step(t, reverse, h, gates=gates, dy=dy, dh=dh, dgates=dgates, lengths=lengths, G=3)
+        self._launch(kernels.gru_backward, B, H, t, reverse, h, gates, dy, dh, dgates, lengths)
 
     # ------------------------------------------- fused and persistent recurrences
     def fused_forward(self, cell, nonlinearity, t, reverse, ws, b_ih, b_hh, gates, y, lengths):
@@ -493,9 +492,9 @@ class CudaOps:
                                 (w_hh, *self._backward_buffers(cell, nonlinearity, ws, dy, lengths)))
 
     def _backward_buffers(self, cell, nonlinearity, ws, dy, lengths):
-        return {"rnn": (ws.h, dy, ws.dh, ws.dgx, lengths, kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
-                "lstm": (ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgx, lengths),
-                "gru": (ws.h, ws.gates, dy, ws.dh, ws.dgx, ws.dgh, lengths)}[cell]
+        return {"rnn": (ws.h, dy, ws.dh, ws.dgates, lengths, kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
+                "lstm": (ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgates, lengths),
+                "gru": (ws.h, ws.gates, dy, ws.dh, ws.dgates, lengths)}[cell]
 
     def _launch_persistent(self, cell, phase, ws, head, args):
         B, H = ws.h.shape[1], ws.h.shape[2]
@@ -811,7 +810,7 @@ def _check_step(t, reverse, state, G, lengths, **bufs):
     saved = 4 if G in (3, 4) else 0
     expected = {"gx": (T, B, G * H), "gh": (B, G * H), "b_ih": (G * H,), "b_hh": (G * H,), "c": (T + 1, B, H),
                 "gates": (T, B, saved * H), "y": (T, B, H), "dy": (T, B, H), "dh": (B, H), "dc": (B, H),
-                "dgx": (T, B, G * H), "dgh": (T, B, G * H)}
+                "dgates": (T, B, max(saved, G) * H)}
     for name, a in bufs.items():
         if tuple(a.shape) != expected[name]:
             raise ValueError(f"kernel launch: {name} must have shape {expected[name]} for state "
