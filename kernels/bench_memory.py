@@ -5,7 +5,8 @@
 Method, the same for both sides: each measurement runs in a fresh process that
 first sets up its CUDA context and libraries (a tiny op on each), reads the
 device's free memory, builds the model, runs the pass twice, synchronizes and
-reads free memory again. The drop is what that side holds: CuPy's pool and
+reads free memory again (gpurnn's processes do not import torch: its import costs
+seconds of device time a process). The drop is what that side holds: CuPy's pool and
 torch's caching allocator both keep freed blocks for reuse, so after the calls
 it is their peak, plus what neither pool shows (cuBLAS/cuDNN workspaces, CUDA
 graphs, numba's modules). The weights are included on both sides. A training
@@ -34,12 +35,14 @@ ROWS = {"A": (100, 64, 512, 1), "B": (100, 256, 1024, 1), "C": (1000, 32, 256, 1
         "E": (100, 64, 512, 3), "long": (2000, 64, 1024, 2)}
 
 MEASURE = r"""
-import sys, numpy as np, cupy, torch
+import sys, numpy as np, cupy
 side, cell, T, B, H, L, train = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
 half = {"fp16": "float16", "bf16": "bfloat16"}.get(sys.argv[8])
-torch.ones(1, device="cuda").sum().item()
+if side == "torch":
+    import torch
+    torch.ones(1, device="cuda").sum().item()
 cupy.ones(1).sum().get()
-free = lambda: (torch.cuda.synchronize(), cupy.cuda.runtime.memGetInfo()[0])[1]
+free = lambda: (cupy.cuda.runtime.deviceSynchronize(), cupy.cuda.runtime.memGetInfo()[0])[1]
 before = free()
 x = np.random.default_rng(0).standard_normal((T, B, H)).astype(np.float32)
 if side == "gpurnn":
@@ -47,8 +50,7 @@ if side == "gpurnn":
     from gpurnn import precision
     dtype = precision.dtype("precision", half or "float32")
     x = x.astype(dtype)
-    m = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, num_layers=L, backend="cuda",
-                                                                         dtype=dtype)
+    m = {"lstm": gpurnn.LSTM, "gru": gpurnn.GRU, "rnn": gpurnn.RNN}[cell](H, H, num_layers=L, dtype=dtype)
     m.train(bool(train))
     xd = cupy.asarray(x)
     for _ in range(2):
@@ -72,8 +74,11 @@ print(before - free())
 """
 
 
-def measure(side, cell, T, B, H, L, train, precision="fp32"):
-    env = dict(os.environ, PYTHONPATH=ROOT, GPURNN_BACKEND="cuda")
+def measure(side, cell, T, B, H, L, train, precision="fp32", backend="cuda"):
+    """Bytes one side holds after the passes, from fresh processes (gpurnn on ``backend``;
+    the tests run it on the simulator with a stand-in for CuPy)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, GPURNN_BACKEND=backend)
     runs = 2 if side == "gpurnn" else 1  # the first stores the algorithm choice: its timing scratch not counted
     for _ in range(runs):
         done = subprocess.run([sys.executable, "-c", MEASURE, side, cell, str(T), str(B), str(H), str(L),

@@ -139,6 +139,39 @@ def test_memory_table_has_both_sides_and_the_ratio():
     assert text.splitlines()[3].endswith("n/a: torch lstm: bfloat16 not supported")
 
 
+STAND_IN_CUPY = """
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+
+tracemalloc.start()  # the device's free memory: what this process has not allocated
+DEVICE = 1 << 40
+asarray, ones_like = np.asarray, np.ones_like
+ones = lambda shape: SimpleNamespace(sum=lambda: SimpleNamespace(get=lambda: 1.0))
+cuda = SimpleNamespace(runtime=SimpleNamespace(
+    deviceSynchronize=lambda: None, memGetInfo=lambda: (DEVICE - tracemalloc.get_traced_memory()[0], DEVICE)))
+"""
+
+
+def test_memory_measure_runs_gpurnns_side(tmp_path, monkeypatch):
+    """The measuring script's gpurnn side runs end to end (a typo there would only show on
+    a lent GPU): on the simulator, with a stand-in for CuPy whose free memory is what the
+    process has not allocated (host memory here, the simulator's compiled kernels
+    included), a training step takes more than an eval forward, and each at least the
+    input it was given."""
+    pytest.importorskip("numba_cuda")
+    import bench_memory
+
+    (tmp_path / "cupy.py").write_text(STAND_IN_CUPY)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    T, B, H = 6, 4, 16
+    train, evaluate = (bench_memory.measure("gpurnn", "gru", T, B, H, 1, mode, backend="cudasim")
+                       for mode in (True, False))
+    assert train > evaluate >= T * B * H * 4
+
+
 def test_bench_torch_reads_both_memory_pools(monkeypatch):
     """The GPU rows' pool figures (what decides issue 12's allocator switch), with the two
     libraries' counters faked: a typo here would only show on a lent GPU."""
