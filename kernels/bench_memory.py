@@ -88,7 +88,9 @@ def measure(side, cell, T, B, H, L, train, precision="fp32", backend="cuda"):
     return int(done.stdout.split()[-1])
 
 
-def main(argv=None):
+def main(argv=None, fp32_rows=()):
+    """The rows measured; ``fp32_rows``: fp32 rows measured before (gpu_check's memory
+    stage), which half rows are compared with where this call measures none of its own."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--cells", nargs="+", default=["lstm"], choices=["lstm", "gru", "rnn"])
@@ -109,7 +111,7 @@ def main(argv=None):
                         rows.append(dict(row, error=str(exc)))
                         continue
                     rows.append(dict(row, gpurnn_MiB=ours / 2**20, torch_MiB=peer / 2**20, ratio=ours / max(peer, 1)))
-    full = {(r["cell"], r["row"], r["pass_"]): r["gpurnn_MiB"] for r in rows
+    full = {(r["cell"], r["row"], r["pass_"]): r["gpurnn_MiB"] for r in [*fp32_rows, *rows]
             if r["precision"] == "fp32" and "error" not in r}
     for r in rows:  # half's target: at most 0.55x of our own fp32
         if r["precision"] != "fp32" and "error" not in r and (r["cell"], r["row"], r["pass_"]) in full:

@@ -20,10 +20,12 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
   torch          ``bench_torch.py``: a torch model's training step with torch.nn.LSTM/GRU
                  against gpurnn.torch.LSTM/GRU (config A and 2x512);
   memory         ``bench_memory.py``: device memory of a training step and an eval forward,
-                 gpurnn against torch, each from a fresh process;
+                 gpurnn against torch, each from a fresh process (LSTM rows A-E and long,
+                 GRU B and C);
   half           float16 and bfloat16: the benchmark matrix's fp16 and bf16 modes (a gpurnn
                  half model against cuDNN under torch.autocast fp16 / bf16) and the memory
-                 of B, C and E in both beside fp32 (target: at most 0.55x our own fp32);
+                 of B, C and E in both beside fp32 (the memory stage's figures where it
+                 ran; target: at most 0.55x our own fp32);
   nccl           ``bench_distributed.py --nccl``: the NCCL all-reduce's cost per GPU training
                  step (a world of one);
   sanitizer      compute-sanitizer's memcheck, racecheck, initcheck and synccheck over
@@ -109,6 +111,27 @@ def run_stages(report, names, run, budget, save, start=None):
         else:
             stage(report, name, lambda: run[name](left))
         save(report)
+
+
+def memory(quick):
+    """bench_memory's LSTM rows (A and D with --quick, else all), and the GRU's B and C."""
+    import bench_memory
+
+    if quick:
+        return bench_memory.main(["--rows", "A", "D"])
+    return bench_memory.main([]) + bench_memory.main(["--cells", "gru", "--rows", "B", "C"])
+
+
+def half_memory(report, rows):
+    """The LSTM's float16 and bfloat16 memory on ``rows``, each beside our own fp32 figure:
+    the memory stage's where it measured those rows, else measured here too."""
+    import bench_memory
+
+    measured = report.get("memory") if isinstance(report.get("memory"), list) else []
+    have = {(r["row"], r["pass_"]) for r in measured
+            if r["cell"] == "lstm" and r.get("precision", "fp32") == "fp32" and "error" not in r}
+    fp32 = [] if {(row, p) for row in rows for p in ("train", "eval")} <= have else ["fp32"]
+    return bench_memory.main(["--precisions", *fp32, "fp16", "bf16", "--rows", *rows], fp32_rows=measured)
 
 
 def suite(timeout, out_dir):
@@ -268,10 +291,9 @@ def main():
                                                      + ["--algorithms", "graph", "fused", "persistent"]),
            "training": lambda left: bench_train.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
            "torch": lambda left: bench_torch.main(["--device", "cuda", "--steps", "10" if args.quick else "20"]),
-           "memory": lambda left: bench_memory.main(["--rows", "A", "D"] if args.quick else []),
+           "memory": lambda left: memory(args.quick),
            "half": lambda left: dict(benchmarks=bench_gpu.main((bench_args or []) + ["--modes", "fp16", "bf16"]),
-                                     memory=bench_memory.main(["--precisions", "fp32", "fp16", "bf16", "--rows",
-                                                               *(["A"] if args.quick else ["B", "C", "E"])])),
+                                     memory=half_memory(report, ["A"] if args.quick else ["B", "C", "E"])),
            "nccl": lambda left: bench_distributed.main(["--nccl", "--steps", "20" if args.quick else "40"]),
            "sanitizer": lambda left: sanitizer(args.sanitizer_timeout, args.out, left),
            "lab": lambda left: gemm_lab()}

@@ -71,6 +71,31 @@ def test_gpu_check_saves_after_each_stage_and_starts_none_past_its_budget():
     assert report == {"torch": [1]} and lefts[-1] is None  # no budget, no limit
 
 
+def test_half_memory_reuses_the_memory_stages_fp32_rows(monkeypatch):
+    """The half stage measures fp32 again only where the memory stage has not (each row
+    costs three fresh processes of device time), and compares half with those figures."""
+    import bench_memory
+    import gpu_check
+
+    calls = []
+    monkeypatch.setattr(bench_memory, "main", lambda argv, fp32_rows=(): calls.append((argv, fp32_rows)) or [])
+    measured = [dict(cell="lstm", row=row, pass_=p, precision="fp32", gpurnn_MiB=1.0)
+                for row in ("B", "C", "E") for p in ("train", "eval")]
+    gpu_check.half_memory({"memory": measured}, ["B", "C", "E"])
+    gpu_check.half_memory({"memory": measured[:-1]}, ["B", "C", "E"])  # E's eval row missing
+    gpu_check.half_memory({"memory": {"error": "no GPU"}}, ["A"])
+    assert [argv[1:4] for argv, _ in calls] == [["fp16", "bf16", "--rows"], ["fp32", "fp16", "bf16"],
+                                                ["fp32", "fp16", "bf16"]]
+    assert calls[0][1] == measured and calls[2][1] == []
+
+    monkeypatch.undo()  # the real main, with measure faked
+    monkeypatch.setattr(bench_memory, "measure", lambda side, *a, **k: (300 if side == "gpurnn" else 400) << 20)
+    rows = bench_memory.main(["--precisions", "fp16", "--rows", "C"],
+                             fp32_rows=[dict(cell="lstm", row="C", pass_=p, precision="fp32", gpurnn_MiB=600.0)
+                                        for p in ("train", "eval")])
+    assert [r["of_our_fp32"] for r in rows] == [0.5, 0.5] and [r["ratio"] for r in rows] == [0.75, 0.75]
+
+
 def test_sanitizer_logs_are_read_whole_or_cut_off():
     import gpu_check
 
