@@ -282,10 +282,10 @@ class NumpyOps:
         out[np.arange(ids.size), ids] = 1
 
     @staticmethod
-    def run(ws, name, fn, capture=True, accumulates=(), consumes=()):
+    def run(ws, name, fn, capture=True, accumulates=(), restore=None):
         """Run a whole forward or backward over workspace ws; the CUDA backend
-        chooses its algorithm (timing each, with ``consumes`` put back before each
-        run) and captures and replays it as a graph."""
+        chooses its algorithm (timing each, with what ``fn`` overwrites written again
+        by ``restore`` before each) and captures and replays it as a graph."""
         forced = rnn_algorithm()
         if forced not in (None, "graph"):
             raise ValueError(f"rnn algorithm {forced!r} (set_rnn_algorithm / GPURNN_RNN_ALGO): the numpy backend "

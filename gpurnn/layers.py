@@ -330,11 +330,19 @@ class _RNNBase:
                 ws.stage("d_cn", d_cn)
             self._cache_used = True
             accumulates = list(self._grads.values()) + ([] if embedding is None else [embedding[1]])
+
+            def restore():  # what a backward overwrites (the staged d_out, the saved gates), from its sources
+                ws.d_out[...] = d_out
+                timed, self._ops.algorithm = self._ops.algorithm, ws.ran["forward"]
+                try:  # the forward as it ran: the same gates, bit for bit
+                    stack.forward(self._ops, cfg, self._params, ws, dropout_on, embedding, keep=True)
+                finally:
+                    self._ops.algorithm = timed
+
             self._ops.run(ws, "backward",
                           lambda: stack.backward(self._ops, cfg, self._params, self._grads, ws, dropout_on,
                                                  recorders, embedding),
-                          capture=recorders is None, accumulates=accumulates,
-                          consumes=ws.consumed_by_backward())
+                          capture=recorders is None, accumulates=accumulates, restore=restore)
             grads = (None if ws.dx is None else self._time_major_out(ws.dx, unbatched), ws.dh0.copy(),
                      ws.dc0.copy() if cfg.cell == "lstm" else None)
         if unbatched:

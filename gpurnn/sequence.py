@@ -71,7 +71,6 @@ class Direction:
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
     sync: [2] int32   barrier counter and failure flag of the persistent kernels
-    gates_overwritten: whether backward writes gradients over the saved gates
 
     gates, all T+1 cell states and the gradient buffers (dgates, dh, dc, dtable) are
     None until ``for_training``: a direction that only ever runs inference forwards has none.
@@ -98,7 +97,6 @@ class Direction:
     span_starts: object = None
     ring_spans: list = None
     cell: str = None
-    gates_overwritten: bool = False
 
     @classmethod
     def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
@@ -164,7 +162,6 @@ class Direction:
             self.dgates = self.gx if self.gates is None else self.gates
         else:
             self.dgates = xp.empty((T, B, max(G, S) * H), dtype)
-        self.gates_overwritten = SHARE_PROJECTION_STORAGE and self.gates is not None
         self.dh = xp.empty((B, H), dtype)
         self.dc = xp.empty((B, H), dtype) if self.cell == "lstm" else None
         self.dtable = None if self.table is None else xp.empty_like(self.table)

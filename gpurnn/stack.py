@@ -171,12 +171,6 @@ class Workspace:
             return [self.dx, self.dh0, self.dc0]
         return [self.out[-1], self.h_n, self.c_n]
 
-    def consumed_by_backward(self):
-        """What a backward reads and then overwrites: the staged d_out (the layers'
-        input gradients are written over it) and the saved gates that gradients
-        share storage with. Running a backward again needs them put back first."""
-        return [self.d_out] + [d.gates for d in self.dirs if d.gates_overwritten]
-
     def stage(self, name, value, default=0):
         """Copy ``value`` into the buffer ``name``; None means ``default``,
         written only if the buffer does not hold it already."""

@@ -578,7 +578,7 @@ class CudaOps:
         return _check_step(t, reverse, ws.h, G=G, lengths=lengths, gx=ws.gx, y=y, **bufs, **extra)
 
     # ------------------------------------------------------------- graphs
-    def run(self, ws, name, fn, capture=True, accumulates=(), consumes=()):
+    def run(self, ws, name, fn, capture=True, accumulates=(), restore=None):
         """Run ``fn`` (a whole stack forward or backward over workspace ``ws``).
 
         The first call per (workspace, name, math mode, determinism, forced
@@ -587,9 +587,11 @@ class CudaOps:
         CUDA graph; later calls replay the graph. If capture fails, warn once and
         stay eager. ``capture=False`` (diagnostics, which read norms on the host
         every step) always runs eagerly. ``accumulates``: the arrays ``fn`` adds
-        into (gradients), restored after each timed run. ``consumes``: what ``fn``
-        reads and then overwrites (a backward's d_out and saved gates), put back
-        before each algorithm's first timed run and before this call's own.
+        into (gradients), restored after each timed run. ``restore``: None, or a
+        function that writes again what ``fn`` reads and then overwrites (a backward's
+        staged d_out and saved gates: it stages d_out again and reruns the forward),
+        called before each timed algorithm's first run but the first one's, and before
+        this call's own: no copies held while timing.
         """
         key = (name, math_mode(), deterministic_algorithms(), rnn_algorithm())
         entry = ws.graphs.get(key)
@@ -599,7 +601,7 @@ class CudaOps:
             ws.ran[name] = ws.algorithms[key]
             return
         if key not in ws.algorithms:
-            ws.algorithms[key] = self._choose_from_fresh_inputs(ws, name, fn, accumulates, consumes)
+            ws.algorithms[key] = self._choose_from_fresh_inputs(ws, name, fn, accumulates, restore)
         self.algorithm = ws.ran[name] = ws.algorithms[key]
         try:
             fn()
@@ -612,30 +614,25 @@ class CudaOps:
         finally:
             self.algorithm = "graph"
 
-    def _choose_from_fresh_inputs(self, ws, name, fn, accumulates, consumes):
+    def _choose_from_fresh_inputs(self, ws, name, fn, accumulates, restore):
         """``choose_algorithm``, where each algorithm's first run (the one whose results
-        are compared; its capture and replays only time) starts from what ``fn``
-        consumes, copied before the first run and put back after the last."""
-        kept, runs = [], {"algorithm": None}
+        are compared; its capture and replays only time) starts from fresh inputs: the
+        first from the call's own, each later one, and then the call itself, from what
+        ``restore`` writes again."""
+        if restore is None:
+            return self.choose_algorithm(ws, name, fn, accumulates)
+        started = []  # the algorithms whose first run has begun, in turn
 
         def from_fresh_inputs():
-            if self.algorithm != runs["algorithm"]:  # this algorithm's first run
-                runs["algorithm"] = self.algorithm
-                if kept:
-                    for a, copy in zip(consumes, kept):
-                        a[...] = copy
-                else:
-                    kept.extend(a.copy() for a in consumes)
+            if not started or started[-1] != self.algorithm:  # this algorithm's first run
+                if started:
+                    restore()
+                started.append(self.algorithm)
             fn()
 
-        chosen = self.choose_algorithm(ws, name, from_fresh_inputs if consumes else fn, accumulates)
-        if kept:  # an algorithm was timed: the call runs from the inputs as staged
-            for a, copy in zip(consumes, kept):
-                a[...] = copy
-            del kept[:]
-            if not self.simulate:  # the copies' memory back to the driver, once the put-back has read them
-                self._stream.synchronize()
-                self.xp.get_default_memory_pool().free_all_blocks()
+        chosen = self.choose_algorithm(ws, name, from_fresh_inputs, accumulates)
+        if started:  # an algorithm was timed: the call runs from its inputs as they came
+            restore()
         return chosen
 
     def choose_algorithm(self, ws, name, fn, accumulates=()):
