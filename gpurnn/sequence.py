@@ -391,8 +391,8 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
         if d_in is not None:
             rows = slice(start * B, stop * B)
             with ops.annotate(f"{label} backward input gradient [{start}:{stop})", "weights"):
-                for k, (dgx, gate_rows) in enumerate(dgx_blocks):
-                    ops.gemm(dgx[rows], w_ih[gate_rows], d_in.reshape(T * B, -1)[rows], beta=float(k > 0))
+                _input_gradient(ops, [(dgx[rows], gate_rows) for dgx, gate_rows in dgx_blocks], w_ih,
+                                d_in.reshape(T * B, -1)[rows], accumulate=False)
         yield ops.mark()
     with ops.annotate(f"{label} backward weights", "weights"):
         if algorithm != "graph":  # the last step's dgates reach the initial state through W_hh
@@ -431,6 +431,12 @@ def backward_input(ops, x, w_ih, ws, dx, accumulate):
             ops.gemm(ws.dtable, w_ih, x.dweight, beta=1.0)  # backprop into the embedding rows
         else:
             T, B = ws.gx.shape[:2]
-            for k, (dgx, gate_rows) in enumerate(ws.dgx_blocks()):  # the GRU's in two blocks: the sum over both
-                ops.gemm(dgx.reshape(T * B, -1), w_ih[gate_rows], dx.reshape(T * B, -1),
-                         beta=1.0 if accumulate or k else 0.0)
+            _input_gradient(ops, [(dgx.reshape(T * B, -1), gate_rows) for dgx, gate_rows in ws.dgx_blocks()],
+                            w_ih, dx.reshape(T * B, -1), accumulate)
+
+
+def _input_gradient(ops, dgx_blocks, w_ih, out, accumulate):
+    """Write (or, ``accumulate``, add) out = dgx W_ih, from dgx's blocks as rows [N, k*H]
+    with the rows of W_ih each goes with (``Direction.dgx_blocks``): the GRU's two sum."""
+    for k, (dgx, gate_rows) in enumerate(dgx_blocks):
+        ops.gemm(dgx, w_ih[gate_rows], out, beta=1.0 if accumulate or k else 0.0)
