@@ -18,6 +18,7 @@ CUDA graph that points at them stays valid.
 """
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -206,12 +207,14 @@ class _RNNBase:
         if self.batch_first and not unbatched:
             x = x.transpose(1, 0, 2)
         T, B = x.shape[0], x.shape[1]
-        if T == 0 or B == 0:
-            raise ValueError(f"x: expected at least one time step and one sequence, got shape {tuple(x.shape)}")
+        if T == 0:
+            raise ValueError(f"x: expected at least one time step, got shape {tuple(x.shape)}")
         h0 = self._state(h0, "h0", B, unbatched)
         c0 = self._state(c0, "c0", B, unbatched)
         if lengths is not None:
             lengths = checks.lengths("lengths", to_host(lengths), B, T)
+        if B == 0:  # a batch of no sequences (torch takes it): nothing to run
+            return self._empty_batch(T, embedding, record)
 
         if record:
             names = RECORDED[cfg.cell]
@@ -259,6 +262,18 @@ class _RNNBase:
             result = tuple(None if a is None else (a[:, 0] if a.ndim == 3 else a) for a in result)
         self._cache_used = False
         return result
+
+    def _empty_batch(self, T, embedding, record):
+        """The forward of a batch of size 0: outputs and states with no rows, as torch's, and
+        a cache whose backward returns gradients with no rows and accumulates nothing."""
+        cfg, xp = self._cfg, self.backend.xp
+        out = xp.empty((0, T, cfg.D * cfg.H) if self.batch_first else (T, 0, cfg.D * cfg.H), self.dtype)
+        states = [xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype) for _ in range(2 if cfg.cell == "lstm" else 1)]
+        self._recorded = ({name: xp.empty((cfg.L * cfg.D, T, 0, cfg.H), self.dtype) for name in RECORDED[cfg.cell]}
+                          if record else None)
+        self._cache = (_NoRows(T), False, embedding, False) if self.training else None
+        self._cache_used = False
+        return out, states[0], states[1] if cfg.cell == "lstm" else None
 
     def _state(self, value, name, B, unbatched):
         """A state argument (h0, c0, d_hn, d_cn) checked as [L*D, B, H], or as
@@ -322,6 +337,13 @@ class _RNNBase:
             d_out = self._input(d_out, "d_out", (T, B, DH), "[T, B, D*H]")
         d_hn = self._state(d_hn, "d_hn", B, unbatched)
         d_cn = self._state(d_cn, "d_cn", B, unbatched)
+        if B == 0:  # no sequences: no gradient to accumulate, and none with rows to return
+            self._cache_used = True
+            xp = self.backend.xp
+            states = xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype)
+            dx = None if embedding is not None else xp.empty((T, 0, cfg.I), self.dtype)
+            return (None if dx is None else self._time_major_out(dx, False), states,
+                    states.copy() if cfg.cell == "lstm" else None)
 
         with self._ops.on_stream():
             ws.d_out[...] = d_out
@@ -427,6 +449,14 @@ class LSTM(_RNNBase):
         d_hn, d_cn = _pair("d_hx", d_hx)
         dx, dh0, dc0 = self._backward(d_out, d_hn, d_cn)
         return dx, (dh0, dc0)
+
+
+@dataclass
+class _NoRows:
+    """The cache of a forward over a batch of no sequences: what backward checks d_out against."""
+
+    T: int
+    B: int = 0
 
 
 def _pair(name, value):

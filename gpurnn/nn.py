@@ -246,7 +246,9 @@ def _min_max(a):
 
 class MSELoss:
     """Mean squared error over every element (torch.nn.MSELoss's default): a float
-    on the NumPy backend, a 0-d device array on the CUDA backend (as SoftmaxCrossEntropy)."""
+    on the NumPy backend, a 0-d device array on the CUDA backend (as SoftmaxCrossEntropy).
+    Over no elements (a batch of no sequences) it is 0, as SoftmaxCrossEntropy's mean
+    over no counted position."""
 
     def __init__(self):
         self._cache = None
@@ -256,7 +258,7 @@ class MSELoss:
             raise ValueError(f"target: expected shape {tuple(pred.shape)}, got {tuple(target.shape)}")
         diff = precision.widen(pred) - target  # half predictions: the loss in float32
         self._cache = diff
-        loss = (diff * diff).mean()
+        loss = (diff * diff).sum() / max(diff.size, 1)
         return float(loss) if isinstance(loss, (np.ndarray, np.generic)) else loss
 
     def backward(self, loss_scale=1.0):
@@ -264,5 +266,5 @@ class MSELoss:
         if self._cache is None:
             raise RuntimeError("MSELoss.backward: no forward pass to differentiate")
         diff, self._cache = self._cache, None
-        grad = 2 * diff / diff.size
+        grad = 2 * diff / max(diff.size, 1)
         return grad * loss_scale if loss_scale != 1 else grad

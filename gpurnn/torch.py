@@ -254,6 +254,34 @@ class _Base(torch.nn.Module):
     def flatten_parameters(self):
         """A no-op: gpurnn's parameters are always one contiguous buffer."""
 
+    # torch.nn.RNNBase's views of the parameters, which code written for torch reads
+    # (e.g. ``for names in rnn._all_weights`` to initialise the biases)
+    @property
+    def _all_weights(self):
+        """The parameters' names, a list per layer and direction, in torch's order."""
+        cfg = self._layer._cfg
+        return [[n for n in cfg.param_names(layer, d) if n in self._parameters]
+                for layer in range(cfg.L) for d in range(cfg.D)]
+
+    @property
+    def all_weights(self):
+        return [[self._parameters[n] for n in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights_names(self):
+        return list(self._names)
+
+    @property
+    def _flat_weights(self):
+        return [self._parameters[n] for n in self._names]
+
+    @property
+    def mode(self):
+        """torch's name of the recurrence: "LSTM", "GRU", "RNN_TANH", "RNN_RELU" (and
+        RNN_SIGMOID, RNN_LEAKY_RELU, RNN_ELU for gpurnn's other nonlinearities)."""
+        cell = self._layer._cell
+        return f"RNN_{self._config['nonlinearity'].upper()}" if cell == "rnn" else cell.upper()
+
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.cuda()``, ``.cpu()``, ``.double()``...: a gpurnn layer on the new
         device and dtype, the same Parameter objects viewing its buffer."""

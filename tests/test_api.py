@@ -255,6 +255,47 @@ def test_unbatched_input_as_torch(cell, batch_first):
     assert rel_err(h_n, (t_h[0] if cell == "lstm" else t_h).detach().numpy()) < 1e-12
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_batch_of_no_sequences_as_torch(cell, batch_first):
+    """B = 0, which torch takes: outputs, final states and gradients with no rows, and
+    nothing accumulated into the gradients; shapes still checked; T = 0 still refused."""
+    rng = np.random.default_rng(9)
+    m = make(cell, 3, 4, num_layers=2, bidirectional=True, batch_first=batch_first, dropout=0.5, seed=0)
+    run(m, rng.standard_normal((2, 5, 3)).astype(np.float32))
+    back(m, np.ones((2, 5, 8), np.float32))
+    before = host(m.grads)
+    assert all(g.any() for g in before.values())
+    x = np.zeros((0, 5, 3) if batch_first else (5, 0, 3), np.float32)
+    empty = np.zeros((4, 0, 4), np.float32)
+    out, h_n, c_n = run(m, x, empty, empty, lengths=np.zeros(0, np.int64))
+    assert out.shape == ((0, 5, 8) if batch_first else (5, 0, 8)) and h_n.shape == (4, 0, 4)
+    dx, dh0, dc0 = back(m, np.zeros(out.shape, np.float32), empty, empty)
+    assert dx.shape == x.shape and dh0.shape == (4, 0, 4) and dx.dtype == np.float32
+    if cell == "lstm":
+        assert c_n.shape == dc0.shape == (4, 0, 4)
+    for name, g in host(m.grads).items():
+        np.testing.assert_array_equal(g, before[name])
+    with pytest.raises(RuntimeError, match="already used"):
+        back(m, np.zeros(out.shape, np.float32))
+    with pytest.raises(ValueError, match=r"h0: expected shape \[4, 0, 4\] \[num_layers\*D, B, H\], got \(4, 2, 4\)"):
+        run(m, x, np.zeros((4, 2, 4), np.float32), empty)
+    run(m, x)
+    with pytest.raises(ValueError, match=r"d_out: expected shape"):
+        back(m, np.zeros((5, 0, 4), np.float32))
+    m(x, record=True)
+    assert all(a.shape == (4, 5, 0, 4) for a in host(m.recorded).values())
+    m.eval()
+    assert run(m, x)[0].shape == out.shape
+    with pytest.raises(RuntimeError, match="eval mode"):
+        back(m, np.zeros(out.shape, np.float32))
+    with pytest.raises(ValueError, match=r"x: expected at least one time step, got shape \(0, 0, 3\)"):
+        run(m, np.zeros((0, 0, 3), np.float32))
+    torch = pytest.importorskip("torch")
+    t_out, _ = make_torch(cell, m)(torch.zeros(x.shape, dtype=torch.float64))
+    assert tuple(t_out.shape) == out.shape
+
+
 def make_torch(cell, model):
     """torch's module with the model's configuration and weights (float64, CPU)."""
     import torch

@@ -86,6 +86,22 @@ def test_mse_gradcheck():
 
 
 @pytest.mark.parametrize("fold", [False, True])
+def test_models_on_a_batch_of_no_sequences(fold):
+    """B = 0: a loss of 0 (the mean over nothing, as the cross-entropy's over no counted
+    position) and a backward that accumulates nothing."""
+    lm = gpurnn.CharLM(7, 5, cell="gru", seed=3, fold_embedding=fold)
+    loss, _ = lm(np.zeros((4, 0), np.int64), np.zeros((4, 0), np.int64))
+    lm.backward()
+    reg = gpurnn.SequenceRegressor(3, 5, output_size=2, seed=3)
+    reg_loss, _ = reg(np.zeros((4, 0, 3), np.float32), np.zeros((0, 2), np.float32))
+    reg.backward()
+    assert host(loss) == 0 and host(reg_loss) == 0
+    for model in (lm, reg):
+        assert not any(g.any() for g in host(model.grads).values())
+    assert host(gpurnn.MSELoss()(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32))) == 0
+
+
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_charlm_gradcheck(cell, fold):
     rng = np.random.default_rng(5)

@@ -229,6 +229,47 @@ def test_bfloat16_module_holds_torch_bfloat16_parameters():
     assert m(torch.randn(5, 2, 3, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("cell", sorted(OURS))
+def test_torchs_views_of_the_parameters(cell):
+    """all_weights, _all_weights, _flat_weights(_names) and mode as torch.nn's (code
+    written for torch reads them, e.g. to initialise the biases)."""
+    for kw in (dict(), dict(num_layers=2, bidirectional=True, bias=False), dict(nonlinearity="relu")):
+        if "nonlinearity" in kw and cell != "rnn":
+            continue
+        ours, theirs = pair(cell, 3, 4, **kw)
+        assert ours.mode == theirs.mode
+        assert ours._all_weights == theirs._all_weights
+        assert ours._flat_weights_names == theirs._flat_weights_names
+        assert [[p.shape for p in w] for w in ours.all_weights] == [[p.shape for p in w] for w in theirs.all_weights]
+        params = [id(p) for p in ours.parameters()]  # the Parameters themselves, not copies
+        assert [id(p) for w in ours.all_weights for p in w] == [id(p) for p in ours._flat_weights] == params
+
+
+@pytest.mark.parametrize("cell", sorted(OURS))
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_batch_of_no_sequences_as_torch(cell, batch_first):
+    """B = 0: the shapes torch gives, outputs that take part in autograd, and zero
+    gradients for the parameters (torch's), in train and in eval mode."""
+    ours, theirs = pair(cell, 3, 4, 2, bidirectional=True, batch_first=batch_first)
+    shape = (0, 5, 3) if batch_first else (5, 0, 3)
+    results = []
+    for m in (ours, theirs):
+        x = torch.zeros(shape, requires_grad=True)
+        h0 = torch.zeros(4, 0, 4, requires_grad=True)
+        out, state = m(x, (h0, h0) if cell == "lstm" else h0)
+        finals = list(state) if cell == "lstm" else [state]
+        (out.sum() + sum(f.sum() for f in finals)).backward()
+        results.append([out.shape, out.requires_grad, [f.shape for f in finals], x.grad.shape, h0.grad.shape,
+                        [p.grad for p in m.parameters()]])
+        with torch.no_grad():
+            results[-1].append(m.eval()(x)[0].shape)
+    grads = results[0].pop(5), results[1].pop(5)
+    assert results[0] == results[1]
+    for g, h in zip(*grads):
+        torch.testing.assert_close(g, h)
+        assert not g.any()
+
+
 def test_shapes_that_change_keep_a_bounded_cache():
     m = gt.GRU(3, 4)
     for T in range(1, 12):
