@@ -29,13 +29,16 @@ the module's dtype instead (said once). ``.half()`` / ``.bfloat16()`` make a mod
 that holds its parameters in half. On CUDA the call runs on torch's
 current stream (CuPy's current stream is set to it), so no host synchronization
 orders the two; CuPy's memory pool and torch's caching allocator each keep their
-own memory.
+own memory. A weight that a parametrization computes (weight_norm, spectral_norm,
+torch.nn.utils.parametrize) is copied into a buffer of the layer's own at each call.
 
-Differences from torch: ``proj_size`` is not supported;
+Differences from torch: ``proj_size`` is not supported; a parametrization is evaluated
+once a call (torch.nn's modules evaluate it twice);
 under ``torch.compile`` the call is a graph break (dynamo does not trace into gpurnn's kernels).
 """
 
 import contextlib
+import copy
 import itertools
 import warnings
 
@@ -172,7 +175,8 @@ class _Base(torch.nn.Module):
         self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, dropout, bidirectional
         self.proj_size = 0
         self._said_autocast = False
-        self._build(torch.device("cpu") if device is None else torch.device(device), dtype, values=None)
+        self._build(torch.device("cpu") if device is None else torch.device(device), dtype, values=None,
+                    register=True)
         self.reset_parameters()
 
     # ------------------------------------------------------------ parameters
@@ -189,42 +193,58 @@ class _Base(torch.nn.Module):
             layer._rebind(name, views[name], grad_views[name])
         return layer
 
-    def _build(self, device, dtype, values):
+    def _build(self, device, dtype, values, register=False):
         """A new gpurnn layer on (device, dtype) and the nn.Parameters as views of its
         parameter buffer (the same Parameter objects when they exist: an optimizer may
-        hold them); values: the parameters to copy in, or None."""
+        hold them; registered when ``register``); values: the parameters to copy in, or
+        None. A weight a parametrization computes has no Parameter of its name: see _sync."""
         layer = self._new_layer(device, dtype)
         self._layer, self._device, self._dtype = layer, device, dtype
         self._half_layers = {}  # autocast's twins, by torch dtype
         self._names = list(layer.params)
         for name in self._names:
             tensor = _to_tensor(layer.params[name], device)
-            if values is not None:
-                tensor.copy_(values[name])
             existing = self._parameters.get(name)
-            if existing is None:
+            if values is not None and name in values:
+                tensor.copy_(values[name])
+            if register:
                 self.register_parameter(name, torch.nn.Parameter(tensor))
-            else:
+            elif existing is not None:
                 existing.data = tensor
                 existing.grad = None
-        self._bound = self._pointers()
-
-    def _pointers(self):
-        return [self._parameters[name].data_ptr() for name in self._names]
+        self._bound = None  # the next call binds the layer to the weights
 
     def _sync(self):
-        """Point the gpurnn layer at the Parameters' storage again if something replaced
-        it (a deepcopy, torch.load, ``p.data = ...``): zero-copy views, graphs recaptured."""
-        pointers = self._pointers()
-        if pointers == self._bound:
-            return
-        for name in self._names:
-            p = self._parameters[name]
-            if p.device != self._device or p.dtype != self._dtype or not p.is_contiguous():
-                raise RuntimeError(f"{name}: expected a contiguous {self._dtype} parameter on {self._device}, "
-                                   f"got {p.dtype} on {p.device}; move the module with .to() instead")
-            self._layer._rebind(name, _to_array(p.data, self._layer.backend), self._layer.grads[name])
-        self._bound = pointers
+        """The weights of this call, by name, with the gpurnn layer bound to them. A
+        Parameter's storage is the layer's (zero-copy; bound again, graphs recaptured,
+        when something replaced it: a deepcopy, torch.load, ``p.data = ...``). A weight a
+        parametrization computes (``torch.nn.utils.parametrizations.weight_norm``,
+        ``spectral_norm``, ``torch.nn.utils.parametrize``, the older ``weight_norm``)
+        is a new tensor each call: it is copied into a buffer of the layer's own, and
+        its gradient flows back through the parametrization."""
+        layer = self._layer
+        weights = [getattr(self, name) for name in self._names]
+        pointers = [self._parameters[n].data_ptr() if n in self._parameters else None for n in self._names]
+        for name, w in zip(self._names, weights):
+            if not isinstance(w, torch.Tensor) or w.device != self._device or w.dtype != self._dtype \
+                    or tuple(w.shape) != tuple(layer.params[name].shape):
+                got = f"{w.dtype} {tuple(w.shape)} on {w.device}" if isinstance(w, torch.Tensor) else type(w).__name__
+                raise RuntimeError(f"{name}: expected a {self._dtype} tensor of shape {tuple(layer.params[name].shape)} "
+                                   f"on {self._device}, got {got}; move the module with .to() instead")
+        if pointers != self._bound:
+            was = self._bound or [0] * len(pointers)  # after _build the layer views its own flat buffer
+            for name, w, pointer, before in zip(self._names, weights, pointers, was):
+                if pointer is not None:
+                    if not w.is_contiguous():
+                        raise RuntimeError(f"{name}: expected a contiguous parameter, got strides {w.stride()}")
+                    layer._rebind(name, _to_array(w.data, layer.backend), layer.grads[name])
+                elif before is not None:  # newly computed: give it storage no Parameter views
+                    layer._rebind(name, layer.backend.xp.empty_like(layer.params[name]), layer.grads[name])
+            self._bound = pointers
+        for name, w, pointer in zip(self._names, weights, pointers):
+            if pointer is None:
+                layer.params[name][...] = _to_array(w, layer.backend)
+        return weights
 
     def __getstate__(self):
         """Pickling (torch.save, copy.deepcopy) keeps the Parameters, not the gpurnn layer."""
@@ -237,6 +257,14 @@ class _Base(torch.nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._layer = self._new_layer(self._device, self._dtype)  # bound to the Parameters at the first call
+
+    def __deepcopy__(self, memo):
+        """copy.deepcopy by the pickling state (a parametrized module's class, which torch
+        swaps in, refuses pickling but copies through this)."""
+        replica = self.__new__(type(self))
+        memo[id(self)] = replica
+        replica.__setstate__(copy.deepcopy(_Base.__getstate__(self), memo))
+        return replica
 
     def reset_parameters(self):
         """U(-1/sqrt(H), 1/sqrt(H)) from torch's generator, as torch.nn.LSTM."""
@@ -260,12 +288,12 @@ class _Base(torch.nn.Module):
     def _all_weights(self):
         """The parameters' names, a list per layer and direction, in torch's order."""
         cfg = self._layer._cfg
-        return [[n for n in cfg.param_names(layer, d) if n in self._parameters]
+        return [[n for n in cfg.param_names(layer, d) if n in self._names]
                 for layer in range(cfg.L) for d in range(cfg.D)]
 
     @property
     def all_weights(self):
-        return [[self._parameters[n] for n in names] for names in self._all_weights]
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
 
     @property
     def _flat_weights_names(self):
@@ -273,7 +301,7 @@ class _Base(torch.nn.Module):
 
     @property
     def _flat_weights(self):
-        return [self._parameters[n] for n in self._names]
+        return [getattr(self, n) for n in self._names]
 
     @property
     def mode(self):
@@ -284,12 +312,24 @@ class _Base(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.cuda()``, ``.cpu()``, ``.double()``...: a gpurnn layer on the new
-        device and dtype, the same Parameter objects viewing its buffer."""
+        device and dtype, the same Parameter objects viewing its buffer (submodules, a
+        parametrization's, as torch moves them)."""
         probe = fn(torch.zeros(1, dtype=self._dtype, device=self._device))
         if probe.dtype not in _HELD:
             raise TypeError(f"dtype: gpurnn runs float32, float64, float16 and bfloat16, not {probe.dtype}")
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
+        for name, p in self._parameters.items():  # parameters not the layer's (the old weight_norm's g and v)
+            if name not in self._names and p is not None:
+                p.data = fn(p.data)  # in place, as torch's default: optimizers keep the object
+                if p.grad is not None:
+                    p.grad = fn(p.grad)
+        for name, b in self._buffers.items():
+            if b is not None:
+                self._buffers[name] = fn(b)
         if (probe.device, probe.dtype) != (self._device, self._dtype):
-            values = {name: p.detach().to(probe.device, probe.dtype) for name, p in self.named_parameters()}
+            values = {name: p.detach().to(probe.device, probe.dtype) for name, p in self._parameters.items()}
             self._build(probe.device, probe.dtype, values)
         return self
 
@@ -366,9 +406,8 @@ class _Base(torch.nn.Module):
         return out, state
 
     def _call(self, x, h0, c0, lengths, dtype):
-        self._sync()
+        params = self._sync()
         layer = self._layer if dtype == self._dtype else self._half_layer(dtype)
-        params = [self._parameters[name] for name in self._names]
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
                                             or any(t is not None and t.requires_grad for t in (h0, c0)))
         if grad:

@@ -270,6 +270,73 @@ def test_a_batch_of_no_sequences_as_torch(cell, batch_first):
         assert not g.any()
 
 
+class _Halved(torch.nn.Module):
+    """A parametrization: the weight is half the stored one (evaluations counted)."""
+
+    calls = 0
+
+    def forward(self, w):
+        _Halved.calls += 1
+        return 0.5 * w
+
+
+PARAMETRIZE = {
+    "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0"),
+    "old weight_norm": lambda m: torch.nn.utils.weight_norm(m, "weight_hh_l0"),
+    "halved": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight_ih_l0", _Halved()),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+@pytest.mark.parametrize("how", sorted(PARAMETRIZE))
+def test_parametrized_weights_train_as_torch_nn(how):
+    """A weight computed by a parametrization each call (weight_norm, torch.nn.utils.parametrize):
+    the same losses and gradients as torch.nn's module through three SGD steps; .double() and
+    deepcopy keep working."""
+    torch.manual_seed(4)
+    x = torch.randn(5, 2, 3)
+    losses, grads = [], []
+    for m in pair("gru", 3, 4, 2):
+        PARAMETRIZE[how](m)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        losses.append([])
+        for _ in range(3):
+            opt.zero_grad()
+            loss = m(x)[0].pow(2).sum()
+            loss.backward()
+            opt.step()
+            losses[-1].append(loss.item())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert list(grads[0]) == list(grads[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+    ours = OURS["gru"](3, 4)
+    PARAMETRIZE[how](ours)
+    if how == "halved":
+        _Halved.calls = 0
+        ours(x)
+        assert _Halved.calls == 1  # once a call (torch.nn's modules evaluate it twice: README)
+    if how != "old weight_norm":  # which torch cannot deepcopy (torch.nn's modules neither)
+        twin = copy.deepcopy(ours)
+        torch.testing.assert_close(twin(x)[0], ours(x)[0], rtol=0, atol=0)
+        with torch.no_grad():
+            next(p for n, p in twin.named_parameters() if "original" in n).mul_(3)  # weight_norm's g: w scales
+        assert not torch.equal(twin(x)[0], ours(x)[0])  # the copy has parameters of its own
+    assert ours.double()(x.double())[0].dtype == torch.float64
+
+
+def test_a_weight_of_the_wrong_kind_is_refused():
+    m = gt.LSTM(3, 4)
+    del m.weight_hh_l0
+    m.weight_hh_l0 = torch.zeros(16, 4, dtype=torch.float64)  # a plain attribute, as the old weight_norm sets
+    with pytest.raises(RuntimeError, match=r"weight_hh_l0: expected a torch.float32 tensor of shape \(16, 4\) "
+                                           r"on cpu, got torch.float64 \(16, 4\) on cpu"):
+        m(torch.randn(5, 2, 3))
+    m.weight_hh_l0 = torch.zeros(16, 4)
+    assert m(torch.randn(5, 2, 3))[0].shape == (5, 2, 4)
+
+
 def test_shapes_that_change_keep_a_bounded_cache():
     m = gt.GRU(3, 4)
     for T in range(1, 12):
