@@ -33,7 +33,8 @@ own memory. A weight that a parametrization computes (weight_norm, spectral_norm
 torch.nn.utils.parametrize) is copied into a buffer of the layer's own at each call.
 
 Differences from torch: ``proj_size`` is not supported; a parametrization is evaluated
-once a call (torch.nn's modules evaluate it twice);
+once a call (torch.nn's modules evaluate it twice); no second-order gradients (a
+double backward, e.g. a gradient penalty, is refused with torch's error);
 under ``torch.compile`` the call is a graph break (dynamo does not trace into gpurnn's kernels).
 """
 
@@ -122,6 +123,7 @@ class _Run(torch.autograd.Function):
         return tuple(results)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # BPTT by hand has no graph: a double backward is refused
     def backward(ctx, d_out, d_hn, d_cn=None):
         with _on_torch_stream(ctx.layer.backend):  # the autograd engine's stream, as the forward's
             return _Run._backward(ctx, d_out, d_hn, d_cn)

@@ -326,6 +326,16 @@ def test_parametrized_weights_train_as_torch_nn(how):
     assert ours.double()(x.double())[0].dtype == torch.float64
 
 
+def test_a_double_backward_is_refused_not_silently_zero():
+    """A gradient penalty needs the gradient's own graph, which BPTT by hand does not build."""
+    m = gt.GRU(3, 4)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out, _ = m(x)
+    (dx,) = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        (out.sum() + dx.pow(2).sum()).backward()
+
+
 def test_a_weight_of_the_wrong_kind_is_refused():
     m = gt.LSTM(3, 4)
     del m.weight_hh_l0
