@@ -34,7 +34,8 @@ torch.nn.utils.parametrize) is copied into a buffer of the layer's own at each c
 
 Differences from torch: ``proj_size`` is not supported; a parametrization is evaluated
 once a call (torch.nn's modules evaluate it twice); no second-order gradients (a
-double backward, e.g. a gradient penalty, is refused with torch's error);
+double backward, e.g. a gradient penalty, is refused with torch's error); no torch.func
+transforms (grad, vmap: refused, naming them);
 under ``torch.compile`` the call is a graph break (dynamo does not trace into gpurnn's kernels).
 """
 
@@ -226,7 +227,7 @@ class _Base(torch.nn.Module):
         its gradient flows back through the parametrization."""
         layer = self._layer
         weights = [getattr(self, name) for name in self._names]
-        pointers = [self._parameters[n].data_ptr() if n in self._parameters else None for n in self._names]
+        pointers = [_has_storage(n, self._parameters[n]) if n in self._parameters else None for n in self._names]
         for name, w in zip(self._names, weights):
             if not isinstance(w, torch.Tensor) or w.device != self._device or w.dtype != self._dtype \
                     or tuple(w.shape) != tuple(layer.params[name].shape):
@@ -356,6 +357,7 @@ class _Base(torch.nn.Module):
                                f"{t.device} and parameter tensor at {self._device}")
         if t.dtype != dtype:
             raise RuntimeError(f"{name} must have the type {dtype}, got type {t.dtype}")
+        _has_storage(name, t)
         return t
 
     def _autocast(self, *tensors):
@@ -420,6 +422,17 @@ class _Base(torch.nn.Module):
             out, h_n, c_n = layer._forward(*arrays, lengths)
             results = tuple(_to_tensor(a, self._device) for a in (out, h_n, c_n) if a is not None)
         return results[0], results[1:]
+
+
+def _has_storage(name, t):
+    """t's data pointer; a tensor without one is torch.func's (grad, vmap, jacrev...), whose
+    transforms cannot reach into the NumPy or CuPy arrays gpurnn computes with."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        raise RuntimeError(f"{name}: expected a tensor with storage, got a {type(t).__name__} without it "
+                           f"(a torch.func transform: grad, vmap, jacrev...?); gpurnn.torch modules do not run "
+                           f"under torch.func transforms: use torch.autograd.grad") from None
 
 
 def _on_torch_stream(backend):

@@ -336,6 +336,27 @@ def test_a_double_backward_is_refused_not_silently_zero():
         (out.sum() + dx.pow(2).sum()).backward()
 
 
+def test_torch_func_transforms_are_refused_by_name_and_functional_call_works():
+    m = gt.GRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(RuntimeError, match="input: expected a tensor with storage.*torch.func transform"):
+        torch.func.grad(lambda x: m(x)[0].sum())(x)
+    with pytest.raises(RuntimeError, match="input: expected a tensor with storage.*torch.func transform"):
+        torch.vmap(lambda x: m(x)[0])(x[None])
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    with pytest.raises(RuntimeError, match="weight_ih_l0: expected a tensor with storage"):
+        torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,))[0].sum())(params)
+    # functional_call without a transform (MAML's first-order step) runs with the given weights
+    doubled = {n: (2 * p).requires_grad_() for n, p in params.items()}
+    out, _ = torch.func.functional_call(m, doubled, (x,))
+    reference = torch.nn.GRU(3, 4)
+    reference.load_state_dict(doubled)
+    torch.testing.assert_close(out, reference(x)[0])
+    grads = torch.autograd.grad(out.sum(), list(doubled.values()))
+    torch.testing.assert_close(grads, torch.autograd.grad(reference(x)[0].sum(), list(reference.parameters())))
+    torch.testing.assert_close(m(x)[0], torch.func.functional_call(m, params, (x,))[0])  # its own weights again
+
+
 def test_a_weight_of_the_wrong_kind_is_refused():
     m = gt.LSTM(3, 4)
     del m.weight_hh_l0
