@@ -323,15 +323,16 @@ class _Base(torch.nn.Module):
         if recurse:
             for child in self.children():
                 child._apply(fn)
-        for name, p in self._parameters.items():  # parameters not the layer's (the old weight_norm's g and v)
-            if name not in self._names and p is not None:
-                p.data = fn(p.data)  # in place, as torch's default: optimizers keep the object
-                if p.grad is not None:
+        moved = (probe.device, probe.dtype) != (self._device, self._dtype)
+        for name, p in self._parameters.items():
+            if p is not None and not (moved and name in self._names):  # the layer's own move below
+                p.data = fn(p.data)  # as torch's default: optimizers keep the object (share_memory_: in place,
+                if p.grad is not None:  # and the next call binds the layer to the shared storage)
                     p.grad = fn(p.grad)
         for name, b in self._buffers.items():
             if b is not None:
                 self._buffers[name] = fn(b)
-        if (probe.device, probe.dtype) != (self._device, self._dtype):
+        if moved:
             values = {name: p.detach().to(probe.device, probe.dtype) for name, p in self._parameters.items()}
             self._build(probe.device, probe.dtype, values)
         return self
