@@ -166,3 +166,29 @@ def test_autocast_half_parity_with_cudnn(gt, cls, half, tol):
     assert rel(x_ours.grad, x_peer.grad) < tol
     for (name, p), q in zip(ours.named_parameters(), peer.parameters()):
         assert p.grad.dtype == torch.float32 and rel(p.grad, q.grad) < tol, name
+
+
+def test_parametrized_weights_and_an_empty_batch_on_the_gpu(gt):
+    """weight_norm's computed weight copied into the layer's own device buffer, trained as
+    cuDNN's module over three SGD steps; a batch of no sequences as torch's."""
+    torch.manual_seed(5)
+    ours, peer = pair(gt, "LSTM", 12, 24, 2)
+    x = torch.randn(9, 5, 12, device="cuda")
+    losses = []
+    for m in (ours, peer):
+        torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l1")
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        losses.append([])
+        for _ in range(3):
+            opt.zero_grad()
+            loss = m(x)[0].square().sum()
+            loss.backward()
+            opt.step()
+            losses[-1].append(loss.item())
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    ours.zero_grad()
+    empty = torch.zeros(9, 0, 12, device="cuda", requires_grad=True)
+    out, (h_n, c_n) = ours(empty)
+    out.sum().backward()
+    assert out.shape == (9, 0, 24) and h_n.shape == c_n.shape == (2, 0, 24) and empty.grad.shape == empty.shape
+    assert all(not p.grad.any() for p in ours.parameters())
