@@ -17,7 +17,9 @@ Autograd: one ``torch.autograd.Function`` per call. Its backward runs gpurnn's
 BPTT and hands torch gradients torch owns (copies, never views of gpurnn's
 buffers). gpurnn keeps the activations of a layer's latest training forward; a
 backward of an older forward (or a second backward of one, as gradcheck does)
-first recomputes that forward, with the dropout masks it drew. With no gradient
+first recomputes that forward, with the dropout masks it drew. The masks come from
+torch's generator (one draw a call seeds them), so torch.manual_seed repeats them and
+torch.utils.checkpoint's recompute draws the same. With no gradient
 needed and the module in eval mode, the forward keeps no activations at all.
 
 Under torch.autocast a float32 module runs in autocast's float16 or bfloat16, as
@@ -41,7 +43,6 @@ under ``torch.compile`` the call is a graph break (dynamo does not trace into gp
 
 import contextlib
 import copy
-import itertools
 import warnings
 
 import numpy as np
@@ -54,7 +55,6 @@ from gpurnn.backend import Backend, NumpyOps, get_backend
 __all__ = ["RNN", "LSTM", "GRU"]
 _HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # what autocast may ask for
 _HELD = {torch.float32: "float32", torch.float64: "float64", **_HALF}  # what a module's parameters may be
-_LAYERS_MADE = itertools.count()
 
 
 class _TorchBlasOps(NumpyOps):
@@ -186,10 +186,9 @@ class _Base(torch.nn.Module):
     def _new_layer(self, device, dtype):
         """A gpurnn layer for (device, dtype) whose parameters (and gradients) are views of one buffer."""
         backend = get_backend("cuda") if device.type == "cuda" else _CPU_BACKEND
-        # dropout masks that follow torch.manual_seed without drawing from torch's generator
-        # (so torch.manual_seed(s) gives this module the weights torch.nn's module gets)
-        seed = int(np.random.SeedSequence([torch.initial_seed() % 2**63, next(_LAYERS_MADE)]).generate_state(1)[0])
-        layer = self._layer_class(**self._config, dtype=_HELD[dtype], seed=seed, backend=backend)
+        # seed 0: the layer's own draws go unused (the weights are torch's, and the dropout
+        # masks are drawn from torch's generator at each call: see _call)
+        layer = self._layer_class(**self._config, dtype=_HELD[dtype], seed=0, backend=backend)
         _, views = flat.pack(layer.params)
         _, grad_views = flat.pack(layer.grads)
         for name in layer.params:
@@ -413,6 +412,10 @@ class _Base(torch.nn.Module):
     def _call(self, x, h0, c0, lengths, dtype):
         params = self._sync()
         layer = self._layer if dtype == self._dtype else self._half_layer(dtype)
+        if self.training and layer.dropout and layer.num_layers > 1:
+            # the masks from torch's generator, as torch.nn's dropout: torch.manual_seed repeats
+            # them, and torch.utils.checkpoint's recompute (which restores it) draws the same
+            layer._rng = np.random.default_rng(int(torch.randint(2**62, (1,))))
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
                                             or any(t is not None and t.requires_grad for t in (h0, c0)))
         if grad:

@@ -326,6 +326,29 @@ def test_parametrized_weights_train_as_torch_nn(how):
     assert ours.double()(x.double())[0].dtype == torch.float64
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_dropout_follows_torchs_generator_so_checkpoint_recomputes_the_same_masks(use_reentrant):
+    """The masks come from torch's generator, as torch.nn's dropout: torch.manual_seed repeats
+    them, and torch.utils.checkpoint's recompute draws the forward's own masks again (else
+    its gradients would belong to other masks than the output it returned)."""
+    m = gt.LSTM(4, 5, 3, dropout=0.3)
+    x = torch.randn(6, 3, 4)
+
+    def run(checkpointed, seed=7):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(seed)
+        f = lambda a: m(a)[0]  # noqa: E731
+        out = torch.utils.checkpoint.checkpoint(f, xi, use_reentrant=use_reentrant) if checkpointed else f(xi)
+        out.square().sum().backward()
+        return [out.detach(), xi.grad] + [p.grad.clone() for p in m.parameters()]
+
+    plain = run(False)
+    assert torch.equal(run(False)[0], plain[0]) and not torch.equal(run(False, seed=8)[0], plain[0])
+    for a, b in zip(run(True), plain):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_double_backward_is_refused_not_silently_zero():
     """A gradient penalty needs the gradient's own graph, which BPTT by hand does not build."""
     m = gt.GRU(3, 4)
