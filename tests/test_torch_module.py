@@ -423,6 +423,16 @@ def test_two_backwards_of_one_forward_and_forwards_before_a_backward():
         torch.testing.assert_close(g, h)
 
 
+@pytest.mark.parametrize("cell", sorted(OURS))
+def test_dropout_on_one_layer_warns_as_torch(cell):
+    with pytest.warns(UserWarning) as ours:
+        OURS[cell](3, 4, dropout=0.5)
+    with pytest.warns(UserWarning) as theirs:
+        THEIRS[cell](3, 4, dropout=0.5)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+    assert ours[0].filename == __file__  # pointed at the caller
+
+
 def test_bad_input_is_refused_before_anything_runs():
     m = gt.LSTM(3, 4)
     with pytest.raises(RuntimeError, match="input must have the type torch.float32, got type torch.float64"):
