@@ -87,8 +87,9 @@ def state_shapes(state, expected):
 
 
 def lengths(name, host_lengths, B, T):
-    """host_lengths: a NumPy array; returns it as int32 [B] with 1 <= l <= T."""
-    a = host_lengths
+    """host_lengths: a NumPy array (or a list or tuple of numbers); returns it as int32 [B]
+    with 1 <= l <= T."""
+    a = np.asarray(host_lengths)
     if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer array of shape [{B}], got dtype {a.dtype}")
     if a.shape != (B,):

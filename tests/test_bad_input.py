@@ -106,11 +106,23 @@ def test_bad_initial_states(cell):
     (np.array([[5, 2]]), ValueError, ["lengths", "(1, 2)"]),
     (np.array([5.0, 2.0]), TypeError, ["lengths", "integer", "float64"]),
     (np.array([True, True]), TypeError, ["lengths", "integer", "bool"]),
+    ((5, 0), ValueError, ["lengths", "[1, 5]", "0"]),
+    ("ab", TypeError, ["lengths", "integer", "<U2"]),
+    ({"a": 1}, TypeError, ["lengths", "integer", "object"]),
 ])
 def test_bad_lengths(cell, lengths, exc, words):
     m = make(cell, 3, 4)
     with raises(exc, *words):
         run(m, np.ones((5, 2, 3), F32), lengths=lengths)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_lengths_as_a_list_or_tuple(cell):
+    m = make(cell, 3, 4, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(F32)
+    expected = run(m, x, lengths=np.array([5, 3]))[0]
+    for lengths in ([5, 3], (5, 3)):
+        np.testing.assert_array_equal(run(m, x, lengths=lengths)[0], expected)
 
 
 @pytest.mark.parametrize("cell", CELLS)
