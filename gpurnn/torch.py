@@ -177,13 +177,13 @@ class _Base(torch.nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, dropout, bidirectional
         self.proj_size = 0
+        self._said_autocast = False
+        self._build(torch.device("cpu") if device is None else torch.device(device), dtype, values=None,
+                    register=True)  # the gpurnn layer checks the arguments
         if dropout and num_layers == 1:  # torch's warning, word for word (filters written for it match)
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
                           f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
                           stacklevel=3 if isinstance(self, RNN) else 2)  # at the caller (RNN adds a frame)
-        self._said_autocast = False
-        self._build(torch.device("cpu") if device is None else torch.device(device), dtype, values=None,
-                    register=True)
         self.reset_parameters()
 
     # ------------------------------------------------------------ parameters

@@ -449,6 +449,8 @@ def test_bad_input_is_refused_before_anything_runs():
         pack(torch.randn(5, 2, 3), torch.tensor([2, 5]), enforce_sorted=True)
     with pytest.raises(ValueError, match="proj_size"):
         gt.LSTM(3, 4, proj_size=2)
+    with pytest.raises(TypeError, match=r"dropout: expected a number in \[0, 1\), got tensor"):
+        gt.LSTM(3, 4, dropout=torch.zeros(2))  # checked before anything reads it
 
 
 def test_torch_compile_runs_with_a_graph_break_and_matches_eager():
