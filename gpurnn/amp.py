@@ -47,6 +47,7 @@ class MasterWeights:
     def take_grads(self, loss_scale=1.0):
         """grads = the model's half gradients, widened and divided by loss_scale
         (an fp16 overflow shows as inf or NaN in them: check their global norm)."""
+        loss_scale = checks.positive_number("loss_scale", loss_scale)
         self.grad_buffer[...] = self._grads
         if loss_scale != 1:
             self.grad_buffer *= 1.0 / loss_scale

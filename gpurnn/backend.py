@@ -338,8 +338,8 @@ def get_backend(name=None):
         name = os.environ.get("GPURNN_BACKEND", "auto").strip().lower() or "auto"
         if name not in CHOICES:
             raise ValueError(f"GPURNN_BACKEND: expected one of {CHOICES}, got {name!r}")
-    elif name not in CHOICES:
-        raise ValueError(f"backend: expected one of {CHOICES}, got {name!r}")
+    elif not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"backend: expected one of {CHOICES} or a Backend, got {name!r}")
     if name not in _backends:
         _backends[name] = _choose(name)
     return _backends[name]

@@ -5,6 +5,7 @@ Every failure raises ``TypeError`` (wrong kind of thing) or ``ValueError``
 what was expected and what came.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -34,8 +35,28 @@ def probability(name, value):
     return float(value)
 
 
+def positive_number(name, value, allow_zero=False):
+    """A finite real number > 0 (>= 0 with allow_zero), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} finite number, "
+                         f"got {value}")
+    return float(value)
+
+
+def named_arrays(name, value):
+    """A non-empty dict of arrays by name (a model's ``params`` or ``grads``)."""
+    if not isinstance(value, dict) or not value \
+            or not all(hasattr(a, "shape") and hasattr(a, "dtype") for a in value.values()):
+        raise TypeError(f"{name}: expected a non-empty dict of arrays by name (a model's params or grads), "
+                        f"got {type(value).__name__}")
+    return value
+
+
 def choice(name, value, options):
-    if value not in options:
+    """One of the string ``options``."""
+    if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
     return value
 
@@ -47,7 +68,9 @@ def float_dtype(name, value):
 
 def seed(name, value):
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-        raise TypeError(f"{name}: expected None or an integer, got {value!r}")
+        raise TypeError(f"{name}: expected None or a non-negative integer, got {value!r}")
+    if value is not None and value < 0:
+        raise ValueError(f"{name}: expected None or a non-negative integer, got {value}")
     return value
 
 

@@ -29,7 +29,7 @@ def _make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, seed, b
 
 def _seeds(seed, n):
     """n independent integer seeds derived from one (None stays random)."""
-    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
+    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(checks.seed("seed", seed)).spawn(n)]
 
 
 class _Composite:
@@ -99,7 +99,8 @@ class CharLM(_Composite):
                  nonlinearity="tanh", ignore_index=None, dtype="float32", seed=None, backend=None,
                  fold_embedding=None):
         self.vocab_size = checks.positive_int("vocab_size", vocab_size)
-        embedding_dim = hidden_size if embedding_dim is None else embedding_dim
+        checks.positive_int("hidden_size", hidden_size)
+        embedding_dim = hidden_size if embedding_dim is None else checks.positive_int("embedding_dim", embedding_dim)
         if fold_embedding is not None:
             checks.flag("fold_embedding", fold_embedding)
         self.fold_embedding = vocab_size <= embedding_dim if fold_embedding is None else fold_embedding
@@ -116,6 +117,9 @@ class CharLM(_Composite):
 
     def _recurrent(self, inputs, state):
         """The stack's output [T, B, H] and final state for ids [T, B]."""
+        shape = inputs.shape if hasattr(inputs, "shape") else np.shape(inputs)
+        if len(shape) != 2:
+            raise ValueError(f"inputs: expected ids of shape [T, B], got shape {tuple(shape)}")
         if self.fold_embedding:
             weight, dweight = self.embedding.params["weight"], self.embedding.grads["weight"]
             return self.rnn._call_embedded(self.embedding.check_ids(inputs), weight, dweight, state)

@@ -211,6 +211,7 @@ class SoftmaxCrossEntropy:
         (mixed precision's loss scaling, gpurnn.amp); float32 for half logits."""
         if self._cache is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward: no forward pass to differentiate")
+        loss_scale = checks.positive_number("loss_scale", loss_scale)
         d_logits, self._cache = self._cache, None
         if loss_scale != 1:
             d_logits *= loss_scale
@@ -265,6 +266,7 @@ class MSELoss:
         """2 (pred - target) / size, times loss_scale (see SoftmaxCrossEntropy.backward)."""
         if self._cache is None:
             raise RuntimeError("MSELoss.backward: no forward pass to differentiate")
+        loss_scale = checks.positive_number("loss_scale", loss_scale)
         diff, self._cache = self._cache, None
         grad = 2 * diff / max(diff.size, 1)
         return grad * loss_scale if loss_scale != 1 else grad

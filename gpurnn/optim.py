@@ -13,31 +13,25 @@ and measures the buffers whole: one operation, not one per parameter.
 """
 
 import math
+import numbers
 
 import numpy as np
 
-from gpurnn import flat
+from gpurnn import checks, flat
 from gpurnn.backend import array_module, ops_for, to_host
-
-
-def _positive(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} finite number, "
-                         f"got {value}")
-    return float(value)
 
 
 class Optimizer:
     _state_names = ()
 
     def __init__(self, params, grads, lr):
+        checks.named_arrays("params", params)
+        checks.named_arrays("grads", grads)
         if set(params) != set(grads):
             raise ValueError(f"grads: expected the keys of params, got missing {sorted(set(params) - set(grads))}, "
                              f"unexpected {sorted(set(grads) - set(params))}")
         self.params, self.grads = params, grads
-        self.lr = _positive("lr", lr)
+        self.lr = checks.positive_number("lr", lr)
         self.steps = 0
         self._flat = _flat_pair(params, grads)
         if self._flat:  # the state as views of buffers laid out like the parameters'
@@ -85,7 +79,7 @@ class SGD(Optimizer):
 
     def __init__(self, params, grads, lr, momentum=0.0):
         super().__init__(params, grads, lr)
-        self.momentum = _positive("momentum", momentum, allow_zero=True)
+        self.momentum = checks.positive_number("momentum", momentum, allow_zero=True)
 
     def _update(self, ops, p, g, buf):
         if self.momentum:
@@ -105,7 +99,7 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, grads, lr=1e-2, eps=1e-10):
         super().__init__(params, grads, lr)
-        self.eps = _positive("eps", eps)
+        self.eps = checks.positive_number("eps", eps)
 
     def _update(self, ops, p, g, acc):
         acc += g * g
@@ -119,10 +113,11 @@ class Adam(Optimizer):
 
     def __init__(self, params, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
         super().__init__(params, grads, lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+                isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = _positive("eps", eps)
+        self.eps = checks.positive_number("eps", eps)
 
     def _update(self, ops, p, g, m, v):
         b1, b2 = self.betas
@@ -163,7 +158,7 @@ def _flat_pair(params, grads):
 
 def _arrays(grads):
     """The arrays to work on: the one buffer packed gradients are views of, or each gradient."""
-    buffer = flat.buffer_of(grads)
+    buffer = flat.buffer_of(checks.named_arrays("grads", grads))
     return list(grads.values()) if buffer is None else [buffer]
 
 
@@ -186,7 +181,7 @@ def clip_grad_norm(grads, max_norm, norm=None):
     otherwise, on the CUDA backend, a 0-d device array: the norm and the scaling
     stay on the GPU and nothing waits for it (torch returns a tensor likewise).
     """
-    max_norm = _positive("max_norm", max_norm)
+    max_norm = checks.positive_number("max_norm", max_norm)
     arrays = _arrays(grads)
     if norm is None:
         total = _sum_of_squares(arrays)
@@ -208,7 +203,7 @@ def clip_grad_norm(grads, max_norm, norm=None):
 def clip_grad_value(grads, threshold, norm=None):
     """Clamp every gradient element to [-threshold, threshold]. Returns the norm
     before clipping (``norm`` if given, else computed: one device sync on a GPU)."""
-    threshold = _positive("threshold", threshold)
+    threshold = checks.positive_number("threshold", threshold)
     arrays = _arrays(grads)
     norm = math.sqrt(float(_sum_of_squares(arrays))) if norm is None else norm
     for g in arrays:

@@ -165,3 +165,38 @@ def test_bad_state_dicts():
         m.load_state_dict([1, 2])
     after = m.state_dict()  # nothing was half-loaded
     assert all(np.array_equal(after[k], good[k]) for k in good)
+
+
+def test_models_optimizers_and_losses_name_their_bad_arguments():
+    """The composite models, optimizers, clipping and loss scaling refuse a wrong argument by
+    name before anything deeper trips over it."""
+    for kw, exc, words in [(dict(hidden_size="abc"), TypeError, ["hidden_size", "'abc'"]),
+                           (dict(embedding_dim=0), ValueError, ["embedding_dim", "0"]),
+                           (dict(seed=-1), ValueError, ["seed", "non-negative", "-1"]),
+                           (dict(seed=2.5), TypeError, ["seed", "2.5"]),
+                           (dict(cell=np.zeros(2)), ValueError, ["cell", "lstm"]),
+                           (dict(backend=np.zeros(2)), ValueError, ["backend", "numpy"])]:
+        with raises(exc, *words):
+            gpurnn.CharLM(**{"vocab_size": 10, "hidden_size": 8, **kw})
+    with raises(ValueError, "seed", "-1"):
+        gpurnn.GRU(3, 4, seed=-1)
+    lm = gpurnn.CharLM(10, 8, seed=0)
+    ids = np.zeros((4, 3), np.int64)
+    with raises(ValueError, "inputs", "[T, B]", "(4,)"):
+        lm(ids[:, 0], ids)
+    lm(ids, ids)
+    with raises(TypeError, "loss_scale", "[1, 2]"):
+        lm.backward(loss_scale=[1, 2])
+    with raises(ValueError, "loss_scale", "positive", "0"):
+        lm.backward(loss_scale=0)
+    with raises(TypeError, "params", "dict of arrays", "NoneType"):
+        gpurnn.optim.Adam(None, lm.grads)
+    with raises(ValueError, "betas", "('a', 1)"):
+        gpurnn.optim.Adam(lm.params, lm.grads, betas=("a", 1))
+    with raises(TypeError, "grads", "dict of arrays", "list"):
+        gpurnn.optim.global_norm([1, 2])
+    with raises(TypeError, "grads", "dict of arrays", "dict"):
+        gpurnn.optim.clip_grad_norm({}, 1.0)
+    master = gpurnn.amp.MasterWeights(gpurnn.CharLM(10, 8, dtype="float16"))
+    with raises(TypeError, "loss_scale", "'x'"):
+        master.take_grads("x")
