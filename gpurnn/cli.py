@@ -30,6 +30,16 @@ def _positive_int(text):
     return value
 
 
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def _fraction(text):
     try:
         value = float(text)
@@ -126,7 +136,7 @@ def build_parser():
     t.add_argument("--backend", **backends)
     t.add_argument("--out", default="runs/latest", help="the run directory (checkpoints, metrics.csv, loss.png)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, dropout and data order")
+    t.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights, dropout and data order")
     t.add_argument("--save-every", type=_positive_int, default=100, help="write the checkpoint every N steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--collective-timeout", type=_positive_float, default=distributed.DEFAULT_TIMEOUT,
@@ -142,7 +152,7 @@ def build_parser():
     s.add_argument("--length", type=_positive_int, default=300, help="characters to generate")
     s.add_argument("--temperature", type=_positive_float, default=0.8,
                    help="divide the logits by this: lower is more conservative")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the random draws")
     s.add_argument("--backend", **backends)
 
     d = parser("diagnose", "how the gradient decays (or explodes) back through time")
@@ -154,7 +164,7 @@ def build_parser():
     d.add_argument("--init-scale", type=_positive_float, default=1.0,
                    help="multiply the recurrent weights W_hh by this after the standard init")
     d.add_argument("--forget-bias", type=float, help="LSTM: set the forget-gate bias (e.g. 1.0; default: as initialised)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
+    d.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the input")
     d.add_argument("--out", default="gradient_flow.png", help="where to write the plot")
     d.add_argument("--backend", **backends)
 
@@ -205,6 +215,8 @@ def cmd_train(args, explicit):
     sizes = training.defaults(args.task, backend.name)
     for key in TRAIN_SIZES:
         cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]
+    if cfg["task"] == "adding" and cfg["seq_len"] < 2:  # one marker in each half of the sequence
+        raise DataError(f"--seq-len: the adding task needs at least 2 steps, got {cfg['seq_len']}")
     ranks = f", {world.size} ranks of a global batch of {cfg['batch']}" if world.size > 1 else ""
     if world.is_root:
         print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units "

@@ -109,6 +109,8 @@ def test_bad_text_files(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--hidden", "0"], ["--hidden", "positive"]), (["--steps", "-3"], ["--steps"]),
     (["--lr", "nan"], ["--lr"]), (["--batch", "two"], ["--batch", "'two'"]),
+    (["--seed", "-1"], ["--seed", "non-negative", "-1"]),
+    (["--task", "adding", "--seq-len", "1"], ["--seq-len", "adding", "at least 2", "1"]),
 ])
 def test_bad_sizes(tmp_path, args, words):
     done = gpurnn("train", "--out", str(tmp_path / "o"), "--no-progress", *args)
