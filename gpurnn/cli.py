@@ -97,7 +97,8 @@ def _sized(key):
 def build_parser():
     ap = _Parser(prog="gpurnn", description="RNN/LSTM/GRU with hand-written BPTT.", formatter_class=_Help)
     sub = ap.add_subparsers(dest="command", required=True)
-    parser = lambda name, help: sub.add_parser(name, help=help, description=help, formatter_class=_Help)  # noqa: E731
+    parser = lambda name, help: sub.add_parser(name, help=help.replace("%", "%%"), description=help,  # noqa: E731
+                                               formatter_class=_Help)  # help is %-formatted, the description not
     backends = dict(choices=("auto", "numpy", "cuda"), default="auto",
                     help="where to run: auto picks cuda when a GPU works, else numpy")
 

@@ -244,8 +244,16 @@ def test_held_out_metrics_of_the_synthetic_tasks(tmp_path, task, metric):
             assert 0 <= value <= 1
 
 
+def test_the_top_level_help_lists_every_command():
+    done = gpurnn("--help")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for command in ("train", "sample", "diagnose", "profile", "info"):
+        assert f"    {command}" in done.stdout
+    assert "% of the GEMM ceiling" in done.stdout
+
+
 def test_every_flag_has_help_and_shows_its_default():
-    for command in ("train", "sample", "diagnose", "info"):
+    for command in ("train", "sample", "diagnose", "profile", "info"):
         done = gpurnn(command, "--help")
         assert done.returncode == 0
         flags = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  --")]
