@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 torch = pytest.importorskip("torch")
 import gpurnn.torch as gt  # noqa: E402
+from torch.nn.utils import prune  # noqa: E402
 from gpurnn import layers  # noqa: E402
 from helpers import needs_ml_dtypes  # noqa: E402
 
@@ -284,13 +285,14 @@ PARAMETRIZE = {
     "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0"),
     "old weight_norm": lambda m: torch.nn.utils.weight_norm(m, "weight_hh_l0"),
     "halved": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight_ih_l0", _Halved()),
+    "pruned": lambda m: prune.l1_unstructured(m, "weight_hh_l0", amount=0.5),
 }
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
 @pytest.mark.parametrize("how", sorted(PARAMETRIZE))
 def test_parametrized_weights_train_as_torch_nn(how):
-    """A weight computed by a parametrization each call (weight_norm, torch.nn.utils.parametrize):
+    """A weight computed by a parametrization each call (weight_norm, torch.nn.utils.parametrize, pruning):
     the same losses and gradients as torch.nn's module through three SGD steps; .double() and
     deepcopy keep working."""
     torch.manual_seed(4)
@@ -317,7 +319,7 @@ def test_parametrized_weights_train_as_torch_nn(how):
         _Halved.calls = 0
         ours(x)
         assert _Halved.calls == 1  # once a call (torch.nn's modules evaluate it twice: README)
-    if how != "old weight_norm":  # which torch cannot deepcopy (torch.nn's modules neither)
+    if how not in ("old weight_norm", "pruned"):  # which torch cannot deepcopy (torch.nn's modules neither)
         twin = copy.deepcopy(ours)
         torch.testing.assert_close(twin(x)[0], ours(x)[0], rtol=0, atol=0)
         with torch.no_grad():
