@@ -111,7 +111,10 @@ class _Run(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, layer, x, h0, c0, lengths, *params):
         arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]
-        ctx.module, ctx.layer, ctx.arrays, ctx.lengths = module, layer, arrays, lengths
+        # saved so torch's version counters refuse a backward after an in-place change of any of
+        # them (an optimizer step before the backward, a reused input buffer), as torch.nn's does
+        ctx.save_for_backward(x, h0, c0, *params)
+        ctx.module, ctx.layer, ctx.lengths = module, layer, lengths
         ctx.rng_state = layer._rng.bit_generator.state  # to redraw the same dropout masks on a recompute
         ctx.needs = (x.requires_grad, h0 is not None and h0.requires_grad, c0 is not None and c0.requires_grad)
         ctx.dropout = module.training  # in eval mode the forward has no dropout, and neither has its recompute
@@ -133,9 +136,11 @@ class _Run(torch.autograd.Function):
     def _backward(ctx, d_out, d_hn, d_cn):
         module = ctx.module
         layer = ctx.layer
+        x, h0, c0 = ctx.saved_tensors[:3]  # (torch checks here that none changed since the forward)
         if layer._cache is not ctx.cache or layer._cache_used:  # another forward since, or a second backward
             layer._rng.bit_generator.state = ctx.rng_state  # this forward's masks again
-            _training_forward(layer, ctx.arrays, ctx.lengths, ctx.dropout)
+            arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]
+            _training_forward(layer, arrays, ctx.lengths, ctx.dropout)
         layer.zero_grad()
         grads = [None if g is None else _to_array(g, layer.backend) for g in (d_out, d_hn, d_cn)]
         layer.train(True)

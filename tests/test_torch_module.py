@@ -99,40 +99,21 @@ def test_matches_torch_nn(c):
 
 
 def test_gradcheck_through_the_module():
+    """torch.autograd.gradcheck in float64 over x, h0, c0 and every parameter (the parameters
+    handed in through torch.func.functional_call, so gradcheck perturbs its own copies)."""
     torch.manual_seed(0)
     m = gt.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
     names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
 
     def f(x, h0, c0, *params):
-        with torch.no_grad():
-            for p, v in zip(m.parameters(), params):
-                p.copy_(v)  # gradcheck perturbs these copies; the module reads its own Parameters
-        out, (h_n, c_n) = m(x, (h0, c0))
+        out, (h_n, c_n) = torch.func.functional_call(m, dict(zip(names, params)), (x, (h0, c0)))
         return out, h_n, c_n
 
-    # the parameters' gradients: checked through the module's own Parameters below
-    assert torch.autograd.gradcheck(lambda x, h0, c0: f(x, h0, c0, *[p.detach() for p in m.parameters()]),
-                                    (x, h0, c0), eps=1e-6, atol=1e-7)
-    out, (h_n, c_n) = m(x, (h0, c0))
-    loss = (out.sum() + (h_n * h_n).sum() + c_n.sum())
-    analytic = torch.autograd.grad(loss, list(m.parameters()))
-    for name, p, g in zip(names, m.parameters(), analytic):
-        numeric = torch.zeros_like(p)
-        with torch.no_grad():
-            for i in range(p.numel()):
-                old = p.view(-1)[i].item()
-                p.view(-1)[i] = old + 1e-6
-                o, (h, c) = m(x, (h0, c0))
-                up = (o.sum() + (h * h).sum() + c.sum()).item()
-                p.view(-1)[i] = old - 1e-6
-                o, (h, c) = m(x, (h0, c0))
-                down = (o.sum() + (h * h).sum() + c.sum()).item()
-                p.view(-1)[i] = old
-                numeric.view(-1)[i] = (up - down) / 2e-6
-        torch.testing.assert_close(g, numeric, rtol=1e-6, atol=1e-7, msg=name)
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params), eps=1e-6, atol=1e-7)
 
 
 class TinyLM(torch.nn.Module):
@@ -349,6 +330,23 @@ def test_dropout_follows_torchs_generator_so_checkpoint_recomputes_the_same_mask
     assert torch.equal(run(False)[0], plain[0]) and not torch.equal(run(False, seed=8)[0], plain[0])
     for a, b in zip(run(True), plain):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "input in place"])
+def test_a_backward_after_an_in_place_change_is_refused_as_torch_nn_does(change):
+    """A weight updated (or an input overwritten) between a forward and its backward: torch's
+    version-counter error, as torch.nn's module gives, not a gradient of other weights."""
+    for m in pair("lstm", 3, 4):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        x = torch.randn(5, 2, 3, requires_grad=True) * 1
+        out = m(x)[0]
+        if change == "optimizer step":
+            m(x)[0].sum().backward()
+            opt.step()
+        else:
+            x.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 def test_a_double_backward_is_refused_not_silently_zero():
