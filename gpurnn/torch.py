@@ -93,6 +93,11 @@ def _to_array(t, backend):
     return a.view(precision.bfloat16()) if bits else a
 
 
+def _to_arrays(tensors, backend):
+    """_to_array of each tensor; None stays None."""
+    return [None if t is None else _to_array(t, backend) for t in tensors]
+
+
 def _to_tensor(a, device):
     """A backend array as a tensor, sharing memory (bfloat16 as _to_array carries it)."""
     bits = a.dtype.name == "bfloat16"
@@ -110,7 +115,7 @@ class _Run(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, layer, x, h0, c0, lengths, *params):
-        arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]
+        arrays = _to_arrays((x, h0, c0), layer.backend)
         # saved so torch's version counters refuse a backward after an in-place change of any of
         # them (an optimizer step before the backward, a reused input buffer), as torch.nn's does
         ctx.save_for_backward(x, h0, c0, *params)
@@ -139,10 +144,10 @@ class _Run(torch.autograd.Function):
         x, h0, c0 = ctx.saved_tensors[:3]  # (torch checks here that none changed since the forward)
         if layer._cache is not ctx.cache or layer._cache_used:  # another forward since, or a second backward
             layer._rng.bit_generator.state = ctx.rng_state  # this forward's masks again
-            arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]
+            arrays = _to_arrays((x, h0, c0), layer.backend)
             _training_forward(layer, arrays, ctx.lengths, ctx.dropout)
         layer.zero_grad()
-        grads = [None if g is None else _to_array(g, layer.backend) for g in (d_out, d_hn, d_cn)]
+        grads = _to_arrays((d_out, d_hn, d_cn), layer.backend)
         layer.train(True)
         dx, dh0, dc0 = layer._backward(grads[0], grads[1], grads[2] if layer._cell == "lstm" else None)
         device = d_out.device
@@ -431,7 +436,7 @@ class _Base(torch.nn.Module):
             results = _Run.apply(self, layer, x, h0, c0, lengths, *params)
         else:  # nothing to differentiate: in eval mode, gpurnn's inference path (keeps no activations)
             layer.train(self.training)
-            arrays = [None if t is None else _to_array(t, layer.backend) for t in (x, h0, c0)]
+            arrays = _to_arrays((x, h0, c0), layer.backend)
             out, h_n, c_n = layer._forward(*arrays, lengths)
             results = tuple(_to_tensor(a, self._device) for a in (out, h_n, c_n) if a is not None)
         return results[0], results[1:]
