@@ -194,6 +194,8 @@ class NumpyOps:
     lstm_backward = _pointwise("lstm_backward")
     gru_forward = _pointwise("gru_forward")
     gru_backward = _pointwise("gru_backward")
+    project_forward = staticmethod(computed_in_float32(cells.project_forward))  # no fused twin: a copy and a mask
+    project_backward = staticmethod(computed_in_float32(cells.project_backward))
 
     @staticmethod
     def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0):

@@ -190,6 +190,32 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
         dh[done], dc[done] = dh_carried, dc_carried
 
 
+# ------------------------------------------------------------- LSTM projection
+def project_forward(t, reverse, hp, h, y, lengths):
+    """The state and output of an LSTM with a projection (torch's proj_size):
+    h_t = hp = (o * tanh(c_t)) W_hr^T, computed by the driver's GEMM.
+
+    hp: [B, P]   h: [T+1, B, P] (writes one state)   y: [T, B, P] (writes y[t])   lengths: [B]
+    """
+    prev, nxt = _steps(t, reverse)
+    h[nxt] = hp
+    y[t] = hp
+    done = t >= lengths
+    if done.any():  # padded steps carry the state and output 0
+        h[nxt, done] = h[prev, done]
+        y[t, done] = 0
+
+
+def project_backward(t, reverse, dy, dh, dproj, lengths):
+    """dy: [T, B, P]   dh: [B, P] (in: grad of h_t; out: its direct part in h_{t-1}, the
+    driver then adds dgates_t W_hh)   dproj: [T, B, P] (writes dproj[t], grad of step t's projection)
+    """
+    done = t >= lengths
+    np.add(dh, dy[t], out=dproj[t])  # output at t plus what flows back from t+1
+    dh[~done] = 0  # h_{t-1} reaches h_t only through the cell, that is, through W_hh
+    dproj[t, done] = 0  # padded steps: the gradient passes through untouched
+
+
 # --------------------------------------------------------------------------- GRU
 def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     """r, z = sigmoid(.), n = tanh(W_n x + b_in + r (U_n h + b_hn)),

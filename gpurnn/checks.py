@@ -13,11 +13,13 @@ import numpy as np
 from gpurnn import precision
 
 
-def positive_int(name, value):
+def positive_int(name, value, allow_zero=False):
+    """An integer > 0 (>= 0 with allow_zero), as an int."""
+    kind = "non-negative" if allow_zero else "positive"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a positive integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
+        raise TypeError(f"{name}: expected a {kind} integer, got {value!r} ({type(value).__name__})")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a {kind} integer, got {value}")
     return int(value)
 
 

@@ -45,11 +45,15 @@ class _Recorder:
         self.ops, self.cfg, self.xp = model.backend.ops, cfg, xp
         self.reverse = direction
         self.w_hh = model._params[cfg.param_names(layer, direction)[1]]
+        self.w_hr = model._params[cfg.projection_name(layer, direction)] if cfg.P else None
         self.dh, self.dc, self.jac = np.zeros(T), np.zeros(T), np.zeros(T)
         width = max(sequence.GATE_BLOCKS[cfg.cell], sequence.SAVED_BLOCKS[cfg.cell]) * cfg.H
-        self.probe = dict(dh=xp.empty((B, cfg.H), model.dtype), dc=xp.zeros((B, cfg.H), model.dtype),
+        self.probe = dict(dh=xp.empty((B, cfg.H_out), model.dtype), dc=xp.zeros((B, cfg.H), model.dtype),
                           dgates=xp.empty((T, B, width), model.dtype))
-        self.zeros = xp.zeros((T, B, cfg.H), model.dtype)
+        if cfg.P:  # the projection's step buffers (see gpurnn.sequence.Direction)
+            self.probe.update(dproj=xp.empty((T, B, cfg.P), model.dtype), dh_cell=xp.zeros((B, cfg.H), model.dtype),
+                              y_cell=xp.empty((T, B, cfg.H), model.dtype))
+        self.zeros = xp.zeros((T, B, cfg.H_out), model.dtype)
         self.lengths = None
 
     def observe(self, t, ws, dy):
@@ -60,14 +64,17 @@ class _Recorder:
         if cfg.cell == "lstm":  # dL/dc_t, as the step will compute it
             H, nxt = cfg.H, t + 1 - self.reverse
             o, tanh_c = ws.gates[t, :, 3 * H:], xp.tanh(ws.c[nxt])
-            self.dc[t] = float(xp.linalg.norm(ws.dc + g * o * (1 - tanh_c * tanh_c)))
+            g_cell = g if self.w_hr is None else g @ self.w_hr  # through the projection to o * tanh(c_t)
+            self.dc[t] = float(xp.linalg.norm(ws.dc + g_cell * o * (1 - tanh_c * tanh_c)))
         # local gain: one backward step of the unit vector u = g / |g| alone (no c path, no output)
         probe = dataclasses.replace(ws, **self.probe)
         probe.dh[...] = g / norm if norm > 0 else 1 / np.sqrt(g.size)
         if probe.dc is not None:
             probe.dc[...] = 0
+        if self.w_hr is not None:
+            probe.dh_cell[...] = 0
         sequence.backward_step(self.ops, cfg.cell, cfg.nonlinearity, t, self.reverse, probe, self.zeros,
-                               self.w_hh, self.lengths)
+                               self.w_hh, self.lengths, self.w_hr)
         self.jac[t] = float(xp.linalg.norm(probe.dh))
 
 
@@ -171,7 +178,7 @@ def numeric_gradient(f, a, eps=1e-6):
 def _run(model, x, h0, lengths):
     """(out, h_n) of a forward, on the host."""
     if isinstance(model, LSTM):
-        out, (h_n, _) = model(x, None if h0 is None else (h0, np.zeros_like(h0)), lengths=lengths)
+        out, (h_n, _) = model(x, None if h0 is None else (h0, None), lengths=lengths)  # c0 = 0
     else:
         out, h_n = model(x, h0, lengths=lengths)
     return to_host(out), to_host(h_n)

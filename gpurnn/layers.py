@@ -9,6 +9,8 @@ x: [T, B, I] ([B, T, I] with batch_first)   h0, c0, h_n, c_n: [L*D, B, H]
 out: [T, B, D*H] ([B, T, D*H] with batch_first)   lengths: [B], 1 <= l <= T
 Unbatched, as torch: x [T, I] with h0, c0 [L*D, H] gives out [T, D*H] and
 h_n, c_n [L*D, H]; backward takes and returns the same unbatched shapes.
+An LSTM with proj_size=P > 0 (torch's projection) has states h0, h_n [L*D, B, P]
+and outputs [T, B, D*P]; its cell states c0, c_n stay [L*D, B, H].
 
 ``backward`` consumes the cache of the last training-mode forward and
 accumulates parameter gradients into ``m.grads`` (cleared by ``zero_grad``);
@@ -36,9 +38,13 @@ class _RNNBase:
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, dtype="float32", seed=None, nonlinearity=None,
-                 backend=None):
+                 backend=None, proj_size=0):
         self.input_size = checks.positive_int("input_size", input_size)
         self.hidden_size = checks.positive_int("hidden_size", hidden_size)
+        self.proj_size = checks.positive_int("proj_size", proj_size, allow_zero=True)
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size: expected a size below hidden_size ({self.hidden_size}), as torch's, "
+                             f"got {proj_size}")
         self.num_layers = checks.positive_int("num_layers", num_layers)
         self.bias = checks.flag("bias", bias)
         self.batch_first = checks.flag("batch_first", batch_first)
@@ -51,7 +57,7 @@ class _RNNBase:
         self._ops = self.backend.ops
         self._ops.check_dtype(self.dtype)
         self._cfg = stack.Config(self._cell, self.input_size, self.hidden_size, self.num_layers,
-                                 self.bidirectional, nonlinearity)
+                                 self.bidirectional, nonlinearity, self.proj_size)
         self._rng = np.random.default_rng(seed)
         self._params, self._grads = self._init_params()
         public = [n for n in self._params if self.bias or not n.startswith("bias")]
@@ -72,8 +78,9 @@ class _RNNBase:
         params, grads = {}, {}
         for layer in range(cfg.L):
             for d in range(cfg.D):
-                shapes = ((G * cfg.H, cfg.layer_input_size(layer)), (G * cfg.H, cfg.H), (G * cfg.H,), (G * cfg.H,))
-                for name, shape in zip(cfg.param_names(layer, d), shapes):
+                shapes = ((G * cfg.H, cfg.layer_input_size(layer)), (G * cfg.H, cfg.H_out), (G * cfg.H,),
+                          (G * cfg.H,), (cfg.P, cfg.H))  # the last, W_hr, only with a projection
+                for name, shape in zip(cfg.layer_param_names(layer, d), shapes):
                     if name.startswith("bias") and not self.bias:
                         value = np.zeros(shape)
                     else:
@@ -210,7 +217,7 @@ class _RNNBase:
         if T == 0:
             raise ValueError(f"x: expected at least one time step, got shape {tuple(x.shape)}")
         h0 = self._state(h0, "h0", B, unbatched)
-        c0 = self._state(c0, "c0", B, unbatched)
+        c0 = self._state(c0, "c0", B, unbatched, cell_state=True)
         if lengths is not None:
             lengths = checks.lengths("lengths", to_host(lengths), B, T)
         if B == 0:  # a batch of no sequences (torch takes it): nothing to run
@@ -228,7 +235,7 @@ class _RNNBase:
         if dropout_on:
             keep = 1.0 - self.dropout
             for layer in range(1, cfg.L):  # inverted dropout, drawn from the model's seeded RNG
-                masks[layer] = ((self._rng.random((T, B, cfg.D * cfg.H)) < keep) / keep).astype(self.dtype)
+                masks[layer] = ((self._rng.random((T, B, cfg.D * cfg.H_out)) < keep) / keep).astype(self.dtype)
 
         padded = lengths is not None and bool((lengths < T).any())  # its buffers are laid out otherwise
         ws = self._workspace(T, B, dropout_on, None if embedding is None else embedding[0].shape[0], padded)
@@ -267,23 +274,27 @@ class _RNNBase:
         """The forward of a batch of size 0: outputs and states with no rows, as torch's, and
         a cache whose backward returns gradients with no rows and accumulates nothing."""
         cfg, xp = self._cfg, self.backend.xp
-        out = xp.empty((0, T, cfg.D * cfg.H) if self.batch_first else (T, 0, cfg.D * cfg.H), self.dtype)
-        states = [xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype) for _ in range(2 if cfg.cell == "lstm" else 1)]
+        width = cfg.D * cfg.H_out
+        out = xp.empty((0, T, width) if self.batch_first else (T, 0, width), self.dtype)
+        states = [xp.empty((cfg.L * cfg.D, 0, cfg.H_out), self.dtype), xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype)]
         self._recorded = ({name: xp.empty((cfg.L * cfg.D, T, 0, cfg.H), self.dtype) for name in RECORDED[cfg.cell]}
                           if record else None)
         self._cache = (_NoRows(T), False, embedding, False) if self.training else None
         self._cache_used = False
         return out, states[0], states[1] if cfg.cell == "lstm" else None
 
-    def _state(self, value, name, B, unbatched):
+    def _state(self, value, name, B, unbatched, cell_state=False):
         """A state argument (h0, c0, d_hn, d_cn) checked as [L*D, B, H], or as
-        [L*D, H] beside unbatched input; None stays None."""
+        [L*D, H] beside unbatched input (h0, d_hn: P for H with a projection,
+        cell_state False); None stays None."""
         if value is None:
             return None
         cfg = self._cfg
+        width, letter = (cfg.H, "H") if cell_state or not cfg.P else (cfg.P, "proj_size")
         if unbatched:
-            return self._input(value, name, (cfg.L * cfg.D, cfg.H), "[num_layers*D, H] (unbatched input)")[:, None]
-        return self._input(value, name, (cfg.L * cfg.D, B, cfg.H), "[num_layers*D, B, H]")
+            return self._input(value, name, (cfg.L * cfg.D, width),
+                               f"[num_layers*D, {letter}] (unbatched input)")[:, None]
+        return self._input(value, name, (cfg.L * cfg.D, B, width), f"[num_layers*D, B, {letter}]")
 
     def _call_embedded(self, ids, weight, dweight, state=None):
         """The layer on embedding rows: ``self(weight[ids], state)`` without
@@ -328,22 +339,22 @@ class _RNNBase:
         cfg = self._cfg
         ws, dropout_on, embedding, unbatched = self._cache
         T, B = ws.T, ws.B
-        DH = cfg.D * cfg.H
+        DH, H = cfg.D * cfg.H_out, "proj_size" if cfg.P else "H"
         if unbatched:
-            d_out = self._input(d_out, "d_out", (T, DH), "[T, D*H] (unbatched)")[:, None]
+            d_out = self._input(d_out, "d_out", (T, DH), f"[T, D*{H}] (unbatched)")[:, None]
         elif self.batch_first:
-            d_out = self._input(d_out, "d_out", (B, T, DH), "[B, T, D*H] (batch_first)").transpose(1, 0, 2)
+            d_out = self._input(d_out, "d_out", (B, T, DH), f"[B, T, D*{H}] (batch_first)").transpose(1, 0, 2)
         else:
-            d_out = self._input(d_out, "d_out", (T, B, DH), "[T, B, D*H]")
+            d_out = self._input(d_out, "d_out", (T, B, DH), f"[T, B, D*{H}]")
         d_hn = self._state(d_hn, "d_hn", B, unbatched)
-        d_cn = self._state(d_cn, "d_cn", B, unbatched)
+        d_cn = self._state(d_cn, "d_cn", B, unbatched, cell_state=True)
         if B == 0:  # no sequences: no gradient to accumulate, and none with rows to return
             self._cache_used = True
             xp = self.backend.xp
-            states = xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype)
             dx = None if embedding is not None else xp.empty((T, 0, cfg.I), self.dtype)
-            return (None if dx is None else self._time_major_out(dx, False), states,
-                    states.copy() if cfg.cell == "lstm" else None)
+            return (None if dx is None else self._time_major_out(dx, False),
+                    xp.empty((cfg.L * cfg.D, 0, cfg.H_out), self.dtype),
+                    xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype) if cfg.cell == "lstm" else None)
 
         with self._ops.on_stream():
             ws.d_out[...] = d_out
@@ -373,6 +384,7 @@ class _RNNBase:
 
     def __repr__(self):
         extra = f", nonlinearity={self.nonlinearity!r}" if self._cell == "rnn" else ""
+        extra += f", proj_size={self.proj_size}" if self.proj_size else ""
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
                 f"{extra}, bidirectional={self.bidirectional}, dtype={self.dtype.name}, "
                 f"backend={self.backend.name})")
@@ -435,10 +447,22 @@ class LSTM(_RNNBase):
         c' = f * c + i * g
         h' = o * tanh(c')
 
-    Parameters: weight_ih_l{k} [4H, I], weight_hh_l{k} [4H, H], biases [4H].
+    With ``proj_size`` P > 0 (torch's LSTM with projections): h' = (o * tanh(c')) W_hr^T,
+    P wide, is the state and the output.
+
+    Parameters: weight_ih_l{k} [4H, I], weight_hh_l{k} [4H, H] ([4H, P] with a projection),
+    biases [4H], and with a projection weight_hr_l{k} [P, H] (+ _reverse).
+    Recurrence algorithms: a projected LSTM runs "graph" (a step GEMM, the pointwise
+    step, the projection's GEMM and a masked copy per step), as cuDNN runs projections
+    with its standard algorithm only.
     """
 
     _cell = "lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype="float32", seed=None, backend=None, proj_size=0):
+        _RNNBase.__init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                          bidirectional, dtype, seed, backend=backend, proj_size=proj_size)
 
     def __call__(self, x, hx=None, lengths=None, record=False):
         h0, c0 = _pair("hx", hx)

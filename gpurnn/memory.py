@@ -20,7 +20,8 @@ WORKSPACE_BUFFERS = ("x", "ids", "onehot", "lengths", "h0", "c0", "h_n", "c_n", 
 WORKSPACE_LISTS = ("out", "masks", "d_in")
 DIRECTION_BUFFERS = ("gx", "gx_ring", "span_lengths", "span_starts", "gates", "dgates", "gh", "w_hh_t", "w_ih_t",
                      "h", "c", "c_step", "step_gates", "dh", "dc", "table", "dtable",
-                     "sync")  # the owners of shared storage first (see gpurnn.sequence)
+                     "sync", "h_cell", "h_cell_step", "y_cell", "hp", "dproj",
+                     "dh_cell")  # the owners of shared storage first (see gpurnn.sequence)
 
 
 def _storage(a):

@@ -31,7 +31,8 @@ TOLERANCES = {"float16": {"output": 2e-3, "gradient": 3e-3},
 # what each cells step writes (the rest it only reads): the windows rounded back
 _WRITES = {"rnn_forward": ("h", "y"), "rnn_backward": ("dh", "dgates"),
            "lstm_forward": ("h", "c", "gates", "y"), "lstm_backward": ("dh", "dc", "dgates"),
-           "gru_forward": ("h", "gates", "y"), "gru_backward": ("dh", "dgates")}
+           "gru_forward": ("h", "gates", "y"), "gru_backward": ("dh", "dgates"),
+           "project_forward": ("h", "y"), "project_backward": ("dh", "dproj")}
 # arguments indexed by state (T+1 of them) rather than by step (T)
 _STATES = ("h", "c")
 

@@ -47,6 +47,7 @@ RING_SLOTS = 2
 class Direction:
     """Buffers of one layer and one direction for sequences of shape [T, B, ·].
 
+    (H_out: the state width, H, or P for an LSTM with a projection; see h_cell)
     gx: [T, B, G*H]   input projection x W_ih^T (the step kernels add b_ih); in training
                 the first G*H columns of gates' rows (see SHARE_PROJECTION_STORAGE)
     gx_ring: [RING_SLOTS*S, B, G*H] where an inference forward of spans at most S long
@@ -55,9 +56,9 @@ class Direction:
                 order): steps then count from their span's start, as the slot's rows do
     span_starts: [spans, 1] int32   those starts; ring_spans: the spans, (start, stop) in time order
     gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T (backward: the bias gradient's sum)
-    w_hh_t: [H, G*H]  room for W_hh^T, for backends whose GEMM is faster on it
+    w_hh_t: [H_out, G*H] room for W_hh^T, for backends whose GEMM is faster on it
     w_ih_t: [I, G*H]  room for W_ih^T, likewise (None when the input is Embedded)
-    h:  [T+1, B, H]   states; h0 sits in h[0] (forward) or h[T] (reverse)
+    h:  [T+1, B, H_out] states; h0 sits in h[0] (forward) or h[T] (reverse)
     c:  [T+1, B, H]   LSTM cell states (None otherwise); until ``for_training``, c_step
     c_step: [T+1, B, H] one [B, H] block seen at every state index (time stride 0), the
                 LSTM's cell state for forwards no backward will read: each element is
@@ -67,10 +68,23 @@ class Direction:
                 forwards whose activations no backward will read write them
     dgates: [T, B, max(G, S)*H] what BPTT's steps write: the pre-activation gradients, in
                 gates' storage (the plain RNN's in gx's); ``dgh`` and ``dgx_blocks`` view them
-    dh, dc: [B, H]    gradient carried back through h (and c)
+    dh, dc: [B, H_out], [B, H] gradient carried back through h (and c)
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
     sync: [2] int32   barrier counter and failure flag of the persistent kernels
+
+    An LSTM with a projection (P > 0, torch's proj_size) has a state h_t = (o * tanh(c_t)) W_hr^T
+    of P values; each step the cell writes o * tanh(c_t) into h_cell, one GEMM projects it
+    (into hp) and ``project_forward`` makes that the state and the output:
+    h_cell: [T+1, B, H]  the cell's unprojected outputs, which backward's dW_hr GEMM reads;
+                until ``for_training``, h_cell_step: one [B, H] block seen at every index
+                (as c_step, kept for the inference graphs captured over it)
+    y_cell: [T, B, H]  one [B, H] block seen at every t: where the cell writes its output (the
+                projection's is the layer's); in backward, dproj[t] W_hr, the gradient into it
+    hp: [B, P]        this step's projection h_cell W_hr^T
+    dproj: [T, B, P]  the gradient of each step's projection (0 at padded steps)
+    dh_cell: [B, H]   the cell's carried gradient: 0, since the state reaches the next step
+                only through the projection (dh carries the gradient in its place)
 
     gates, all T+1 cell states and the gradient buffers (dgates, dh, dc, dtable) are
     None until ``for_training``: a direction that only ever runs inference forwards has none.
@@ -97,20 +111,28 @@ class Direction:
     span_starts: object = None
     ring_spans: list = None
     cell: str = None
+    h_cell: object = None
+    h_cell_step: object = None
+    y_cell: object = None
+    hp: object = None
+    dproj: object = None
+    dh_cell: object = None
 
     @classmethod
-    def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None):
+    def allocate(cls, xp, cell, T, B, I, H, dtype, vocab=None, P=0):
         """What any forward needs but the input projection's room; ``for_inference`` adds
-        that, ``for_training`` that and what a backward needs."""
+        that, ``for_training`` that and what a backward needs. P: the LSTM's projection size."""
         G, S = GATE_BLOCKS[cell], SAVED_BLOCKS[cell]
+        H_out = P or H
         step = xp.empty((1, B, S * H), dtype) if S else None
         c_step = _every_step(xp, xp.empty((1, B, H), dtype), T + 1) if cell == "lstm" else None
+        h_cell_step = _every_step(xp, xp.empty((1, B, H), dtype), T + 1) if P else None
         return cls(
             gx=None,
             gh=xp.empty((B, G * H), dtype),
-            w_hh_t=xp.empty((H, G * H), dtype),
+            w_hh_t=xp.empty((H_out, G * H), dtype),
             w_ih_t=None if vocab else xp.empty((I, G * H), dtype),
-            h=xp.empty((T + 1, B, H), dtype),
+            h=xp.empty((T + 1, B, H_out), dtype),
             c=c_step,
             gates=None,
             step_gates=None if step is None else _every_step(xp, step, T),
@@ -119,6 +141,10 @@ class Direction:
             c_step=c_step,
             sync=xp.zeros(2, xp.int32),
             cell=cell,
+            h_cell=h_cell_step,
+            h_cell_step=h_cell_step,
+            y_cell=_every_step(xp, xp.empty((1, B, H), dtype), T) if P else None,
+            hp=xp.empty((B, P), dtype) if P else None,
         )
 
     def for_inference(self, xp, spans):
@@ -128,7 +154,7 @@ class Direction:
         direction a training forward has run keeps using its gx."""
         if self.gx is not None or self.gx_ring is not None:
             return
-        T, B, H = self.h.shape[0] - 1, self.h.shape[1], self.h.shape[2]
+        T, B, H = self.h.shape[0] - 1, self.h.shape[1], self.hidden_size
         width = GATE_BLOCKS[self.cell] * H
         if len(spans) <= RING_SLOTS or self.table is not None:
             self.gx = xp.empty((T, B, width), self.h.dtype)
@@ -145,10 +171,14 @@ class Direction:
         3H columns of its gates' rows), the saved activations and the gradient buffers."""
         if self.dh is not None:
             return
-        T, B, H = self.h.shape[0] - 1, self.h.shape[1], self.h.shape[2]
+        T, B, H = self.h.shape[0] - 1, self.h.shape[1], self.hidden_size
         dtype, G, S = self.h.dtype, GATE_BLOCKS[self.cell], SAVED_BLOCKS[self.cell]
         if self.cell == "lstm":
             self.c = xp.empty((T + 1, B, H), dtype)  # backward reads every cell state
+        if self.hp is not None:  # ... and the dW_hr GEMM every unprojected output
+            self.h_cell = xp.empty((T + 1, B, H), dtype)
+            self.dproj = xp.empty((T, B, self.hp.shape[1]), dtype)
+            self.dh_cell = xp.empty((B, H), dtype)
         if S and SHARE_PROJECTION_STORAGE:
             if self.gx is not None and self.gx.shape[2] != S * H:
                 self.gx = None  # an inference forward's GRU projection, 3H wide: its place moves into 4H rows
@@ -162,9 +192,14 @@ class Direction:
             self.dgates = self.gx if self.gates is None else self.gates
         else:
             self.dgates = xp.empty((T, B, max(G, S) * H), dtype)
-        self.dh = xp.empty((B, H), dtype)
+        self.dh = xp.empty((B, self.h.shape[2]), dtype)
         self.dc = xp.empty((B, H), dtype) if self.cell == "lstm" else None
         self.dtable = None if self.table is None else xp.empty_like(self.table)
+
+    @property
+    def hidden_size(self):
+        """H, the cell's width (the states h are H_out wide)."""
+        return self.gh.shape[1] // GATE_BLOCKS[self.cell]
 
     @property
     def dgh(self):
@@ -233,7 +268,7 @@ def forward(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse
 
 
 def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws, y, keep,
-                  spans=None, inputs_ready=None, label=None):
+                  spans=None, inputs_ready=None, label=None, w_hr=None):
     """``forward`` span of time by span, as a generator, for schedules that
     interleave layers: the first ``next`` sets up; each further one issues one
     span's input projection and time steps and returns a mark of the point where
@@ -244,6 +279,7 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
     inputs_ready: None (x is written), or a list whose k-th entry, filled in by the
                   caller before span k's turn, marks where span k's rows of x are written
     label: how the NVTX ranges (and gpurnn.profile) name this layer and direction
+    w_hr: [P, H] the LSTM's projection (then w_hh is [G*H, P] and y [T, B, P]), or None
 
     An inference forward (keep False) over a direction with a gx_ring writes span k's
     projection into slot k % RING_SLOTS, once span k-RING_SLOTS's steps are done, and
@@ -283,7 +319,9 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
             slot = (k % RING_SLOTS) * slot_rows
             gx_rows = ring[slot:slot + stop - start]
             free = steps_done[k - RING_SLOTS] if k >= RING_SLOTS else None  # the slot's last reader is done
-            d = replace(ws, gx=gx_rows, h=ws.h[start:stop + 1], c=None if ws.c is None else ws.c[start:stop + 1])
+            d = replace(ws, gx=gx_rows, h=ws.h[start:stop + 1], c=None if ws.c is None else ws.c[start:stop + 1],
+                        h_cell=None if ws.h_cell is None else ws.h_cell[start:stop + 1],
+                        y_cell=None if ws.y_cell is None else ws.y_cell[start:stop])
             t0, span_y, span_lengths = start, y[start:stop], ws.span_lengths[ws.ring_spans.index((start, stop))]
             span_gates = None if gates is None else gates[start:stop]
         # forward pass: the input projection of the span's rows ...
@@ -310,26 +348,36 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
                                           span_lengths)
                     else:
                         forward_step(ops, cell, nonlinearity, t - t0, reverse, d, w_rec, trans, b_ih, b_hh,
-                                     span_gates, span_y, span_lengths)
+                                     span_gates, span_y, span_lengths, w_hr)
         steps_done.append(ops.mark())
         yield steps_done[-1]
 
 
-def forward_step(ops, cell, nonlinearity, t, reverse, ws, w_rec, trans, b_ih, b_hh, gates, y, lengths):
-    """One forward step of the "graph" algorithm: the recurrent GEMM, then the fused pointwise step."""
+def forward_step(ops, cell, nonlinearity, t, reverse, ws, w_rec, trans, b_ih, b_hh, gates, y, lengths, w_hr=None):
+    """One forward step of the "graph" algorithm: the recurrent GEMM, then the fused pointwise
+    step (with a projection w_hr, then the projection's GEMM and its step)."""
     ops.gemm(ws.h[t + reverse], w_rec, ws.gh, trans_b=trans)  # only this GEMM is recurrent
     if cell == "rnn":
         ops.rnn_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, y, lengths, nonlinearity)
+    elif w_hr is not None:  # the cell's output o * tanh(c), projected, is the state
+        ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h_cell, ws.c, gates, ws.y_cell, lengths)
+        ops.gemm(ws.h_cell[t + 1 - reverse], w_hr, ws.hp, trans_b=True)
+        ops.project_forward(t, reverse, ws.hp, ws.h, y, lengths)
     elif cell == "lstm":
         ops.lstm_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, ws.c, gates, y, lengths)
     else:
         ops.gru_forward(t, reverse, ws.gx, ws.gh, b_ih, b_hh, ws.h, gates, y, lengths)
 
 
-def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths):
-    """One BPTT step: the fused pointwise backward, then dh_prev += dgates_t W_hh."""
+def backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths, w_hr=None):
+    """One BPTT step: the fused pointwise backward, then dh_prev += dgates_t W_hh (with a
+    projection w_hr, first the projection's step and the gradient through W_hr)."""
     if cell == "rnn":
         ops.rnn_backward(t, reverse, ws.h, dy, ws.dh, ws.dgates, lengths, nonlinearity)
+    elif w_hr is not None:
+        ops.project_backward(t, reverse, dy, ws.dh, ws.dproj, lengths)
+        ops.gemm(ws.dproj[t], w_hr, ws.y_cell[t])  # backprop through the projection
+        ops.lstm_backward(t, reverse, ws.c, ws.gates, ws.y_cell, ws.dh_cell, ws.dc, ws.dgates, lengths)
     elif cell == "lstm":
         ops.lstm_backward(t, reverse, ws.c, ws.gates, dy, ws.dh, ws.dc, ws.dgates, lengths)
     else:
@@ -354,7 +402,8 @@ def backward(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, o
 
 
 def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws, dy, ones,
-                   dw_ih, dw_hh, db_ih, db_hh, spans=None, dy_ready=None, d_in=None, recorder=None, label=None):
+                   dw_ih, dw_hh, db_ih, db_hh, spans=None, dy_ready=None, d_in=None, recorder=None, label=None,
+                   w_hr=None, dw_hr=None):
     """``backward`` span of time by span, as a generator (see ``forward_spans``):
     each ``next`` issues one span's BPTT steps and returns a mark of where they are
     done; the weight gradients follow the last span.
@@ -366,6 +415,7 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
     d_in: None, or [T, B, I]: each span then writes its rows of the input's gradient
           (what ``backward_input`` writes for the whole sequence), after its steps
           have read dy's rows (so d_in may be dy's storage)
+    w_hr: [P, H] the LSTM's projection, or None   dw_hr: [P, H] its gradient: accumulates
     """
     T, B = ws.gx.shape[:2]
     label = label or f"{cell} {'rev' if reverse else 'fwd'}"
@@ -387,7 +437,7 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
                         ops.fused_backward(cell, nonlinearity, t, t != (0 if reverse else T - 1), reverse, ws, dy,
                                            w_hh, lengths)
                     else:
-                        backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths)
+                        backward_step(ops, cell, nonlinearity, t, reverse, ws, dy, w_hh, lengths, w_hr)
         if d_in is not None:
             rows = slice(start * B, stop * B)
             with ops.annotate(f"{label} backward input gradient [{start}:{stop})", "weights"):
@@ -400,6 +450,9 @@ def backward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, lengths, reverse, ws,
         # weight gradients: single GEMMs over all T*B rows
         h_prev = ws.h[1:] if reverse else ws.h[:-1]  # the state each step read
         ops.gemm(dgh, h_prev.reshape(T * B, -1), dw_hh, trans_a=True, beta=1.0)
+        if w_hr is not None:  # each step's projection read the output its cell wrote
+            h_cell = ws.h_cell[:-1] if reverse else ws.h_cell[1:]
+            ops.gemm(ws.dproj.reshape(T * B, -1), h_cell.reshape(T * B, -1), dw_hr, trans_a=True, beta=1.0)
         if cell != "gru":  # one gradient for both biases (RNN, LSTM): one pass over it
             db = ws.gh[:1]  # the forward's step scratch, free in backward
             ops.gemm(ones, dgh, db)

@@ -32,23 +32,36 @@ SHARE_OUTPUT_STORAGE = True
 
 
 class Config:
-    """What a stack computes: cell, sizes, directions, nonlinearity."""
+    """What a stack computes: cell, sizes, directions, nonlinearity, and the LSTM's
+    projection size P (torch's proj_size; 0: none). Its states and outputs are
+    H_out = P (or H) wide: h0, h_n [L*D, B, H_out], out [T, B, D*H_out]; c stays H wide."""
 
-    def __init__(self, cell, input_size, hidden_size, num_layers, bidirectional, nonlinearity):
+    def __init__(self, cell, input_size, hidden_size, num_layers, bidirectional, nonlinearity, proj_size=0):
         self.cell = cell
         self.I = input_size
         self.H = hidden_size
         self.L = num_layers
         self.D = 2 if bidirectional else 1
         self.nonlinearity = nonlinearity
+        self.P = proj_size
+        self.H_out = proj_size or hidden_size
 
     def layer_input_size(self, layer):
-        return self.I if layer == 0 else self.D * self.H
+        return self.I if layer == 0 else self.D * self.H_out
 
     def param_names(self, layer, direction):
         """torch's names: weight_ih_l{k}[_reverse], weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}."""
         sfx = f"l{layer}" + ("_reverse" if direction else "")
         return (f"weight_ih_{sfx}", f"weight_hh_{sfx}", f"bias_ih_{sfx}", f"bias_hh_{sfx}")
+
+    def projection_name(self, layer, direction):
+        """torch's name of the projection weight W_hr [P, H], weight_hr_l{k}[_reverse]; None without one."""
+        return f"weight_hr_l{layer}" + ("_reverse" if direction else "") if self.P else None
+
+    def layer_param_names(self, layer, direction):
+        """Every parameter name of a layer's direction, in torch's order (the projection last)."""
+        names = self.param_names(layer, direction)
+        return names + (self.projection_name(layer, direction),) if self.P else names
 
 
 class Workspace:
@@ -58,16 +71,17 @@ class Workspace:
     ids: [T, B] int32     staged embedding ids, with a vocabulary of V symbols (else None)
     onehot: [T*B, V]      their one-hot, for backward (with a vocabulary)
     (onehot and every buffer from d_out on are None until ``for_training``)
-    h0, c0: [L*D, B, H]   staged initial states (c0 for LSTM only)
-    masks[l]: [T, B, D*H] inverted-dropout mask applied to layer l's input (l >= 1), in
+    (H_out is the state and output width, H or the LSTM's projection size: Config)
+    h0, c0: [L*D, B, H_out], [L*D, B, H]   staged initial states (c0 for LSTM only)
+    masks[l]: [T, B, D*H_out] inverted-dropout mask applied to layer l's input (l >= 1), in
                           place on out[l-1]: nothing reads the unmasked values
-    out[l]: [T, B, D*H]   output of layer l (dirs[l].h[1:] where SHARE_OUTPUT_STORAGE allows)
-    h_n, c_n: [L*D, B, H] final states
-    d_out: [T, B, D*H]    staged gradient of the top output (backward overwrites it)
-    d_hn, d_cn: [L*D, B, H] staged gradients of the final states
-    d_in[l]: [T, B, D*H]  gradient of layer l's input (l >= 1), in d_out's storage
+    out[l]: [T, B, D*H_out] output of layer l (dirs[l].h[1:] where SHARE_OUTPUT_STORAGE allows)
+    h_n, c_n: [L*D, B, H_out], [L*D, B, H] final states
+    d_out: [T, B, D*H_out] staged gradient of the top output (backward overwrites it)
+    d_hn, d_cn: as h_n, c_n  staged gradients of the final states
+    d_in[l]: [T, B, D*H_out] gradient of layer l's input (l >= 1), in d_out's storage
     dx: [T, B, I]         gradient of x (None with a vocabulary), in d_out's storage if
-                          I == D*H (see SHARE_GRADIENT_STORAGE)   dh0, dc0: [L*D, B, H]
+                          I == D*H_out (see SHARE_GRADIENT_STORAGE)   dh0, dc0: as h0, c0
     ones: [1, T*B]        for the bias-gradient GEMMs
     dirs[k]: Direction    per layer and direction, k = l*D + d
     graphs: dict          CUDA graphs captured over these buffers (CUDA backend)
@@ -81,7 +95,7 @@ class Workspace:
 
     def __init__(self, xp, cfg, T, B, dtype, dropout, vocab=None, padded=False):
         """padded: whether calls on these buffers have steps past a sequence's length."""
-        L, D, H = cfg.L, cfg.D, cfg.H
+        L, D, H, H_out = cfg.L, cfg.D, cfg.H, cfg.H_out
         lstm = cfg.cell == "lstm"
         self.cfg, self.T, self.B = cfg, T, B
         self.dtype, self.vocab, self.dropout, self.padded = dtype, vocab, dropout, padded
@@ -89,14 +103,14 @@ class Workspace:
         self.ids = xp.empty((T, B), xp.int32) if vocab else None
         self.onehot = None  # for_training
         self.lengths = xp.empty((B,), xp.int32)
-        self.h0 = xp.empty((L * D, B, H), dtype)
+        self.h0 = xp.empty((L * D, B, H_out), dtype)
         self.c0 = xp.empty((L * D, B, H), dtype) if lstm else None
-        self.masks = [None] + [xp.empty((T, B, D * H), dtype) if dropout else None for _ in range(1, L)]
+        self.masks = [None] + [xp.empty((T, B, D * H_out), dtype) if dropout else None for _ in range(1, L)]
         self.dirs = [Direction.allocate(xp, cfg.cell, T, B, cfg.layer_input_size(k // D), H, dtype,
-                                        vocab if k < D else None) for k in range(L * D)]
-        self.out = [self.dirs[layer].h[1:] if self.output_is_state(layer) else xp.empty((T, B, D * H), dtype)
+                                        vocab if k < D else None, cfg.P) for k in range(L * D)]
+        self.out = [self.dirs[layer].h[1:] if self.output_is_state(layer) else xp.empty((T, B, D * H_out), dtype)
                     for layer in range(L)]
-        self.h_n = xp.empty((L * D, B, H), dtype)
+        self.h_n = xp.empty((L * D, B, H_out), dtype)
         self.c_n = xp.empty((L * D, B, H), dtype) if lstm else None
         self.d_out = self.d_hn = self.d_cn = self.dx = self.dh0 = self.dc0 = self.ones = None  # for_training
         self.d_in = [None] * L
@@ -114,20 +128,20 @@ class Workspace:
         if self.dh0 is not None:
             return
         xp, cfg, T, B, dtype = self.xp, self.cfg, self.T, self.B, self.dtype
-        L, D, H, lstm = cfg.L, cfg.D, cfg.H, cfg.cell == "lstm"
+        L, D, H, H_out, lstm = cfg.L, cfg.D, cfg.H, cfg.H_out, cfg.cell == "lstm"
         self.onehot = xp.empty((T * B, self.vocab), dtype) if self.vocab else None
-        self.d_out = xp.empty((T, B, D * H), dtype)
-        self.d_hn = xp.empty((L * D, B, H), dtype)
+        self.d_out = xp.empty((T, B, D * H_out), dtype)
+        self.d_hn = xp.empty((L * D, B, H_out), dtype)
         self.d_cn = xp.empty((L * D, B, H), dtype) if lstm else None
 
         def gradient(width):  # of a layer's input: in d_out's storage where it fits
-            if SHARE_GRADIENT_STORAGE and width == D * H:
+            if SHARE_GRADIENT_STORAGE and width == D * H_out:
                 return self.d_out
             return xp.empty((T, B, width), dtype)
 
-        self.d_in = [None] + [gradient(D * H) for _ in range(1, L)]
+        self.d_in = [None] + [gradient(D * H_out) for _ in range(1, L)]
         self.dx = None if self.vocab else gradient(cfg.I)
-        self.dh0 = xp.empty((L * D, B, H), dtype)
+        self.dh0 = xp.empty((L * D, B, H_out), dtype)
         self.dc0 = xp.empty((L * D, B, H), dtype) if lstm else None
         self.ones = xp.ones((1, T * B), dtype)
         projections = [d.gx for d in self.dirs]
@@ -161,7 +175,8 @@ class Workspace:
     def describe(self):
         """The shape that decides which recurrence algorithm is fastest."""
         cfg = self.cfg
-        return (f"{cfg.cell} I={cfg.I} H={cfg.H} L={cfg.L} D={cfg.D} T={self.T} B={self.B} "
+        return (f"{cfg.cell} I={cfg.I} H={cfg.H}{f' P={cfg.P}' if cfg.P else ''} L={cfg.L} D={cfg.D} "
+                f"T={self.T} B={self.B} "
                 f"{np.dtype(self.dtype).name}"
                 f"{f' V={self.vocab}' if self.vocab else ''}{' dropout' if self.dropout else ''}")
 
@@ -237,16 +252,19 @@ def _forward_wavefront(ops, cfg, params, ws, dropout_on, embedding, keep):
 def _forward_direction(ops, cfg, params, ws, layer, d, x, keep, spans=None, inputs_ready=None):
     """One layer's direction d as a generator (``sequence.forward_spans``): its
     initial state in, its spans of time, its final state out."""
-    k, H = layer * cfg.D + d, cfg.H
+    k, H_out = layer * cfg.D + d, cfg.H_out
     first, last = (0, -1)[d], (-1, 0)[d]  # state index of h0 and of h_n
     w_ih, w_hh, b_ih, b_hh = (params[n] for n in cfg.param_names(layer, d))
+    w_hr = params[cfg.projection_name(layer, d)] if cfg.P else None
     wsd = ws.dirs[k]
     wsd.h[first] = ws.h0[k]
     if cfg.cell == "lstm":
         wsd.c[first] = ws.c0[k]
-    y = ws.out[layer][:, :, d * H:(d + 1) * H]
+    if cfg.P:  # what a padded step carries (never used: its projection is masked), defined, not stale NaN
+        wsd.h_cell[first] = 0
+    y = ws.out[layer][:, :, d * H_out:(d + 1) * H_out]
     yield from sequence.forward_spans(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, b_ih, b_hh, ws.lengths, d,
-                                      wsd, y, keep, spans, inputs_ready, label=_label(cfg, layer, d))
+                                      wsd, y, keep, spans, inputs_ready, label=_label(cfg, layer, d), w_hr=w_hr)
     ws.h_n[k] = wsd.h[last]
     if cfg.cell == "lstm":
         ws.c_n[k] = wsd.c[last]
@@ -316,18 +334,23 @@ def _backward_direction(ops, cfg, params, grads, ws, layer, d, x, d_layer_out, s
                         d_in=None, recorder=None):
     """BPTT through one layer's direction d as a generator (``sequence.backward_spans``),
     up to its weight gradients and the gradient of its initial state."""
-    k, H = layer * cfg.D + d, cfg.H
+    k, H_out = layer * cfg.D + d, cfg.H_out
     names = cfg.param_names(layer, d)
     w_ih, w_hh = params[names[0]], params[names[1]]
     dw_ih, dw_hh, db_ih, db_hh = (grads[n] for n in names)
+    projection = cfg.projection_name(layer, d)
     wsd = ws.dirs[k]
     wsd.dh[...] = ws.d_hn[k]
     if cfg.cell == "lstm":
         wsd.dc[...] = ws.d_cn[k]
-    dy = d_layer_out[:, :, d * H:(d + 1) * H]
+    if projection:
+        wsd.dh_cell[...] = 0  # and so it stays: the state flows back through the projection, in dh
+    dy = d_layer_out[:, :, d * H_out:(d + 1) * H_out]
     yield from sequence.backward_spans(ops, cfg.cell, cfg.nonlinearity, x, w_ih, w_hh, ws.lengths, d, wsd, dy,
                                        ws.ones, dw_ih, dw_hh, db_ih, db_hh, spans, dy_ready, d_in, recorder,
-                                       label=_label(cfg, layer, d))
+                                       label=_label(cfg, layer, d),
+                                       w_hr=params[projection] if projection else None,
+                                       dw_hr=grads[projection] if projection else None)
     ws.dh0[k] = wsd.dh
     if cfg.cell == "lstm":
         ws.dc0[k] = wsd.dc

@@ -2,7 +2,8 @@
 
     compute-sanitizer --tool memcheck python kernels/sanitize.py
 
-Every cell x {one direction, two} x {1 layer, 2 layers with dropout}, T=9, B=3,
+Every cell (and the LSTM with a projection of H // 2, torch's proj_size, which runs
+"graph" only) x {one direction, two} x {1 layer, 2 layers with dropout}, T=9, B=3,
 I=H=33, each recurrence algorithm forced once (graph, fused, persistent), in float32,
 float16 and bfloat16 (``--dtypes``): an eval forward (first, so an LSTM's runs with one
 cell state at time stride 0) and a train-mode forward and backward, each three times
@@ -22,10 +23,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 DTYPES = ("float32", "float16", "bfloat16")
+CELLS = ("rnn", "lstm", "gru", "lstm_projected")
 AGREE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 8e-2}
 
 
-def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeats=3, dtypes=DTYPES):
+def run_all(T=9, B=3, H=33, cells=CELLS, backend="cuda", repeats=3, dtypes=DTYPES):
     import gpurnn
     from gpurnn import precision, to_host
 
@@ -34,20 +36,23 @@ def run_all(T=9, B=3, H=33, cells=("rnn", "lstm", "gru"), backend="cuda", repeat
     padded = np.array([T, min(4, T), 1], np.int32)[:B]
     failures = []
     for cell in cells:
+        projection = {"proj_size": H // 2} if cell == "lstm_projected" else {}
+        algorithms = ("graph",) if projection else ("graph", "fused", "persistent")
         for bidirectional in (False, True):
             lengths = padded if bidirectional else None
             for layers, dropout in ((1, 0.0), (2, 0.3)):
                 D = 2 if bidirectional else 1
-                d_out = rng.standard_normal((T, B, D * H)).astype(np.float32)
+                d_out = rng.standard_normal((T, B, D * projection.get("proj_size", H))).astype(np.float32)
                 reference = None
-                runs = [("graph", "float32")] + [(a, d) for d in dtypes for a in ("graph", "fused", "persistent")
+                runs = [("graph", "float32")] + [(a, d) for d in dtypes for a in algorithms
                                                  if (a, d) != ("graph", "float32")]  # the reference first
                 for algorithm, dtype in ((a, precision.dtype("dtypes", d)) for a, d in runs):
                     gpurnn.set_rnn_algorithm(algorithm)
                     try:
-                        model = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU}[cell](
+                        model = {"rnn": gpurnn.RNN, "lstm": gpurnn.LSTM, "gru": gpurnn.GRU,
+                                 "lstm_projected": gpurnn.LSTM}[cell](
                             H, H, num_layers=layers, dropout=dropout, bidirectional=bidirectional, seed=1,
-                            backend=backend, dtype=dtype)
+                            backend=backend, dtype=dtype, **projection)
                         results = []
                         for _ in range(repeats):  # eager, captured, replayed
                             model.eval()
@@ -79,7 +84,8 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", nargs=3, type=int, default=(9, 3, 33), metavar=("T", "B", "H"))
-    ap.add_argument("--cells", nargs="+", default=["rnn", "lstm", "gru"], choices=["rnn", "lstm", "gru"])
+    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS,
+                    help="lstm_projected: an LSTM with proj_size H // 2")
     ap.add_argument("--backend", default="cuda", choices=["cuda", "cudasim"],
                     help="cudasim: the same script under numba's simulator (CI)")
     ap.add_argument("--repeats", type=int, default=3, help="calls of each pass: eager, captured, replayed, ...")

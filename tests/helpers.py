@@ -79,6 +79,8 @@ def torch_reference(cell, model, x, h0, c0, lengths, d_out, d_hn, d_cn, device="
                   bidirectional=model.bidirectional)
     if cell == "rnn":
         kwargs["nonlinearity"] = model.nonlinearity
+    if getattr(model, "proj_size", 0):
+        kwargs["proj_size"] = model.proj_size
     tdtype = torch.float64 if model.dtype == np.float64 else torch.float32
     tm = cls(model.input_size, model.hidden_size, **kwargs).to(tdtype).to(device)
     tm.load_state_dict({k: torch.from_numpy(host(v)) for k, v in model.state_dict().items()})

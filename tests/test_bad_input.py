@@ -54,6 +54,17 @@ def test_constructor_arguments(cls, kwargs, exc, words):
         cls(**args)
 
 
+@pytest.mark.parametrize("proj_size, exc, words", [
+    (4, ValueError, ["proj_size", "below hidden_size (4)", "4"]),
+    (-1, ValueError, ["proj_size", "non-negative", "-1"]),
+    (1.5, TypeError, ["proj_size", "1.5"]),
+    (True, TypeError, ["proj_size", "True"]),
+])
+def test_lstm_projection_size(proj_size, exc, words):
+    with raises(exc, *words):
+        gpurnn.LSTM(3, 4, proj_size=proj_size)
+
+
 def test_unknown_nonlinearity():
     with raises(ValueError, "nonlinearity", "'softplus'", "tanh"):
         gpurnn.RNN(3, 4, nonlinearity="softplus")

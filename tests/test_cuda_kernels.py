@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gpurnn import cells, sequence
-from helpers import backend_or_skip, back, make, rel_err, run
+from helpers import backend_or_skip, back, forced_algorithm, make, rel_err, run
 
 CELLS = ["rnn", "lstm", "gru"]
 
@@ -23,13 +23,13 @@ def sim():
 
 def step_buffers(cell, T, B, H, rng, dtype=np.float64):
     """Random buffers for one step launch of ``cell`` (names as in cells.py)."""
-    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
-    S = {"rnn": 0, "lstm": 4, "gru": 4}[cell]
+    G = {"rnn": 1, "lstm": 4, "gru": 3}.get(cell, 1)  # "project": the LSTM projection's steps, H = P
+    S = {"rnn": 0, "lstm": 4, "gru": 4}.get(cell, 0)
     r = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
     gates = rng.uniform(0.05, 0.95, (T, B, S * H)).astype(dtype)  # activations live in (0, 1)
     return dict(gx=r(T, B, G * H), gh=r(B, G * H), b_ih=r(G * H), b_hh=r(G * H),
                 h=r(T + 1, B, H), c=r(T + 1, B, H), gates=gates, y=r(T, B, H), dy=r(T, B, H), dh=r(B, H), dc=r(B, H),
-                dgates=r(T, B, max(G, S) * H))
+                dgates=r(T, B, max(G, S) * H), hp=r(B, H), dproj=r(T, B, H))
 
 
 ARGS = {  # argument names of each op, in order, after (t, reverse)
@@ -39,6 +39,8 @@ ARGS = {  # argument names of each op, in order, after (t, reverse)
     "lstm_backward": ["c", "gates", "dy", "dh", "dc", "dgates", "lengths"],
     "gru_forward": ["gx", "gh", "b_ih", "b_hh", "h", "gates", "y", "lengths"],
     "gru_backward": ["h", "gates", "dy", "dh", "dgates", "lengths"],
+    "project_forward": ["hp", "h", "y", "lengths"],
+    "project_backward": ["dy", "dh", "dproj", "lengths"],
 }
 
 
@@ -131,6 +133,51 @@ def test_stacked_wavefront_matches_numpy_backend(sim, cell):
                 assert rel_err(a, b) < 1e-12
     for k in ref.grads:
         assert rel_err(cud.grads[k], ref.grads[k]) < 1e-12, k
+
+
+@pytest.mark.parametrize("num_layers, bidirectional, dropout", [(3, False, 0.4), (2, True, 0.0)])
+def test_projected_lstm_matches_numpy_backend(sim, num_layers, bidirectional, dropout):
+    """torch's proj_size on the CUDA code path: a unidirectional stack's wavefront over 4
+    spans of time (its eval forward through the ring of input projections), both
+    directions, lengths; training forwards (every unprojected output kept for dW_hr)
+    and eval forwards (all of them in one block) give the same outputs."""
+    rng = np.random.default_rng(15)
+    T, B, I, H, P = 7, 3, 4, 6, 2
+    D = 2 if bidirectional else 1
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, dtype="float64", seed=10,
+              proj_size=P)
+    ref, cud = make("lstm", I, H, backend="numpy", **kw), make("lstm", I, H, backend="cudasim", **kw)
+    lengths = np.array([7, 3, 5])
+    h0, c0 = rng.standard_normal((num_layers * D, B, P)), rng.standard_normal((num_layers * D, B, H))
+    for _ in range(2):
+        x = rng.standard_normal((T, B, I))
+        outs = [run(m, x, h0, c0, lengths=lengths) for m in (ref, cud)]
+        assert outs[0][0].shape == (T, B, D * P) and outs[0][1].shape == h0.shape and outs[0][2].shape == c0.shape
+        d_out = rng.standard_normal((T, B, D * P))
+        d_hn, d_cn = rng.standard_normal(h0.shape), rng.standard_normal(c0.shape)
+        grads_in = [back(m, d_out, d_hn, d_cn) for m in (ref, cud)]
+        for a, b in zip(outs[1] + grads_in[1], outs[0] + grads_in[0]):
+            assert rel_err(a, b) < 1e-12
+    for k in ref.grads:
+        assert rel_err(cud.grads[k], ref.grads[k]) < 1e-12, k
+    assert cud.algorithms == {"forward": "graph", "backward": "graph"}
+    for m in (ref, cud):
+        m.eval()
+    if dropout == 0:
+        training = outs
+        outs = [run(m, x, h0, c0, lengths=lengths) for m in (ref, cud)]
+        for a, b in zip(outs[0] + outs[1], training[0] + training[1]):
+            assert rel_err(a, b) < 1e-12
+    outs = [run(m, x, lengths=lengths) for m in (ref, cud)]
+    for a, b in zip(outs[1], outs[0]):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_a_projected_lstm_runs_only_the_graph_algorithm(sim):
+    model = make("lstm", 3, 5, proj_size=2, backend="cudasim", dtype="float64")
+    with forced_algorithm("fused"), pytest.raises(ValueError, match=r"'fused' .*projected LSTM \(proj_size=2\) "
+                                                                     r"runs only 'graph'"):
+        model(np.zeros((4, 2, 3)))
 
 
 def test_launch_with_mismatched_buffers_is_refused(sim):

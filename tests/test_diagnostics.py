@@ -22,7 +22,8 @@ def torch_chain(cell, model, x, d_out):
     H = model.hidden_size
     T, B, _ = x.shape
     hs, cs, prevs = [], [], []
-    h = torch.zeros(B, H, dtype=torch.float64, requires_grad=True)
+    project = (lambda h: h @ p["weight_hr_l0"].T) if "weight_hr_l0" in p else (lambda h: h)  # noqa: E731
+    h = torch.zeros(B, model.proj_size or H, dtype=torch.float64, requires_grad=True)
     c = torch.zeros(B, H, dtype=torch.float64)
     for t in range(T):
         prevs.append(h)
@@ -32,7 +33,7 @@ def torch_chain(cell, model, x, d_out):
         else:
             i, f, g, o = a.chunk(4, 1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h = project(torch.sigmoid(o) * torch.tanh(c))
             c.retain_grad()
             cs.append(c)
         h.retain_grad()
@@ -48,7 +49,7 @@ def torch_chain(cell, model, x, d_out):
                 + p["bias_hh_l0"]
             i, f, g, o = a.chunk(4, 1)
             c_t = torch.sigmoid(f) * cs[t - 1].detach() + torch.sigmoid(i) * torch.tanh(g)
-            out_t = torch.sigmoid(o) * torch.tanh(c_t)
+            out_t = project(torch.sigmoid(o) * torch.tanh(c_t))
         else:
             out_t = hs[t]
         (vjp,) = torch.autograd.grad(out_t, prevs[t], u, retain_graph=True)
@@ -56,15 +57,19 @@ def torch_chain(cell, model, x, d_out):
     return dh, dc, np.array(jac)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm proj_size=3"])
 def test_gradient_flow_matches_torch_step_by_step(cell):
     rng = np.random.default_rng(0)
-    model = gpurnn.RNN(3, 5, dtype="float64", seed=1) if cell == "rnn" else gpurnn.LSTM(3, 5, dtype="float64",
-                                                                                           seed=1)
+    if cell == "rnn":
+        model = gpurnn.RNN(3, 5, dtype="float64", seed=1)
+    else:
+        model = gpurnn.LSTM(3, 5, dtype="float64", seed=1, proj_size=3 if "proj_size" in cell else 0)
+    cell = cell.split()[0]
+    H_out = model.proj_size or 5
     x = rng.standard_normal((7, 2, 3))
-    d_out = np.zeros((7, 2, 5))
-    d_out[-1] = rng.standard_normal((2, 5))
-    d_out[3] = rng.standard_normal((2, 5))  # a second entry point
+    d_out = np.zeros((7, 2, H_out))
+    d_out[-1] = rng.standard_normal((2, H_out))
+    d_out[3] = rng.standard_normal((2, H_out))  # a second entry point
     flow = diagnostics.gradient_flow(model, x, d_out)
     dh, dc, jac = torch_chain(cell, model, x, d_out)
     assert flow.dh.shape == (1, 7) and rel_err(flow.dh[0], dh) < 1e-10
@@ -192,6 +197,10 @@ def test_gradcheck_is_public():
     m = gpurnn.GRU(2, 3, dtype="float64", seed=0)
     worst = diagnostics.gradcheck(m, np.random.default_rng(0).standard_normal((4, 2, 2)), lengths=[4, 2])
     assert set(worst) == {"x", "h0", *m.params} and max(worst.values()) < 1e-6
+    projected = gpurnn.LSTM(2, 3, num_layers=2, bidirectional=True, proj_size=2, dtype="float64", seed=0)
+    h0 = np.random.default_rng(1).standard_normal((4, 2, 2))  # h0 is proj_size wide (c0: zeros, 3 wide)
+    worst = diagnostics.gradcheck(projected, np.random.default_rng(0).standard_normal((4, 2, 2)), h0, lengths=[4, 2])
+    assert {"weight_hr_l0", "weight_hr_l1_reverse"} <= set(worst) and max(worst.values()) < 1e-6
     with pytest.raises(TypeError, match="float64"):
         diagnostics.gradcheck(gpurnn.GRU(2, 3), np.zeros((4, 2, 2)))
 

@@ -21,10 +21,11 @@ def gpu():
 def inputs(cell, m, T, B, rng, dtype):
     D = 2 if m.bidirectional else 1
     LD = m.num_layers * D
+    H, H_out = m.hidden_size, m.proj_size or m.hidden_size  # h's width: the projection's, if any
     x = rng.standard_normal((B, T, m.input_size) if m.batch_first else (T, B, m.input_size)).astype(dtype)
-    h0, c0, d_hn, d_cn = rng.standard_normal((4, LD, B, m.hidden_size)).astype(dtype)
-    d_out = rng.standard_normal((B, T, D * m.hidden_size) if m.batch_first else (T, B, D * m.hidden_size)
-                                ).astype(dtype)
+    h0, d_hn = rng.standard_normal((2, LD, B, H_out)).astype(dtype)
+    c0, d_cn = rng.standard_normal((2, LD, B, H)).astype(dtype)
+    d_out = rng.standard_normal((B, T, D * H_out) if m.batch_first else (T, B, D * H_out)).astype(dtype)
     return x, h0, c0, d_hn, d_cn, d_out
 
 
@@ -103,6 +104,62 @@ def test_parity_with_torch_on_gpu(gpu, cell, L, bi, bf, with_lengths, T, B, I, H
     for a, b in zip(got, expect[:6]):
         if b is not None:
             assert rel_err(host(a), b) < 1e-4
+    for k, g in expect[6].items():
+        assert rel_err(host(m.grads[k]), g) < 1e-4, k
+
+
+PROJECTED = [  # layers, bidirectional, batch_first, lengths, T, B, I, H, proj_size
+    (1, False, False, False, 7, 3, 5, 33, 16),
+    (2, True, True, True, 9, 4, 6, 64, 20),
+    (3, False, True, True, 11, 4, 8, 40, 8),  # a wavefront over 4 spans of time
+]
+
+
+@pytest.mark.parametrize("L, bi, bf, with_lengths, T, B, I, H, P", PROJECTED)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", BFLOAT16])
+def test_projected_lstm_parity_with_numpy_backend(gpu, L, bi, bf, with_lengths, T, B, I, H, P, dtype):
+    """torch's proj_size: training and eval forwards, backward, three times (eager,
+    captured, replayed), against the NumPy backend (its half reference for half)."""
+    rng = np.random.default_rng(T * B + H)
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, dtype=dtype, seed=4, proj_size=P)
+    ref, cud = make("lstm", I, H, backend="numpy", **kw), make("lstm", I, H, backend="cuda", **kw)
+    x, h0, c0, d_hn, d_cn, d_out = inputs("lstm", ref, T, B, rng, ref.dtype)
+    lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
+    tol = {"float64": 1e-10, "float32": 1e-4}.get(ref.dtype.name, HALF_TOLERANCE.get(ref.dtype.name))
+    for _ in range(3):
+        for m in (ref, cud):
+            m.eval()
+        expect, got = run(ref, x, h0, c0, lengths), run(cud, x, h0, c0, lengths)
+        for m in (ref, cud):
+            m.train()
+        expect += run(ref, x, h0, c0, lengths) + back(ref, d_out, d_hn, d_cn)
+        got += run(cud, x, h0, c0, lengths) + back(cud, d_out, d_hn, d_cn)
+        for a, b in zip(got, expect):
+            if b is not None:
+                assert rel_err(a, b) < tol
+        for k in ref.grads:
+            assert rel_err(host(cud.grads[k]), ref.grads[k]) < tol, k
+    assert cud.algorithms == {"inference": "graph", "forward": "graph", "backward": "graph"}
+
+
+@pytest.mark.parametrize("L, bi, bf, with_lengths, T, B, I, H, P", PROJECTED)
+def test_projected_lstm_parity_with_torch_on_gpu(gpu, L, bi, bf, with_lengths, T, B, I, H, P):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rng = np.random.default_rng(1)
+    m = make("lstm", I, H, num_layers=L, bidirectional=bi, batch_first=bf, seed=2, backend="cuda", proj_size=P)
+    x, h0, c0, d_hn, d_cn, d_out = inputs("lstm", m, T, B, rng, np.float32)
+    lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
+    if lengths is not None:  # torch drops the gradient of padded outputs
+        mask = (np.arange(T)[:, None] < lengths[None, :])
+        d_out *= (mask.T if bf else mask)[:, :, None]
+    got = run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)
+    expect = torch_reference("lstm", _HostView(m), x, h0, c0, lengths, d_out, d_hn, d_cn, device="cuda")
+    for a, b in zip(got, expect[:6]):
+        assert rel_err(host(a), b) < 1e-4
     for k, g in expect[6].items():
         assert rel_err(host(m.grads[k]), g) < 1e-4, k
 

@@ -44,15 +44,19 @@ def _pair(cell, dtype, backend="numpy", seed=0, **kwargs):
     return full, half
 
 
+PROJECTED = {"lstm proj_size=5": {"proj_size": 5}}  # an LSTM with torch's projection
+
+
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru", "lstm proj_size=5"])
 @pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)])
 def test_half_model_within_tolerance_of_float32(dtype, cell, layers, bidirectional):
-    full, half = _pair(cell, dtype, num_layers=layers, bidirectional=bidirectional)
+    full, half = _pair(cell.split()[0], dtype, num_layers=layers, bidirectional=bidirectional,
+                       **PROJECTED.get(cell, {}))
     rng = np.random.default_rng(1)
     T, B, D = 30, 5, 2 if bidirectional else 1
     x = rng.standard_normal((T, B, 6)).astype(half.dtype)  # representable in both: only the math differs
-    d_out = rng.standard_normal((T, B, D * 16)).astype(half.dtype)
+    d_out = rng.standard_normal((T, B, D * (half.proj_size or 16))).astype(half.dtype)
     lengths = np.array([30, 17, 30, 4, 1])
     out_full, _ = full(x.astype(np.float32), lengths=lengths)
     out_half, _ = half(x, lengths=lengths)
@@ -68,7 +72,8 @@ def test_half_model_within_tolerance_of_float32(dtype, cell, layers, bidirection
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("step", [cells.lstm_forward, cells.lstm_backward, cells.gru_forward, cells.gru_backward])
+@pytest.mark.parametrize("step", [cells.lstm_forward, cells.lstm_backward, cells.gru_forward, cells.gru_backward,
+                                  cells.project_forward, cells.project_backward])
 def test_a_half_step_is_the_float32_step_rounded_once(dtype, step):
     """Half buffers in, the float32 spec on them, results rounded once: nothing else."""
     rng = np.random.default_rng(2)
@@ -77,7 +82,7 @@ def test_a_half_step_is_the_float32_step_rounded_once(dtype, step):
     G = 4 if step.__name__.startswith("lstm") else 3
     shapes = dict(gx=(T, B, G * H), gh=(B, G * H), b_ih=(G * H,), b_hh=(G * H,), h=(T + 1, B, H),
                   c=(T + 1, B, H), gates=(T, B, 4 * H), y=(T, B, H), dy=(T, B, H), dh=(B, H), dc=(B, H),
-                  dgates=(T, B, 4 * H))
+                  dgates=(T, B, 4 * H), hp=(B, H), dproj=(T, B, H))
     names = step.__code__.co_varnames[2:step.__code__.co_argcount]
     half_args, wide_args = [], []
     for name in names:
@@ -115,16 +120,18 @@ def _same(a, b, what=""):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru", "lstm proj_size=3"])
 def test_half_kernels_equal_the_numpy_reference(cell, dtype):
     """The CUDA step kernels on half buffers (simulator; bfloat16 as uint16 bits) against
     the NumPy half reference, bit for bit."""
     sim = cudasim_backend()
-    ref = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend="numpy", dtype=dtype)
-    model = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend=sim, dtype=dtype)
+    projection = {"proj_size": 3} if "proj_size" in cell else {}
+    cell = cell.split()[0]
+    ref = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend="numpy", dtype=dtype, **projection)
+    model = CELLS[cell](3, 5, num_layers=2, bidirectional=True, seed=4, backend=sim, dtype=dtype, **projection)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 2, 3)).astype(ref.dtype)
-    d_out = rng.standard_normal((4, 2, 10)).astype(ref.dtype)
+    d_out = rng.standard_normal((4, 2, 2 * (ref.proj_size or 5))).astype(ref.dtype)
     lengths = np.array([4, 2])
     out_ref, state_ref = ref(x, lengths=lengths)
     out, state = model(x, lengths=lengths)

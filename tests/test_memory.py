@@ -26,7 +26,14 @@ from helpers import back, backend_or_skip, forced_algorithm, host, make, run
 
 H = 5
 CASES = [("lstm", 3, 2, True, 0.3), ("gru", H, 3, False, 0.0), ("rnn", 2 * H, 2, True, 0.0),
-         ("lstm", H, 3, False, 0.4)]  # (cell, I, layers, bidirectional, dropout): dx shares where I == D*H
+         ("lstm", H, 3, False, 0.4), ("lstm proj_size=2", 4, 2, True, 0.3)]
+# (cell, I, layers, bidirectional, dropout): dx shares where I == D*H_out (H, or the projection's 2)
+
+
+def make_case(cell, I, **kwargs):
+    """The layer of a case: "lstm proj_size=2" is an LSTM with torch's projection."""
+    name, *projection = cell.split()
+    return make(name, I, H, **kwargs, **{k: int(v) for k, v in (p.split("=") for p in projection)})
 
 
 def poison(model):
@@ -34,7 +41,7 @@ def poison(model):
     for ws in model._workspaces.values():
         bufs = [ws.h_n, ws.c_n, ws.dx, ws.dh0, ws.dc0, *ws.out, *ws.d_in[1:]]
         for d in ws.dirs:
-            bufs += [d.gx, d.gh, d.h, d.c, d.gates, d.dgates, d.dh, d.dc]
+            bufs += [d.gx, d.gh, d.h, d.c, d.gates, d.dgates, d.dh, d.dc, d.h_cell, d.y_cell, d.hp, d.dproj, d.dh_cell]
         for b in bufs:
             if b is not None:
                 b[...] = np.nan
@@ -45,12 +52,13 @@ def calls(backend, cell, I, L, bi, dropout, padded, share, monkeypatch):
     monkeypatch.setattr(stack, "SHARE_GRADIENT_STORAGE", share)
     monkeypatch.setattr(stack, "SHARE_OUTPUT_STORAGE", share)
     D = 2 if bi else 1
-    model = make(cell, I, H, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
-                 backend=backend)
+    model = make_case(cell, I, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
+                      backend=backend)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3, I))
     lengths = np.array([4, 1, 3]) if padded else None  # padded steps output 0 but carry the state
-    d_out = rng.standard_normal((4, 3, D * H))
+    H_out = model.proj_size or H
+    d_out = rng.standard_normal((4, 3, D * H_out))
     run(model, x, lengths=lengths)  # a training forward allocates every buffer, which poison then fills
     poison(model)
     model.zero_grad()
@@ -61,7 +69,7 @@ def calls(backend, cell, I, L, bi, dropout, padded, share, monkeypatch):
     gates_share = all(d.gates is not None and np.shares_memory(d.gx, d.gates) for d in dirs)
     ws = next(iter(model._workspaces.values()))
     assert all((d_in is ws.d_out) == share for d_in in ws.d_in[1:])
-    assert (ws.dx is ws.d_out) == (share and I == D * H)
+    assert (ws.dx is ws.d_out) == (share and I == D * H_out)
     for layer in range(L):
         output_is_state = share and D == 1 and not padded and (layer == L - 1 or not dropout)
         assert np.shares_memory(ws.out[layer], ws.dirs[layer].h) == output_is_state
@@ -96,8 +104,8 @@ def test_a_backward_runs_again_from_what_its_restore_writes(backend, cell, I, L,
     must bring back all it reads, so the second run gives the first one's results."""
     if backend == "cudasim":
         backend_or_skip("cudasim", "cudasim unavailable in this process")
-    model = make(cell, I, H, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
-                 backend=backend)
+    model = make_case(cell, I, num_layers=L, bidirectional=bi, dropout=dropout, dtype="float64", seed=2,
+                      backend=backend)
     ops, twice = model._ops, []
     run_once = ops.run
 
@@ -123,30 +131,32 @@ def test_a_backward_runs_again_from_what_its_restore_writes(backend, cell, I, L,
     D = 2 if bi else 1
     for lengths in (np.array([4, 1, 3]), None):
         run(model, rng.standard_normal((4, 3, I)), lengths=lengths)
-        back(model, rng.standard_normal((4, 3, D * H)))
+        back(model, rng.standard_normal((4, 3, D * (model.proj_size or H))))
     assert len(twice) == 2
     for first, second in twice:
         for a, b in zip(first, second):
             np.testing.assert_array_equal(a, b)
 
 
-def _train_once(x, d_out, lengths):
-    model = gpurnn.LSTM(16, 32, num_layers=2, bidirectional=True, dropout=0.2, seed=0, backend="numpy")
+def _train_once(x, d_out, lengths, proj_size=0):
+    model = gpurnn.LSTM(16, 32, num_layers=2, bidirectional=True, dropout=0.2, seed=0, backend="numpy",
+                        proj_size=proj_size)
     results = model(x, lengths=lengths), model.backward(d_out)
     del results
     return model
 
 
-def test_report_adds_up_to_what_numpy_allocated():
+@pytest.mark.parametrize("proj_size", [0, 8])
+def test_report_adds_up_to_what_numpy_allocated(proj_size):
     x = np.ones((20, 8, 16), np.float32)
-    d_out = np.ones((20, 8, 64), np.float32)
+    d_out = np.ones((20, 8, 2 * (proj_size or 32)), np.float32)
     lengths = np.full(8, 20)
-    _train_once(x, d_out, lengths)  # imports and caches first: they are not the model's
+    _train_once(x, d_out, lengths, proj_size)  # imports and caches first: they are not the model's
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        model = _train_once(x, d_out, lengths)
+        model = _train_once(x, d_out, lengths, proj_size)
         gc.collect()
         allocated = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -160,6 +170,9 @@ def test_report_adds_up_to_what_numpy_allocated():
     assert rows["workspace T=20 B=8", "step_gates"] == 4 * B * G * H * 4  # one step's block, seen at every t
     assert rows["parameters", "all"] == sum(p.nbytes for p in model.params.values())
     assert "model total" in str(report)
+    if proj_size:  # the unprojected outputs every step's projection read, and their gradients
+        assert rows["workspace T=20 B=8", "h_cell"] == 4 * (T + 1) * B * H * 4
+        assert rows["workspace T=20 B=8", "dproj"] == 4 * T * B * proj_size * 4
 
 
 @pytest.mark.parametrize("cell, bound", [("lstm", 10.0), ("gru", 9.0)])

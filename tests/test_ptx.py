@@ -21,12 +21,15 @@ def test_every_kernel_compiles_without_spills(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(report.read_text())["rows"]
     kernels = [f"{cell}_{pass_}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")]
+    projection = ["lstm_forward eval projected", "project_forward", "project_backward"]  # torch's proj_size
     kernels += ["lstm_forward eval", "gru_forward eval", "adam_update", "gather_rows", "one_hot", "softmax_xent"]
+    kernels += projection
     recurrences = [f"{cell}_{pass_} {algorithm}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")
                    for algorithm in ("fused", "persistent")]
     recurrences += [f"lstm_forward {algorithm} eval" for algorithm in ("fused", "persistent")]
     half = [f"{cell}_{pass_}" for cell in ("rnn", "lstm", "gru") for pass_ in ("forward", "backward")]
-    half += ["lstm_forward eval", "gru_forward eval", "gather_rows", "one_hot"] + recurrences  # half models
+    half += ["lstm_forward eval", "gru_forward eval", "gather_rows", "one_hot"]  # half models
+    half += recurrences + projection
     builds = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
     assert builds == {(k, d, a) for k in kernels + recurrences for d in ("float32", "float64")
                       for a in ("sm_80", "sm_90")} | {(k, d, a) for k in half for d in ("float16", "bfloat16")

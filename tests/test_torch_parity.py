@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 @st.composite
 def configs(draw):
     cell = draw(st.sampled_from(["rnn", "lstm", "gru"]))
+    H = draw(st.integers(1, 7))
     return dict(
         cell=cell,
         nonlinearity=draw(st.sampled_from(["tanh", "relu"])) if cell == "rnn" else "tanh",
@@ -23,7 +24,8 @@ def configs(draw):
         T=draw(st.integers(1, 7)),
         B=draw(st.integers(1, 4)),
         I=draw(st.integers(1, 6)),
-        H=draw(st.integers(1, 7)),
+        H=H,
+        proj_size=draw(st.integers(0, H - 1)) if cell == "lstm" else 0,  # torch's LSTM with projections
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -39,16 +41,18 @@ def check_against_torch(c, dtype, fwd_tol, grad_tol):
     rng = np.random.default_rng(c["seed"])
     model = make(c["cell"], c["I"], c["H"], nonlinearity=c["nonlinearity"], num_layers=c["num_layers"],
                  bidirectional=c["bidirectional"], batch_first=c["batch_first"], bias=c["bias"],
-                 dtype=dtype, seed=c["seed"])
+                 dtype=dtype, seed=c["seed"], **({"proj_size": c["proj_size"]} if c.get("proj_size") else {}))
     T, B, H = c["T"], c["B"], c["H"]
+    H_out = c.get("proj_size") or H  # the width of h and the outputs; c stays H wide
     D = 2 if c["bidirectional"] else 1
     LD = c["num_layers"] * D
     x = rng.standard_normal((B, T, c["I"]) if c["batch_first"] else (T, B, c["I"])).astype(dtype)
-    h0 = rng.standard_normal((LD, B, H)).astype(dtype)
+    h0 = rng.standard_normal((LD, B, H_out)).astype(dtype)
     c0 = rng.standard_normal((LD, B, H)).astype(dtype)
     lengths = rng.integers(1, T + 1, size=B) if c["use_lengths"] else None
-    d_out = rng.standard_normal((B, T, D * H) if c["batch_first"] else (T, B, D * H)).astype(dtype)
-    d_hn, d_cn = rng.standard_normal((2, LD, B, H)).astype(dtype)
+    d_out = rng.standard_normal((B, T, D * H_out) if c["batch_first"] else (T, B, D * H_out)).astype(dtype)
+    d_hn = rng.standard_normal((LD, B, H_out)).astype(dtype)
+    d_cn = rng.standard_normal((LD, B, H)).astype(dtype)
     if lengths is not None:  # torch's padded outputs are constants: their gradient is dropped
         mask = np.arange(T)[:, None] < lengths[None, :]
         d_out *= (mask.T if c["batch_first"] else mask)[:, :, None]
@@ -75,12 +79,16 @@ def check_against_torch(c, dtype, fwd_tol, grad_tol):
 @given(configs())
 @example(dict(cell="gru", nonlinearity="tanh", num_layers=1, bidirectional=False, batch_first=False, bias=True,
               use_lengths=False, T=6, B=1, I=6, H=1, seed=1))  # h_n = 0.0062 from O(1) terms: 2e-5 relative
+@example(dict(cell="lstm", nonlinearity="tanh", num_layers=2, bidirectional=True, batch_first=True, bias=True,
+              use_lengths=True, T=5, B=3, I=4, H=6, proj_size=2, seed=2))  # a projection, padded
 def test_matches_torch_float32(c):
     check_against_torch(c, np.float32, 1e-5, 1e-4)
 
 
 @settings(max_examples=20, deadline=None)
 @given(configs())
+@example(dict(cell="lstm", nonlinearity="tanh", num_layers=3, bidirectional=True, batch_first=False, bias=False,
+              use_lengths=True, T=6, B=4, I=3, H=5, proj_size=3, seed=3))
 def test_matches_torch_float64(c):
     check_against_torch(c, np.float64, 1e-12, 1e-10)
 

@@ -280,6 +280,38 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
         lstm_point_backward(t, reverse, b, j, wide(dh[b, j]), c, gates, dy, dh, dc, dgates, lengths)
 
 
+# ------------------------------------------------------------- LSTM projection
+@cuda.jit(cache=True)
+def project_forward(t, reverse, hp, h, y, lengths):
+    """hp: [B, P] this step's projection  h: [T+1, B, P]  y: [T, B, P]  lengths: [B]"""
+    B, P = h.shape[1], h.shape[2]
+    idx = cuda.grid(1)
+    if idx < B * P:
+        b, j = idx // P, idx % P
+        prev, nxt = t + reverse, t + 1 - reverse
+        if t >= lengths[b]:  # padded step: carry the state, output 0
+            h[nxt, b, j] = h[prev, b, j]
+            y[t, b, j] = narrow(constants(h)[0], y)
+            return
+        h[nxt, b, j] = hp[b, j]
+        y[t, b, j] = hp[b, j]
+
+
+@cuda.jit(cache=True)
+def project_backward(t, reverse, dy, dh, dproj, lengths):
+    """dy: [T, B, P]  dh: [B, P] (in/out)  dproj: [T, B, P]  lengths: [B]"""
+    B, P = dh.shape[0], dh.shape[1]
+    idx = cuda.grid(1)
+    if idx < B * P:
+        b, j = idx // P, idx % P
+        zero = constants(dh)[0]
+        if t >= lengths[b]:  # padded step: the gradient passes through untouched
+            dproj[t, b, j] = narrow(zero, dproj)
+            return
+        dproj[t, b, j] = narrow(wide(dh[b, j]) + wide(dy[t, b, j]), dproj)  # output at t plus what flows back
+        dh[b, j] = narrow(zero, dh)  # h_{t-1} reaches h_t only through the cell, that is, through W_hh
+
+
 # --------------------------------------------------------------------------- GRU
 @cuda.jit(device=True, inline=True)
 def gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths):
@@ -455,13 +487,14 @@ def softmax_xent(logits, targets, weight, losses, d_logits):
 KERNELS = {"rnn_forward": rnn_forward, "rnn_backward": rnn_backward,
            "lstm_forward": lstm_forward, "lstm_backward": lstm_backward,
            "gru_forward": gru_forward, "gru_backward": gru_backward, "adam_update": adam_update,
-           "gather_rows": gather_rows, "one_hot": one_hot, "softmax_xent": softmax_xent}
+           "gather_rows": gather_rows, "one_hot": one_hot, "softmax_xent": softmax_xent,
+           "project_forward": project_forward, "project_backward": project_backward}
 
 
 # what a half model launches (its optimizer steps float32 master weights, and its
 # loss widens the logits to float32 first: adam_update and softmax_xent see float32)
 HALF_KERNELS = ("rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
-                "gather_rows", "one_hot")
+                "gather_rows", "one_hot", "project_forward", "project_backward")
 
 
 def numba_float(dtype):
@@ -482,12 +515,13 @@ def signatures(name, dtype):
     c1, c2, c3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     a3 = types.Array(f, 3, "A")
     lengths = ids = types.Array(types.int32, 1, "C")
-    lstm_forward = lambda c, gates: (i64, i64, c3, c2, c1, c1, c3, c, gates, a3, lengths)  # noqa: E731
+    lstm_forward = lambda h, c, gates: (i64, i64, c3, c2, c1, c1, h, c, gates, a3, lengths)  # noqa: E731
     gru_forward = lambda gx, gates: (i64, i64, gx, c2, c1, c1, c3, gates, a3, lengths)  # noqa: E731
     return {
         "rnn_forward": {"rnn_forward": (i64, i64, c3, c2, c1, c1, c3, a3, lengths, i64)},
         "rnn_backward": {"rnn_backward": (i64, i64, c3, a3, c2, c3, lengths, i64)},
-        "lstm_forward": {"lstm_forward": lstm_forward(c3, c3), "lstm_forward eval": lstm_forward(a3, a3)},
+        "lstm_forward": {"lstm_forward": lstm_forward(c3, c3, c3), "lstm_forward eval": lstm_forward(c3, a3, a3),
+                         "lstm_forward eval projected": lstm_forward(a3, a3, a3)},  # h: one block of h_cell
         "lstm_backward": {"lstm_backward": (i64, i64, c3, c3, a3, c2, c2, c3, lengths)},
         "gru_forward": {"gru_forward": gru_forward(a3, c3), "gru_forward eval": gru_forward(c3, a3)},
         "gru_backward": {"gru_backward": (i64, i64, c3, c3, a3, c2, c3, lengths)},
@@ -495,4 +529,6 @@ def signatures(name, dtype):
         "gather_rows": {"gather_rows": (c2, ids, c2)},
         "one_hot": {"one_hot": (ids, c2)},
         "softmax_xent": {"softmax_xent": (c2, ids, c1, c1, c2)},
+        "project_forward": {"project_forward": (i64, i64, c2, c3, a3, lengths)},
+        "project_backward": {"project_backward": (i64, i64, a3, c2, c3, lengths)},
     }[name]

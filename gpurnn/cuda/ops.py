@@ -436,6 +436,15 @@ class CudaOps:
                               lengths=lengths, G=3)
         self._launch(kernels.gru_forward, B, H, t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths)
 
+    def project_forward(self, t, reverse, hp, h, y, lengths):
+        T, B, P = _check_step(t, reverse, h, hp=hp, y=y, lengths=lengths, G=1)
+        self._launch(kernels.project_forward, B, P, t, reverse, hp, h, y, lengths)
+
+    def project_backward(self, t, reverse, dy, dh, dproj, lengths):
+        T, B, P = dproj.shape
+        _check_step(t, reverse, ((T + 1, B, P), dproj.dtype), dy=dy, dh=dh, dproj=dproj, lengths=lengths, G=1)
+        self._launch(kernels.project_backward, B, P, t, reverse, dy, dh, dproj, lengths)
+
     def gru_backward(self, t, reverse, h, gates, dy, dh, dgates, lengths):
         T, B, H = _check_step(t, reverse, h, gates=gates, dy=dy, dh=dh, dgates=dgates, lengths=lengths, G=3)
         self._launch(kernels.gru_backward, B, H, t, reverse, h, gates, dy, dh, dgates, lengths)
@@ -691,6 +700,9 @@ class CudaOps:
             raise NotApplicable(f"rnn algorithm: expected one of {RNN_ALGORITHMS}, got {algorithm!r}")
         cfg = ws.cfg
         phase = "backward" if name == "backward" else "forward"
+        if cfg.P and algorithm != "graph":
+            raise NotApplicable(f"a projected LSTM (proj_size={cfg.P}) runs only 'graph': the fused and "
+                                f"persistent kernels hold the square W_hh of an unprojected state")
         if algorithm == "fused":
             self.fused_shared(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H)
         if algorithm != "persistent":
@@ -798,22 +810,24 @@ def _fused_grid(B, H, sms):
 
 
 def _check_step(t, reverse, state, G, lengths, **bufs):
-    """Check every buffer of one step launch against the state buffer's [T+1, B, H]."""
-    if state.ndim != 3:
-        raise ValueError(f"kernel launch: state buffer must be [T+1, B, H], got shape {state.shape}")
-    T, B, H = state.shape[0] - 1, state.shape[1], state.shape[2]
+    """Check every buffer of one step launch against the state buffer's [T+1, B, H]
+    (state: the buffer, or for a launch without one, its (shape, dtype))."""
+    shape, dtype = state if isinstance(state, tuple) else (state.shape, state.dtype)
+    if len(shape) != 3:
+        raise ValueError(f"kernel launch: state buffer must be [T+1, B, H], got shape {shape}")
+    T, B, H = shape[0] - 1, shape[1], shape[2]
     if not 0 <= t < T or reverse not in (0, 1):
         raise ValueError(f"kernel launch: t must be in [0, {T}) and reverse 0 or 1, got t={t}, reverse={reverse}")
     saved = 4 if G in (3, 4) else 0
     expected = {"gx": (T, B, G * H), "gh": (B, G * H), "b_ih": (G * H,), "b_hh": (G * H,), "c": (T + 1, B, H),
                 "gates": (T, B, saved * H), "y": (T, B, H), "dy": (T, B, H), "dh": (B, H), "dc": (B, H),
-                "dgates": (T, B, max(saved, G) * H)}
+                "dgates": (T, B, max(saved, G) * H), "hp": (B, H), "dproj": (T, B, H)}
     for name, a in bufs.items():
         if tuple(a.shape) != expected[name]:
             raise ValueError(f"kernel launch: {name} must have shape {expected[name]} for state "
-                             f"{tuple(state.shape)}, got {tuple(a.shape)}")
-        if a.dtype != state.dtype:
-            raise ValueError(f"kernel launch: {name} must have dtype {state.dtype}, got {a.dtype}")
+                             f"{tuple(shape)}, got {tuple(a.shape)}")
+        if a.dtype != dtype:
+            raise ValueError(f"kernel launch: {name} must have dtype {dtype}, got {a.dtype}")
     if tuple(lengths.shape) != (B,) or lengths.dtype != np.int32:
         raise ValueError(f"kernel launch: lengths must be int32 of shape ({B},), got {lengths.dtype} {tuple(lengths.shape)}")
     return T, B, H
