@@ -34,7 +34,7 @@ orders the two; CuPy's memory pool and torch's caching allocator each keep their
 own memory. A weight that a parametrization computes (weight_norm, spectral_norm,
 torch.nn.utils.parametrize) is copied into a buffer of the layer's own at each call.
 
-Differences from torch: ``proj_size`` is not supported; a parametrization is evaluated
+Differences from torch: a parametrization is evaluated
 once a call (torch.nn's modules evaluate it twice); no second-order gradients (a
 double backward, e.g. a gradient penalty, is refused with torch's error); no torch.func
 transforms (grad, vmap: refused, naming them);
@@ -177,8 +177,10 @@ class _Base(torch.nn.Module):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None, **extra):
         super().__init__()
+        if proj_size and self._layer_class is not layers.LSTM:  # torch's words
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if proj_size:
-            raise ValueError("proj_size: gpurnn has no projected LSTM; expected 0")
+            extra["proj_size"] = proj_size
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in _HELD:
             raise TypeError(f"dtype: expected torch.float32, float64, float16 or bfloat16, got {dtype}")
@@ -186,7 +188,7 @@ class _Base(torch.nn.Module):
                             batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, **extra)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, dropout, bidirectional
-        self.proj_size = 0
+        self.proj_size = proj_size
         self._said_autocast = False
         self._build(torch.device("cpu") if device is None else torch.device(device), dtype, values=None,
                     register=True)  # the gpurnn layer checks the arguments
@@ -304,7 +306,7 @@ class _Base(torch.nn.Module):
     def _all_weights(self):
         """The parameters' names, a list per layer and direction, in torch's order."""
         cfg = self._layer._cfg
-        return [[n for n in cfg.param_names(layer, d) if n in self._names]
+        return [[n for n in cfg.layer_param_names(layer, d) if n in self._names]
                 for layer in range(cfg.L) for d in range(cfg.D)]
 
     @property
@@ -353,8 +355,8 @@ class _Base(torch.nn.Module):
     def extra_repr(self):
         text = f"{self.input_size}, {self.hidden_size}"
         for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
-                             ("bidirectional", False)):
-            if self._config[key] != default:
+                             ("bidirectional", False), ("proj_size", 0)):
+            if self._config.get(key, default) != default:
                 text += f", {key}={self._config[key]}"
         return text + f", gpurnn backend={self._layer.backend.name}"
 

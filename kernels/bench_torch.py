@@ -1,12 +1,13 @@
 """A PyTorch model's training step with torch.nn.LSTM/GRU against gpurnn.torch.LSTM/GRU, same process.
 
-    python kernels/bench_torch.py [--device cpu|cuda] [--steps 20] [--cells lstm gru] [--json PATH]
+    python kernels/bench_torch.py [--device cpu|cuda] [--steps 20] [--cells lstm gru lstm_projected] [--json PATH]
 
 The model is what a torch user writes: embedding -> recurrent stack -> linear ->
 cross-entropy, AdamW, clip_grad_norm_, one optimizer step; only the recurrent
 class differs, with the same weights and batches (vocabulary 100). Sizes: on a
 GPU BENCHMARKS.md's config A (1x512, T=100, B=64) and ``gpurnn train``'s GPU
 default (2x512, T=128, B=64); on a CPU the CPU default (1x256, T=64, B=128).
+``lstm_projected``: an LSTM with torch's projections, proj_size H/2 (the head reads H/2).
 Wall clock per step (synchronized on the GPU), the two sides alternating step by
 step, median of --steps after 3 warm-ups; TF32 off. Prints tokens/s and their
 ratio (above 1: gpurnn.torch is faster).
@@ -31,11 +32,11 @@ SIZES = {"cpu": [("train default", 1, 256, 64, 128)],
 
 
 class Model(torch.nn.Module):
-    def __init__(self, rnn_class, layers, H):
+    def __init__(self, rnn_class, layers, H, proj_size=0):
         super().__init__()
         self.embedding = torch.nn.Embedding(V, H)
-        self.rnn = rnn_class(H, H, layers)
-        self.head = torch.nn.Linear(H, V)
+        self.rnn = rnn_class(H, H, layers, **({"proj_size": proj_size} if proj_size else {}))
+        self.head = torch.nn.Linear(proj_size or H, V)
 
     def forward(self, x):
         return self.head(self.rnn(self.embedding(x))[0])
@@ -58,7 +59,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cells", nargs="+", default=["lstm", "gru"])
+    ap.add_argument("--cells", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru", "lstm_projected"])
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -66,12 +67,14 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for cell in args.cells:
-        classes = {"torch": getattr(torch.nn, cell.upper()), "gpurnn": getattr(gt, cell.upper())}
+        name = cell.split("_")[0].upper()
+        classes = {"torch": getattr(torch.nn, name), "gpurnn": getattr(gt, name)}
         for size, layers, H, T, B in SIZES[device.type]:
             models, opts = {}, {}
+            proj_size = H // 2 if cell == "lstm_projected" else 0
             for side, cls in classes.items():
                 torch.manual_seed(0)  # the same weights on both sides
-                models[side] = Model(cls, layers, H).to(device)
+                models[side] = Model(cls, layers, H, proj_size).to(device)
                 opts[side] = torch.optim.AdamW(models[side].parameters(), lr=1e-3)
             data = torch.Generator().manual_seed(1)
             batches = [torch.randint(0, V, (T + 1, B), generator=data).to(device) for _ in range(4)]

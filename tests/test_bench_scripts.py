@@ -127,6 +127,20 @@ def test_sanitizer_script_runs_every_algorithm_under_the_simulator():
     assert sum(line.endswith(f"{dtypes[1]} ok") for line in lines) == 12
 
 
+def test_sanitizer_script_runs_the_projected_lstm_under_the_simulator():
+    """The projected LSTM (graph only: 4 configs x 2 runs) in the script compute-sanitizer runs."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "sanitize.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPURNN_RNN_ALGO")}
+    done = subprocess.run([sys.executable, script, "--backend", "cudasim", "--size", "3", "2", "4", "--cells",
+                           "lstm_projected", "--repeats", "1", "--dtypes", "float32", "float16"],
+                          capture_output=True, text=True, env=dict(env, GPURNN_BACKEND="cudasim"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "0 failures" and sum(line.endswith(" ok") for line in lines) == 8
+
+
 def test_benchmark_table_reports_algorithms_and_rows_that_cannot_run():
     import bench_gpu
 
@@ -146,9 +160,10 @@ def test_bench_torch_compares_the_same_model_on_both_sides():
     pytest.importorskip("torch")
     import bench_torch
 
-    rows = bench_torch.main(["--steps", "1", "--cells", "gru"])
-    assert [(r["cell"], r["size"]) for r in rows] == [("gru", "train default")]
-    assert rows[0]["ratio"] > 0 and abs(rows[0]["first_loss"]["torch"] - rows[0]["first_loss"]["gpurnn"]) < 1e-4
+    rows = bench_torch.main(["--steps", "1", "--cells", "gru", "lstm_projected"])
+    assert [(r["cell"], r["size"]) for r in rows] == [("gru", "train default"), ("lstm_projected", "train default")]
+    for row in rows:
+        assert row["ratio"] > 0 and abs(row["first_loss"]["torch"] - row["first_loss"]["gpurnn"]) < 1e-4
 
 
 def test_memory_table_has_both_sides_and_the_ratio():

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 torch = pytest.importorskip("torch")
 import gpurnn.torch as gt  # noqa: E402
@@ -36,6 +36,7 @@ def pair(cell, *args, **kwargs):
 def configs(draw):
     cell = draw(st.sampled_from(sorted(OURS)))
     layers_ = draw(st.integers(1, 3))
+    H = draw(st.integers(1, 6))
     mode = draw(st.sampled_from(["tensor", "packed", "packed-sorted", "unbatched"]))
     return dict(cell=cell, num_layers=layers_, bidirectional=draw(st.booleans()), batch_first=draw(st.booleans()),
                 bias=draw(st.booleans()), mode=mode, h0=draw(st.booleans()),
@@ -43,7 +44,7 @@ def configs(draw):
                 nonlinearity=draw(st.sampled_from(["tanh", "relu"])),
                 dtype=draw(st.sampled_from([torch.float32, torch.float64])),
                 T=draw(st.integers(1, 6)), B=draw(st.integers(1, 4)), I=draw(st.integers(1, 5)),
-                H=draw(st.integers(1, 6)), seed=draw(st.integers(0, 2**16)))
+                H=H, proj_size=draw(st.integers(0, H - 1)) if cell == "lstm" else 0, seed=draw(st.integers(0, 2**16)))
 
 
 def run(module, c, x, hx, lengths):
@@ -59,6 +60,8 @@ def run(module, c, x, hx, lengths):
 
 @settings(max_examples=150, deadline=None)
 @given(configs())
+@example(dict(cell="lstm", num_layers=2, bidirectional=True, batch_first=True, bias=True, mode="packed", h0=True,
+              dropout=0.0, nonlinearity="tanh", dtype=torch.float64, T=5, B=3, I=4, H=6, proj_size=2, seed=4))
 def test_matches_torch_nn(c):
     """Outputs, final states and the gradients of x, h0 and every parameter."""
     torch.manual_seed(c["seed"])
@@ -66,6 +69,8 @@ def test_matches_torch_nn(c):
               bidirectional=c["bidirectional"], dtype=c["dtype"])
     if c["cell"] == "rnn":
         kw["nonlinearity"] = c["nonlinearity"]
+    if c["proj_size"]:
+        kw["proj_size"] = c["proj_size"]
     ours, theirs = pair(c["cell"], c["I"], c["H"], **kw)
     training = c["dropout"] == 0  # with dropout: compared in eval mode, where neither drops
     for m in (ours, theirs):
@@ -79,9 +84,9 @@ def test_matches_torch_nn(c):
     if c["mode"] == "packed-sorted":
         lengths = lengths.sort(descending=True).values
         lengths[0] = T
-    state_shape = (c["num_layers"] * D, H) if unbatched else (c["num_layers"] * D, B, H)
-    n_states = 2 if c["cell"] == "lstm" else 1
-    states = [torch.randn(state_shape, dtype=c["dtype"]) for _ in range(n_states)] if c["h0"] else None
+    widths = [c["proj_size"] or H, H] if c["cell"] == "lstm" else [H]  # h (projected: proj_size wide), c
+    states = [torch.randn((c["num_layers"] * D, *([] if unbatched else [B]), width), dtype=c["dtype"])
+              for width in widths] if c["h0"] else None
     results = []
     for m in (ours, theirs):
         xi = x.clone().requires_grad_()
@@ -98,13 +103,14 @@ def test_matches_torch_nn(c):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_gradcheck_through_the_module():
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_gradcheck_through_the_module(proj_size):
     """torch.autograd.gradcheck in float64 over x, h0, c0 and every parameter (the parameters
     handed in through torch.func.functional_call, so gradcheck perturbs its own copies)."""
     torch.manual_seed(0)
-    m = gt.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    m = gt.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, proj_size=proj_size)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, proj_size or 4, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
     names = [n for n, _ in m.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]
@@ -215,8 +221,9 @@ def test_bfloat16_module_holds_torch_bfloat16_parameters():
 def test_torchs_views_of_the_parameters(cell):
     """all_weights, _all_weights, _flat_weights(_names) and mode as torch.nn's (code
     written for torch reads them, e.g. to initialise the biases)."""
-    for kw in (dict(), dict(num_layers=2, bidirectional=True, bias=False), dict(nonlinearity="relu")):
-        if "nonlinearity" in kw and cell != "rnn":
+    for kw in (dict(), dict(num_layers=2, bidirectional=True, bias=False), dict(nonlinearity="relu"),
+               dict(num_layers=2, bidirectional=True, proj_size=3)):
+        if "nonlinearity" in kw and cell != "rnn" or "proj_size" in kw and cell != "lstm":
             continue
         ours, theirs = pair(cell, 3, 4, **kw)
         assert ours.mode == theirs.mode
@@ -447,8 +454,12 @@ def test_bad_input_is_refused_before_anything_runs():
         m(torch.randn(5, 2, 3), (torch.randn(1, 2, 4), None))
     with pytest.raises(RuntimeError, match="must be sorted in decreasing order"):
         pack(torch.randn(5, 2, 3), torch.tensor([2, 5]), enforce_sorted=True)
-    with pytest.raises(ValueError, match="proj_size"):
-        gt.LSTM(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM, not RNN or GRU"):
+        gt.GRU(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match=r"proj_size: expected a size below hidden_size \(4\), as torch's, got 4"):
+        gt.LSTM(3, 4, proj_size=4)
+    with pytest.raises(ValueError, match=r"h0: expected shape \[1, 2, 3\] \[num_layers\*D, B, proj_size\]"):
+        gt.LSTM(3, 4, proj_size=3)(torch.randn(5, 2, 3), (torch.randn(1, 2, 4), torch.randn(1, 2, 4)))
     with pytest.raises(TypeError, match=r"dropout: expected a number in \[0, 1\), got tensor"):
         gt.LSTM(3, 4, dropout=torch.zeros(2))  # checked before anything reads it
 

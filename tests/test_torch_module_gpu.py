@@ -64,6 +64,26 @@ def test_parity_with_cudnn(gt, cls, layers, bidirectional, batch_first, packed):
         assert rel(a, b) < 1e-4
 
 
+def test_projected_lstm_parity_with_cudnn(gt):
+    """proj_size on CUDA tensors, packed and bidirectional, against torch.nn.LSTM's (cuDNN's) projection."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    ours, peer = pair(gt, "LSTM", 12, 24, 2, batch_first=True, bidirectional=True, proj_size=10)
+    x = torch.randn(5, 9, 12, device="cuda")
+    lengths = torch.tensor([9, 3, 7, 1, 9])
+    results = []
+    for m in (ours, peer):
+        xi = x.clone().requires_grad_(True)
+        out, (h_n, c_n) = m(pack_padded_sequence(xi, lengths, batch_first=True, enforce_sorted=False))
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=9)
+        (out.square().sum() + h_n.sum() + c_n.sum()).backward()
+        results.append([out, h_n, c_n, xi.grad] + [p.grad for p in m.parameters()])
+    assert results[0][1].shape == (4, 5, 10) and results[0][2].shape == (4, 5, 24)
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-4
+
+
 def test_runs_on_a_non_default_torch_stream(gt):
     """The call is ordered on torch's current stream: work queued before it on a side stream
     is seen, and work queued after it sees its results, with no synchronization between."""
