@@ -276,12 +276,17 @@ class _RNNBase:
         cfg, xp = self._cfg, self.backend.xp
         width = cfg.D * cfg.H_out
         out = xp.empty((0, T, width) if self.batch_first else (T, 0, width), self.dtype)
-        states = [xp.empty((cfg.L * cfg.D, 0, cfg.H_out), self.dtype), xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype)]
         self._recorded = ({name: xp.empty((cfg.L * cfg.D, T, 0, cfg.H), self.dtype) for name in RECORDED[cfg.cell]}
                           if record else None)
         self._cache = (_NoRows(T), False, embedding, False) if self.training else None
         self._cache_used = False
-        return out, states[0], states[1] if cfg.cell == "lstm" else None
+        return (out, *self._states_of_no_rows())
+
+    def _states_of_no_rows(self):
+        """(h, c) of a batch of size 0: [L*D, 0, H_out] and [L*D, 0, H] (c None but for the LSTM)."""
+        cfg, xp = self._cfg, self.backend.xp
+        return (xp.empty((cfg.L * cfg.D, 0, cfg.H_out), self.dtype),
+                xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype) if cfg.cell == "lstm" else None)
 
     def _state(self, value, name, B, unbatched, cell_state=False):
         """A state argument (h0, c0, d_hn, d_cn) checked as [L*D, B, H], or as
@@ -352,9 +357,7 @@ class _RNNBase:
             self._cache_used = True
             xp = self.backend.xp
             dx = None if embedding is not None else xp.empty((T, 0, cfg.I), self.dtype)
-            return (None if dx is None else self._time_major_out(dx, False),
-                    xp.empty((cfg.L * cfg.D, 0, cfg.H_out), self.dtype),
-                    xp.empty((cfg.L * cfg.D, 0, cfg.H), self.dtype) if cfg.cell == "lstm" else None)
+            return (None if dx is None else self._time_major_out(dx, False), *self._states_of_no_rows())
 
         with self._ops.on_stream():
             ws.d_out[...] = d_out

@@ -296,6 +296,15 @@ def test_a_batch_of_no_sequences_as_torch(cell, batch_first):
     assert tuple(t_out.shape) == out.shape
 
 
+def test_a_batch_of_no_sequences_through_a_projected_lstm():
+    """h states proj_size wide, c states hidden_size wide, with no rows."""
+    m = gpurnn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, seed=0)
+    out, (h_n, c_n) = m(np.zeros((5, 0, 3), np.float32))
+    assert out.shape == (5, 0, 4) and h_n.shape == (4, 0, 2) and c_n.shape == (4, 0, 4)
+    dx, (dh0, dc0) = m.backward(np.zeros((5, 0, 4), np.float32))
+    assert dx.shape == (5, 0, 3) and dh0.shape == (4, 0, 2) and dc0.shape == (4, 0, 4)
+
+
 def make_torch(cell, model):
     """torch's module with the model's configuration and weights (float64, CPU)."""
     import torch
