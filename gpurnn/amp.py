@@ -19,8 +19,6 @@ A model's parameters and gradients are each one flat buffer (gpurnn.flat), so
 widening, unscaling and publishing are one array operation each.
 """
 
-import math
-
 import numpy as np
 
 from gpurnn import checks, flat, precision
@@ -75,17 +73,13 @@ class LossScaler:
     after growth_interval good steps in a row it is multiplied by growth_factor."""
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
-        for name, value in (("init_scale", init_scale), ("growth_factor", growth_factor)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-                    or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
-        if growth_factor < 1:
+        self.scale = checks.positive_number("init_scale", init_scale)
+        self.growth_factor = checks.positive_number("growth_factor", growth_factor)
+        if self.growth_factor < 1:
             raise ValueError(f"growth_factor: expected a number >= 1, got {growth_factor}")
-        if isinstance(backoff_factor, bool) or not isinstance(backoff_factor, (int, float)) \
-                or not 0 < backoff_factor < 1:
-            raise ValueError(f"backoff_factor: expected a number in (0, 1), got {backoff_factor!r}")
-        self.scale = float(init_scale)
-        self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
+        self.backoff_factor = checks.positive_number("backoff_factor", backoff_factor)
+        if self.backoff_factor >= 1:
+            raise ValueError(f"backoff_factor: expected a number in (0, 1), got {backoff_factor}")
         self.growth_interval = checks.positive_int("growth_interval", growth_interval)
         self.good_steps = 0
         self.skipped = 0

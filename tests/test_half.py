@@ -301,8 +301,15 @@ def test_unscaled_gradients_match_an_unscaled_backward():
 def test_master_weights_refuse_a_full_precision_model():
     with pytest.raises(TypeError, match="model: expected a float16 or bfloat16 model, got dtype float32"):
         amp.MasterWeights(gpurnn.SequenceRegressor(2, 4, backend="numpy"))
-    with pytest.raises(ValueError, match="backoff_factor"):
+    with pytest.raises(ValueError, match=r"backoff_factor: expected a number in \(0, 1\), got 1.5"):
         amp.LossScaler(backoff_factor=1.5)
+    with pytest.raises(ValueError, match="growth_factor: expected a number >= 1, got 0.5"):
+        amp.LossScaler(growth_factor=0.5)
+    with pytest.raises(ValueError, match="init_scale: expected a positive finite number, got inf"):
+        amp.LossScaler(init_scale=float("inf"))
+    with pytest.raises(TypeError, match="init_scale: expected a number, got '1024'"):
+        amp.LossScaler(init_scale="1024")
+    assert amp.LossScaler(init_scale=np.float32(8)).scale == 8.0  # NumPy scalars are numbers too
 
 
 @pytest.mark.parametrize("dtype", HALF)
