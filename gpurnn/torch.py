@@ -37,7 +37,8 @@ torch.nn.utils.parametrize) is copied into a buffer of the layer's own at each c
 Differences from torch: a parametrization is evaluated
 once a call (torch.nn's modules evaluate it twice); no second-order gradients (a
 double backward, e.g. a gradient penalty, is refused with torch's error); no torch.func
-transforms (grad, vmap: refused, naming them);
+transforms (grad, vmap: refused, naming them), no TorchScript (torch.jit.script,
+torch.jit.trace) or torch.export (refused, saying so);
 under ``torch.compile`` the call is a graph break (dynamo does not trace into gpurnn's kernels).
 """
 
@@ -409,7 +410,13 @@ class _Base(torch.nn.Module):
             twin.params[name][...] = self._layer.params[name]  # rounded once
         return twin
 
+    def __prepare_scriptable__(self):
+        """Called by torch.jit.script on every module it scripts, before scripting."""
+        _refuse_torchscript(self, "torch.jit.script")
+
     def _run(self, x, h0, c0):
+        if torch.jit.is_tracing():
+            _refuse_torchscript(self, "torch.jit.trace (or torch.onnx.export, which traces)")
         packed = isinstance(x, PackedSequence)
         lengths = None
         if packed:
@@ -445,14 +452,28 @@ class _Base(torch.nn.Module):
 
 
 def _has_storage(name, t):
-    """t's data pointer; a tensor without one is torch.func's (grad, vmap, jacrev...), whose
-    transforms cannot reach into the NumPy or CuPy arrays gpurnn computes with."""
+    """t's data pointer; a tensor without one is torch.func's (grad, vmap, jacrev...) or
+    torch.export's (a FakeTensor): neither can reach into the NumPy or CuPy arrays gpurnn
+    computes with."""
     try:
         return t.data_ptr()
     except RuntimeError:
+        if "Fake" in type(t).__name__:
+            raise RuntimeError(f"{name}: expected a tensor with storage, got a {type(t).__name__} without it "
+                               f"(torch.export, or another trace on fake tensors); gpurnn.torch modules cannot "
+                               f"be exported: their forward runs gpurnn's kernels outside torch. Export the model "
+                               f"without this module, or run it eagerly") from None
         raise RuntimeError(f"{name}: expected a tensor with storage, got a {type(t).__name__} without it "
                            f"(a torch.func transform: grad, vmap, jacrev...?); gpurnn.torch modules do not run "
                            f"under torch.func transforms: use torch.autograd.grad") from None
+
+
+def _refuse_torchscript(module, how):
+    """TorchScript (torch.jit.trace, torch.jit.script, torch.onnx's TorchScript exporter)
+    records torch operations; gpurnn's kernels are none of them."""
+    raise RuntimeError(f"gpurnn.torch.{type(module).__name__}: {how} cannot compile it to TorchScript: its "
+                       f"forward runs gpurnn's kernels outside torch. Keep the module eager (torch.compile runs "
+                       f"it as a graph break), or use torch.nn.{type(module).__name__} where TorchScript is needed")
 
 
 def _on_torch_stream(backend):

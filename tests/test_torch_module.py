@@ -387,6 +387,31 @@ def test_torch_func_transforms_are_refused_by_name_and_functional_call_works():
     torch.testing.assert_close(m(x)[0], torch.func.functional_call(m, params, (x,))[0])  # its own weights again
 
 
+def test_torchscript_and_export_are_refused_by_name():
+    """torch.nn's modules script, trace and export; gpurnn's kernels are no torch operations,
+    so each is refused with an error that says so (not a tracer's sanity check, a scripting
+    error about generators, or a guess at a torch.func transform)."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = gt.GRU(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(RuntimeError, match=r"gpurnn.torch.GRU: torch.jit.script cannot compile it to TorchScript.*"
+                                           r"torch.nn.GRU where TorchScript is needed"):
+        torch.jit.script(Net())
+    with pytest.raises(RuntimeError, match=r"gpurnn.torch.LSTM: torch.jit.trace \(or torch.onnx.export, which "
+                                           r"traces\) cannot compile it"):
+        torch.jit.trace(gt.LSTM(3, 4), (x,), check_trace=False)
+    with pytest.raises(RuntimeError, match=r"input: expected a tensor with storage, got a FakeTensor without it "
+                                           r"\(torch.export.*cannot be exported"):
+        torch.export.export(Net(), (x,))
+    assert Net()(x).shape == (5, 2, 2)  # eager, as ever
+
+
 def test_a_weight_of_the_wrong_kind_is_refused():
     m = gt.LSTM(3, 4)
     del m.weight_hh_l0
