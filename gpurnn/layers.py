@@ -193,8 +193,10 @@ class _RNNBase:
         projection (see gpurnn.sequence); backward accumulates into the gradient."""
         cfg, xp = self._cfg, self.backend.xp
         unbatched = False
+        name = "x" if embedding is None else "ids"
+        x = self._ops.asarray(x, name)
+        given = tuple(x.shape)  # in the caller's layout, for the messages
         if embedding is None:
-            x = self._ops.asarray(x, "x")
             layout = "[B, T, I] (batch_first)" if self.batch_first else "[T, B, I]"
             if x.dtype != self.dtype:
                 raise TypeError(f"x: expected dtype {self.dtype.name}, got {x.dtype}")
@@ -207,7 +209,6 @@ class _RNNBase:
             else:
                 x = checks.array("x", x, (None, None, cfg.I), self.dtype, layout)
         else:
-            x = self._ops.asarray(x, "ids")
             if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
                 raise ValueError(f"ids: expected an integer array of rank 2, got {x.dtype} {tuple(x.shape)}")
             x = x[..., None]  # [T, B, 1]: the shape checks below see one feature
@@ -215,7 +216,7 @@ class _RNNBase:
             x = x.transpose(1, 0, 2)
         T, B = x.shape[0], x.shape[1]
         if T == 0:
-            raise ValueError(f"x: expected at least one time step, got shape {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected at least one time step, got shape {given}")
         h0 = self._state(h0, "h0", B, unbatched)
         c0 = self._state(c0, "c0", B, unbatched, cell_state=True)
         if lengths is not None:

@@ -65,6 +65,13 @@ def test_lstm_projection_size(proj_size, exc, words):
         gpurnn.LSTM(3, 4, proj_size=proj_size)
 
 
+@pytest.mark.parametrize("batch_first, shape", [(False, (0, 2, 3)), (True, (2, 0, 3)), (True, (0, 3))])
+def test_no_time_steps_are_named_in_the_callers_layout(batch_first, shape):
+    model = gpurnn.GRU(3, 4, batch_first=batch_first)
+    with raises(ValueError, "x", "at least one time step", str(shape)):
+        model(np.zeros(shape, F32))
+
+
 def test_unknown_nonlinearity():
     with raises(ValueError, "nonlinearity", "'softplus'", "tanh"):
         gpurnn.RNN(3, 4, nonlinearity="softplus")
