@@ -87,13 +87,18 @@ def test_half_parity_with_numpy_reference(gpu, cell, L, bi, bf, with_lengths, T,
 
 @pytest.mark.parametrize("cell, L, bi, bf, with_lengths, T, B, I, H", CONFIGS)
 def test_parity_with_torch_on_gpu(gpu, cell, L, bi, bf, with_lengths, T, B, I, H):
+    check_against_torch_on_gpu(cell, L, bi, bf, with_lengths, T, B, I, H)
+
+
+def check_against_torch_on_gpu(cell, L, bi, bf, with_lengths, T, B, I, H, **kwargs):
+    """Outputs, states and every gradient against torch.nn's module (cuDNN) in strict fp32."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     rng = np.random.default_rng(1)
-    m = make(cell, I, H, num_layers=L, bidirectional=bi, batch_first=bf, seed=2, backend="cuda")
+    m = make(cell, I, H, num_layers=L, bidirectional=bi, batch_first=bf, seed=2, backend="cuda", **kwargs)
     x, h0, c0, d_hn, d_cn, d_out = inputs(cell, m, T, B, rng, np.float32)
     lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
     if lengths is not None:  # torch drops the gradient of padded outputs
@@ -144,24 +149,7 @@ def test_projected_lstm_parity_with_numpy_backend(gpu, L, bi, bf, with_lengths, 
 
 @pytest.mark.parametrize("L, bi, bf, with_lengths, T, B, I, H, P", PROJECTED)
 def test_projected_lstm_parity_with_torch_on_gpu(gpu, L, bi, bf, with_lengths, T, B, I, H, P):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch without CUDA")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rng = np.random.default_rng(1)
-    m = make("lstm", I, H, num_layers=L, bidirectional=bi, batch_first=bf, seed=2, backend="cuda", proj_size=P)
-    x, h0, c0, d_hn, d_cn, d_out = inputs("lstm", m, T, B, rng, np.float32)
-    lengths = rng.integers(1, T + 1, size=B) if with_lengths else None
-    if lengths is not None:  # torch drops the gradient of padded outputs
-        mask = (np.arange(T)[:, None] < lengths[None, :])
-        d_out *= (mask.T if bf else mask)[:, :, None]
-    got = run(m, x, h0, c0, lengths) + back(m, d_out, d_hn, d_cn)
-    expect = torch_reference("lstm", _HostView(m), x, h0, c0, lengths, d_out, d_hn, d_cn, device="cuda")
-    for a, b in zip(got, expect[:6]):
-        assert rel_err(host(a), b) < 1e-4
-    for k, g in expect[6].items():
-        assert rel_err(host(m.grads[k]), g) < 1e-4, k
+    check_against_torch_on_gpu("lstm", L, bi, bf, with_lengths, T, B, I, H, proj_size=P)
 
 
 class _HostView:
