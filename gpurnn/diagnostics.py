@@ -116,38 +116,50 @@ def gradient_flow(model, x, d_out=None, lengths=None):
 
 
 def gradcheck(model, x, h0=None, lengths=None, eps=1e-6, seed=0):
-    """Central differences against BPTT for every parameter, ``x`` and ``h0``.
+    """Central differences against BPTT for every parameter, ``x`` and the initial state.
 
-    Loss: sum(out * R) + sum(h_n * Rh) with fixed random R, Rh. Needs a float64
-    model, on any backend (on the GPU each difference is one forward: slow, for
-    small models). Returns {name: ||analytic - numeric|| / max(||analytic||, ||numeric||)}.
+    ``h0`` as the model takes it: for the LSTM an array (c0 = 0) or ``(h0, c0)``.
+    Loss: sum(out * R) + sum(h_n * Rh) (+ sum(c_n * Rc) for the LSTM) with fixed
+    random R, Rh, Rc. Needs a float64 model, on any backend (on the GPU each
+    difference is one forward: slow, for small models). Returns
+    {name: ||analytic - numeric|| / max(||analytic||, ||numeric||)} over "x", "h0"
+    (and "c0"), and the parameters.
     """
     if not isinstance(model, _RNNBase):
         raise TypeError(f"model: expected gpurnn.RNN, LSTM or GRU, got {type(model).__name__}")
     if model.dtype != np.float64:
         raise TypeError(f"model: gradcheck needs a float64 model (dtype='float64'), got {model.dtype}")
+    lstm = isinstance(model, LSTM)
+    if lstm and isinstance(h0, (tuple, list)):
+        if len(h0) != 2:
+            raise ValueError(f"h0: expected an array or (h0, c0) for an LSTM, got a tuple of {len(h0)}")
+        h0, c0 = h0
+    else:
+        c0 = None
     x = np.array(to_host(x), dtype=np.float64)
     rng = np.random.default_rng(seed)
-    lstm = isinstance(model, LSTM)
-    out, h_n = _run(model, x, h0, lengths)
-    R, Rh = rng.standard_normal(out.shape), rng.standard_normal(h_n.shape)
-    h0 = np.zeros(h_n.shape) if h0 is None else np.array(to_host(h0), dtype=np.float64)
+    out, states = _run(model, x, (h0, c0) if lstm else (h0,), lengths)
+    R, Rs = rng.standard_normal(out.shape), [rng.standard_normal(s.shape) for s in states]
+    # the initial state as arrays the differences can perturb: zeros where none was given
+    start = [np.zeros(s.shape) if s0 is None else np.array(to_host(s0), dtype=np.float64)
+             for s, s0 in zip(states, (h0, c0))]
     saved = {n: g.copy() for n, g in model.grads.items()}
     was_training = model.training
     model.train()
     try:
         model.zero_grad()
-        _run(model, x, h0, lengths)
-        dx, dh0 = model.backward(R, (Rh, None) if lstm else Rh)
-        if lstm:
-            dh0 = dh0[0]
-        analytic = {"x": to_host(dx), "h0": to_host(dh0), **{n: to_host(g) for n, g in model.grads.items()}}
+        _run(model, x, start, lengths)
+        dx, dstart = model.backward(R, tuple(Rs) if lstm else Rs[0])
+        dstart = dstart if lstm else (dstart,)
+        names = ("h0", "c0")[:len(start)]
+        analytic = {"x": to_host(dx), **{n: to_host(d) for n, d in zip(names, dstart)},
+                    **{n: to_host(g) for n, g in model.grads.items()}}
 
         def loss():
-            o, h = _run(model, x, h0, lengths)
-            return float((o * R).sum() + (h * Rh).sum())
+            o, s = _run(model, x, start, lengths)
+            return float((o * R).sum() + sum((a * r).sum() for a, r in zip(s, Rs)))
 
-        targets = {"x": x, "h0": h0, **model.params}
+        targets = {"x": x, **dict(zip(names, start)), **model.params}
         worst = {}
         for name, a in targets.items():
             num = numeric_gradient(loss, a, eps)
@@ -175,13 +187,15 @@ def numeric_gradient(f, a, eps=1e-6):
     return g
 
 
-def _run(model, x, h0, lengths):
-    """(out, h_n) of a forward, on the host."""
+def _run(model, x, initial, lengths):
+    """(out, final states) of a forward from ``initial`` ((h0,), or (h0, c0) for the LSTM;
+    None for zeros), on the host: (h_n,), or (h_n, c_n)."""
     if isinstance(model, LSTM):
-        out, (h_n, _) = model(x, None if h0 is None else (h0, None), lengths=lengths)  # c0 = 0
+        out, states = model(x, initial, lengths=lengths)
     else:
-        out, h_n = model(x, h0, lengths=lengths)
-    return to_host(out), to_host(h_n)
+        out, h_n = model(x, initial[0], lengths=lengths)
+        states = (h_n,)
+    return to_host(out), tuple(to_host(s) for s in states)
 
 
 def set_forget_bias(lstm, value=1.0):

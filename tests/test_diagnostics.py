@@ -200,7 +200,13 @@ def test_gradcheck_is_public():
     projected = gpurnn.LSTM(2, 3, num_layers=2, bidirectional=True, proj_size=2, dtype="float64", seed=0)
     h0 = np.random.default_rng(1).standard_normal((4, 2, 2))  # h0 is proj_size wide (c0: zeros, 3 wide)
     worst = diagnostics.gradcheck(projected, np.random.default_rng(0).standard_normal((4, 2, 2)), h0, lengths=[4, 2])
-    assert {"weight_hr_l0", "weight_hr_l1_reverse"} <= set(worst) and max(worst.values()) < 1e-6
+    assert {"c0", "weight_hr_l0", "weight_hr_l1_reverse"} <= set(worst) and max(worst.values()) < 1e-6
+    h0, c0 = np.random.default_rng(2).standard_normal((2, 1, 2, 3))
+    lstm = gpurnn.LSTM(2, 3, dtype="float64", seed=0)
+    worst = diagnostics.gradcheck(lstm, np.random.default_rng(0).standard_normal((4, 2, 2)), (h0, c0), [4, 2])
+    assert set(worst) == {"x", "h0", "c0", *lstm.params} and max(worst.values()) < 1e-6
+    with pytest.raises(ValueError, match=r"h0: expected an array or \(h0, c0\) for an LSTM, got a tuple of 3"):
+        diagnostics.gradcheck(lstm, np.zeros((4, 2, 2)), (h0, c0, c0))
     with pytest.raises(TypeError, match="float64"):
         diagnostics.gradcheck(gpurnn.GRU(2, 3), np.zeros((4, 2, 2)))
 
