@@ -109,6 +109,9 @@ def build_parser():
                    help="the rnn cell's activation (lstm and gru ignore it)")
     t.add_argument("--hidden", type=_positive_int, help=f"hidden units per layer {_sized('hidden')}")
     t.add_argument("--layers", type=_positive_int, help=f"stacked recurrent layers {_sized('layers')}")
+    t.add_argument("--dropout", type=_fraction, default=0.0,
+                   help="dropout on the outputs of every stacked layer but the last, as torch.nn.LSTM's "
+                        "(needs --layers 2 or more); off in held-out evaluation and sampling")
     t.add_argument("--seq-len", type=_positive_int,
                    help=f"time steps per training chunk (truncated BPTT length) {_sized('seq_len')}")
     t.add_argument("--batch", type=_positive_int, help=f"sequences per step {_sized('batch')}")
@@ -209,7 +212,7 @@ def cmd_train(args, explicit):
     cfg = dict(task=args.task, text=args.text, cell=args.cell, nonlinearity=args.nonlinearity, optim=args.optim,
                clip_norm=None if args.clip_value else args.clip_norm, clip_value=args.clip_value,
                seed=args.seed, save_every=args.save_every, val_fraction=args.val_fraction, val_every=args.val_every,
-               precision=args.precision)
+               precision=args.precision, dropout=args.dropout)
     sizes = training.defaults(args.task, backend.name)
     for key in TRAIN_SIZES:
         cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]

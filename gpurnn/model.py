@@ -166,11 +166,12 @@ class SequenceRegressor(_Composite):
     """inputs [T, B, I] -> recurrent stack -> linear on the last step's output -> MSE against [B, O]."""
 
     def __init__(self, input_size, hidden_size, output_size=1, num_layers=1, cell="lstm", nonlinearity="tanh",
-                 dtype="float32", seed=None, backend=None):
+                 dtype="float32", seed=None, backend=None, dropout=0.0):
         self.config = dict(input_size=input_size, hidden_size=hidden_size, output_size=output_size,
-                           num_layers=num_layers, cell=cell, nonlinearity=nonlinearity)
+                           num_layers=num_layers, cell=cell, nonlinearity=nonlinearity, dropout=dropout)
         seeds = _seeds(seed, 2)
-        self.rnn = _make_rnn(cell, input_size, hidden_size, num_layers, 0.0, dtype, seeds[0], backend, nonlinearity)
+        self.rnn = _make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, seeds[0], backend,
+                             nonlinearity)
         self.head = nn.Linear(hidden_size, output_size, dtype=dtype, seed=seeds[1], backend=backend)
         self.loss_fn = nn.MSELoss()
         self.backend = self.rnn.backend

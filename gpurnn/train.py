@@ -80,8 +80,12 @@ class Task:
             backend.ops.check_dtype(self.dtype)
         except TypeError as exc:  # bfloat16 on a GPU whose CuPy has no bfloat16 arrays
             raise TrainingError(f"--precision {cfg['precision']}: {exc}") from None
+        dropout = cfg.get("dropout", 0.0)  # checkpoints from before --dropout had none
+        if dropout and cfg["layers"] < 2:  # torch.nn.LSTM only warns; a flag that does nothing should not pass
+            raise TrainingError(f"--dropout {dropout}: dropout acts between stacked layers, and this model has "
+                                f"{cfg['layers']} (give --layers 2 or more, or no --dropout)")
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
-                      seed=cfg["seed"], backend=backend, dtype=self.dtype)
+                      dropout=dropout, seed=cfg["seed"], backend=backend, dtype=self.dtype)
         if self.name == "charlm":
             whole = CharCorpus.from_file(cfg["text"]) if cfg["text"] else CharCorpus.python_stdlib()
             if vocab is not None and whole.vocab != vocab:  # resuming: it must be the same text

@@ -43,9 +43,10 @@ def test_train_writes_metrics_plot_checkpoint_and_sample(tmp_path, text):
     assert sample.returncode == 0 and sample.stdout.startswith("def") and len(sample.stdout.rstrip("\n")) >= 23
 
 
-def test_resume_gives_the_same_losses_as_one_run(tmp_path, text):
+@pytest.mark.parametrize("dropout", ["0", "0.3"])  # with dropout, its RNG must be resumed too
+def test_resume_gives_the_same_losses_as_one_run(tmp_path, text, dropout):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    common = ["--text", text, "--layers", "2", "--save-every", "4", *SMALL]
+    common = ["--text", text, "--layers", "2", "--dropout", dropout, "--save-every", "4", *SMALL]
     assert gpurnn("train", "--steps", "12", "--out", str(whole), *common).returncode == 0
     assert gpurnn("train", "--steps", "6", "--out", str(split), *common).returncode == 0
     resumed = gpurnn("train", "--steps", "12", "--out", str(split), "--resume", *common)
@@ -62,6 +63,33 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, text):
     assert done.returncode == 2 and done.stderr.count("\n") == 2  # the banner line, then the error line
     assert "--hidden 32 (checkpoint: 16)" in done.stderr and "Traceback" not in done.stderr
     assert open(out / "checkpoint.npz", "rb").read() == before
+
+
+def test_dropout_between_layers(tmp_path, text):
+    """--dropout changes training (masks between the layers) and is kept in the checkpoint:
+    a resume with another value is refused; a checkpoint made with it samples."""
+    runs = {}
+    for dropout in ("0", "0.5"):
+        out = tmp_path / f"d{dropout}"
+        done = gpurnn("train", "--text", text, "--layers", "2", "--dropout", dropout, "--steps", "6",
+                      "--val-every", "3", "--out", str(out), *SMALL)
+        assert done.returncode == 0, done.stderr
+        runs[dropout] = out
+    plain, dropped = losses(runs["0"]), losses(runs["0.5"])
+    assert plain[0] != dropped[0] and all(np.isfinite(float(loss)) for _, loss in dropped)
+    refused = gpurnn("train", "--text", text, "--layers", "2", "--dropout", "0.2", "--steps", "8",
+                     "--out", str(runs["0.5"]), "--resume", *SMALL)
+    one_line_error(refused, "--dropout 0.2 (checkpoint: 0.5)")
+    sample = gpurnn("sample", "--checkpoint", str(runs["0.5"]), "--prime", "def", "--length", "20", "--backend", "numpy")
+    assert sample.returncode == 0 and sample.stdout.startswith("def"), sample.stderr
+    adding = gpurnn("train", "--task", "adding", "--layers", "2", "--dropout", "0.2", "--steps", "3",
+                    "--out", str(tmp_path / "adding"), *SMALL)  # the SequenceRegressor's stack takes it too
+    assert adding.returncode == 0 and len(losses(tmp_path / "adding")) == 3, adding.stderr
+    one_line_error(gpurnn("train", "--text", text, "--layers", "1", "--dropout", "0.2", "--out",
+                          str(tmp_path / "one"), *SMALL), "--dropout 0.2", "between stacked layers", "--layers 2")
+    one_line_error(gpurnn("train", "--dropout", "1", "--out", str(tmp_path / "o"), *SMALL),
+                   "--dropout", "[0, 1)", "1")
+    assert not (tmp_path / "one").exists() and not (tmp_path / "o").exists()
 
 
 def test_tasks_adding_and_copy_train(tmp_path):
