@@ -112,6 +112,24 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tmp_path):
 
 
 @needs_mpi
+def test_two_ranks_with_dropout_resume_their_masks(tmp_path):
+    """Each rank draws its own dropout masks, and the checkpoint keeps every rank's
+    random state: a 2-rank run stopped and resumed gives the uninterrupted run's losses.
+    On one rank it goes on with masks of its own (another world draws other masks)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    dropout = ["--dropout", "0.3", "--save-every", "3"]
+    assert gpurnn_train(whole, "--steps", "8", *dropout, ranks=2).returncode == 0
+    first = gpurnn_train(split, "--steps", "3", *dropout, ranks=2)
+    assert first.returncode == 0, first.stderr
+    resumed = gpurnn_train(split, "--steps", "8", "--resume", *dropout, ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert list(metrics(split)[0]) == list(metrics(whole)[0]) and len(metrics(whole)[0]) == 8
+    on_one = gpurnn_train(split, "--steps", "10", "--resume", *dropout)
+    assert on_one.returncode == 0, on_one.stderr
+    assert np.all(np.isfinite(metrics(split)[0])) and len(metrics(split)[0]) == 10
+
+
+@needs_mpi
 def test_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "gpurnn", "train", "--out", str(tmp_path / "o"),
                            *SMALL, "--batch", "3", "--steps", "2"], env=env(), capture_output=True, text=True,
