@@ -33,7 +33,8 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
   lab            (only when named, or with --lab) ``gemm_lab.py``: GEMM layouts and a
                  forward's time split, its printout kept in the JSON.
 Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log under
---out) after every stage, and prints the table last. Each stage is guarded so one
+--out) after every stage, and prints the table last, then the open issues' targets
+met, missed or not measured (``targets.py``; also saved in the JSON). Each stage is guarded so one
 failure still reports the rest. A device call runs 10 minutes at most and a session
 has about 15 minutes of device time, so give each call a ``--budget`` (no stage starts
 past it; the suite's and the sanitizer's timeouts are cut to what is left) that leaves
@@ -41,6 +42,9 @@ room for the stage it may still be running, e.g.
 
     --stages suite,benchmarks,torch,memory --budget 420         (first call, timeout_s 600)
     --stages sanitizer,half,nccl,training,algorithms --budget B  (second: B = what is left less 2 minutes)
+
+and afterwards ``python kernels/targets.py <first call's JSON> <second's>`` to read the
+targets off both calls' stages together.
 
 The stages' times on an H100 at 061083c: suite 147 s (-n 4; the suite has grown
 since), first_forward, ceilings, benchmarks and training about 100 s together; the
@@ -278,6 +282,7 @@ def main():
     import bench_memory
     import bench_torch
     import bench_train
+    import targets
 
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "stages": [s for s in STAGES if s in chosen]}
@@ -369,6 +374,11 @@ def main():
               f"B={r['B']}): tokens/s ratio {r['ratio']:.2f} against torch.nn"
               + (f"; idle MiB (held - used): CuPy {pools['cupy_held'] - pools['cupy_used']:.0f}, "
                  f"torch {pools['torch_held'] - pools['torch_used']:.0f}" if pools else ""))
+    stage(report, "targets", lambda: targets.check(report, targets.load_baseline()))
+    save(report)
+    if isinstance(report["targets"], list):
+        print("the issues' targets (kernels/targets.py):")
+        print(targets.table(report["targets"]))
     skipped = [name for name in report["stages"] if "skipped" in (report.get(name) or {})]
     if skipped:
         print(f"skipped (--budget {args.budget:g} s spent): {', '.join(skipped)}; run them in another call")

@@ -225,3 +225,89 @@ def test_bench_torch_reads_both_memory_pools(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 8 << 20)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 5 << 20)
     assert bench_torch.pools() == dict(cupy_held=3.0, cupy_used=1.0, torch_held=8.0, torch_used=5.0)
+
+
+def test_targets_read_off_the_061083c_report_as_the_issues_quote_it():
+    """Issue 10 quotes the H100 run at 061083c: 15 of 72 rows above 1.0, geometric means
+    fp32 0.95 and TF32 0.62, D and RNN C above their targets. Read off its committed JSON,
+    the targets must say the same; the stages that run did not exist then are not measured."""
+    import targets
+
+    baseline = targets.load_baseline()
+    results = {r["target"]: r for r in targets.check(baseline, baseline)}
+    matrix = results["no fp32/TF32 row of the matrix above 1.0 (batch-1 and streaming rows included)"]
+    assert matrix["status"] == "missed" and len(matrix["above"]) == 15
+    assert "worst 23.69 (rnn D fp32 fwd) of 72 rows" in matrix["detail"] and "gru B tf32 fwd" in matrix["above"]
+    assert matrix["detail"].endswith("geometric mean fp32 0.95, tf32 0.62")
+    assert results["LSTM and GRU D fwd+bwd <= 0.9"]["detail"].endswith("lstm D tf32 fwd+bwd 0.93")
+    assert results["relative error vs cuDNN below 1e-4 in every fp32 row"]["status"] == "met"
+    assert results["no row slower (ratio to cuDNN) than at 061083c by more than noise"]["status"] == "met"
+    assert [r["status"] for r in results.values()].count("not measured") == 7
+    assert results["the whole suite on CUDA: 0 failed"]["detail"] == "the suite stage did not run"
+
+
+def test_targets_met_missed_and_unmeasured():
+    """A report that meets every target, then one row, memory figure or tool at a time
+    that misses, and stages that failed or were skipped."""
+    import copy
+
+    import targets
+
+    baseline = targets.load_baseline()
+    bench = [dict(r, ratio=min(r["ratio"], 0.35)) for r in baseline["benchmarks"]]
+    memory = [dict(cell="lstm", row=row, precision="fp32", pass_=p, ratio=0.9) for row in ("B", "C", "E", "long")
+              for p in ("train", "eval")]
+    half_bench = [dict(r, mode=m, ratio=0.7) for r in baseline["benchmarks"] if r["mode"] == "fp32" for m in ("fp16", "bf16")]
+    half_memory = [dict(cell="lstm", row=row, precision=m, pass_="train", of_our_fp32=0.52)
+                   for row in ("B", "C", "E") for m in ("fp16", "bf16")]
+    clean = dict(returncode=0, summary=["ERROR SUMMARY: 0 errors"], report_lines=0)
+    report = dict(suite=dict(returncode=0, summary="900 passed", failed=[]), benchmarks=bench, memory=memory,
+                  half=dict(benchmarks=half_bench, memory=half_memory),
+                  torch=[dict(cell="lstm", size="A", ratio=1.5), dict(cell="lstm", size="train default", ratio=1.6),
+                         dict(cell="gru", size="A", ratio=1.2)],
+                  sanitizer={tool: dict(clean) for tool in ("memcheck", "racecheck", "initcheck", "synccheck")})
+    results = targets.check(report, baseline)
+    assert {r["status"] for r in results} == {"met"}, targets.table(results)
+    assert targets.table(results).endswith(f"{len(results)} met, 0 missed, 0 not measured")
+
+    def status(changed, target):
+        return next(r for r in targets.check(changed, baseline) if r["target"].startswith(target))
+
+    worse = copy.deepcopy(report)
+    worse["benchmarks"][0]["ratio"] = 1.02  # lstm A fp32 fwd
+    assert status(worse, "no fp32/TF32 row")["status"] == "missed"
+    assert status(worse, "no row slower")["detail"].endswith("lstm A fp32 fwd 0.47 -> 1.02")
+    worse["memory"][2]["ratio"] = 1.05  # C train
+    assert "above: lstm C train 1.05" in status(worse, "training memory")["detail"]
+    worse["half"]["memory"][0]["of_our_fp32"] = 0.6
+    assert status(worse, "fp16 and bf16 memory")["status"] == "missed"
+    worse["torch"][1]["ratio"] = 1.3
+    assert status(worse, "gpurnn.torch.LSTM")["status"] == "missed"
+    worse["sanitizer"]["racecheck"] = dict(returncode=99, summary=["RACECHECK SUMMARY: 2 hazards"], report_lines=4)
+    assert status(worse, "compute-sanitizer")["status"] == "missed"
+    worse["suite"] = dict(returncode=1, summary="1 failed, 899 passed", failed=["tests/test_gpu.py::test_x"])
+    assert status(worse, "the whole suite")["detail"] == "1 failed, 899 passed; failed: tests/test_gpu.py::test_x"
+
+    gone = dict(report, memory={"error": "Traceback ..."}, half={"skipped": "--budget 420 s spent"})
+    del gone["torch"]
+    assert status(gone, "training memory")["detail"] == "the memory stage failed"
+    assert status(gone, "fp16 and bf16 time")["detail"] == "the half stage was skipped (budget spent)"
+    assert status(gone, "gpurnn.torch.LSTM")["detail"] == "the torch stage did not run"
+
+
+def test_targets_read_a_sessions_reports_as_one(tmp_path, capsys):
+    """Two device calls, each with some stages: the later call's figures win, a stage that
+    failed in one call and ran in the other counts as measured."""
+    import json
+
+    import targets
+
+    first = dict(suite={"skipped": "budget"}, torch=[dict(cell="lstm", size="A", ratio=1.5)])
+    second = dict(suite=dict(returncode=0, summary="900 passed", failed=[]), torch={"error": "Traceback"})
+    paths = []
+    for k, report in enumerate((first, second)):
+        paths.append(tmp_path / f"{k}.json")
+        paths[-1].write_text(json.dumps(report))
+    results = {r["target"][:20]: r["status"] for r in targets.main([str(p) for p in paths])}
+    assert results["the whole suite on C"] == "met" and results["gpurnn.torch.LSTM's "] == "met"
+    assert "2 met, 0 missed, 12 not measured" in capsys.readouterr().out
