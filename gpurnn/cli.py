@@ -220,8 +220,9 @@ def cmd_train(args, explicit):
         raise DataError(f"--seq-len: the adding task needs at least 2 steps, got {cfg['seq_len']}")
     ranks = f", {world.size} ranks of a global batch of {cfg['batch']}" if world.size > 1 else ""
     if world.is_root:
-        print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units "
-              f"on {backend.name} ({backend.reason}){ranks}; output in {args.out}", file=sys.stderr)
+        dropout = f" (dropout {cfg['dropout']:g} between layers)" if cfg["dropout"] else ""
+        print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units"
+              f"{dropout} on {backend.name} ({backend.reason}){ranks}; output in {args.out}", file=sys.stderr)
     history, task, prime = training.train(cfg, backend, args.out, args.resume, explicit,
                                           progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
                                           world=world)

@@ -74,6 +74,7 @@ def test_dropout_between_layers(tmp_path, text):
         done = gpurnn("train", "--text", text, "--layers", "2", "--dropout", dropout, "--steps", "6",
                       "--val-every", "3", "--out", str(out), *SMALL)
         assert done.returncode == 0, done.stderr
+        assert ("2-layer lstm of 16 units (dropout 0.5 between layers) on numpy" in done.stderr) == (dropout == "0.5")
         runs[dropout] = out
     plain, dropped = losses(runs["0"]), losses(runs["0.5"])
     assert plain[0] != dropped[0] and all(np.isfinite(float(loss)) for _, loss in dropped)
