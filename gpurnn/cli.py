@@ -218,11 +218,6 @@ def cmd_train(args, explicit):
         cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]
     if cfg["task"] == "adding" and cfg["seq_len"] < 2:  # one marker in each half of the sequence
         raise DataError(f"--seq-len: the adding task needs at least 2 steps, got {cfg['seq_len']}")
-    ranks = f", {world.size} ranks of a global batch of {cfg['batch']}" if world.size > 1 else ""
-    if world.is_root:
-        dropout = f" (dropout {cfg['dropout']:g} between layers)" if cfg["dropout"] else ""
-        print(f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units"
-              f"{dropout} on {backend.name} ({backend.reason}){ranks}; output in {args.out}", file=sys.stderr)
     history, task, prime = training.train(cfg, backend, args.out, args.resume, explicit,
                                           progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
                                           world=world)

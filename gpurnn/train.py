@@ -277,6 +277,14 @@ def _draw(model, vocab, ids, length, temperature, rng):
         logits, state = model.predict(np.array([[nxt]], np.int32), state)
 
 
+def banner(cfg, backend, out_dir, world):
+    """One line: the task, the model, where it runs and where its files go."""
+    ranks = f", {world.size} ranks of a global batch of {cfg['batch']}" if world.size > 1 else ""
+    dropout = f" (dropout {cfg['dropout']:g} between layers)" if cfg.get("dropout") else ""
+    return (f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units"
+            f"{dropout} on {backend.name} ({backend.reason}){ranks}; output in {out_dir}")
+
+
 def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, world=None):
     """Run (or continue) a training job; returns (history, task, prime): history rows
     [step, loss, grad norm, tokens/s, held-out loss or None, held-out metric or None];
@@ -300,6 +308,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
             raise TrainingError(f"--resume: the checkpoint in {out_dir} was made with other settings: "
                                 + ", ".join(clash))
         cfg = {**cfg, **saved, "steps": cfg["steps"]}  # a setting newer than the checkpoint keeps its default
+    log(banner(cfg, backend, out_dir, world))  # the model that trains: on --resume, the checkpoint's
     task = Task(cfg, backend, vocab=record["vocab"] if record else None, world=world)
     if root:
         os.makedirs(out_dir, exist_ok=True)  # only once the data and the model are known to work

@@ -60,9 +60,15 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, text):
     before = open(out / "checkpoint.npz", "rb").read()
     other = ["--hidden", "32", "--seq-len", "12", "--batch", "4", "--no-progress", "--backend", "numpy"]
     done = gpurnn("train", "--text", text, "--steps", "4", "--out", str(out), "--resume", *other)
-    assert done.returncode == 2 and done.stderr.count("\n") == 2  # the banner line, then the error line
+    assert done.returncode == 2 and done.stderr.count("\n") == 1  # the error line alone: no model was announced
     assert "--hidden 32 (checkpoint: 16)" in done.stderr and "Traceback" not in done.stderr
     assert open(out / "checkpoint.npz", "rb").read() == before
+    # without size flags, the run goes on with the checkpoint's model and announces that one,
+    # not the defaults (a 1-layer lstm of 256 units on the CPU)
+    resumed = gpurnn("train", "--text", text, "--steps", "3", "--out", str(out), "--resume", "--no-progress",
+                     "--backend", "numpy")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.startswith("gpurnn train: charlm with a 1-layer lstm of 16 units on numpy")
 
 
 def test_dropout_between_layers(tmp_path, text):
