@@ -201,7 +201,10 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
     prev, nxt = _steps(t, reverse)
     if not np.may_share_memory(gates[t], gx[t]):
         gates[t] = gx[t]
-    _lstm_forward(gates[t], gh, b_ih, b_hh, h[prev], c[prev], h[nxt], c[nxt], y[t], t < lengths)
+    c_prev = c[prev]
+    if np.may_share_memory(c_prev, c[nxt]):  # an eval forward's one cell state (time stride 0):
+        c_prev = c_prev.copy()  # read from a copy, or the row loop, reading and writing it, runs scalar (5x)
+    _lstm_forward(gates[t], gh, b_ih, b_hh, h[prev], c_prev, h[nxt], c[nxt], y[t], t < lengths)
 
 
 def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):

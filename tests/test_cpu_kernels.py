@@ -136,11 +136,19 @@ def test_a_model_with_fused_steps_matches_the_spec(cell):
             model = make(cell, I, H, num_layers=2, bidirectional=True, seed=1, backend="numpy")
             out, _ = model(x, lengths=lengths)
             dx = model.backward(np.ones_like(out))[0]
-            results[fused] = [out, dx, *model.grads.values()]
+            model.eval()  # the eval layout: one cell state and one gates block at time stride 0
+            results[fused] = [out, dx, *model.grads.values(), *host_outputs(model(x, lengths=lengths)),
+                              *host_outputs(model(x))]
         finally:
             backend.set_cpu_kernels(None)
     for a, b in zip(results[True], results[False]):
         assert rel_err(a, b) < 1e-5
+
+
+def host_outputs(result):
+    """out, h_n (and c_n) of a call, flat."""
+    out, state = result
+    return [out, *(state if isinstance(state, tuple) else (state,))]
 
 
 def test_float64_and_half_run_the_spec():
