@@ -2,8 +2,9 @@
 
     python kernels/bench_cpu.py [--configs A D] [--repeats 5] [--json PATH]
 
-Times forward (eval mode, no cache) and forward+backward (train mode, random
-d_out, all weight gradients) for both, median of --repeats runs after one
+Times forward (eval mode, no cache, on a model that has never trained, as one
+deployed for inference: a shape that has trained keeps its training layout) and
+forward+backward (train mode, random d_out, all weight gradients) for both, median of --repeats runs after one
 warm-up, same thread count (torch.set_num_threads = the cores NumPy's BLAS
 sees), float32. Checks that outputs and gradients agree before timing.
 Prints a ratio table (gpurnn time / torch time; below 1 means gpurnn is faster).
@@ -46,6 +47,7 @@ def bench(name, repeats):
     T, B, H, L = CONFIGS[name]
     rng = np.random.default_rng(0)
     model = gpurnn.LSTM(H, H, num_layers=L, seed=0)
+    inference = gpurnn.LSTM(H, H, num_layers=L, seed=0).eval()  # the same weights, never trained
     peer = torch.nn.LSTM(H, H, num_layers=L)
     peer.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
     x = rng.standard_normal((T, B, H)).astype(np.float32)
@@ -54,8 +56,7 @@ def bench(name, repeats):
     dt = torch.from_numpy(d_out)
 
     def ours_fwd():
-        model.eval()
-        return model(x)
+        return inference(x)
 
     def ours_train():
         model.train()
