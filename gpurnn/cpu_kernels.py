@@ -97,6 +97,18 @@ def activate_grad(code, h):
     return one if h > 0 else h + np.float32(ELU_ALPHA)  # ELU: alpha e^a = h + alpha
 
 
+def _contiguous(a):
+    """a, or a C-contiguous copy of it. A bidirectional layer's dy[t] is half of each output
+    row: numba types such a view as layout "A", and a row loop reading it runs scalar."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _scratch_if_strided(a):
+    """a, or a C-contiguous scratch of its shape for a kernel to write (the caller copies
+    it into a afterwards): see _contiguous."""
+    return a if a.flags.c_contiguous else np.empty(a.shape, a.dtype)
+
+
 # --------------------------------------------------------------------------- RNN
 @numba.njit(**_JIT)
 def _rnn_forward_row(code, gx, gh, b_ih, b_hh, h_new, y):
@@ -133,12 +145,16 @@ def _rnn_backward(code, h_new, dy_t, dh, dgates_t, valid):
 
 def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
     prev, nxt = _steps(t, reverse)
-    _rnn_forward(_NONLINEARITY_CODE[nonlinearity], gx[t], gh, b_ih, b_hh, h[prev], h[nxt], y[t], t < lengths)
+    y_at_t = y[t]
+    y_t = _scratch_if_strided(y_at_t)
+    _rnn_forward(_NONLINEARITY_CODE[nonlinearity], gx[t], gh, b_ih, b_hh, h[prev], h[nxt], y_t, t < lengths)
+    if y_t is not y_at_t:  # a scratch: the step's output goes to its place in y
+        y_at_t[...] = y_t
 
 
 def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
     prev, nxt = _steps(t, reverse)
-    _rnn_backward(_NONLINEARITY_CODE[nonlinearity], h[nxt], dy[t], dh, dgates[t], t < lengths)
+    _rnn_backward(_NONLINEARITY_CODE[nonlinearity], h[nxt], _contiguous(dy[t]), dh, dgates[t], t < lengths)
 
 
 # -------------------------------------------------------------------------- LSTM
@@ -204,14 +220,18 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
     c_prev = c[prev]
     if np.may_share_memory(c_prev, c[nxt]):  # an eval forward's one cell state (time stride 0):
         c_prev = c_prev.copy()  # read from a copy, or the row loop, reading and writing it, runs scalar (5x)
-    _lstm_forward(gates[t], gh, b_ih, b_hh, h[prev], c_prev, h[nxt], c[nxt], y[t], t < lengths)
+    y_at_t = y[t]
+    y_t = _scratch_if_strided(y_at_t)
+    _lstm_forward(gates[t], gh, b_ih, b_hh, h[prev], c_prev, h[nxt], c[nxt], y_t, t < lengths)
+    if y_t is not y_at_t:  # a scratch: the step's output goes to its place in y
+        y_at_t[...] = y_t
 
 
 def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     prev, nxt = _steps(t, reverse)
     if not np.may_share_memory(dgates[t], gates[t]):
         dgates[t] = gates[t]
-    _lstm_backward(dgates[t], c[prev], c[nxt], dy[t], dh, dc, t < lengths)
+    _lstm_backward(dgates[t], c[prev], c[nxt], _contiguous(dy[t]), dh, dc, t < lengths)
 
 
 # --------------------------------------------------------------------------- GRU
@@ -277,11 +297,15 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     H = h.shape[-1]
     if not np.may_share_memory(gates[t], gx[t]):
         gates[t][:, :3 * H] = gx[t]
-    _gru_forward(gates[t], gh, b_ih, b_hh, h[prev], h[nxt], y[t], t < lengths)
+    y_at_t = y[t]
+    y_t = _scratch_if_strided(y_at_t)
+    _gru_forward(gates[t], gh, b_ih, b_hh, h[prev], h[nxt], y_t, t < lengths)
+    if y_t is not y_at_t:  # a scratch: the step's output goes to its place in y
+        y_at_t[...] = y_t
 
 
 def gru_backward(t, reverse, h, gates, dy, dh, dgates, lengths):
     prev, nxt = _steps(t, reverse)
     if not np.may_share_memory(dgates[t], gates[t]):
         dgates[t] = gates[t]
-    _gru_backward(dgates[t], h[prev], dy[t], dh, t < lengths)
+    _gru_backward(dgates[t], h[prev], _contiguous(dy[t]), dh, t < lengths)
