@@ -301,7 +301,7 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
         ws.span_lengths -= ws.span_starts
     algorithm = ops.algorithm
     if algorithm == "graph":
-        w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B)  # W_hh as is, or W_hh^T when that GEMM is faster
+        w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B, T)  # W_hh as is, or W_hh^T when that GEMM is faster
     elif algorithm == "fused":
         ws.w_hh_t[...] = w_hh.T  # the fused steps read W_hh^T (optimizers update W_hh in place: every call)
     if embedded:

@@ -214,3 +214,24 @@ def test_every_step_gets_c_contiguous_arrays(monkeypatch):
     assert set(seen) == {"_rnn_forward", "_rnn_backward", "_lstm_forward", "_lstm_backward", "_gru_forward",
                          "_gru_backward"}
     assert all(layouts == {"C"} for layouts in seen.values()), seen
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (33, 7), (4 * 130, 130), (16, 16), (3 * 40, 20)])
+def test_blocked_transpose_is_the_transpose(shape):
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = np.full(shape[::-1], np.nan, np.float32)
+    backend.transpose_into(out, a)
+    assert np.array_equal(out, a.T)
+
+
+def test_recurrent_operand_copies_w_hh_t_only_where_it_pays():
+    """A contiguous W_hh^T speeds up OpenBLAS's step GEMM from 8 rows and 8 steps up; below
+    (sampling: one row, one step) its copy would cost more than the GEMMs."""
+    w_hh = np.random.default_rng(0).standard_normal((4 * 9, 9)).astype(np.float32)
+    w_hh_t = np.zeros((9, 4 * 9), np.float32)
+    ops = backend.NumpyOps()
+    for batch, steps in ((1, 1), (1, 100), (7, 100), (64, 7)):
+        w, trans = ops.recurrent_operand(w_hh, w_hh_t, batch, steps)
+        assert w is w_hh and trans and not w_hh_t.any()
+    w, trans = ops.recurrent_operand(w_hh, w_hh_t, 8, 8)
+    assert w is w_hh_t and not trans and np.array_equal(w_hh_t, w_hh.T)

@@ -282,8 +282,9 @@ class CudaOps:
                 self.one_hot(block, onehot)
                 self.gemm(onehot, values[start:start + rows], target, trans_a=True, beta=1.0)
 
-    def recurrent_operand(self, w_hh, w_hh_t, batch):
-        """(W, trans_b) for the per-step GEMM h_prev [B, H] @ op(W) -> [B, G*H].
+    def recurrent_operand(self, w_hh, w_hh_t, batch, steps):
+        """(W, trans_b) for the per-step GEMM h_prev [B, H] @ op(W) -> [B, G*H] (``steps``
+        a call: NumpyOps' concern; here the copy is one kernel, captured with the steps).
 
         cuBLAS is faster on a contiguous W_hh^T for some shapes (measured on an
         H200: 5x at B=8, H=128; 8% at B=256, H=1024) and slower for others (5% at
