@@ -255,6 +255,7 @@ def test_targets_met_missed_and_unmeasured():
 
     baseline = targets.load_baseline()
     bench = [dict(r, ratio=min(r["ratio"], 0.35)) for r in baseline["benchmarks"]]
+    bench += [dict(r, config=c, ratio=0.9) for r in baseline["benchmarks"][:4] for c in ("b1", "stream")]
     memory = [dict(cell="lstm", row=row, precision="fp32", pass_=p, ratio=0.9) for row in ("B", "C", "E", "long")
               for p in ("train", "eval")]
     half_bench = [dict(r, mode=m, ratio=0.7) for r in baseline["benchmarks"] if r["mode"] == "fp32" for m in ("fp16", "bf16")]
@@ -287,6 +288,10 @@ def test_targets_met_missed_and_unmeasured():
     assert status(worse, "compute-sanitizer")["status"] == "missed"
     worse["suite"] = dict(returncode=1, summary="1 failed, 899 passed", failed=["tests/test_gpu.py::test_x"])
     assert status(worse, "the whole suite")["detail"] == "1 failed, 899 passed; failed: tests/test_gpu.py::test_x"
+
+    some = dict(report, benchmarks=[r for r in report["benchmarks"] if r["config"] != "stream"])
+    assert status(some, "no fp32/TF32 row")["status"] == "not measured"  # below 1.0, but a row never ran
+    assert status(some, "no fp32/TF32 row")["detail"].endswith("; no rows of stream")
 
     gone = dict(report, memory={"error": "Traceback ..."}, half={"skipped": "--budget 420 s spent"})
     del gone["torch"]
