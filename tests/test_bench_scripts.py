@@ -292,6 +292,10 @@ def test_targets_met_missed_and_unmeasured():
     some = dict(report, benchmarks=[r for r in report["benchmarks"] if r["config"] != "stream"])
     assert status(some, "no fp32/TF32 row")["status"] == "not measured"  # below 1.0, but a row never ran
     assert status(some, "no fp32/TF32 row")["detail"].endswith("; no rows of stream")
+    some = dict(report, torch=report["torch"][:1])
+    assert status(some, "gpurnn.torch.LSTM")["detail"].endswith("; no rows of train default")
+    some = dict(report, memory=[r for r in report["memory"] if r["row"] != "long"])
+    assert status(some, "training memory")["detail"].endswith("; no rows of long")
 
     gone = dict(report, memory={"error": "Traceback ..."}, half={"skipped": "--budget 420 s spent"})
     del gone["torch"]
@@ -307,7 +311,8 @@ def test_targets_read_a_sessions_reports_as_one(tmp_path, capsys):
 
     import targets
 
-    first = dict(suite={"skipped": "budget"}, torch=[dict(cell="lstm", size="A", ratio=1.5)])
+    first = dict(suite={"skipped": "budget"}, torch=[dict(cell="lstm", size=size, ratio=1.5)
+                                                     for size in ("A", "train default")])
     second = dict(suite=dict(returncode=0, summary="900 passed", failed=[]), torch={"error": "Traceback"})
     paths = []
     for k, report in enumerate((first, second)):
