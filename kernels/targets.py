@@ -3,11 +3,13 @@
     python kernels/targets.py REPORT.json [REPORT.json ...] [--baseline kernels/results/<...>.json]
 
 gpu_check prints this last. Several reports (a session's device calls each run some
-stages) are read as one: a stage's figures come from the last report that has them. Each target is the issue's own words, checked against the
-stage that measures it; a stage that did not run (or failed, or was skipped past its
-budget) leaves its targets "not measured", never met. Benchmark ratios are gpurnn's
-time over cuDNN's (below 1 is faster); training ratios are tokens/s over torch's
-(above 1 is faster); memory ratios are gpurnn's MiB over torch's.
+stages) are read as one: a stage's figures come from the last report that has them.
+Each target is the issue's own words, checked against the stage that measures it; a
+stage that did not run (or failed, or was skipped past its budget) leaves its targets
+"not measured", never met, and so does a target some of whose rows did not run.
+Benchmark ratios are gpurnn's time over cuDNN's (below 1 is faster); training ratios
+are tokens/s over torch's (above 1 is faster); memory ratios are gpurnn's MiB over
+torch's.
 
 "No row slower than at commit 061083c by more than noise" compares each row's ratio to
 cuDNN with the baseline report's (by default the H100 run at 061083c): a ratio is a
