@@ -97,15 +97,13 @@ def activate_grad(code, h):
     return one if h > 0 else h + np.float32(ELU_ALPHA)  # ELU: alpha e^a = h + alpha
 
 
-def _contiguous(a):
-    """a, or a C-contiguous copy of it. A bidirectional layer's dy[t] is half of each output
-    row: numba types such a view as layout "A", and a row loop reading it runs scalar."""
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
-
-
+# A bidirectional layer's y[t] and dy[t] are half of each output row: numba types such a
+# view as layout "A", and a row loop reading or writing it runs scalar. So the steps read
+# dy[t] through np.ascontiguousarray (a copy only of a strided view) and write y[t]
+# through _scratch_if_strided.
 def _scratch_if_strided(a):
     """a, or a C-contiguous scratch of its shape for a kernel to write (the caller copies
-    it into a afterwards): see _contiguous."""
+    it into a afterwards)."""
     return a if a.flags.c_contiguous else np.empty(a.shape, a.dtype)
 
 
@@ -154,7 +152,7 @@ def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
 
 def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
     prev, nxt = _steps(t, reverse)
-    _rnn_backward(_NONLINEARITY_CODE[nonlinearity], h[nxt], _contiguous(dy[t]), dh, dgates[t], t < lengths)
+    _rnn_backward(_NONLINEARITY_CODE[nonlinearity], h[nxt], np.ascontiguousarray(dy[t]), dh, dgates[t], t < lengths)
 
 
 # -------------------------------------------------------------------------- LSTM
@@ -231,7 +229,7 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     prev, nxt = _steps(t, reverse)
     if not np.may_share_memory(dgates[t], gates[t]):
         dgates[t] = gates[t]
-    _lstm_backward(dgates[t], c[prev], c[nxt], _contiguous(dy[t]), dh, dc, t < lengths)
+    _lstm_backward(dgates[t], c[prev], c[nxt], np.ascontiguousarray(dy[t]), dh, dc, t < lengths)
 
 
 # --------------------------------------------------------------------------- GRU
@@ -308,4 +306,4 @@ def gru_backward(t, reverse, h, gates, dy, dh, dgates, lengths):
     prev, nxt = _steps(t, reverse)
     if not np.may_share_memory(dgates[t], gates[t]):
         dgates[t] = gates[t]
-    _gru_backward(dgates[t], h[prev], _contiguous(dy[t]), dh, t < lengths)
+    _gru_backward(dgates[t], h[prev], np.ascontiguousarray(dy[t]), dh, t < lengths)
