@@ -106,7 +106,7 @@ def build_parser():
     t.add_argument("--text", help="UTF-8 text file for charlm (default: the Python standard library sources)")
     t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="the recurrent cell")
     t.add_argument("--nonlinearity", choices=NONLINEARITIES, default="tanh",
-                   help="the rnn cell's activation (lstm and gru ignore it)")
+                   help="the rnn cell's activation (lstm and gru have fixed ones)")
     t.add_argument("--hidden", type=_positive_int, help=f"hidden units per layer {_sized('hidden')}")
     t.add_argument("--layers", type=_positive_int, help=f"stacked recurrent layers {_sized('layers')}")
     t.add_argument("--dropout", type=_fraction, default=0.0,
@@ -199,6 +199,16 @@ def _backend(name):
     return get_backend(None if name == "auto" else name)
 
 
+def _nonlinearity(args):
+    """The layer's nonlinearity argument: --nonlinearity for an rnn cell; for the others,
+    whose activations are fixed, a --nonlinearity other than the default is refused."""
+    if args.cell == "rnn":
+        return dict(nonlinearity=args.nonlinearity)
+    if args.nonlinearity != "tanh":
+        raise DataError(f"--nonlinearity {args.nonlinearity}: only the rnn cell has one, not {args.cell}")
+    return {}
+
+
 def cmd_train(args, explicit):
     from gpurnn import train as training
 
@@ -268,8 +278,8 @@ def cmd_diagnose(args):
         raise DataError(f"--out: expected a .png file name, got {args.out!r}")
     if args.forget_bias is not None and args.cell != "lstm":
         raise DataError("--forget-bias: only the lstm cell has a forget gate")
+    kwargs = _nonlinearity(args)
     backend = _backend(args.backend)
-    kwargs = dict(nonlinearity=args.nonlinearity) if args.cell == "rnn" else {}
     model = CELLS[args.cell](args.hidden, args.hidden, seed=args.seed, dtype="float64", backend=backend, **kwargs)
     for name, p in model.params.items():
         if name.startswith("weight_hh"):
@@ -300,7 +310,7 @@ def cmd_profile(args):
     backend = _backend(args.backend)
     backend_module.set_math_mode(args.precision)
     backend_module.set_rnn_algorithm(None if args.algorithm == "auto" else args.algorithm)
-    kwargs = dict(nonlinearity=args.nonlinearity) if args.cell == "rnn" else {}
+    kwargs = _nonlinearity(args)
     result = profile.profile_layer(args.cell, args.hidden, args.layers, args.seq_len, args.batch, args.input_size,
                                    args.bidirectional, args.passes == "fwd+bwd", args.dtype, args.repeats, backend,
                                    **kwargs)

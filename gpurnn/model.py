@@ -21,6 +21,8 @@ CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 def _make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, seed, backend, nonlinearity):
     checks.choice("cell", cell, tuple(CELLS))
+    if cell != "rnn" and nonlinearity != "tanh":  # the LSTM's and GRU's activations are fixed: say so, not ignore it
+        raise ValueError(f"nonlinearity: only cell='rnn' takes one, got {nonlinearity!r} with cell={cell!r}")
     kwargs = dict(num_layers=num_layers, dropout=dropout, dtype=dtype, seed=seed, backend=backend)
     if cell == "rnn":
         kwargs["nonlinearity"] = nonlinearity

@@ -84,6 +84,9 @@ class Task:
         if dropout and cfg["layers"] < 2:  # torch.nn.LSTM only warns; a flag that does nothing should not pass
             raise TrainingError(f"--dropout {dropout}: dropout acts between stacked layers, and this model has "
                                 f"{cfg['layers']} (give --layers 2 or more, or no --dropout)")
+        if cfg["cell"] != "rnn" and cfg["nonlinearity"] != "tanh":
+            raise TrainingError(f"--nonlinearity {cfg['nonlinearity']}: only the rnn cell has one, and this "
+                                f"model's cell is {cfg['cell']}")
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
                       dropout=dropout, seed=cfg["seed"], backend=backend, dtype=self.dtype)
         if self.name == "charlm":

@@ -193,9 +193,12 @@ def test_models_optimizers_and_losses_name_their_bad_arguments():
                            (dict(seed=-1), ValueError, ["seed", "non-negative", "-1"]),
                            (dict(seed=2.5), TypeError, ["seed", "2.5"]),
                            (dict(cell=np.zeros(2)), ValueError, ["cell", "lstm"]),
-                           (dict(backend=np.zeros(2)), ValueError, ["backend", "numpy"])]:
+                           (dict(backend=np.zeros(2)), ValueError, ["backend", "numpy"]),
+                           (dict(cell="gru", nonlinearity="relu"), ValueError, ["nonlinearity", "'relu'", "'gru'"])]:
         with raises(exc, *words):
             gpurnn.CharLM(**{"vocab_size": 10, "hidden_size": 8, **kw})
+    with raises(ValueError, "nonlinearity", "'relu'", "'lstm'"):  # fixed activations: said, not ignored
+        gpurnn.SequenceRegressor(2, 8, cell="lstm", nonlinearity="relu")
     with raises(ValueError, "seed", "-1"):
         gpurnn.GRU(3, 4, seed=-1)
     lm = gpurnn.CharLM(10, 8, seed=0)

@@ -146,6 +146,8 @@ def test_bad_text_files(tmp_path):
     (["--lr", "nan"], ["--lr"]), (["--batch", "two"], ["--batch", "'two'"]),
     (["--seed", "-1"], ["--seed", "non-negative", "-1"]),
     (["--task", "adding", "--seq-len", "1"], ["--seq-len", "adding", "at least 2", "1"]),
+    (["--nonlinearity", "relu"], ["--nonlinearity relu", "only the rnn cell", "lstm"]),
+    (["--cell", "gru", "--nonlinearity", "elu"], ["--nonlinearity elu", "only the rnn cell", "gru"]),
 ])
 def test_bad_sizes(tmp_path, args, words):
     done = gpurnn("train", "--out", str(tmp_path / "o"), "--no-progress", *args)

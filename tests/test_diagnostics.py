@@ -230,7 +230,8 @@ def test_diagnose_command(tmp_path):
     assert "spectral radius" in done.stdout and "        59" in done.stdout
     assert out.read_bytes()[:4] == b"\x89PNG"
     for args, word in ((["--cell", "lstmx"], "--cell"), (["--nonlinearity", "swish"], "--nonlinearity"),
-                       (["--out", str(tmp_path / "x.txt")], "--out"), (["--seq-len", "0"], "--seq-len")):
+                       (["--out", str(tmp_path / "x.txt")], "--out"), (["--seq-len", "0"], "--seq-len"),
+                       (["--cell", "gru", "--nonlinearity", "relu"], "--nonlinearity relu: only the rnn cell")):
         bad = subprocess.run([sys.executable, "-m", "gpurnn", "diagnose", *args], capture_output=True, text=True,
                              env=env)
         assert bad.returncode == 2 and word in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -54,6 +54,13 @@ def test_profile_command_refuses_a_forced_algorithm_numpy_cannot_run():
     assert "numpy backend runs only 'graph'" in done.stderr
 
 
+def test_profile_command_refuses_a_nonlinearity_for_a_cell_without_one():
+    done = subprocess.run([sys.executable, "-m", "gpurnn", "profile", "--cell", "lstm", "--nonlinearity", "relu",
+                           "--backend", "numpy"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert "--nonlinearity relu: only the rnn cell has one, not lstm" in done.stderr
+
+
 class _Nvtx:
     def __init__(self):
         self.events = []
