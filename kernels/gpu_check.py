@@ -143,7 +143,8 @@ def suite(timeout, out_dir):
     import importlib.util
 
     env = dict(os.environ, GPURNN_BACKEND="cuda", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-rfEs"]
+    # the 20 slowest tests go into the log: where the suite's device time goes, for planning the next call
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-rfEs", "--durations=20"]
     if importlib.util.find_spec("xdist"):  # the GPU machines have pytest-xdist: the CPU-bound tests in parallel
         cmd += ["-n", str(max(2, min(8, (os.cpu_count() or 4) // 2)))]
     else:
