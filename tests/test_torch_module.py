@@ -644,6 +644,9 @@ def test_cpu_modules_multiply_on_torchs_blas():
                 NumpyOps.gemm(op_a, op_b, want[:, :7], trans_a, trans_b, beta)
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
                 assert np.array_equal(got[:, 7:], wide[:, 7:])
+    w_hh, w_hh_t = rng.standard_normal((16, 4)).astype(np.float32), np.zeros((4, 16), np.float32)
+    w, trans = ops.recurrent_operand(w_hh, w_hh_t, 128, 64)  # MKL: W^T as a view is the faster step GEMM
+    assert w is w_hh and trans and not w_hh_t.any()
 
 
 HOGWILD_SCRIPT = r"""
