@@ -511,7 +511,12 @@ def load_cupy():
 
 
 def load_nccl():
-    """CuPy's NCCL bindings (gpurnn.distributed's GPU collectives)."""
+    """CuPy's NCCL bindings (gpurnn.distributed's GPU collectives). CuPy imports its
+    nccl module even where it cannot load libnccl, with none of its names in it: that
+    is refused here, saying what to install, not met later as a missing attribute."""
     from cupy.cuda import nccl
 
+    if not getattr(nccl, "available", True):
+        raise BackendUnavailable("CuPy cannot load NCCL (libnccl), which ranks on GPUs all-reduce with: "
+                                 "pip install nvidia-nccl-cu12 (nvidia-nccl-cu13 for a CUDA 13 CuPy)")
     return nccl

@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 
 from gpurnn import cli, distributed, train
-from gpurnn.backend import get_backend
+from gpurnn.backend import BackendUnavailable, get_backend, load_nccl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -71,6 +72,38 @@ def test_mpiexec_without_mpi4py_is_one_clear_line(monkeypatch, capsys, tmp_path)
     assert err == ("gpurnn: error: rank 1: started by an MPI launcher with 2 ranks, but mpi4py does not import: "
                    "pip install 'gpurnn[mpi]'\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cupy_without_nccl_is_refused_by_name(monkeypatch):
+    """CuPy imports cupy.cuda.nccl even where it cannot load libnccl, with none of NCCL's
+    names in it: GPU ranks setting up their communicator say what to install instead
+    of failing on a missing attribute."""
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.available = False
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.nccl = nccl
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda
+    for module in (cupy, cuda, nccl):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    class Comm:  # mpi4py's COMM_WORLD in a world of one
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 1
+
+        def Split_type(self, kind):
+            return self
+
+        def allgather(self, value):
+            return [value]
+
+    MPI = types.SimpleNamespace(COMM_WORLD=Comm(), COMM_TYPE_SHARED=0)
+    with pytest.raises(BackendUnavailable, match=r"^CuPy cannot load NCCL \(libnccl\), which ranks on GPUs all-reduce "
+                                                 r"with: pip install nvidia-nccl-cu12"):
+        distributed.MpiWorld(MPI, types.SimpleNamespace(name="cuda"), 60)
 
 
 @needs_mpi
@@ -199,7 +232,10 @@ def test_nccl_path_in_a_world_of_one():
 
     gpu = backend_or_skip("cuda", "no CUDA backend")
     MPI = pytest.importorskip("mpi4py.MPI", reason="needs mpi4py")
-    pytest.importorskip("cupy.cuda.nccl", reason="CuPy without NCCL")
+    try:
+        load_nccl()
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
     import cupy
 
     import gpurnn
