@@ -91,6 +91,13 @@ train.train(cfg, backend, out, False, progress=False, world=world)
 """
 
 
+# where mpi4py finds no MPI library (the GPU machine has mpi4py but no MPI of its own, and
+# no network): carry MPICH's wheel, installed by prefix so its libmpi lands in PREFIX/lib
+MPI_HINT = ("\n(no MPI library for mpi4py? carry MPICH's wheel and start the command with: python3 -m pip install "
+            "-q --no-index --no-deps --prefix /tmp/mpi .whl/mpich-*.whl && export LD_LIBRARY_PATH=/tmp/mpi/lib; "
+            "kernels/NOTES.md, Open)")
+
+
 def nccl_cost(steps, repeats, workdir, backend="cuda", sizes=None):
     """Median step time (ms) of the CharLM step (gpurnn train's GPU default sizes) without
     and with the world-of-one all-reduce (NCCL on CUDA; MPI on the other backends)."""
@@ -106,8 +113,11 @@ def nccl_cost(steps, repeats, workdir, backend="cuda", sizes=None):
         for mode in times:
             out = os.path.join(workdir, mode)
             shutil.rmtree(out, ignore_errors=True)
-            subprocess.run([sys.executable, "-c", NCCL_STEP, out, mode, json.dumps(cfg)], check=True,
-                           capture_output=True, text=True, timeout=600, env=dict(env(), GPURNN_BACKEND=backend))
+            done = subprocess.run([sys.executable, "-c", NCCL_STEP, out, mode, json.dumps(cfg)], capture_output=True,
+                                  text=True, timeout=600, env=dict(env(), GPURNN_BACKEND=backend))
+            if done.returncode:  # the run's own last words, not just its exit status
+                raise RuntimeError(f"the {mode} run exited {done.returncode}: {done.stderr.strip()[-1500:]}"
+                                   + MPI_HINT * ("mpi4py" in done.stderr))
             rows = open(os.path.join(out, "metrics.csv")).read().splitlines()[1:]
             tokens = statistics.median(float(r.split(",")[3]) for r in rows[min(5, len(rows) - 1):])
             times[mode].append(sizes["batch"] * sizes["seq_len"] / tokens * 1e3)

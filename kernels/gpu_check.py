@@ -44,7 +44,11 @@ room for the stage it may still be running, e.g.
     --stages sanitizer,half,nccl,training,algorithms --budget B  (second: B = what is left less 2 minutes)
 
 and afterwards ``python kernels/targets.py <first call's JSON> <second's>`` to read the
-targets off both calls' stages together.
+targets off both calls' stages together. The nccl stage (and the suite's NCCL test) needs
+mpi4py with an MPI library: the H200 image has mpi4py but no MPI, and no network, so carry
+MPICH's wheel (``pip download --no-deps mpich -d .whl``, ``.whl`` in the call's carry) and
+start the command with ``python3 -m pip install -q --no-index --no-deps --prefix /tmp/mpi
+.whl/mpich-*.whl && export LD_LIBRARY_PATH=/tmp/mpi/lib;`` (its libmpi where mpi4py looks).
 
 The stages' times on an H100 at 061083c: suite 147 s (-n 4; the suite has grown
 since), first_forward, ceilings, benchmarks and training about 100 s together; the

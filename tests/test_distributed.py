@@ -287,3 +287,22 @@ def test_nccl_cost_benchmark_runs_both_worlds(tmp_path):
                                          sizes=dict(hidden=8, layers=1, seq_len=4, batch=2))
     assert len(result["step_ms"]["local"]) == len(result["step_ms"]["nccl"]) == 1
     assert result["local_ms"] > 0 and result["nccl_ms"] > 0
+
+
+def test_nccl_cost_benchmark_says_why_a_run_failed(tmp_path, monkeypatch):
+    """A run of bench_distributed --nccl that fails shows its own error, and where mpi4py
+    finds no MPI library (as on the GPU machine) how to carry one there."""
+    sys.path.insert(0, os.path.join(ROOT, "kernels"))
+    import bench_distributed
+
+    fake = tmp_path / "site" / "mpi4py"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libmpi.so.12: cannot open shared object file')\n")
+    with_fake = bench_distributed.env()
+    monkeypatch.setattr(bench_distributed, "env", lambda: dict(with_fake, PYTHONPATH=f"{fake.parent}:{ROOT}"))
+    with pytest.raises(RuntimeError) as caught:
+        bench_distributed.nccl_cost(3, 1, str(tmp_path), backend="numpy",
+                                    sizes=dict(hidden=8, layers=1, seq_len=4, batch=2))
+    message = str(caught.value)
+    assert message.startswith("the local run exited 1: ") and "libmpi.so.12: cannot open shared object" in message
+    assert message.endswith(bench_distributed.MPI_HINT) and "--prefix /tmp/mpi .whl/mpich-*.whl" in message
