@@ -103,6 +103,11 @@ def init(backend, timeout=DEFAULT_TIMEOUT):
     except ImportError:
         raise DistributedError(f"started by an MPI launcher with {launched_size()} ranks, but mpi4py does not "
                                "import: pip install 'gpurnn[mpi]'") from None
+    except RuntimeError as exc:  # mpi4py's own error where it finds no MPI library to load
+        why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line per library tried
+        raise DistributedError(f"started by an MPI launcher with {launched_size()} ranks, but mpi4py cannot load "
+                               f"an MPI library ({why}): pip install 'gpurnn[mpi]' (MPICH), or an mpi4py for the "
+                               "MPI whose mpiexec started it") from None
     return MpiWorld(MPI, backend, timeout)
 
 

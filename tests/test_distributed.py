@@ -106,6 +106,27 @@ def test_a_cupy_without_nccl_is_refused_by_name(monkeypatch):
         distributed.MpiWorld(MPI, types.SimpleNamespace(name="cuda"), 60)
 
 
+def test_mpi4py_without_an_mpi_library_is_one_clear_line(monkeypatch, capsys, tmp_path):
+    """mpi4py raises RuntimeError, not ImportError, where it finds no libmpi to load (a
+    line per library it tried): one line names it, as a missing mpi4py does."""
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "1")
+    package = tmp_path / "site" / "mpi4py"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "MPI.py").write_text("raise RuntimeError('libmpi.so.12: cannot open shared object file\\n"
+                                    "libmpi.so.40: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(package.parent))
+    for name in ("mpi4py", "mpi4py.MPI"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 2
+    assert capsys.readouterr().err == (
+        "gpurnn: error: rank 1: started by an MPI launcher with 2 ranks, but mpi4py cannot load an MPI library "
+        "(libmpi.so.12: cannot open shared object file; libmpi.so.40: cannot open shared object file): "
+        "pip install 'gpurnn[mpi]' (MPICH), or an mpi4py for the MPI whose mpiexec started it\n")
+    assert not (tmp_path / "run").exists()
+
+
 @needs_mpi
 def test_a_world_of_two():
     done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(HERE, "mpi_world_probe.py")],
@@ -231,7 +252,10 @@ def test_nccl_path_in_a_world_of_one():
     from helpers import backend_or_skip
 
     gpu = backend_or_skip("cuda", "no CUDA backend")
-    MPI = pytest.importorskip("mpi4py.MPI", reason="needs mpi4py")
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as exc:  # no mpi4py, or no MPI library for it (the H200 image's)
+        pytest.skip(f"needs mpi4py with an MPI library: {exc}")
     try:
         load_nccl()
     except BackendUnavailable as exc:
