@@ -47,7 +47,11 @@ import copy
 import warnings
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as exc:  # the optional dependency, named as the extra that brings it
+    raise ImportError(f"gpurnn.torch needs PyTorch ({exc}): pip install 'gpurnn[torch]'") from exc
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from gpurnn import flat, layers, precision

@@ -1,5 +1,6 @@
 """Module behaviour: state dicts, init, modes, cache rules, dropout, dtypes, stability."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -325,3 +326,11 @@ def test_unbatched_input_with_a_batched_state_is_refused():
     m(x)
     with pytest.raises(ValueError, match=r"d_out: expected a 2-D array of shape \[5, 4\] \[T, D\*H\] \(unbatched\)"):
         m.backward(np.zeros((5, 1, 4), np.float32))
+
+
+def test_gpurnn_torch_without_torch_names_the_extra(monkeypatch):
+    """torch is optional: importing gpurnn.torch without it says which extra brings it."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "gpurnn.torch", raising=False)
+    with pytest.raises(ImportError, match=r"^gpurnn.torch needs PyTorch \(.*\): pip install 'gpurnn\[torch\]'$"):
+        importlib.import_module("gpurnn.torch")
