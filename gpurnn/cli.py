@@ -9,8 +9,10 @@ arguments have been checked. Under mpiexec every rank prefixes its errors with
 """
 
 import argparse
+import importlib.util
 import os
 import platform
+import subprocess
 import sys
 
 from gpurnn import distributed
@@ -333,6 +335,10 @@ def cmd_info():
             print(f"{module}: {mod.__version__}")
         except ImportError:
             print(f"{module}: not installed")
+    print(_mpi_line())
+    nccl = _nccl_line()
+    if nccl:
+        print(nccl)
     if backend.name == "cuda":
         props = backend.xp.cuda.runtime.getDeviceProperties(backend.xp.cuda.Device().id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
@@ -346,6 +352,49 @@ def cmd_info():
         print(f"stored choices: {len(stored)} shape(s) in {choices.path}")
         for shape, entry in sorted(stored.items()):
             print(f"  {shape}: {entry.get('algorithm')}")
+
+
+# run in a process of its own, so that gpurnn info's caller keeps its MPI as it was (not
+# imported, or started: mpi4py starts MPI when it is imported)
+_MPI_PROBE = """
+import mpi4py
+mpi4py.rc.initialize = False  # load the library and ask it; start nothing
+print(mpi4py.__version__)
+try:
+    from mpi4py import MPI
+except RuntimeError as exc:  # mpi4py's error where it finds no MPI library: a line per library tried
+    print("no library:", "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()))
+else:
+    print(" ".join(MPI.Get_library_version().splitlines()[0].split()))
+"""
+
+
+def _mpi_line():
+    """mpi4py's version and the MPI library it loads, which data-parallel training needs."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py: not installed (data-parallel training: pip install 'gpurnn[mpi]')"
+    done = subprocess.run([sys.executable, "-c", _MPI_PROBE], capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    if done.returncode or len(lines) != 2:
+        return f"mpi4py: does not import ({(done.stderr.strip().splitlines() or ['no output'])[-1]})"
+    version, library = lines
+    if library.startswith("no library: "):
+        return (f"mpi4py: {version}, but it cannot load an MPI library ({library[len('no library: '):]}): "
+                "pip install 'gpurnn[mpi]'")
+    return f"mpi4py: {version} ({library})"
+
+
+def _nccl_line():
+    """Whether CuPy loads NCCL, which ranks on GPUs all-reduce with; None without CuPy."""
+    from gpurnn.backend import BackendUnavailable, load_nccl
+
+    try:
+        code = load_nccl().get_version()  # major * 10000 + minor * 100 + patch
+    except ImportError:
+        return None
+    except BackendUnavailable as exc:
+        return f"NCCL: {exc}"
+    return f"NCCL: {code // 10000}.{code // 100 % 100}.{code % 100}"
 
 
 def _rank_prefix():

@@ -65,8 +65,9 @@ def launched_rank():
 def abort_if_launched(status):
     """Under mpiexec, after an error on this rank: end every rank now (MPI_Abort) rather
     than leave the others waiting for a collective and this one in MPI_Finalize."""
-    if launched_size() > 1 and "mpi4py.MPI" in sys.modules:
-        _abort(sys.modules["mpi4py.MPI"].COMM_WORLD, status)
+    MPI = sys.modules.get("mpi4py.MPI")
+    if launched_size() > 1 and MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        _abort(MPI.COMM_WORLD, status)  # (imported is not started: with mpi4py.rc.initialize False)
 
 
 def _abort(comm, status):

@@ -6,6 +6,9 @@ same test body checks every backend.
 """
 
 import contextlib
+import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -115,3 +118,31 @@ def backend_or_skip(name, why):
         return backend_module.get_backend(name)
     except (backend_module.BackendUnavailable, ImportError) as exc:
         pytest.skip(f"{why}: {exc}")
+
+
+def cupy_without_nccl(monkeypatch):
+    """Stand in a CuPy that cannot load libnccl: CuPy then still imports cupy.cuda.nccl,
+    with ``available`` False and none of NCCL's names in it."""
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.available = False
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.nccl = nccl
+    cupy = types.ModuleType("cupy")
+    cupy.cuda, cupy.__version__ = cuda, "14.2.0"
+    for module in (cupy, cuda, nccl):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def mpi4py_without_an_mpi_library(monkeypatch, folder):
+    """Stand in an mpi4py that finds no MPI library: ``from mpi4py import MPI`` raises
+    RuntimeError, a line per library tried, as mpi4py's own does (the H200 image's)."""
+    package = folder / "mpi4py"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("from types import SimpleNamespace\n__version__ = '4.1.2'\n"
+                                         "rc = SimpleNamespace(initialize=True)\n")
+    (package / "MPI.py").write_text("raise RuntimeError('libmpi.so.12: cannot open shared object file\\n"
+                                    "libmpi.so.40: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(folder))  # for this process, and for those it starts:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    for name in ("mpi4py", "mpi4py.MPI"):
+        monkeypatch.delitem(sys.modules, name, raising=False)

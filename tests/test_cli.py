@@ -1,6 +1,7 @@
 """The gpurnn command through subprocess: train, resume, sample, info, and bad input."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,6 +9,9 @@ import time
 
 import numpy as np
 import pytest
+
+from gpurnn import cli
+from helpers import cupy_without_nccl, mpi4py_without_an_mpi_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--hidden", "16", "--seq-len", "12", "--batch", "4", "--no-progress", "--backend", "numpy"]
@@ -302,3 +306,19 @@ def test_every_flag_has_help_and_shows_its_default():
     train = gpurnn("train", "--help").stdout
     assert "default for charlm: 256 on CPU, 512 on a GPU" in " ".join(train.split())
     assert "(default: 0.05)" in train and "(default: adam)" in train
+
+
+def test_info_says_whether_distributed_training_can_run(monkeypatch, capsys, tmp_path):
+    """gpurnn info names mpi4py's MPI library, or why it has none, and whether CuPy loads NCCL."""
+    assert cli.main(["info"]) == 0
+    mpi = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mpi4py: ")]
+    assert len(mpi) == 1 and re.fullmatch(r"mpi4py: (\d+\.\d+\.\d+ \(\S.*\)|not installed \(.*gpurnn\[mpi\].*\))",
+                                          mpi[0]), mpi
+    mpi4py_without_an_mpi_library(monkeypatch, tmp_path / "site")
+    cupy_without_nccl(monkeypatch)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert ("mpi4py: 4.1.2, but it cannot load an MPI library (libmpi.so.12: cannot open shared object file; "
+            "libmpi.so.40: cannot open shared object file): pip install 'gpurnn[mpi]'\n") in out
+    assert ("NCCL: CuPy cannot load NCCL (libnccl), which ranks on GPUs all-reduce with: pip install "
+            "nvidia-nccl-cu12 (nvidia-nccl-cu13 for a CUDA 13 CuPy)\n") in out

@@ -16,6 +16,7 @@ import pytest
 
 from gpurnn import cli, distributed, train
 from gpurnn.backend import BackendUnavailable, get_backend, load_nccl
+from helpers import cupy_without_nccl, mpi4py_without_an_mpi_library
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -78,14 +79,7 @@ def test_a_cupy_without_nccl_is_refused_by_name(monkeypatch):
     """CuPy imports cupy.cuda.nccl even where it cannot load libnccl, with none of NCCL's
     names in it: GPU ranks setting up their communicator say what to install instead
     of failing on a missing attribute."""
-    nccl = types.ModuleType("cupy.cuda.nccl")
-    nccl.available = False
-    cuda = types.ModuleType("cupy.cuda")
-    cuda.nccl = nccl
-    cupy = types.ModuleType("cupy")
-    cupy.cuda = cuda
-    for module in (cupy, cuda, nccl):
-        monkeypatch.setitem(sys.modules, module.__name__, module)
+    cupy_without_nccl(monkeypatch)
 
     class Comm:  # mpi4py's COMM_WORLD in a world of one
         def Get_rank(self):
@@ -106,19 +100,27 @@ def test_a_cupy_without_nccl_is_refused_by_name(monkeypatch):
         distributed.MpiWorld(MPI, types.SimpleNamespace(name="cuda"), 60)
 
 
+def test_an_error_aborts_the_job_only_where_mpi_was_started(monkeypatch):
+    """mpi4py.MPI imported with mpi4py.rc.initialize False has not started MPI: an error on
+    a rank must not call MPI_Abort then (that crashed the process, seen in a test worker)."""
+    monkeypatch.setenv("PMI_SIZE", "2")
+    aborted = []
+    comm = types.SimpleNamespace(Abort=aborted.append)
+    for started, finalized, aborts in ((False, False, []), (True, True, []), (True, False, [3])):
+        MPI = types.SimpleNamespace(COMM_WORLD=comm, Is_initialized=lambda: started, Is_finalized=lambda: finalized)
+        monkeypatch.setitem(sys.modules, "mpi4py.MPI", MPI)
+        monkeypatch.setattr(distributed, "ABORT_GRACE_SECONDS", 0.0)
+        distributed.abort_if_launched(3)
+        assert aborted == aborts
+        aborted.clear()
+
+
 def test_mpi4py_without_an_mpi_library_is_one_clear_line(monkeypatch, capsys, tmp_path):
     """mpi4py raises RuntimeError, not ImportError, where it finds no libmpi to load (a
     line per library it tried): one line names it, as a missing mpi4py does."""
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setenv("PMI_RANK", "1")
-    package = tmp_path / "site" / "mpi4py"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "MPI.py").write_text("raise RuntimeError('libmpi.so.12: cannot open shared object file\\n"
-                                    "libmpi.so.40: cannot open shared object file')\n")
-    monkeypatch.syspath_prepend(str(package.parent))
-    for name in ("mpi4py", "mpi4py.MPI"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    mpi4py_without_an_mpi_library(monkeypatch, tmp_path / "site")
     assert cli.main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 2
     assert capsys.readouterr().err == (
         "gpurnn: error: rank 1: started by an MPI launcher with 2 ranks, but mpi4py cannot load an MPI library "
@@ -319,11 +321,9 @@ def test_nccl_cost_benchmark_says_why_a_run_failed(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
     import bench_distributed
 
-    fake = tmp_path / "site" / "mpi4py"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('libmpi.so.12: cannot open shared object file')\n")
+    mpi4py_without_an_mpi_library(monkeypatch, tmp_path / "site")
     with_fake = bench_distributed.env()
-    monkeypatch.setattr(bench_distributed, "env", lambda: dict(with_fake, PYTHONPATH=f"{fake.parent}:{ROOT}"))
+    monkeypatch.setattr(bench_distributed, "env", lambda: dict(with_fake, PYTHONPATH=f"{tmp_path / 'site'}:{ROOT}"))
     with pytest.raises(RuntimeError) as caught:
         bench_distributed.nccl_cost(3, 1, str(tmp_path), backend="numpy",
                                     sizes=dict(hidden=8, layers=1, seq_len=4, batch=2))
