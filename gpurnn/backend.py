@@ -99,6 +99,25 @@ def rnn_algorithm():
     return env
 
 
+def cublas_workspace_bytes():
+    """The cuBLAS workspace the CUDA backend gives each stream of its own that runs GEMMs
+    beside another's (a bidirectional layer's or a wavefront's lanes, the side streams of
+    the input projections): GPURNN_CUBLAS_WORKSPACE_MIB, default 32, what cuBLAS reserves
+    by default on Hopper. A smaller one saves memory where several lanes run (a 3-layer
+    stack holds five), and may cost small GEMMs speed; 0 runs them with none. Read when
+    a lane is made."""
+    env = os.environ.get("GPURNN_CUBLAS_WORKSPACE_MIB", "").strip()
+    if not env:
+        return 32 << 20
+    try:
+        mib = float(env)
+    except ValueError:
+        mib = float("nan")
+    if not 0 <= mib < 2**20:  # NaN fails too
+        raise ValueError(f"GPURNN_CUBLAS_WORKSPACE_MIB: expected a number of MiB, 0 or more, got {env!r}")
+    return int(mib * 2**20)
+
+
 _cpu_kernels = None
 
 

@@ -74,11 +74,12 @@ print(before - free())
 """
 
 
-def measure(side, cell, T, B, H, L, train, precision="fp32", backend="cuda"):
+def measure(side, cell, T, B, H, L, train, precision="fp32", backend="cuda", extra_env=None):
     """Bytes one side holds after the passes, from fresh processes (gpurnn on ``backend``;
-    the tests run it on the simulator with a stand-in for CuPy)."""
+    the tests run it on the simulator with a stand-in for CuPy); ``extra_env``: more
+    environment for those processes (say GPURNN_CUBLAS_WORKSPACE_MIB)."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONPATH=path, GPURNN_BACKEND=backend)
+    env = dict(os.environ, **(extra_env or {}), PYTHONPATH=path, GPURNN_BACKEND=backend)
     runs = 2 if side == "gpurnn" else 1  # the first stores the algorithm choice: its timing scratch not counted
     for _ in range(runs):
         done = subprocess.run([sys.executable, "-c", MEASURE, side, cell, str(T), str(B), str(H), str(L),

@@ -30,6 +30,10 @@ Stages (``--stages`` runs a subset, in this order; default all but lab):
                  step (a world of one);
   sanitizer      compute-sanitizer's memcheck, racecheck, initcheck and synccheck over
                  ``sanitize.py`` (every cell and option, each algorithm forced): 0 errors;
+  workspaces     (only when named) the extra streams' cuBLAS workspace size
+                 (GPURNN_CUBLAS_WORKSPACE_MIB 32, 4, 0) against the LSTM's training memory
+                 and fp32 time at C and E, whose side streams and lanes hold most of them
+                 (E: five 32 MiB workspaces beside the handle's own), to choose the default;
   lab            (only when named, or with --lab) ``gemm_lab.py``: GEMM layouts and a
                  forward's time split, its printout kept in the JSON.
 Writes ``kernels/results/<date>-<gpu>.json`` (and a copy and the suite's log under
@@ -230,6 +234,38 @@ def first_forward():
     return runs
 
 
+WORKSPACE_MIB = (32, 4, 0)
+
+
+def workspaces(sizes=WORKSPACE_MIB, rows=("C", "E"), backend="cuda"):
+    """For each workspace size, in processes of its own: bench_memory's gpurnn side of an
+    LSTM training step (torch's figure is the memory stage's) and bench_gpu's fp32 LSTM
+    rows (time against cuDNN); the tests run the memory side on the simulator."""
+    import tempfile
+
+    import bench_memory
+
+    results = []
+    for mib in sizes:
+        extra = {"GPURNN_CUBLAS_WORKSPACE_MIB": str(mib)}
+        for name in rows:
+            T, B, H, L = bench_memory.ROWS[name]
+            held = bench_memory.measure("gpurnn", "lstm", T, B, H, L, True, backend=backend, extra_env=extra)
+            results.append(dict(workspace_MiB=mib, row=name, pass_="train", gpurnn_MiB=held / 2**20))
+        if backend != "cuda":
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "rows.json")
+            done = subprocess.run([sys.executable, os.path.join(HERE, "bench_gpu.py"), "--configs", *rows, "--cells",
+                                   "lstm", "--modes", "fp32", "--json", path], capture_output=True, text=True,
+                                  timeout=600, env=dict(os.environ, **extra, PYTHONPATH=ROOT))
+            if done.returncode:
+                raise RuntimeError(f"bench_gpu at {mib} MiB: {done.stderr.strip()[-1500:]}")
+            timed = json.load(open(path))
+        results += [dict(workspace_MiB=mib, row=r["config"], pass_=r["pass_"], ratio=r["ratio"]) for r in timed]
+    return results
+
+
 def gemm_lab():
     import contextlib
     import io
@@ -261,15 +297,16 @@ def versions():
 
 
 STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "memory", "half",
-          "nccl", "sanitizer", "lab")
+          "nccl", "sanitizer", "workspaces", "lab")
+NAMED_ONLY = ("workspaces", "lab")  # labs: run only when named
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT"), help="also write the JSON and the suite's log here")
     ap.add_argument("--quick", action="store_true", help="benchmarks: configs A and D, LSTM, fp32 only")
-    ap.add_argument("--stages", default=",".join(STAGES[:-1]),
-                    help=f"comma-separated subset of {', '.join(STAGES)} (default: all but lab)")
+    ap.add_argument("--stages", default=",".join(s for s in STAGES if s not in NAMED_ONLY),
+                    help=f"comma-separated subset of {', '.join(STAGES)} (default: all but {' and '.join(NAMED_ONLY)})")
     ap.add_argument("--suite-timeout", type=int, default=300, help="seconds the suite stage may take")
     ap.add_argument("--sanitizer-timeout", type=int, default=240, help="seconds each sanitizer tool may take")
     ap.add_argument("--lab", action="store_true", help="also run gemm_lab.py")
@@ -306,6 +343,7 @@ def main():
                                      memory=half_memory(report, ["A"] if args.quick else ["B", "C", "E"])),
            "nccl": lambda left: bench_distributed.main(["--nccl", "--steps", "20" if args.quick else "40"]),
            "sanitizer": lambda left: sanitizer(args.sanitizer_timeout, args.out, left),
+           "workspaces": lambda left: workspaces(),
            "lab": lambda left: gemm_lab()}
     stage(report, "versions", versions)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", report["versions"].get("device", "gpu")).strip("-").lower()
@@ -361,6 +399,10 @@ def main():
     if isinstance(nccl, dict) and finished(nccl):
         print(f"NCCL all-reduce in the GPU CharLM step (world of one): {nccl['allreduce_ms']:.2f} ms a step "
               f"({nccl['local_ms']:.2f} -> {nccl['nccl_ms']:.2f} ms)")
+    for r in report.get("workspaces") if isinstance(report.get("workspaces"), list) else []:
+        print(f"cuBLAS workspace {r['workspace_MiB']} MiB, LSTM {r['row']} {r['pass_']}: "
+              + (f"{r['gpurnn_MiB']:.0f} MiB" if "gpurnn_MiB" in r else
+                 f"time ratio to cuDNN {r['ratio']:.2f}" if r["ratio"] is not None else "n/a"))
     checks = report.get("sanitizer")
     if isinstance(checks, dict) and finished(checks):
         for tool, r in checks.items():

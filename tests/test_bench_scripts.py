@@ -34,8 +34,30 @@ def test_gpu_check_stages_are_named_and_checked():
     helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0
     assert ("suite, first_forward, ceilings, benchmarks, algorithms, training, torch, memory, half, nccl, sanitizer, "
-            "lab"
+            "workspaces, lab (default: all but workspaces and lab)"
             in " ".join(helped.stdout.split()))
+
+
+def test_workspaces_stage_runs_each_size_in_processes_of_its_own(monkeypatch):
+    """The workspaces lab hands each cuBLAS workspace size to the processes that measure
+    it (a typo would only show on a lent GPU): bench_memory's runs, recorded here."""
+    import types
+
+    import bench_memory
+    import gpu_check
+
+    sizes = []
+
+    def run(cmd, env, **kw):
+        sizes.append((env["GPURNN_CUBLAS_WORKSPACE_MIB"], cmd[5:9]))  # the row's T, B, H, layers
+        return types.SimpleNamespace(returncode=0, stdout="3145728\n", stderr="")
+
+    monkeypatch.setattr(bench_memory.subprocess, "run", run)
+    results = gpu_check.workspaces(sizes=(32, 4, 0), rows=("C", "E"), backend="cudasim")
+    assert [(r["workspace_MiB"], r["row"], r["gpurnn_MiB"]) for r in results] == [
+        (mib, row, 3.0) for mib in (32, 4, 0) for row in ("C", "E")]
+    C, E = (list(map(str, bench_memory.ROWS[row])) for row in ("C", "E"))
+    assert sizes == [(str(mib), shape) for mib in (32, 4, 0) for shape in (C, C, E, E)]  # each measured after a warm-up run
 
 
 def test_gpu_check_saves_after_each_stage_and_starts_none_past_its_budget():

@@ -419,3 +419,20 @@ def test_lstm_gates_live_in_the_projection_buffer():
     model.train()
     with pytest.raises(RuntimeError, match="no forward pass to differentiate"):
         model.backward(np.ones((10, 4, 8), np.float32))  # an eval forward overwrote them, and says so
+
+
+def test_cublas_workspace_size_comes_from_the_environment(monkeypatch):
+    """GPURNN_CUBLAS_WORKSPACE_MIB sizes the workspaces of the CUDA backend's extra streams
+    (default 32 MiB, cuBLAS's own on Hopper); anything but a number of MiB >= 0 is refused by name."""
+    from gpurnn.backend import cublas_workspace_bytes
+
+    monkeypatch.delenv("GPURNN_CUBLAS_WORKSPACE_MIB", raising=False)
+    assert cublas_workspace_bytes() == 32 << 20
+    for value, size in (("4", 4 << 20), (" 0 ", 0), ("0.5", 1 << 19), ("", 32 << 20)):
+        monkeypatch.setenv("GPURNN_CUBLAS_WORKSPACE_MIB", value)
+        assert cublas_workspace_bytes() == size
+    for value in ("-1", "nan", "inf", "32MiB", "1e9"):
+        monkeypatch.setenv("GPURNN_CUBLAS_WORKSPACE_MIB", value)
+        with pytest.raises(ValueError, match=f"^GPURNN_CUBLAS_WORKSPACE_MIB: expected a number of MiB, 0 or more, "
+                                             f"got '{value}'$"):
+            cublas_workspace_bytes()

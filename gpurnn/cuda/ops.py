@@ -25,8 +25,8 @@ import warnings
 import numpy as np
 
 from gpurnn import precision
-from gpurnn.backend import (RNN_ALGORITHMS, NumpyOps, deterministic_algorithms, load_cupy, load_numba_cuda,
-                            math_mode, rnn_algorithm, to_host)
+from gpurnn.backend import (RNN_ALGORITHMS, NumpyOps, cublas_workspace_bytes, deterministic_algorithms, load_cupy,
+                            load_numba_cuda, math_mode, rnn_algorithm, to_host)
 from gpurnn.cuda import fused, kernels
 from gpurnn.cuda.algorithms import Choices, fastest
 from gpurnn.sequence import GATE_BLOCKS
@@ -45,7 +45,6 @@ SIMULATED_SMS = 4
 # layers' wavefront (gpurnn.stack).
 INPUT_SPANS = 4
 OVERLAP_MAX_STEP_OUTPUTS = 1 << 20
-WORKSPACE_BYTES = 32 << 20  # a cuBLAS workspace of our own: what cuBLAS reserves by default on Hopper
 ONE_HOT_BYTES = 64 << 20  # the deterministic scatter_add's one-hot block, at most
 
 
@@ -59,14 +58,14 @@ class _Lane:
     for the input projections that overlap it. ``workspaces``: stream pointer ->
     cuBLAS workspace, for this lane's streams whose GEMMs may run at the same time
     as another stream's on the same handle (cuBLAS asks each such stream for its
-    own; torch keeps one per handle and stream likewise)."""
+    own; torch keeps one per handle and stream likewise), of cublas_workspace_bytes()."""
 
     def __init__(self, cupy, cuda, own_workspace):
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.side = cupy.cuda.Stream(non_blocking=True)
         self.kernels = cuda.external_stream(self.stream.ptr)  # numba's view of the stream
         streams = (self.stream, self.side) if own_workspace else (self.side,)
-        self.workspaces = {s.ptr: cupy.empty(WORKSPACE_BYTES, cupy.uint8) for s in streams}
+        self.workspaces = {s.ptr: cupy.empty(cublas_workspace_bytes(), cupy.uint8) for s in streams}
 
 
 class CudaOps:
