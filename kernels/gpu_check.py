@@ -45,7 +45,7 @@ past it; the suite's and the sanitizer's timeouts are cut to what is left) that 
 room for the stage it may still be running, e.g.
 
     --stages suite,benchmarks,torch,memory --budget 420         (first call, timeout_s 600)
-    --stages sanitizer,half,nccl,training,algorithms --budget B  (second: B = what is left less 2 minutes)
+    --stages sanitizer,half,nccl,training,algorithms,workspaces --budget B  (second: B = what is left less 2 min)
 
 and afterwards ``python kernels/targets.py <first call's JSON> <second's>`` to read the
 targets off both calls' stages together. The nccl stage (and the suite's NCCL test) needs
