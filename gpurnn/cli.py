@@ -10,6 +10,7 @@ arguments have been checked. Under mpiexec every rank prefixes its errors with
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -357,15 +358,14 @@ def cmd_info():
 # run in a process of its own, so that gpurnn info's caller keeps its MPI as it was (not
 # imported, or started: mpi4py starts MPI when it is imported)
 _MPI_PROBE = """
-import mpi4py
+import json, mpi4py
 mpi4py.rc.initialize = False  # load the library and ask it; start nothing
-print(mpi4py.__version__)
 try:
     from mpi4py import MPI
-except RuntimeError as exc:  # mpi4py's error where it finds no MPI library: a line per library tried
-    print("no library:", "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()))
+except RuntimeError as exc:  # mpi4py's error where it finds no MPI library
+    print(json.dumps([mpi4py.__version__, None, str(exc)]))
 else:
-    print(" ".join(MPI.Get_library_version().splitlines()[0].split()))
+    print(json.dumps([mpi4py.__version__, MPI.Get_library_version(), None]))
 """
 
 
@@ -374,14 +374,13 @@ def _mpi_line():
     if importlib.util.find_spec("mpi4py") is None:
         return "mpi4py: not installed (data-parallel training: pip install 'gpurnn[mpi]')"
     done = subprocess.run([sys.executable, "-c", _MPI_PROBE], capture_output=True, text=True, timeout=120)
-    lines = done.stdout.splitlines()
-    if done.returncode or len(lines) != 2:
+    if done.returncode:
         return f"mpi4py: does not import ({(done.stderr.strip().splitlines() or ['no output'])[-1]})"
-    version, library = lines
-    if library.startswith("no library: "):
-        return (f"mpi4py: {version}, but it cannot load an MPI library ({library[len('no library: '):]}): "
-                "pip install 'gpurnn[mpi]'")
-    return f"mpi4py: {version} ({library})"
+    version, library, error = json.loads(done.stdout)
+    if error is not None:
+        return f"mpi4py: {version}, but it cannot load an MPI library ({distributed.one_line(error)}): " \
+               "pip install 'gpurnn[mpi]'"
+    return f"mpi4py: {version} ({' '.join(library.splitlines()[0].split())})"
 
 
 def _nccl_line():

@@ -93,6 +93,12 @@ def use_local_gpu():
         pass
 
 
+def one_line(error):
+    """An error's message on one line: mpi4py's where it finds no MPI library has a line
+    per library it tried."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def init(backend, timeout=DEFAULT_TIMEOUT):
     """The world this process belongs to, for a model on ``backend`` (a gpurnn Backend)."""
     if timeout <= 0:
@@ -105,10 +111,9 @@ def init(backend, timeout=DEFAULT_TIMEOUT):
         raise DistributedError(f"started by an MPI launcher with {launched_size()} ranks, but mpi4py does not "
                                "import: pip install 'gpurnn[mpi]'") from None
     except RuntimeError as exc:  # mpi4py's own error where it finds no MPI library to load
-        why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line per library tried
         raise DistributedError(f"started by an MPI launcher with {launched_size()} ranks, but mpi4py cannot load "
-                               f"an MPI library ({why}): pip install 'gpurnn[mpi]' (MPICH), or an mpi4py for the "
-                               "MPI whose mpiexec started it") from None
+                               f"an MPI library ({one_line(exc)}): pip install 'gpurnn[mpi]' (MPICH), or an mpi4py "
+                               "for the MPI whose mpiexec started it") from None
     return MpiWorld(MPI, backend, timeout)
 
 
