@@ -65,6 +65,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -183,8 +184,6 @@ def sanitizer(timeout, out_dir, left=None):
     status, and, should a tool time out before its summary, how many of the script's
     configurations it finished and how many lines of error reports it printed by then. left: None,
     or the seconds all four tools may take, shared out afresh before each tool."""
-    import shutil
-
     tool_path = shutil.which("compute-sanitizer")
     if tool_path is None:
         raise RuntimeError("compute-sanitizer is not on the PATH")
@@ -290,10 +289,14 @@ def versions():
         numba_cuda = version("numba-cuda")
     except Exception:
         numba_cuda = "?"
+    from gpurnn import cli
+
     return dict(device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
                 cudnn=torch.backends.cudnn.version(), cupy=cupy.__version__, numba=numba.__version__,
                 numba_cuda=numba_cuda, numpy=numpy.__version__,
-                commit=os.environ.get("GPURNN_COMMIT", "unknown"))
+                commit=os.environ.get("GPURNN_COMMIT", "unknown"),
+                # what the nccl and sanitizer stages need, seen before they run (gpurnn info's lines)
+                mpi=cli._mpi_line(), nccl=cli._nccl_line(), compute_sanitizer=shutil.which("compute-sanitizer"))
 
 
 STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "memory", "half",
@@ -365,6 +368,7 @@ def main():
     if finished(v):
         print(f"{v['device']}  torch {v['torch']} cuDNN {v['cudnn']}  CuPy {v['cupy']}  "
               f"numba-cuda {v['numba_cuda']}  NumPy {v['numpy']}  commit {v['commit'][:10]}")
+        print(f"{v['mpi']}; {v['nccl']}; compute-sanitizer: {v['compute_sanitizer'] or 'not on PATH'}")
     t = report.get("suite")
     if t is not None:
         print("whole suite on CUDA:", t.get("summary") or t.get("skipped") or t.get("error", "")[-300:],

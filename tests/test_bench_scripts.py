@@ -343,3 +343,20 @@ def test_targets_read_a_sessions_reports_as_one(tmp_path, capsys):
     results = {r["target"][:20]: r["status"] for r in targets.main([str(p) for p in paths])}
     assert results["the whole suite on C"] == "met" and results["gpurnn.torch.LSTM's "] == "met"
     assert "2 met, 0 missed, 12 not measured" in capsys.readouterr().out
+
+
+def test_gpu_check_versions_say_what_the_later_stages_need(monkeypatch):
+    """The versions stage, which runs first, also names the MPI library, NCCL and
+    compute-sanitizer (what the nccl and sanitizer stages need): with a stand-in for the
+    GPU's names, since a typo here would only show on a lent GPU."""
+    torch = pytest.importorskip("torch")
+    import gpu_check
+    from helpers import cupy_without_nccl
+
+    cupy_without_nccl(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    v = gpu_check.versions()
+    assert v["device"] == "NVIDIA H200" and v["cupy"] == "14.2.0" and v["compute_sanitizer"] is None
+    assert v["mpi"].startswith("mpi4py: ") and v["nccl"].startswith("NCCL: CuPy cannot load NCCL")
