@@ -115,7 +115,7 @@ def cublas_workspace_bytes():
         mib = float("nan")
     if not 0 <= mib < 2**20:  # NaN fails too
         raise ValueError(f"GPURNN_CUBLAS_WORKSPACE_MIB: expected a number of MiB, 0 or more, got {env!r}")
-    return int(mib * 2**20)
+    return int(mib * 2**20) // 256 * 256  # whole 256-byte units, as cuBLAS aligns its workspaces
 
 
 _cpu_kernels = None

@@ -428,7 +428,7 @@ def test_cublas_workspace_size_comes_from_the_environment(monkeypatch):
 
     monkeypatch.delenv("GPURNN_CUBLAS_WORKSPACE_MIB", raising=False)
     assert cublas_workspace_bytes() == 32 << 20
-    for value, size in (("4", 4 << 20), (" 0 ", 0), ("0.5", 1 << 19), ("", 32 << 20)):
+    for value, size in (("4", 4 << 20), (" 0 ", 0), ("0.5", 1 << 19), ("", 32 << 20), ("0.001", 1024)):
         monkeypatch.setenv("GPURNN_CUBLAS_WORKSPACE_MIB", value)
         assert cublas_workspace_bytes() == size
     for value in ("-1", "nan", "inf", "32MiB", "1e9"):
