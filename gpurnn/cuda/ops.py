@@ -65,7 +65,8 @@ class _Lane:
         self.side = cupy.cuda.Stream(non_blocking=True)
         self.kernels = cuda.external_stream(self.stream.ptr)  # numba's view of the stream
         streams = (self.stream, self.side) if own_workspace else (self.side,)
-        self.workspaces = {s.ptr: cupy.empty(cublas_workspace_bytes(), cupy.uint8) for s in streams}
+        size = cublas_workspace_bytes()
+        self.workspaces = {s.ptr: cupy.empty(size, cupy.uint8) for s in streams}
 
 
 class CudaOps:
