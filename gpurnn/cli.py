@@ -336,8 +336,8 @@ def cmd_info():
             print(f"{module}: {mod.__version__}")
         except ImportError:
             print(f"{module}: not installed")
-    print(_mpi_line())
-    nccl = _nccl_line()
+    print(mpi_line())
+    nccl = nccl_line()
     if nccl:
         print(nccl)
     if backend.name == "cuda":
@@ -369,7 +369,7 @@ else:
 """
 
 
-def _mpi_line():
+def mpi_line():
     """mpi4py's version and the MPI library it loads, which data-parallel training needs."""
     if importlib.util.find_spec("mpi4py") is None:
         return "mpi4py: not installed (data-parallel training: pip install 'gpurnn[mpi]')"
@@ -383,7 +383,7 @@ def _mpi_line():
     return f"mpi4py: {version} ({' '.join(library.splitlines()[0].split())})"
 
 
-def _nccl_line():
+def nccl_line():
     """Whether CuPy loads NCCL, which ranks on GPUs all-reduce with; None without CuPy."""
     from gpurnn.backend import BackendUnavailable, load_nccl
 

@@ -296,7 +296,7 @@ def versions():
                 numba_cuda=numba_cuda, numpy=numpy.__version__,
                 commit=os.environ.get("GPURNN_COMMIT", "unknown"),
                 # what the nccl and sanitizer stages need, seen before they run (gpurnn info's lines)
-                mpi=cli._mpi_line(), nccl=cli._nccl_line(), compute_sanitizer=shutil.which("compute-sanitizer"))
+                mpi=cli.mpi_line(), nccl=cli.nccl_line(), compute_sanitizer=shutil.which("compute-sanitizer"))
 
 
 STAGES = ("suite", "first_forward", "ceilings", "benchmarks", "algorithms", "training", "torch", "memory", "half",
