@@ -56,7 +56,8 @@ class Direction:
                 order): steps then count from their span's start, as the slot's rows do
     span_starts: [spans, 1] int32   those starts; ring_spans: the spans, (start, stop) in time order
     gh: [B, G*H]      this step's recurrent projection h_prev W_hh^T (backward: the bias gradient's sum)
-    w_hh_t: [H_out, G*H] room for W_hh^T, for backends whose GEMM is faster on it
+    w_hh_t: [H_out, G*H] room for W_hh^T, for backends whose GEMM is faster on it (the fused
+            steps keep W_hh there in their own order: CudaOps.fused_weights)
     w_ih_t: [I, G*H]  room for W_ih^T, likewise (None when the input is Embedded)
     h:  [T+1, B, H_out] states; h0 sits in h[0] (forward) or h[T] (reverse)
     c:  [T+1, B, H]   LSTM cell states (None otherwise); until ``for_training``, c_step
@@ -303,7 +304,7 @@ def forward_spans(ops, cell, nonlinearity, x, w_ih, w_hh, b_ih, b_hh, lengths, r
     if algorithm == "graph":
         w_rec, trans = ops.recurrent_operand(w_hh, ws.w_hh_t, B, T)  # W_hh as is, or W_hh^T when that GEMM is faster
     elif algorithm == "fused":
-        ws.w_hh_t[...] = w_hh.T  # the fused steps read W_hh^T (optimizers update W_hh in place: every call)
+        ops.fused_weights(w_hh, ws.w_hh_t)  # as the fused steps read it (optimizers update W_hh in place: every call)
     if embedded:
         ops.gemm(x.weight, w_ih, ws.table, trans_b=True)  # every row's input projection is a row of this
     else:

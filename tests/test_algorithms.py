@@ -76,6 +76,27 @@ def test_fused_float32(sim):
     assert compare("lstm", "fused", 3, 6, 3, 2, dtype="float32") < 1e-5
 
 
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+@pytest.mark.parametrize("width", [1, 3, 33, 128, 130, 256, 512, 1024])
+def test_staged_rows_of_a_warp_read_different_banks(sim, itemsize, width):
+    """A warp's elements read column k of up to 32 different staged rows at once (float64:
+    16 a half-warp, as the GPU serves 8-byte loads). Rows staged fused.staged_pitch apart
+    must not put two different 4-byte words in one of the 32 banks: the GPU would read
+    them one after another (unpadded, 32 float32 rows of H = 256 all sit in one bank)."""
+    from gpurnn.cuda import fused
+
+    pitch = fused.staged_pitch(width, itemsize)
+    assert width <= pitch < width + 4
+    lanes = 16 if itemsize == 8 else 32
+    for k in range(min(width, 4)):
+        words_in_bank = {}
+        for row in range(lanes):
+            start = (row * pitch + k) * itemsize
+            for word in range(start // 4, (start + itemsize - 1) // 4 + 1):
+                words_in_bank.setdefault(word % 32, set()).add(word)
+        assert max(len(words) for words in words_in_bank.values()) == 1, (width, itemsize, k)
+
+
 # ------------------------------------------------------------------- persistent
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_persistent_kernels_match_numpy(sim, cell):

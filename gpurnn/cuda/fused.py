@@ -20,17 +20,23 @@ The per-step tiles (``*_forward_tile``, ``*_backward_tile``) are device
 functions shared by both, so the simulator tests the persistent body through
 the fused driver even though it cannot run a barrier between blocks.
 
-The weights reach a tile flat, as w[k * w_cols + g * gate_stride + (j - w_base)]:
-- forward: W_hh[g*H + j, k] (fused: W_hh^T [H, G*H] in global memory, so
+The weights reach a tile flat, a unit's gates side by side:
+- forward: w[k * w_cols + (j - w_base) * G + g] = W_hh[g*H + j, k] (fused: all
+  of W_hh as [H, H, G] in global memory, written by ``unit_major``, so
   neighbouring threads read neighbouring words; persistent: the block's
-  [H, G*U] slice in shared memory);
-- backward: W_hh[k, j] for k < G*H (fused: W_hh itself; persistent: the block's
-  [G*H, U] columns), with gate_stride unused.
+  [H, U, G] slice in shared memory);
+- backward: w[k * w_cols + (j - w_base)] = W_hh[k, j] for k < G*H (fused: W_hh
+  itself; persistent: the block's [G*H, U] columns).
 
 Numerics: each dot product accumulates in the type the buffers compute in
 (float32 for half buffers, which are widened as read and staged in half, so
 shared memory holds half the bytes) in order k = 0..H-1, and sums are grouped as
 the step kernels' (x W_ih^T + b_ih) + (h W_hh^T + b_hh).
+
+Shared memory: the staged operand's rows are padded (``staged_pitch``) so that a
+warp's elements, which sit in different batch rows and read the same column
+together, read different banks; W_hh's rows or columns on chip are read by
+neighbouring units, so they need no padding.
 
 Barrier (``grid_barrier``): block thread 0 makes the block's writes visible
 (``threadfence``), counts its arrival in sync[0] with an atomic add, and polls
@@ -45,7 +51,7 @@ never a hang.
 
 import math
 
-from numba import int32
+from numba import int32, uint32, uint64
 
 from gpurnn.backend import _simulating, load_numba_cuda
 from gpurnn.cuda.kernels import (constants, gru_point_backward, gru_point_forward, lstm_point_backward,
@@ -123,15 +129,63 @@ def _element(e, j0, U):
     return b, j0 + e - b * U
 
 
+def staged_pitch(width, itemsize):
+    """Elements from one staged row to the next: ``width`` or a little more, so that a row
+    is an odd number of the units a warp's shared loads go by (4-byte words; 8 bytes for
+    float64). A warp's elements are in different batch rows and read the same column k
+    together: with a pitch that is a multiple of the 32 banks (H = 256 float32), RNN C's
+    16 rows a warp would read one bank 16 times over, once each, every k."""
+    if itemsize == 2:
+        return width + (2 - width % 4) % 4  # 2 mod 4 halves: an odd number of words
+    return width | 1
+
+
+pitch_of = cuda.jit(device=True, inline=True)(staged_pitch)
+
+
 @cuda.jit(device=True, inline=True)
-def stage(sm, offset, src, t, rows, width):
-    """sm[offset + b*width + k] = src[t, b, k] for b < rows, k < width, then a block barrier:
+def stage(sm, offset, pitch, src, t, rows, width):
+    """sm[offset + b*pitch + k] = src[t, b, k] for b < rows, k < width, then a block barrier:
     the block's threads load the step's recurrent operand together (coalesced, many loads
     in flight) and every element's dot product then reads it from shared memory."""
-    for e in range(cuda.threadIdx.x, rows * width, cuda.blockDim.x):
-        b = e // width
-        sm[offset + e] = fresh(src, (t, b, e - b * width))
+    threads = cuda.blockDim.x
+    b = cuda.threadIdx.x // width  # the thread's first element (b, k) of the flat rows * width ...
+    k = cuda.threadIdx.x - b * width
+    db = threads // width  # ... and how far ``threads`` elements on is: no division an element
+    dk = threads - db * width
+    while b < rows:
+        # unsigned indices: numba checks a signed one for a negative value at every load
+        sm[uint64(offset + b * pitch + k)] = fresh(src, (uint32(t), uint32(b), uint32(k)))
+        b += db
+        k += dk
+        if k >= width:
+            k -= width
+            b += 1
     cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline=True)
+def gate_dots(sm, at, n, w, w_at, w_cols, G):
+    """The G (1, 3 or 4) sums over k < n of sm[at + k] * w[w_at + k * w_cols + g], g < G,
+    in order k = 0..n-1 in the type sm computes in (the sums past G stay zero). The loop
+    runs on unsigned indices: numba checks a signed index for a negative value at every
+    load, and that check and its 64-bit arithmetic were most of the loop's instructions."""
+    a0 = a1 = a2 = a3 = constants(sm)[0]
+    one, two, three = uint64(1), uint64(2), uint64(3)
+    step = uint64(w_cols)
+    i, j = uint64(at), uint64(w_at)
+    end = i + uint64(n)
+    while i < end:
+        s = wide(sm[i])
+        a0 += s * wide(w[j])
+        if G >= 3:
+            a1 += s * wide(w[j + one])
+            a2 += s * wide(w[j + two])
+        if G == 4:
+            a3 += s * wide(w[j + three])
+        i += one
+        j += step
+    return a0, a1, a2, a3
 
 
 # ------------------------------------------------------------------- forward tiles
@@ -139,66 +193,51 @@ def stage(sm, offset, src, t, rows, width):
 def rnn_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, y, lengths,
                      nonlinearity):
     """Step t for units [j0, j1) of every batch row (shapes as kernels.rnn_forward);
-    h_prev is staged at sm[hs_off:] (B*H elements)."""
+    h_prev is staged at sm[hs_off:], B rows of ``staged_pitch(H)`` elements."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
     prev = t + reverse
-    stage(sm, hs_off, h, prev, B, H)
+    pitch = pitch_of(H, sm.itemsize)
+    stage(sm, hs_off, pitch, h, prev, B, H)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
-        col = j - w_base
-        row_h = hs_off + b * H
         rec = constants(h)[0]
         if t < lengths[b]:  # a padded row carries its state: no product needed
-            for k in range(H):
-                rec += wide(sm[row_h + k]) * wide(w[k * w_cols + col])
+            rec = gate_dots(sm, hs_off + b * pitch, H, w, j - w_base, w_cols, 1)[0]
         rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity)
 
 
 @cuda.jit(device=True, inline=True)
-def lstm_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, sm, hs_off, b_ih, b_hh, h, c,
-                      gates, y, lengths):
+def lstm_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, c, gates, y,
+                      lengths):
     """Step t for units [j0, j1) of every batch row (shapes as kernels.lstm_forward)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
     prev = t + reverse
-    stage(sm, hs_off, h, prev, B, H)
+    pitch = pitch_of(H, sm.itemsize)
+    stage(sm, hs_off, pitch, h, prev, B, H)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
-        col = j - w_base
-        row_h = hs_off + b * H
         rec_i = rec_f = rec_g = rec_o = constants(h)[0]
         if t < lengths[b]:
-            for k in range(H):
-                hk = wide(sm[row_h + k])
-                row = k * w_cols + col
-                rec_i += hk * wide(w[row])
-                rec_f += hk * wide(w[row + gate_stride])
-                rec_g += hk * wide(w[row + 2 * gate_stride])
-                rec_o += hk * wide(w[row + 3 * gate_stride])
+            rec_i, rec_f, rec_g, rec_o = gate_dots(sm, hs_off + b * pitch, H, w, (j - w_base) * 4, w_cols, 4)
         lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b_hh, h, c, gates, y, lengths)
 
 
 @cuda.jit(device=True, inline=True)
-def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, sm, hs_off, b_ih, b_hh, h, gates,
-                     y, lengths):
+def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, gates, y,
+                     lengths):
     """Step t for units [j0, j1) of every batch row (shapes as kernels.gru_forward)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
     prev = t + reverse
-    stage(sm, hs_off, h, prev, B, H)
+    pitch = pitch_of(H, sm.itemsize)
+    stage(sm, hs_off, pitch, h, prev, B, H)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
-        col = j - w_base
-        row_h = hs_off + b * H
         rec_r = rec_z = rec_n = constants(h)[0]
         if t < lengths[b]:
-            for k in range(H):
-                hk = wide(sm[row_h + k])
-                row = k * w_cols + col
-                rec_r += hk * wide(w[row])
-                rec_z += hk * wide(w[row + gate_stride])
-                rec_n += hk * wide(w[row + 2 * gate_stride])
+            rec_r, rec_z, rec_n, _ = gate_dots(sm, hs_off + b * pitch, H, w, (j - w_base) * 3, w_cols, 3)
         gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths)
 
 
@@ -207,10 +246,7 @@ def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, gate_stride, w_base, sm,
 def recurrent_grad(sm, row, GH, col, w, w_cols):
     """(dgates_{t'} W_hh)[b, col]: what the step BPTT ran before (t') sends into this one's
     state, from that step's dgates row of b staged at sm[row:row + G*H]."""
-    total = constants(sm)[0]
-    for k in range(GH):
-        total += wide(sm[row + k]) * wide(w[k * w_cols + col])
-    return total
+    return gate_dots(sm, row, GH, w, col, w_cols, 1)[0]
 
 
 @cuda.jit(device=True, inline=True)
@@ -222,13 +258,14 @@ def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, s
     B = h.shape[1]
     U = j1 - j0
     GH = dgates.shape[2]
+    pitch = pitch_of(GH, sm.itemsize)
     if has_next:
-        stage(sm, hs_off, dgates, t_next, B, GH)
+        stage(sm, hs_off, pitch, dgates, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         dh_in = wide(dh[b, j])
         if has_next:
-            dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
+            dh_in += recurrent_grad(sm, hs_off + b * pitch, GH, j - w_base, w, w_cols)
         rnn_point_backward(t, reverse, b, j, dh_in, h, dy, dh, dgates, lengths, nonlinearity)
 
 
@@ -239,13 +276,14 @@ def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, 
     B = c.shape[1]
     U = j1 - j0
     GH = dgates.shape[2]
+    pitch = pitch_of(GH, sm.itemsize)
     if has_next:
-        stage(sm, hs_off, dgates, t_next, B, GH)
+        stage(sm, hs_off, pitch, dgates, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         dh_in = wide(dh[b, j])
         if has_next:
-            dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
+            dh_in += recurrent_grad(sm, hs_off + b * pitch, GH, j - w_base, w, w_cols)
         lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, lengths)
 
 
@@ -257,19 +295,21 @@ def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, s
     B = h.shape[1]
     U = j1 - j0
     GH = 3 * h.shape[2]
+    pitch = pitch_of(GH, sm.itemsize)
     if has_next:
-        stage(sm, hs_off, dgates, t_next, B, GH)
+        stage(sm, hs_off, pitch, dgates, t_next, B, GH)
     for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
         b, j = _element(e, j0, U)
         dh_in = wide(dh[b, j])
         if has_next:
-            dh_in += recurrent_grad(sm, hs_off + b * GH, GH, j - w_base, w, w_cols)
+            dh_in += recurrent_grad(sm, hs_off + b * pitch, GH, j - w_base, w, w_cols)
         gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgates, lengths)
 
 
 # ------------------------------------------------------------ fused step kernels
 # Launch with ceil(H / units) blocks and, as dynamic shared memory, room for the staged
-# operand: B*H elements forward, B*G*H backward. w_t: W_hh^T [H, G*H] flat; w: W_hh [G*H, H] flat.
+# operand: B rows of staged_pitch(H) elements forward, of staged_pitch(G*H) backward.
+# w_t: W_hh as [H, H, G] flat (unit_major); w: W_hh [G*H, H] flat.
 @cuda.jit(cache=True)
 def rnn_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, y, lengths, nonlinearity):
     H = h.shape[2]
@@ -284,7 +324,7 @@ def lstm_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, c, gates, y, l
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
-    lstm_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 4 * H, H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
+    lstm_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 4 * H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
                       lengths)
 
 
@@ -293,7 +333,7 @@ def gru_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, gates, y, lengt
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
-    gru_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 3 * H, H, 0, sm, 0, b_ih, b_hh, h, gates, y,
+    gru_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 3 * H, 0, sm, 0, b_ih, b_hh, h, gates, y,
                      lengths)
 
 
@@ -331,14 +371,15 @@ def gru_backward_fused(t, t_next, has_next, reverse, units, w, h, gates, dy, dh,
 # (forward: backwards in t when reverse; BPTT the other way).
 @cuda.jit(device=True, inline=True)
 def _stage_rows(sw, w_hh, G, j0, U, units):
-    """sw[k * G*units + g*units + u] = W_hh[g*H + j0 + u, k]: the block's rows, transposed."""
+    """sw[k * G*units + u*G + g] = W_hh[g*H + j0 + u, k]: the block's rows, transposed, a
+    unit's gates side by side."""
     H = w_hh.shape[1]
     for e in range(cuda.threadIdx.x, G * U * H, cuda.blockDim.x):
         k = e // (G * U)
         rest = e - k * G * U
-        g = rest // U
-        u = rest - g * U
-        sw[k * G * units + g * units + u] = w_hh[g * H + j0 + u, k]
+        u = rest // G
+        g = rest - u * G
+        sw[k * G * units + u * G + g] = w_hh[g * H + j0 + u, k]
     cuda.syncthreads()
 
 
@@ -414,8 +455,8 @@ def lstm_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h
     _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        lstm_forward_tile(t, reverse, j0, j1, gx, sw, 4 * units, units, j0, sw, 4 * units * H, b_ih, b_hh, h, c,
-                          gates, y, lengths)
+        lstm_forward_tile(t, reverse, j0, j1, gx, sw, 4 * units, j0, sw, 4 * units * H, b_ih, b_hh, h, c, gates,
+                          y, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
@@ -430,8 +471,8 @@ def gru_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h,
     _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        gru_forward_tile(t, reverse, j0, j1, gx, sw, 3 * units, units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates,
-                         y, lengths)
+        gru_forward_tile(t, reverse, j0, j1, gx, sw, 3 * units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates, y,
+                         lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
@@ -495,11 +536,19 @@ PERSISTENT = {("rnn", "forward"): rnn_forward_persistent, ("lstm", "forward"): l
               ("lstm", "backward"): lstm_backward_persistent, ("gru", "backward"): gru_backward_persistent}
 
 
+def unit_major(w_hh, out):
+    """out (room for H * G*H elements) = W_hh [G*H, H] as [H, H, G], what the fused forward
+    steps read: row k holds W_hh[g*H + j, k] at j*G + g, a unit's gates side by side."""
+    H = w_hh.shape[1]
+    G = w_hh.shape[0] // H
+    out.reshape(H, H, G)[...] = w_hh.reshape(G, H, H).transpose(2, 1, 0)
+
+
 def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
     """Dynamic shared memory of a launch: the staged operand (h_prev rows forward, the
     previous step's dgates rows backward), after the block's W_hh when persistent."""
     G = GATE_BLOCKS[cell]
-    staged = B * H if phase == "forward" else B * G * H
+    staged = B * staged_pitch(H if phase == "forward" else G * H, itemsize)
     weights = G * units * H if algorithm == "persistent" else 0
     return (staged + weights) * itemsize
 

@@ -452,8 +452,8 @@ class CudaOps:
 
     # ------------------------------------------- fused and persistent recurrences
     def fused_forward(self, cell, nonlinearity, t, reverse, ws, b_ih, b_hh, gates, y, lengths):
-        """Forward step t of one direction in one launch (gpurnn.cuda.fused), reading
-        W_hh^T from ws.w_hh_t, which the caller has refreshed; buffers as the step kernels'."""
+        """Forward step t of one direction in one launch (gpurnn.cuda.fused), reading W_hh
+        from ws.w_hh_t, which the caller has refreshed (fused_weights); buffers as the step kernels'."""
         T, B, H = self._check_direction(cell, t, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates)
         units, blocks, threads = _fused_grid(B, H, self.sm_count // self._lanes_running)
         shared = self.fused_shared(cell, "forward", ws.h.dtype, B, H)
@@ -473,6 +473,11 @@ class CudaOps:
         self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
                           w_hh.reshape(-1), *self._backward_buffers(cell, nonlinearity, ws, dy, lengths),
                           shared=shared)
+
+    def fused_weights(self, w_hh, out):
+        """Write W_hh [G*H, H] into out, the workspace's [H, G*H], as the fused forward steps
+        read it (fused.unit_major)."""
+        fused.unit_major(w_hh, out)
 
     def fused_shared(self, cell, phase, dtype, B, H):
         """Shared memory of a fused step (its staged operand), or NotApplicable past the limit."""
