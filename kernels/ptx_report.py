@@ -10,6 +10,13 @@ workspace buffers compiles, then ``ptxas -v`` from the nvidia-cuda-nvcc wheel
 (the same CUDA minor as the NVVM that wrote the PTX). Writes a JSON report
 and prints a table; exits 1 if any kernel spills.
 
+For the recurrences (gpurnn.cuda.fused) it also reads the machine code (``cuobjdump
+-sass``, from the nvidia-cuda-cuobjdump and -nvdisasm wheels of the same extra) and
+counts the instructions of the innermost loop with the most FMAs, the recurrent dot
+products: at the small shapes these kernels are for, a step's time is mostly
+instructions issued one after another by few warps, so instructions an FMA is the
+figure to watch without a GPU (``loop_per_fma``; None without cuobjdump).
+
 NVVM writes the same PTX for sm_80 and sm_90 (apart from the ``.target`` line and
 the names it mangles per compilation), so each build is compiled once and
 assembled for both archs; ``same_ptx_for_every_arch`` checks that on one kernel
@@ -33,39 +40,65 @@ ARCHS = ((8, 0), (9, 0))
 HALF = ("float16", "bfloat16")  # kernels.numba_float names them without ml_dtypes
 
 
-def find_ptxas():
-    """ptxas from the nvidia-cuda-nvcc wheel, else the PATH's."""
+def find_tool(name):
+    """A CUDA tool from the nvidia-* wheels (ptxas: nvidia-cuda-nvcc), else the PATH's."""
     try:
         import nvidia
 
         for root in nvidia.__path__:
             for sub in ("cu13/bin", "cuda_nvcc/bin", "cu12/bin"):
-                path = os.path.join(root, sub, "ptxas")
+                path = os.path.join(root, sub, name)
                 if os.path.exists(path):
                     return path
     except ImportError:
         pass
-    return shutil.which("ptxas")
+    return shutil.which(name)
 
 
-def ptxas_stats(ptxas, ptx, arch):
+def ptxas_stats(ptxas, ptx, arch, cuobjdump=None):
+    """ptxas -v's figures for one build; with cuobjdump, also its FMA loop's (fma_loop)."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(src, "w") as f:
             f.write(ptx)
-        done = subprocess.run([ptxas, "-v", f"-arch=sm_{arch[0]}{arch[1]}", src, "-o", os.path.join(tmp, "k.cubin")],
+        done = subprocess.run([ptxas, "-v", f"-arch=sm_{arch[0]}{arch[1]}", src, "-o", cubin],
                               capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {done.stderr.strip()}")
+        if done.returncode != 0:
+            raise RuntimeError(f"ptxas failed: {done.stderr.strip()}")
+        sass = None
+        if cuobjdump:
+            dumped = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
+            if dumped.returncode != 0:
+                raise RuntimeError(f"cuobjdump failed: {dumped.stderr.strip()}")
+            sass = dumped.stdout
     text = done.stderr + done.stdout
 
     def number(pattern):
         m = re.search(pattern, text)
         return int(m.group(1)) if m else 0
 
+    loop_instructions, loop_fmas = fma_loop(sass) if sass else (None, None)
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"),
-                shared_static=number(r"(\d+) bytes smem"))
+                shared_static=number(r"(\d+) bytes smem"), loop_instructions=loop_instructions, loop_fmas=loop_fmas,
+                loop_per_fma=round(loop_instructions / loop_fmas, 2) if loop_fmas else None)
+
+
+def fma_loop(sass):
+    """(instructions, FMAs) of the innermost loop (a backward branch with no other inside
+    it) that holds the most FMAs, in cuobjdump's listing of one kernel; (0, 0) if none."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), at) for at, text in code for m in [re.search(r"\bBRA 0x([0-9a-f]+)", text)]
+             if m and int(m.group(1), 16) <= at]
+    best = (0, 0)
+    for lo, hi in loops:
+        if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops):
+            continue  # holds another loop
+        body = [text for at, text in code if lo <= at <= hi]
+        fmas = sum(1 for text in body if re.search(r"\b[HFD]FMA2?\b", text))
+        if fmas > best[1]:
+            best = (len(body), fmas)
+    return best
 
 
 def builds():
@@ -113,12 +146,13 @@ def same_ptx_for_every_arch(job):
     return len({body(_ptx(job, arch)) for arch in ARCHS}) == 1
 
 
-def compile_one(job, ptxas):
+def compile_one(job, ptxas, cuobjdump):
     """Rows of one build, for each arch (run in a worker process: numba compiles in one thread)."""
     label, source, key, dtype = job
     ptx = _ptx(job, ARCHS[0])
     return [dict(kernel=label, dtype=dtype, arch=f"sm_{arch[0]}{arch[1]}",
-                 **ptxas_stats(ptxas, _target(ptx, arch), arch)) for arch in ARCHS]
+                 **ptxas_stats(ptxas, _target(ptx, arch), arch, cuobjdump if source == "fused" else None))
+            for arch in ARCHS]
 
 
 def main():
@@ -128,23 +162,28 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ptx-report.json"))
     args = ap.parse_args()
-    ptxas = find_ptxas()
+    ptxas, cuobjdump = find_tool("ptxas"), find_tool("cuobjdump")
     if ptxas is None:
         sys.exit("ptxas not found: pip install nvidia-cuda-nvcc (the gpurnn[cudasim] extra)")
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     jobs = builds()
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         same = pool.submit(same_ptx_for_every_arch, next(j for j in jobs if j[1] == "fused" and j[2][2] == "persistent"))
-        rows = [r for done in pool.map(functools.partial(compile_one, ptxas=ptxas), jobs) for r in done]
+        rows = [r for done in pool.map(functools.partial(compile_one, ptxas=ptxas, cuobjdump=cuobjdump), jobs)
+                for r in done]
         if not same.result():
             sys.exit("NVVM wrote different PTX for the archs: compile each build once per arch again")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(ptxas=version, rows=rows), f, indent=1)
-    print(f"{'kernel':<27}{'dtype':<9}{'arch':<7}{'regs':>5}{'spill st':>10}{'spill ld':>10}{'stack':>7}{'smem':>6}")
+    print(f"{'kernel':<27}{'dtype':<9}{'arch':<7}{'regs':>5}{'spill st':>10}{'spill ld':>10}{'stack':>7}{'smem':>6}"
+          f"{'loop/FMA':>9}")
     for r in rows:
+        per_fma = "" if r["loop_per_fma"] is None else f"{r['loop_per_fma']:.1f}"
         print(f"{r['kernel']:<27}{r['dtype']:<9}{r['arch']:<7}{r['registers']:>5}{r['spill_stores']:>10}"
-              f"{r['spill_loads']:>10}{r['stack_frame']:>7}{r['shared_static']:>6}")
+              f"{r['spill_loads']:>10}{r['stack_frame']:>7}{r['shared_static']:>6}{per_fma:>9}")
+    if cuobjdump is None:
+        print("cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm): no loop/FMA column")
     print("Fused and persistent blocks also use dynamic shared memory (fused.shared_bytes: the staged "
           "h_prev or dgates rows, after a persistent block's G*units*H elements of W_hh; at most 48 KiB); "
           "with the registers above it decides how many blocks fit on an SM (CudaOps.persistent_plan asks "

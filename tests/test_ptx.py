@@ -1,4 +1,5 @@
-"""Every kernel compiles to PTX for sm_80 and sm_90 on the CPU, and ptxas reports no spills."""
+"""Every kernel compiles to PTX for sm_80 and sm_90 on the CPU, ptxas reports no spills, and the
+recurrences' dot-product loops stay lean in machine code."""
 
 import importlib.util
 import json
@@ -40,3 +41,7 @@ def test_every_kernel_compiles_without_spills(tmp_path):
             assert 0 < r["registers"] <= 128, r
         else:
             assert 0 < r["registers"] <= 64, r  # lean enough for full occupancy at 128 threads
+        if {"fused", "persistent"} & set(r["kernel"].split()):
+            # the recurrent dot products' loop, in machine code: an FMA and its loads, not index
+            # arithmetic (12-39 instructions an FMA before the tiles' indices were unsigned)
+            assert r["loop_fmas"] and r["loop_per_fma"] <= 11, r
