@@ -131,7 +131,8 @@ def _ptx(job, arch):
         cell, phase, algorithm, inference = key
         kernel = (fused.FUSED if algorithm == "fused" else fused.PERSISTENT)[cell, phase]
         signature = fused.signatures(cell, phase, algorithm, dtype, inference)
-    return cuda.compile_ptx(kernel.py_func, signature, cc=arch)[0]
+    launch_bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")  # registers follow from them
+    return cuda.compile_ptx(kernel.py_func, signature, cc=arch, launch_bounds=launch_bounds)[0]
 
 
 def _target(ptx, arch):

@@ -76,25 +76,72 @@ def test_fused_float32(sim):
     assert compare("lstm", "fused", 3, 6, 3, 2, dtype="float32") < 1e-5
 
 
-@pytest.mark.parametrize("itemsize", [2, 4, 8])
-@pytest.mark.parametrize("width", [1, 3, 33, 128, 130, 256, 512, 1024])
-def test_staged_rows_of_a_warp_read_different_banks(sim, itemsize, width):
-    """A warp's elements read column k of up to 32 different staged rows at once (float64:
-    16 a half-warp, as the GPU serves 8-byte loads). Rows staged fused.staged_pitch apart
-    must not put two different 4-byte words in one of the 32 banks: the GPU would read
-    them one after another (unpadded, 32 float32 rows of H = 256 all sit in one bank)."""
+@pytest.mark.parametrize("cell, dtype, tolerance", [("rnn", "float64", 1e-12), ("lstm", "float64", 1e-12),
+                                                     ("gru", "float64", 1e-12), ("lstm", "float32", 1e-5)])
+def test_fused_steps_with_split_dot_products(sim, monkeypatch, cell, dtype, tolerance):
+    """With a GPU's many SMs a block holds one unit, and the threads it has to spare share
+    each element's dot products (fused.split_of); their sums, added by the first of them,
+    must give the NumPy model's results: lengths, both directions."""
     from gpurnn.cuda import fused
 
-    pitch = fused.staged_pitch(width, itemsize)
-    assert width <= pitch < width + 4
-    lanes = 16 if itemsize == 8 else 32
-    for k in range(min(width, 4)):
-        words_in_bank = {}
-        for row in range(lanes):
-            start = (row * pitch + k) * itemsize
-            for word in range(start // 4, (start + itemsize - 1) // 4 + 1):
-                words_in_bank.setdefault(word % 32, set()).add(word)
-        assert max(len(words) for words in words_in_bank.values()) == 1, (width, itemsize, k)
+    monkeypatch.setattr(sim.ops, "sm_count", 64)
+    B, H = 2, 32
+    itemsize = np.dtype(dtype).itemsize
+    splits = [fused.block_shape(cell, phase, B, H, 1, itemsize)[0] for phase in ("forward", "backward")]
+    assert min(splits) > 1, splits  # the case this test is for
+    lengths = np.array([3, 2])
+    assert compare(cell, "fused", 3, H, 3, B, lengths, bidirectional=True, dtype=dtype) < tolerance
+
+
+def most_words_in_a_bank(reads):
+    """The most different 4-byte words one of the 32 banks is asked for by one warp's loads,
+    given as (first byte, bytes) a thread: above 1, the GPU reads them one after another."""
+    banks = {}
+    for start, size in reads:
+        for word in range(start // 4, (start + size - 1) // 4 + 1):
+            banks.setdefault(word % 32, set()).add(word)
+    return max(len(words) for words in banks.values())
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+@pytest.mark.parametrize("width", [1, 3, 33, 128, 130, 256, 512, 1024])
+@pytest.mark.parametrize("split", [1, 2, 4, 8])  # fused.SPLIT and others it might become
+def test_staged_rows_of_a_warp_read_different_banks(sim, itemsize, width, split):
+    """A warp's threads read, in groups of ``split`` (the threads sharing an element), the
+    next ``split`` columns of as many different staged rows (float64: a half-warp at a
+    time, as the GPU serves 8-byte loads). Rows fused.staged_pitch apart must not put two
+    words in one bank (unpadded, 32 float32 rows of H = 256 all sit in one bank)."""
+    from gpurnn.cuda import fused
+
+    pitch = fused.staged_pitch(width, itemsize, split)
+    assert width <= pitch < width + 64
+    threads = 16 if itemsize == 8 else 32
+    for k in range(0, min(width, 4 * split), split):
+        reads = [((row * pitch + k + lane) * itemsize, itemsize)
+                 for row in range(threads // split) for lane in range(split)]
+        assert most_words_in_a_bank(reads) == 1, (width, itemsize, split, k)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+@pytest.mark.parametrize("B, H, units", [(8, 128, 1), (32, 256, 2), (1, 256, 2), (64, 512, 4), (3, 33, 3)])
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_split_threads_read_a_blocks_weights_in_different_banks(sim, cell, phase, B, H, units, itemsize):
+    """A persistent block's weights in shared memory: forward [H, units, G], backward
+    [G*H, units]. The ``split`` threads of an element read rows k, k+1, ... at once, and a
+    warp's groups read the units of their elements: no bank may be asked for two words."""
+    from gpurnn.cuda import fused
+
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    split, threads = fused.block_shape(cell, phase, B, H, units, itemsize)
+    assert split in (1, fused.SPLIT) and threads % 32 == 0 and threads <= fused.MAX_THREADS
+    row, unit = (G * units, G) if phase == "forward" else (units, 1)  # elements between rows, units
+    warp = 16 if itemsize == 8 else 32
+    elements = [e % (B * units) for e in range(warp // split)]  # a warp's groups: consecutive elements
+    for g in range(G if phase == "forward" else 1):
+        reads = [(((lane * row) + (e % units) * unit + g) * itemsize, itemsize)
+                 for e in elements for lane in range(split)]
+        assert most_words_in_a_bank(reads) == 1, (split, g)
 
 
 # ------------------------------------------------------------------- persistent

@@ -179,6 +179,28 @@ def test_half_fused_and_persistent_kernels_match_the_reference(algorithm, cell, 
         assert _relative(a, b) < precision.TOLERANCES[ref.dtype.name]["output"]
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_fused_steps_with_split_dot_products(monkeypatch, dtype):
+    """Threads that share an element's dot products (fused.split_of, as at small shapes on
+    a GPU) add their float32 sums in shared memory of float32 beside the half rows."""
+    from gpurnn.cuda import fused
+
+    sim = cudasim_backend()
+    monkeypatch.setattr(sim.ops, "sm_count", 64)  # a unit a block, threads to spare
+    assert fused.block_shape("lstm", "forward", 2, 32, 1, 2)[0] > 1
+    ref = CELLS["lstm"](3, 32, bidirectional=True, seed=8, backend="numpy", dtype=dtype)
+    model = CELLS["lstm"](3, 32, bidirectional=True, seed=8, backend=sim, dtype=dtype)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 2, 3)).astype(ref.dtype)
+    d_out = rng.standard_normal((3, 2, 64)).astype(ref.dtype)
+    lengths = np.array([3, 2])
+    with forced_algorithm("fused"):
+        got = [model(x, lengths=lengths)[0], model.backward(d_out)[0]]
+    expect = [ref(x, lengths=lengths)[0], ref.backward(d_out)[0]]
+    for a, b in zip(got + [model.grads[k] for k in ref.grads], expect + [ref.grads[k] for k in ref.grads]):
+        assert _relative(a, b) < precision.TOLERANCES[ref.dtype.name]["output"]
+
+
 @needs_ml_dtypes
 def test_bfloat16_conversions_round_as_ml_dtypes():
     """The kernels' bfloat16 store (LLVM IR, run here through a CPU intrinsic) and the

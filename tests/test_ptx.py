@@ -37,8 +37,8 @@ def test_every_kernel_compiles_without_spills(tmp_path):
                                                        for a in ("sm_80", "sm_90")}
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        if "persistent" in r["kernel"].split():  # 256 threads: two blocks an SM need at most 128
-            assert 0 < r["registers"] <= 128, r
+        if {"fused", "persistent"} & set(r["kernel"].split()):  # fused.RECURRENCE_JIT's launch bounds:
+            assert 0 < r["registers"] <= 128, r  # two blocks of 256 threads an SM
         else:
             assert 0 < r["registers"] <= 64, r  # lean enough for full occupancy at 128 threads
         if {"fused", "persistent"} & set(r["kernel"].split()):

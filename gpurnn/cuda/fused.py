@@ -4,12 +4,14 @@ Two algorithms besides the graph of cuBLAS step GEMMs and pointwise kernels
 (``gpurnn.cuda.kernels``), for shapes too small to fill the GPU:
 
 - **fused**: one launch per step. Block k owns hidden units [k*U, (k+1)*U) of
-  every batch row; each thread of it computes, for one element (b, j), the dot
-  products of h_prev[b] with the rows of W_hh of unit j (one per gate block)
-  and applies the cell's pointwise step to them. Backward, each thread first
-  adds the recurrent part of its gradient, (dgates_{t'} W_hh)[b, j] of the step
-  t' BPTT ran just before, then runs the cell's pointwise backward; the last
-  step's product is one GEMM after the loop.
+  every batch row; a group of ``split`` threads of it (one, or SPLIT where the
+  block has threads to spare: split_of) computes, for one element (b, j), the
+  dot products of h_prev[b] with the rows of W_hh of unit j (one per gate
+  block), and the group's first thread applies the cell's pointwise step to
+  them. Backward, the group first computes the recurrent part of the element's
+  gradient, (dgates_{t'} W_hh)[b, j] of the step t' BPTT ran just before, then
+  its first thread runs the cell's pointwise backward; the last step's product
+  is one GEMM after the loop.
 - **persistent**: one launch per span of steps. Each block copies its units'
   rows of W_hh (backward: columns) into shared memory once, then runs the same
   per-step tile as the fused kernel over every step of the span, with a
@@ -30,13 +32,18 @@ The weights reach a tile flat, a unit's gates side by side:
 
 Numerics: each dot product accumulates in the type the buffers compute in
 (float32 for half buffers, which are widened as read and staged in half, so
-shared memory holds half the bytes) in order k = 0..H-1, and sums are grouped as
-the step kernels' (x W_ih^T + b_ih) + (h W_hh^T + b_hh).
+shared memory holds half the bytes): split = 1 in order k = 0..n-1; else thread
+l of the group sums k = l, l + SPLIT, ... in order and the first adds the
+group's sums in thread order (the same launch gives the same bits every time).
+Sums are grouped as the step kernels' (x W_ih^T + b_ih) + (h W_hh^T + b_hh).
 
 Shared memory: the staged operand's rows are padded (``staged_pitch``) so that a
-warp's elements, which sit in different batch rows and read the same column
-together, read different banks; W_hh's rows or columns on chip are read by
-neighbouring units, so they need no padding.
+warp's groups, which read ``split`` neighbouring columns of different batch rows
+together, read different banks; split_of keeps the split threads' reads of W_hh's
+rows or columns on chip in different banks too. After the staged rows, the split
+threads' sums (in the compute type). The dot loops index with unsigned integers
+(see gate_dots), and ptxas is bounded to 128 registers a thread (RECURRENCE_JIT);
+kernels/ptx_report.py counts the loops' machine instructions an FMA.
 
 Barrier (``grid_barrier``): block thread 0 makes the block's writes visible
 (``threadfence``), counts its arrival in sync[0] with an atomic add, and polls
@@ -54,9 +61,9 @@ import math
 from numba import int32, uint32, uint64
 
 from gpurnn.backend import _simulating, load_numba_cuda
-from gpurnn.cuda.kernels import (constants, gru_point_backward, gru_point_forward, lstm_point_backward,
-                                 lstm_point_forward, narrow, numba_float, rnn_point_backward, rnn_point_forward,
-                                 wide)
+from gpurnn.cuda.kernels import (compute_shared, constants, gru_point_backward, gru_point_forward,
+                                 lstm_point_backward, lstm_point_forward, narrow, numba_float, rnn_point_backward,
+                                 rnn_point_forward, wide)
 from gpurnn.sequence import GATE_BLOCKS
 
 cuda = load_numba_cuda()
@@ -64,6 +71,11 @@ cuda = load_numba_cuda()
 SPIN_LIMIT = 1 << 24  # polls of the barrier counter (~2-4 s) before a block gives up
 SHARED_LIMIT = 48 << 10  # bytes of shared memory a block may use (no opt-in to more)
 MAX_THREADS = 256
+SPLIT = 4  # threads that share an element's dot products where a block has them to spare
+# (threads a block, blocks an SM) ptxas must leave room for, which bounds a thread's
+# registers to 128: a launch puts a block on each SM it may use, and two directions of a
+# bidirectional layer (lanes of their own) may share the SMs. The simulator takes none.
+RECURRENCE_JIT = {} if _simulating() else {"launch_bounds": (MAX_THREADS, 2)}
 
 # --------------------------------------------------------------------- memory
 if _simulating():  # the simulator has no cache-hinted loads or sleeps; its blocks see memory as is
@@ -129,18 +141,37 @@ def _element(e, j0, U):
     return b, j0 + e - b * U
 
 
-def staged_pitch(width, itemsize):
-    """Elements from one staged row to the next: ``width`` or a little more, so that a row
-    is an odd number of the units a warp's shared loads go by (4-byte words; 8 bytes for
-    float64). A warp's elements are in different batch rows and read the same column k
-    together: with a pitch that is a multiple of the 32 banks (H = 256 float32), RNN C's
-    16 rows a warp would read one bank 16 times over, once each, every k."""
-    if itemsize == 2:
-        return width + (2 - width % 4) % 4  # 2 mod 4 halves: an odd number of words
-    return width | 1
+def split_of(elements, n, spread, itemsize):
+    """How many threads share each element's dot products: SPLIT where the block has them
+    to spare (elements * SPLIT <= MAX_THREADS), each keeps 8 or more of the n terms, and
+    the split threads' weight reads fall in different banks (they read rows k, k+1, ...
+    of a block's weights at once, where neighbouring units sit ``spread`` elements apart,
+    G*units forward, units backward: SPLIT * spread words, float64 twice that, must stay
+    within the 32 banks); else 1. Small shapes leave most of a block idle otherwise: LSTM
+    D (8 rows, a unit a block) would run 8 threads through 128 terms each. One split size,
+    a constant, keeps the loop's strides constants too: with a stride numba learns only at
+    run time its unrolled loop computes every address in 64 bits (twice the instructions)."""
+    words = spread * (2 if itemsize == 8 else 1)
+    return SPLIT if elements * SPLIT <= MAX_THREADS and n >= 8 * SPLIT and SPLIT * words <= 32 else 1
 
 
-pitch_of = cuda.jit(device=True, inline=True)(staged_pitch)
+def staged_pitch(width, itemsize, split):
+    """Elements from one staged row to the next: ``width`` or a little more. A warp reads
+    its elements' rows at once, ``split`` neighbouring columns of each (the threads that
+    share an element), which span u words (4 bytes; u = split/2 for half types, 2*split
+    for float64, at least 1). With a row an odd multiple of u words (mod 32 banks), the
+    rows' spans fall in different banks; with a pitch that is a multiple of the 32 banks
+    (H = 256 float32), RNN C's 16 rows a warp would read one bank 16 times over."""
+    per_word = 2 if itemsize == 2 else 1  # elements a word
+    words_each = 2 if itemsize == 8 else 1  # words an element
+    u = max(1, split * words_each // per_word)
+    words = (width * words_each + per_word - 1) // per_word
+    words += (u - words % (2 * u) + 2 * u) % (2 * u)  # = u mod 2u
+    return words * per_word // words_each
+
+
+split_on_device = cuda.jit(device=True, inline=True)(split_of)
+pitch_on_device = cuda.jit(device=True, inline=True)(staged_pitch)
 
 
 @cuda.jit(device=True, inline=True)
@@ -165,15 +196,38 @@ def stage(sm, offset, pitch, src, t, rows, width):
 
 
 @cuda.jit(device=True, inline=True)
-def gate_dots(sm, at, n, w, w_at, w_cols, G):
-    """The G (1, 3 or 4) sums over k < n of sm[at + k] * w[w_at + k * w_cols + g], g < G,
-    in order k = 0..n-1 in the type sm computes in (the sums past G stay zero). The loop
+def gate_dots(sm, at, step, n, w, w_at, w_step, G):
+    """The G (1, 3 or 4) sums over m < n of sm[at + m*step] * w[w_at + m*w_step + g], g < G,
+    in order m = 0..n-1 in the type sm computes in (the sums past G stay zero). The loop
     runs on unsigned indices: numba checks a signed index for a negative value at every
     load, and that check and its 64-bit arithmetic were most of the loop's instructions."""
     a0 = a1 = a2 = a3 = constants(sm)[0]
     one, two, three = uint64(1), uint64(2), uint64(3)
-    step = uint64(w_cols)
     i, j = uint64(at), uint64(w_at)
+    i_step, j_step = uint64(step), uint64(w_step)
+    m, count = uint64(0), uint64(n)  # an unsigned count: numba's range() counts with sign checks
+    while m < count:
+        s = wide(sm[i])
+        a0 += s * wide(w[j])
+        if G >= 3:
+            a1 += s * wide(w[j + one])
+            a2 += s * wide(w[j + two])
+        if G == 4:
+            a3 += s * wide(w[j + three])
+        i += i_step
+        j += j_step
+        m += one
+    return a0, a1, a2, a3
+
+
+@cuda.jit(device=True, inline=True)
+def strided_gate_dots(sm, at, n, w, w_at, w_step, G):
+    """gate_dots over every SPLIT-th term, sm[at + m*SPLIT] for m*SPLIT < n, as a loop on
+    the index itself: numba's LLVM unrolls a counted loop with a stride 16 times over,
+    which takes more registers than two blocks an SM leave a thread."""
+    a0 = a1 = a2 = a3 = constants(sm)[0]
+    one, two, three, step = uint64(1), uint64(2), uint64(3), uint64(SPLIT)
+    i, j, j_step = uint64(at), uint64(w_at), uint64(w_step)
     end = i + uint64(n)
     while i < end:
         s = wide(sm[i])
@@ -183,184 +237,257 @@ def gate_dots(sm, at, n, w, w_at, w_cols, G):
             a2 += s * wide(w[j + two])
         if G == 4:
             a3 += s * wide(w[j + three])
-        i += one
-        j += step
+        i += step
+        j += j_step
     return a0, a1, a2, a3
 
 
-# ------------------------------------------------------------------- forward tiles
 @cuda.jit(device=True, inline=True)
-def rnn_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, y, lengths,
+def element_dots(live, sm, at, n, w, w_at, w_cols, G, split, red, red_at):
+    """The G dot products of the calling thread's element over k < n, sm[at + k] against
+    w[w_at + k*w_cols + g], shared among the ``split`` neighbouring threads of a group:
+    thread ``lane`` of the group sums the terms k = lane, lane + split, ... (gate_dots),
+    then the first adds the group's sums in lane order, through red[red_at:] (one block
+    barrier before, one after: every thread of the block must call this together). The
+    first lane's result is the element's; ``live`` False: no terms (sums of zero)."""
+    lane = cuda.threadIdx.x % split
+    a0 = a1 = a2 = a3 = constants(sm)[0]
+    if live and split == 1:
+        a0, a1, a2, a3 = gate_dots(sm, at, 1, n, w, w_at, w_cols, G)
+    elif live:
+        a0, a1, a2, a3 = strided_gate_dots(sm, at + lane, n - lane, w, w_at + lane * w_cols, SPLIT * w_cols, G)
+    if split > 1:
+        mine = red_at + cuda.threadIdx.x * G  # a group's threads are neighbours: its sums too
+        red[mine] = a0
+        if G >= 3:
+            red[mine + 1] = a1
+            red[mine + 2] = a2
+        if G == 4:
+            red[mine + 3] = a3
+        cuda.syncthreads()
+        if lane == 0:
+            for other in range(mine + G, mine + SPLIT * G, G):
+                a0 += red[other]
+                if G >= 3:
+                    a1 += red[other + 1]
+                    a2 += red[other + 2]
+                if G == 4:
+                    a3 += red[other + 3]
+        cuda.syncthreads()  # the block's next elements write red again
+    return a0, a1, a2, a3
+
+
+@cuda.jit(device=True, inline=True)
+def scratch_after(sm, used):
+    """The compute-type view of dynamic shared memory and the first index in it past
+    ``used`` elements of sm: where element_dots adds up the split sums."""
+    red = compute_shared(sm)
+    return red, (used * sm.itemsize + red.itemsize - 1) // red.itemsize
+
+
+# ------------------------------------------------------------------- forward tiles
+# Every thread of the block runs the same number of element rounds (element_dots waits at
+# block barriers): round r gives group g of ``split`` threads element r*groups + g, if any.
+@cuda.jit(device=True, inline=True)
+def rnn_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, y, lengths,
                      nonlinearity):
-    """Step t for units [j0, j1) of every batch row (shapes as kernels.rnn_forward);
-    h_prev is staged at sm[hs_off:], B rows of ``staged_pitch(H)`` elements."""
+    """Step t for units [j0, j1) of every batch row (shapes as kernels.rnn_forward; a block
+    of ``units`` units); h_prev is staged at sm[hs_off:], B rows of ``staged_pitch``."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
-    prev = t + reverse
-    pitch = pitch_of(H, sm.itemsize)
-    stage(sm, hs_off, pitch, h, prev, B, H)
-    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
-        b, j = _element(e, j0, U)
-        rec = constants(h)[0]
-        if t < lengths[b]:  # a padded row carries its state: no product needed
-            rec = gate_dots(sm, hs_off + b * pitch, H, w, j - w_base, w_cols, 1)[0]
-        rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity)
+    split = split_on_device(B * units, H, units, sm.itemsize)
+    pitch = pitch_on_device(H, sm.itemsize, split)
+    stage(sm, hs_off, pitch, h, t + reverse, B, H)
+    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    groups = cuda.blockDim.x // split
+    for first in range(0, B * U, groups):
+        e = first + cuda.threadIdx.x // split
+        live = e < B * U
+        b, j = _element(e if live else 0, j0, U)
+        rec = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w, j - w_base, w_cols, 1, split,
+                           red, red_at)[0]  # a padded row carries its state: no product needed
+        if live and cuda.threadIdx.x % split == 0:
+            rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity)
 
 
 @cuda.jit(device=True, inline=True)
-def lstm_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, c, gates, y,
+def lstm_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, c, gates, y,
                       lengths):
     """Step t for units [j0, j1) of every batch row (shapes as kernels.lstm_forward)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
-    prev = t + reverse
-    pitch = pitch_of(H, sm.itemsize)
-    stage(sm, hs_off, pitch, h, prev, B, H)
-    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
-        b, j = _element(e, j0, U)
-        rec_i = rec_f = rec_g = rec_o = constants(h)[0]
-        if t < lengths[b]:
-            rec_i, rec_f, rec_g, rec_o = gate_dots(sm, hs_off + b * pitch, H, w, (j - w_base) * 4, w_cols, 4)
-        lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b_hh, h, c, gates, y, lengths)
+    split = split_on_device(B * units, H, 4 * units, sm.itemsize)
+    pitch = pitch_on_device(H, sm.itemsize, split)
+    stage(sm, hs_off, pitch, h, t + reverse, B, H)
+    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    groups = cuda.blockDim.x // split
+    for first in range(0, B * U, groups):
+        e = first + cuda.threadIdx.x // split
+        live = e < B * U
+        b, j = _element(e if live else 0, j0, U)
+        rec_i, rec_f, rec_g, rec_o = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w,
+                                                  (j - w_base) * 4, w_cols, 4, split, red, red_at)
+        if live and cuda.threadIdx.x % split == 0:
+            lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b_hh, h, c, gates, y,
+                               lengths)
 
 
 @cuda.jit(device=True, inline=True)
-def gru_forward_tile(t, reverse, j0, j1, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, gates, y,
+def gru_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, gates, y,
                      lengths):
     """Step t for units [j0, j1) of every batch row (shapes as kernels.gru_forward)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
-    prev = t + reverse
-    pitch = pitch_of(H, sm.itemsize)
-    stage(sm, hs_off, pitch, h, prev, B, H)
-    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
-        b, j = _element(e, j0, U)
-        rec_r = rec_z = rec_n = constants(h)[0]
-        if t < lengths[b]:
-            rec_r, rec_z, rec_n, _ = gate_dots(sm, hs_off + b * pitch, H, w, (j - w_base) * 3, w_cols, 3)
-        gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths)
+    split = split_on_device(B * units, H, 3 * units, sm.itemsize)
+    pitch = pitch_on_device(H, sm.itemsize, split)
+    stage(sm, hs_off, pitch, h, t + reverse, B, H)
+    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    groups = cuda.blockDim.x // split
+    for first in range(0, B * U, groups):
+        e = first + cuda.threadIdx.x // split
+        live = e < B * U
+        b, j = _element(e if live else 0, j0, U)
+        rec_r, rec_z, rec_n, _ = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w,
+                                              (j - w_base) * 3, w_cols, 3, split, red, red_at)
+        if live and cuda.threadIdx.x % split == 0:
+            gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths)
 
 
 # ------------------------------------------------------------------ backward tiles
 @cuda.jit(device=True, inline=True)
-def recurrent_grad(sm, row, GH, col, w, w_cols):
+def recurrent_grad(live, sm, row, GH, w, col, w_cols, split, red, red_at):
     """(dgates_{t'} W_hh)[b, col]: what the step BPTT ran before (t') sends into this one's
-    state, from that step's dgates row of b staged at sm[row:row + G*H]."""
-    return gate_dots(sm, row, GH, w, col, w_cols, 1)[0]
+    state, from that step's dgates row of b staged at sm[row:row + G*H] (see element_dots)."""
+    return element_dots(live, sm, row, GH, w, col, w_cols, 1, split, red, red_at)[0]
 
 
 @cuda.jit(device=True, inline=True)
-def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, sm, hs_off, h, dy, dh, dgates,
-                      lengths, nonlinearity):
+def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w_base, sm, hs_off, h, dy, dh,
+                      dgates, lengths, nonlinearity):
     """BPTT step t for units [j0, j1): dh[b, j] (+ the recurrent gradient from step t_next
     when has_next, its dgates staged at sm[hs_off:]) is the gradient carried in; shapes as
     kernels.rnn_backward."""
     B = h.shape[1]
     U = j1 - j0
     GH = dgates.shape[2]
-    pitch = pitch_of(GH, sm.itemsize)
+    split = split_on_device(B * units, GH, units, sm.itemsize)
+    pitch = pitch_on_device(GH, sm.itemsize, split)
     if has_next:
         stage(sm, hs_off, pitch, dgates, t_next, B, GH)
-    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
-        b, j = _element(e, j0, U)
-        dh_in = wide(dh[b, j])
+    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    for first in range(0, B * U, cuda.blockDim.x // split):
+        e = first + cuda.threadIdx.x // split
+        live = e < B * U
+        b, j = _element(e if live else 0, j0, U)
+        rec = constants(sm)[0]
         if has_next:
-            dh_in += recurrent_grad(sm, hs_off + b * pitch, GH, j - w_base, w, w_cols)
-        rnn_point_backward(t, reverse, b, j, dh_in, h, dy, dh, dgates, lengths, nonlinearity)
+            rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
+        if live and cuda.threadIdx.x % split == 0:
+            rnn_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, h, dy, dh, dgates, lengths, nonlinearity)
 
 
 @cuda.jit(device=True, inline=True)
-def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, sm, hs_off, c, gates, dy, dh,
-                       dc, dgates, lengths):
+def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w_base, sm, hs_off, c, gates, dy,
+                       dh, dc, dgates, lengths):
     """As rnn_backward_tile, for kernels.lstm_backward's buffers."""
     B = c.shape[1]
     U = j1 - j0
     GH = dgates.shape[2]
-    pitch = pitch_of(GH, sm.itemsize)
+    split = split_on_device(B * units, GH, units, sm.itemsize)
+    pitch = pitch_on_device(GH, sm.itemsize, split)
     if has_next:
         stage(sm, hs_off, pitch, dgates, t_next, B, GH)
-    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
-        b, j = _element(e, j0, U)
-        dh_in = wide(dh[b, j])
+    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    for first in range(0, B * U, cuda.blockDim.x // split):
+        e = first + cuda.threadIdx.x // split
+        live = e < B * U
+        b, j = _element(e if live else 0, j0, U)
+        rec = constants(sm)[0]
         if has_next:
-            dh_in += recurrent_grad(sm, hs_off + b * pitch, GH, j - w_base, w, w_cols)
-        lstm_point_backward(t, reverse, b, j, dh_in, c, gates, dy, dh, dc, dgates, lengths)
+            rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
+        if live and cuda.threadIdx.x % split == 0:
+            lstm_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, c, gates, dy, dh, dc, dgates, lengths)
 
 
 @cuda.jit(device=True, inline=True)
-def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, w, w_cols, w_base, sm, hs_off, h, gates, dy, dh,
-                      dgates, lengths):
+def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w_base, sm, hs_off, h, gates, dy,
+                      dh, dgates, lengths):
     """As rnn_backward_tile, for kernels.gru_backward's buffers (the product reads the first
     3H columns of dgates, the recurrent projection's gradient)."""
     B = h.shape[1]
     U = j1 - j0
     GH = 3 * h.shape[2]
-    pitch = pitch_of(GH, sm.itemsize)
+    split = split_on_device(B * units, GH, units, sm.itemsize)
+    pitch = pitch_on_device(GH, sm.itemsize, split)
     if has_next:
         stage(sm, hs_off, pitch, dgates, t_next, B, GH)
-    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
-        b, j = _element(e, j0, U)
-        dh_in = wide(dh[b, j])
+    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    for first in range(0, B * U, cuda.blockDim.x // split):
+        e = first + cuda.threadIdx.x // split
+        live = e < B * U
+        b, j = _element(e if live else 0, j0, U)
+        rec = constants(sm)[0]
         if has_next:
-            dh_in += recurrent_grad(sm, hs_off + b * pitch, GH, j - w_base, w, w_cols)
-        gru_point_backward(t, reverse, b, j, dh_in, h, gates, dy, dh, dgates, lengths)
+            rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
+        if live and cuda.threadIdx.x % split == 0:
+            gru_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, h, gates, dy, dh, dgates, lengths)
 
 
 # ------------------------------------------------------------ fused step kernels
 # Launch with ceil(H / units) blocks and, as dynamic shared memory, room for the staged
 # operand: B rows of staged_pitch(H) elements forward, of staged_pitch(G*H) backward.
 # w_t: W_hh as [H, H, G] flat (unit_major); w: W_hh [G*H, H] flat.
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, **RECURRENCE_JIT)
 def rnn_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, y, lengths, nonlinearity):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
-    rnn_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, H, 0, sm, 0, b_ih, b_hh, h, y, lengths,
+    rnn_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, H, 0, sm, 0, b_ih, b_hh, h, y, lengths,
                      nonlinearity)
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, **RECURRENCE_JIT)
 def lstm_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, c, gates, y, lengths):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
-    lstm_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 4 * H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
+    lstm_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, 4 * H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
                       lengths)
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, **RECURRENCE_JIT)
 def gru_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, gates, y, lengths):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
-    gru_forward_tile(t, reverse, j0, min(H, j0 + units), gx, w_t, 3 * H, 0, sm, 0, b_ih, b_hh, h, gates, y,
+    gru_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, 3 * H, 0, sm, 0, b_ih, b_hh, h, gates, y,
                      lengths)
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, **RECURRENCE_JIT)
 def rnn_backward_fused(t, t_next, has_next, reverse, units, w, h, dy, dh, dgates, lengths, nonlinearity):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
-    rnn_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, sm, 0, h, dy, dh, dgates,
+    rnn_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, h, dy, dh, dgates,
                       lengths, nonlinearity)
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, **RECURRENCE_JIT)
 def lstm_backward_fused(t, t_next, has_next, reverse, units, w, c, gates, dy, dh, dc, dgates, lengths):
     H = c.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, c.dtype)
-    lstm_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, sm, 0, c, gates, dy, dh, dc,
-                       dgates, lengths)
+    lstm_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, c, gates, dy, dh,
+                       dc, dgates, lengths)
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=True, **RECURRENCE_JIT)
 def gru_backward_fused(t, t_next, has_next, reverse, units, w, h, gates, dy, dh, dgates, lengths):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
-    gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), w, H, 0, sm, 0, h, gates, dy, dh,
+    gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, h, gates, dy, dh,
                       dgates, lengths)
 
 
@@ -430,7 +557,7 @@ def _poison_backward(j0, j1, dh):
         dh[b, j] = narrow(math.nan, dh)
 
 
-@cuda.jit
+@cuda.jit(**RECURRENCE_JIT)
 def rnn_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, y, lengths, nonlinearity, sync):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
@@ -439,14 +566,14 @@ def rnn_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h,
     _stage_rows(sw, w_hh, 1, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        rnn_forward_tile(t, reverse, j0, j1, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
+        rnn_forward_tile(t, reverse, j0, j1, units, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
                          nonlinearity)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
 
 
-@cuda.jit
+@cuda.jit(**RECURRENCE_JIT)
 def lstm_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, c, gates, y, lengths, sync):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
@@ -455,14 +582,14 @@ def lstm_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h
     _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        lstm_forward_tile(t, reverse, j0, j1, gx, sw, 4 * units, j0, sw, 4 * units * H, b_ih, b_hh, h, c, gates,
-                          y, lengths)
+        lstm_forward_tile(t, reverse, j0, j1, units, gx, sw, 4 * units, j0, sw, 4 * units * H, b_ih, b_hh, h, c,
+                          gates, y, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
 
 
-@cuda.jit
+@cuda.jit(**RECURRENCE_JIT)
 def gru_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, gates, y, lengths, sync):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
@@ -471,14 +598,14 @@ def gru_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h,
     _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        gru_forward_tile(t, reverse, j0, j1, gx, sw, 3 * units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates, y,
+        gru_forward_tile(t, reverse, j0, j1, units, gx, sw, 3 * units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates, y,
                          lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
 
 
-@cuda.jit
+@cuda.jit(**RECURRENCE_JIT)
 def rnn_backward_persistent(start, stop, first, reverse, units, w_hh, h, dy, dh, dgates, lengths, nonlinearity,
                             sync):
     H = h.shape[2]
@@ -488,14 +615,14 @@ def rnn_backward_persistent(start, stop, first, reverse, units, w_hh, h, dy, dh,
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, units * H, h, dy, dh,
-                          dgates, lengths, nonlinearity)
+        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, units * H, h, dy,
+                          dh, dgates, lengths, nonlinearity)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
             return
 
 
-@cuda.jit
+@cuda.jit(**RECURRENCE_JIT)
 def lstm_backward_persistent(start, stop, first, reverse, units, w_hh, c, gates, dy, dh, dc, dgates, lengths,
                              sync):
     H = c.shape[2]
@@ -505,14 +632,14 @@ def lstm_backward_persistent(start, stop, first, reverse, units, w_hh, c, gates,
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, 4 * units * H, c,
+        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, 4 * units * H, c,
                            gates, dy, dh, dc, dgates, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
             return
 
 
-@cuda.jit
+@cuda.jit(**RECURRENCE_JIT)
 def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, dy, dh, dgates, lengths, sync):
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
@@ -521,7 +648,7 @@ def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, 
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, sw, units, j0, sw, 3 * units * H, h,
+        gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, 3 * units * H, h,
                           gates, dy, dh, dgates, lengths)
         if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
             _poison_backward(j0, j1, dh)
@@ -544,13 +671,29 @@ def unit_major(w_hh, out):
     out.reshape(H, H, G)[...] = w_hh.reshape(G, H, H).transpose(2, 1, 0)
 
 
-def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
-    """Dynamic shared memory of a launch: the staged operand (h_prev rows forward, the
-    previous step's dgates rows backward), after the block's W_hh when persistent."""
+def block_shape(cell, phase, B, H, units, itemsize):
+    """(split, threads) of a block of ``units`` hidden units of every batch row: the threads
+    that share an element's dot products (split_of, as the tiles work it out), and the
+    threads that makes, in whole warps."""
     G = GATE_BLOCKS[cell]
-    staged = B * staged_pitch(H if phase == "forward" else G * H, itemsize)
+    n, spread = (H, G * units) if phase == "forward" else (G * H, units)
+    split = split_of(B * units, n, spread, itemsize)
+    return split, min(MAX_THREADS, -(-B * units * split // 32) * 32)
+
+
+def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
+    """Dynamic shared memory of a launch of blocks of ``units`` units: the staged operand
+    (h_prev rows forward, the previous step's dgates rows backward), after the block's
+    W_hh when persistent, then, when threads share an element, their sums (G a thread, in
+    the type the buffers compute in)."""
+    G = GATE_BLOCKS[cell]
+    split, threads = block_shape(cell, phase, B, H, units, itemsize)
     weights = G * units * H if algorithm == "persistent" else 0
-    return (staged + weights) * itemsize
+    used = (weights + B * staged_pitch(H if phase == "forward" else G * H, itemsize, split)) * itemsize
+    if split == 1:
+        return used
+    acc = 4 if itemsize == 2 else itemsize
+    return -(-used // acc) * acc + threads * G * acc
 
 
 def signatures(cell, phase, algorithm, dtype, inference=False):

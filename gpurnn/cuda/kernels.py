@@ -88,6 +88,11 @@ if config.ENABLE_CUDASIM:  # the simulator runs device code as Python on NumPy s
         """(zero, one, half, slope, alpha) in the type the array x computes in."""
         kind = np.float32 if x.dtype in (np.float16, np.uint16) else x.dtype.type  # half: float32
         return tuple(kind(c) for c in _CONSTANTS)
+
+    @cuda.jit(device=True)  # a device function: the simulator hands it the block's shared memory
+    def compute_shared(x):
+        """The block's dynamic shared memory as an array of the type x computes in."""
+        return cuda.shared.array(0, np.dtype(np.float32) if x.dtype in (np.float16, np.uint16) else x.dtype)
 else:  # intrinsics: typed per argument type at compile time, and PTX builds with no driver (an overload needs one)
     @intrinsic
     def wide(typingctx, v):
@@ -114,6 +119,21 @@ else:  # intrinsics: typed per argument type at compile time, and PTX builds wit
         def codegen(context, builder, sig, args):
             return context.make_tuple(builder, sig.return_type, [context.get_constant(kind, c) for c in _CONSTANTS])
         return types.UniTuple(kind, len(_CONSTANTS))(x), codegen
+
+    @intrinsic
+    def compute_shared(typingctx, x):
+        """As cuda.shared.array(0, <the type x computes in>), which numba cannot spell for a
+        type it reads off an argument; it aliases every other dynamic shared array."""
+        kind = types.float32 if x.dtype in (types.float16, types.uint16) else x.dtype
+
+        def codegen(context, builder, sig, args):
+            from numba.cuda import cudaimpl
+            from numba.cuda.cudadrv import nvvm
+
+            return cudaimpl._generic_array(context, builder, shape=(0,), dtype=kind,
+                                           symbol_name=cudaimpl._get_unique_smem_id("_cudapy_smem"),
+                                           addrspace=nvvm.ADDRSPACE_SHARED, can_dynsized=True)
+        return types.Array(kind, 1, "C")(x), codegen
 
 
 @cuda.jit(device=True, inline=True)

@@ -455,7 +455,8 @@ class CudaOps:
         """Forward step t of one direction in one launch (gpurnn.cuda.fused), reading W_hh
         from ws.w_hh_t, which the caller has refreshed (fused_weights); buffers as the step kernels'."""
         T, B, H = self._check_direction(cell, t, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates)
-        units, blocks, threads = _fused_grid(B, H, self.sm_count // self._lanes_running)
+        units, blocks, threads = _fused_grid(cell, "forward", B, H, ws.h.dtype.itemsize,
+                                             self.sm_count // self._lanes_running)
         shared = self.fused_shared(cell, "forward", ws.h.dtype, B, H)
         args = {"rnn": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, y, lengths,
                         kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
@@ -467,7 +468,8 @@ class CudaOps:
         """BPTT step t of one direction in one launch: first the recurrent gradient of the
         step BPTT ran before (when has_next), then the cell's pointwise backward."""
         T, B, H = self._check_direction(cell, t, reverse, ws, dy, lengths, w_hh=w_hh)
-        units, blocks, threads = _fused_grid(B, H, self.sm_count // self._lanes_running)
+        units, blocks, threads = _fused_grid(cell, "backward", B, H, ws.h.dtype.itemsize,
+                                             self.sm_count // self._lanes_running)
         shared = self.fused_shared(cell, "backward", ws.h.dtype, B, H)
         t_next = t - 1 if reverse else t + 1
         self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
@@ -481,7 +483,9 @@ class CudaOps:
 
     def fused_shared(self, cell, phase, dtype, B, H):
         """Shared memory of a fused step (its staged operand), or NotApplicable past the limit."""
-        shared = fused.shared_bytes(cell, phase, "fused", B, H, 0, np.dtype(dtype).itemsize)
+        itemsize = np.dtype(dtype).itemsize
+        units = _fused_grid(cell, phase, B, H, itemsize, self.sm_count // self._lanes_running)[0]
+        shared = fused.shared_bytes(cell, phase, "fused", B, H, units, itemsize)
         if shared > fused.SHARED_LIMIT:
             raise NotApplicable(f"fused {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name}: a block stages "
                                 f"the step's [{B}, {H if phase == 'forward' else GATE_BLOCKS[cell] * H}] operand in "
@@ -526,7 +530,7 @@ class CudaOps:
         blocks all fit on the GPU at once, with the SMs shared among the ``lanes`` that
         may run at the same time; ``NotApplicable`` saying why when there is none."""
         itemsize = np.dtype(dtype).itemsize
-        spread = _fused_grid(B, H, self.sm_count // lanes)[0]  # a block an SM, then fewer blocks
+        spread = _fused_grid(cell, phase, B, H, itemsize, self.sm_count // lanes)[0]  # a block an SM, then fewer blocks
         tried, reasons = set(), []
         for units in range(spread, H + 1):
             blocks = -(-H // units)
@@ -537,7 +541,7 @@ class CudaOps:
             if shared > fused.SHARED_LIMIT:
                 reasons.append(f"{blocks} blocks of {units} units need {shared >> 10} KiB of shared memory each")
                 continue
-            threads = min(fused.MAX_THREADS, _round_up(B * units, 32))
+            threads = fused.block_shape(cell, phase, B, H, units, itemsize)[1]
             resident = self._resident_blocks(kernel, signature, threads, shared) // lanes
             if blocks <= resident:
                 return units, blocks, threads, shared
@@ -809,10 +813,10 @@ def _device_key(cupy):
             f"numba-cuda {numba_cuda.__version__}")
 
 
-def _fused_grid(B, H, sms):
+def _fused_grid(cell, phase, B, H, itemsize, sms):
     """(units per block, blocks, threads) of a step spread over ``sms`` SMs, a block each."""
     units = -(-H // max(1, sms))
-    return units, -(-H // units), min(fused.MAX_THREADS, _round_up(B * units, 32))
+    return units, -(-H // units), fused.block_shape(cell, phase, B, H, units, itemsize)[1]
 
 
 def _check_step(t, reverse, state, G, lengths, **bufs):
