@@ -196,48 +196,47 @@ def stage(sm, offset, pitch, src, t, rows, width):
 
 
 @cuda.jit(device=True, inline=True)
-def gate_dots(sm, at, step, n, w, w_at, w_step, G):
-    """The G (1, 3 or 4) sums over m < n of sm[at + m*step] * w[w_at + m*w_step + g], g < G,
-    in order m = 0..n-1 in the type sm computes in (the sums past G stay zero). The loop
-    runs on unsigned indices: numba checks a signed index for a negative value at every
-    load, and that check and its 64-bit arithmetic were most of the loop's instructions."""
+def add_gate_terms(a0, a1, a2, a3, s, w, j, G):
+    """a_g + s * w[j + g] for each gate g < G (1, 3 or 4); the sums past G as they are."""
+    a0 += s * wide(w[j])
+    if G >= 3:
+        a1 += s * wide(w[j + uint64(1)])
+        a2 += s * wide(w[j + uint64(2)])
+    if G == 4:
+        a3 += s * wide(w[j + uint64(3)])
+    return a0, a1, a2, a3
+
+
+@cuda.jit(device=True, inline=True)
+def gate_dots(sm, at, n, w, w_at, w_step, G):
+    """The G sums over k < n of sm[at + k] * w[w_at + k*w_step + g], g < G, in order
+    k = 0..n-1 in the type sm computes in (the sums past G stay zero). The loop runs on
+    unsigned indices and an unsigned count: numba checks a signed index for a negative
+    value at every load, and its range() counts with sign checks; that and its 64-bit
+    arithmetic were most of the loop's instructions."""
     a0 = a1 = a2 = a3 = constants(sm)[0]
-    one, two, three = uint64(1), uint64(2), uint64(3)
-    i, j = uint64(at), uint64(w_at)
-    i_step, j_step = uint64(step), uint64(w_step)
-    m, count = uint64(0), uint64(n)  # an unsigned count: numba's range() counts with sign checks
+    i, j, j_step = uint64(at), uint64(w_at), uint64(w_step)
+    m, count = uint64(0), uint64(n)
     while m < count:
-        s = wide(sm[i])
-        a0 += s * wide(w[j])
-        if G >= 3:
-            a1 += s * wide(w[j + one])
-            a2 += s * wide(w[j + two])
-        if G == 4:
-            a3 += s * wide(w[j + three])
-        i += i_step
+        a0, a1, a2, a3 = add_gate_terms(a0, a1, a2, a3, wide(sm[i]), w, j, G)
+        i += uint64(1)
         j += j_step
-        m += one
+        m += uint64(1)
     return a0, a1, a2, a3
 
 
 @cuda.jit(device=True, inline=True)
 def strided_gate_dots(sm, at, n, w, w_at, w_step, G):
-    """gate_dots over every SPLIT-th term, sm[at + m*SPLIT] for m*SPLIT < n, as a loop on
-    the index itself: numba's LLVM unrolls a counted loop with a stride 16 times over,
-    which takes more registers than two blocks an SM leave a thread."""
+    """As gate_dots over every SPLIT-th term: sm[at + m*SPLIT] * w[w_at + m*w_step + g]
+    for m*SPLIT < n (n > 0). A constant stride, and a loop on the index itself, which
+    LLVM unrolls less deeply than a counted one (the persistent LSTM forward: 128
+    registers against 162, before launch bounds)."""
     a0 = a1 = a2 = a3 = constants(sm)[0]
-    one, two, three, step = uint64(1), uint64(2), uint64(3), uint64(SPLIT)
     i, j, j_step = uint64(at), uint64(w_at), uint64(w_step)
     end = i + uint64(n)
     while i < end:
-        s = wide(sm[i])
-        a0 += s * wide(w[j])
-        if G >= 3:
-            a1 += s * wide(w[j + one])
-            a2 += s * wide(w[j + two])
-        if G == 4:
-            a3 += s * wide(w[j + three])
-        i += step
+        a0, a1, a2, a3 = add_gate_terms(a0, a1, a2, a3, wide(sm[i]), w, j, G)
+        i += uint64(SPLIT)
         j += j_step
     return a0, a1, a2, a3
 
@@ -246,15 +245,16 @@ def strided_gate_dots(sm, at, n, w, w_at, w_step, G):
 def element_dots(live, sm, at, n, w, w_at, w_cols, G, split, red, red_at):
     """The G dot products of the calling thread's element over k < n, sm[at + k] against
     w[w_at + k*w_cols + g], shared among the ``split`` neighbouring threads of a group:
-    thread ``lane`` of the group sums the terms k = lane, lane + split, ... (gate_dots),
-    then the first adds the group's sums in lane order, through red[red_at:] (one block
-    barrier before, one after: every thread of the block must call this together). The
-    first lane's result is the element's; ``live`` False: no terms (sums of zero)."""
+    thread ``lane`` of the group sums the terms k = lane, lane + SPLIT, ...
+    (strided_gate_dots), then the first adds the group's sums in lane order, through
+    red[red_at:] (one block barrier before, one after: every thread of the block must
+    call this together). The first lane's result is the element's; ``live`` False: no
+    terms (sums of zero)."""
     lane = cuda.threadIdx.x % split
     a0 = a1 = a2 = a3 = constants(sm)[0]
     if live and split == 1:
-        a0, a1, a2, a3 = gate_dots(sm, at, 1, n, w, w_at, w_cols, G)
-    elif live:
+        a0, a1, a2, a3 = gate_dots(sm, at, n, w, w_at, w_cols, G)
+    elif live:  # split_of gave SPLIT only for n >= 8 * SPLIT: every lane has terms
         a0, a1, a2, a3 = strided_gate_dots(sm, at + lane, n - lane, w, w_at + lane * w_cols, SPLIT * w_cols, G)
     if split > 1:
         mine = red_at + cuda.threadIdx.x * G  # a group's threads are neighbours: its sums too
