@@ -285,6 +285,29 @@ def scratch_after(sm, used):
     return red, (used * sm.itemsize + red.itemsize - 1) // red.itemsize
 
 
+@cuda.jit(device=True, inline=True)
+def tile_setup(sm, hs_off, src, t, staged, rows, width, units, spread):
+    """What every tile does first: the split (split_of) and the row pitch, then, when
+    ``staged``, src[t]'s rows into sm[hs_off:]; returns (split, pitch, red, red_at), the
+    last two the split sums' place past the staged rows (scratch_after)."""
+    split = split_on_device(rows * units, width, spread, sm.itemsize)
+    pitch = pitch_on_device(width, sm.itemsize, split)
+    if staged:
+        stage(sm, hs_off, pitch, src, t, rows, width)
+    red, red_at = scratch_after(sm, hs_off + rows * pitch)
+    return split, pitch, red, red_at
+
+
+@cuda.jit(device=True, inline=True)
+def round_element(first, split, j0, U, rows):
+    """(live, b, j): the element of the calling thread's group in the round that starts
+    at element ``first``; live False past the block's rows * U elements."""
+    e = first + cuda.threadIdx.x // split
+    live = e < rows * U
+    b, j = _element(e if live else 0, j0, U)
+    return live, b, j
+
+
 # ------------------------------------------------------------------- forward tiles
 # Every thread of the block runs the same number of element rounds (element_dots waits at
 # block barriers): round r gives group g of ``split`` threads element r*groups + g, if any.
@@ -295,15 +318,9 @@ def rnn_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_of
     of ``units`` units); h_prev is staged at sm[hs_off:], B rows of ``staged_pitch``."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
-    split = split_on_device(B * units, H, units, sm.itemsize)
-    pitch = pitch_on_device(H, sm.itemsize, split)
-    stage(sm, hs_off, pitch, h, t + reverse, B, H)
-    red, red_at = scratch_after(sm, hs_off + B * pitch)
-    groups = cuda.blockDim.x // split
-    for first in range(0, B * U, groups):
-        e = first + cuda.threadIdx.x // split
-        live = e < B * U
-        b, j = _element(e if live else 0, j0, U)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, B, H, units, units)
+    for first in range(0, B * U, cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, j0, U, B)
         rec = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w, j - w_base, w_cols, 1, split,
                            red, red_at)[0]  # a padded row carries its state: no product needed
         if live and cuda.threadIdx.x % split == 0:
@@ -316,15 +333,9 @@ def lstm_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_o
     """Step t for units [j0, j1) of every batch row (shapes as kernels.lstm_forward)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
-    split = split_on_device(B * units, H, 4 * units, sm.itemsize)
-    pitch = pitch_on_device(H, sm.itemsize, split)
-    stage(sm, hs_off, pitch, h, t + reverse, B, H)
-    red, red_at = scratch_after(sm, hs_off + B * pitch)
-    groups = cuda.blockDim.x // split
-    for first in range(0, B * U, groups):
-        e = first + cuda.threadIdx.x // split
-        live = e < B * U
-        b, j = _element(e if live else 0, j0, U)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, B, H, units, 4 * units)
+    for first in range(0, B * U, cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, j0, U, B)
         rec_i, rec_f, rec_g, rec_o = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w,
                                                   (j - w_base) * 4, w_cols, 4, split, red, red_at)
         if live and cuda.threadIdx.x % split == 0:
@@ -338,15 +349,9 @@ def gru_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_of
     """Step t for units [j0, j1) of every batch row (shapes as kernels.gru_forward)."""
     B, H = h.shape[1], h.shape[2]
     U = j1 - j0
-    split = split_on_device(B * units, H, 3 * units, sm.itemsize)
-    pitch = pitch_on_device(H, sm.itemsize, split)
-    stage(sm, hs_off, pitch, h, t + reverse, B, H)
-    red, red_at = scratch_after(sm, hs_off + B * pitch)
-    groups = cuda.blockDim.x // split
-    for first in range(0, B * U, groups):
-        e = first + cuda.threadIdx.x // split
-        live = e < B * U
-        b, j = _element(e if live else 0, j0, U)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, B, H, units, 3 * units)
+    for first in range(0, B * U, cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, j0, U, B)
         rec_r, rec_z, rec_n, _ = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w,
                                               (j - w_base) * 3, w_cols, 3, split, red, red_at)
         if live and cuda.threadIdx.x % split == 0:
@@ -370,15 +375,9 @@ def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w_
     B = h.shape[1]
     U = j1 - j0
     GH = dgates.shape[2]
-    split = split_on_device(B * units, GH, units, sm.itemsize)
-    pitch = pitch_on_device(GH, sm.itemsize, split)
-    if has_next:
-        stage(sm, hs_off, pitch, dgates, t_next, B, GH)
-    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, B, GH, units, units)
     for first in range(0, B * U, cuda.blockDim.x // split):
-        e = first + cuda.threadIdx.x // split
-        live = e < B * U
-        b, j = _element(e if live else 0, j0, U)
+        live, b, j = round_element(first, split, j0, U, B)
         rec = constants(sm)[0]
         if has_next:
             rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
@@ -393,15 +392,9 @@ def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w
     B = c.shape[1]
     U = j1 - j0
     GH = dgates.shape[2]
-    split = split_on_device(B * units, GH, units, sm.itemsize)
-    pitch = pitch_on_device(GH, sm.itemsize, split)
-    if has_next:
-        stage(sm, hs_off, pitch, dgates, t_next, B, GH)
-    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, B, GH, units, units)
     for first in range(0, B * U, cuda.blockDim.x // split):
-        e = first + cuda.threadIdx.x // split
-        live = e < B * U
-        b, j = _element(e if live else 0, j0, U)
+        live, b, j = round_element(first, split, j0, U, B)
         rec = constants(sm)[0]
         if has_next:
             rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
@@ -417,15 +410,9 @@ def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w_
     B = h.shape[1]
     U = j1 - j0
     GH = 3 * h.shape[2]
-    split = split_on_device(B * units, GH, units, sm.itemsize)
-    pitch = pitch_on_device(GH, sm.itemsize, split)
-    if has_next:
-        stage(sm, hs_off, pitch, dgates, t_next, B, GH)
-    red, red_at = scratch_after(sm, hs_off + B * pitch)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, B, GH, units, units)
     for first in range(0, B * U, cuda.blockDim.x // split):
-        e = first + cuda.threadIdx.x // split
-        live = e < B * U
-        b, j = _element(e if live else 0, j0, U)
+        live, b, j = round_element(first, split, j0, U, B)
         rec = constants(sm)[0]
         if has_next:
             rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)

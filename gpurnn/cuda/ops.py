@@ -457,7 +457,7 @@ class CudaOps:
         T, B, H = self._check_direction(cell, t, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates)
         units, blocks, threads = _fused_grid(cell, "forward", B, H, ws.h.dtype.itemsize,
                                              self.sm_count // self._lanes_running)
-        shared = self.fused_shared(cell, "forward", ws.h.dtype, B, H)
+        shared = self.fused_shared(cell, "forward", ws.h.dtype, B, H, units)
         args = {"rnn": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, y, lengths,
                         kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
                 "lstm": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, ws.c, gates, y, lengths),
@@ -470,7 +470,7 @@ class CudaOps:
         T, B, H = self._check_direction(cell, t, reverse, ws, dy, lengths, w_hh=w_hh)
         units, blocks, threads = _fused_grid(cell, "backward", B, H, ws.h.dtype.itemsize,
                                              self.sm_count // self._lanes_running)
-        shared = self.fused_shared(cell, "backward", ws.h.dtype, B, H)
+        shared = self.fused_shared(cell, "backward", ws.h.dtype, B, H, units)
         t_next = t - 1 if reverse else t + 1
         self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
                           w_hh.reshape(-1), *self._backward_buffers(cell, nonlinearity, ws, dy, lengths),
@@ -481,11 +481,10 @@ class CudaOps:
         read it (fused.unit_major)."""
         fused.unit_major(w_hh, out)
 
-    def fused_shared(self, cell, phase, dtype, B, H):
-        """Shared memory of a fused step (its staged operand), or NotApplicable past the limit."""
-        itemsize = np.dtype(dtype).itemsize
-        units = _fused_grid(cell, phase, B, H, itemsize, self.sm_count // self._lanes_running)[0]
-        shared = fused.shared_bytes(cell, phase, "fused", B, H, units, itemsize)
+    def fused_shared(self, cell, phase, dtype, B, H, units):
+        """Shared memory of a fused step of blocks of ``units`` units (its staged operand), or
+        NotApplicable past the limit."""
+        shared = fused.shared_bytes(cell, phase, "fused", B, H, units, np.dtype(dtype).itemsize)
         if shared > fused.SHARED_LIMIT:
             raise NotApplicable(f"fused {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name}: a block stages "
                                 f"the step's [{B}, {H if phase == 'forward' else GATE_BLOCKS[cell] * H}] operand in "
@@ -530,7 +529,7 @@ class CudaOps:
         blocks all fit on the GPU at once, with the SMs shared among the ``lanes`` that
         may run at the same time; ``NotApplicable`` saying why when there is none."""
         itemsize = np.dtype(dtype).itemsize
-        spread = _fused_grid(cell, phase, B, H, itemsize, self.sm_count // lanes)[0]  # a block an SM, then fewer blocks
+        spread = _fused_grid(cell, phase, B, H, itemsize, self.sm_count // lanes)[0]  # a block an SM, then fewer
         tried, reasons = set(), []
         for units in range(spread, H + 1):
             blocks = -(-H // units)
@@ -714,7 +713,9 @@ class CudaOps:
             raise NotApplicable(f"a projected LSTM (proj_size={cfg.P}) runs only 'graph': the fused and "
                                 f"persistent kernels hold the square W_hh of an unprojected state")
         if algorithm == "fused":
-            self.fused_shared(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H)
+            units = _fused_grid(cfg.cell, phase, ws.B, cfg.H, ws.h0.dtype.itemsize,
+                                self.sm_count // self._lanes_running)[0]
+            self.fused_shared(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H, units)
         if algorithm != "persistent":
             return
         kernel = fused.PERSISTENT[cfg.cell, phase]
