@@ -15,7 +15,10 @@ For the recurrences (gpurnn.cuda.fused) it also reads the machine code (``cuobjd
 counts the instructions of the innermost loop with the most FMAs, the recurrent dot
 products: at the small shapes these kernels are for, a step's time is mostly
 instructions issued one after another by few warps, so instructions an FMA is the
-figure to watch without a GPU (``loop_per_fma``; None without cuobjdump).
+figure to watch without a GPU (``loop_per_fma``; None without cuobjdump); and of the loop
+that stages a step's h_prev or dgates rows into shared memory, the loads a thread has in
+flight (``stage_loads``: a load from L2 takes hundreds of cycles) and its instructions an
+element (``stage_per_element``).
 
 NVVM writes the same PTX for sm_80 and sm_90 (apart from the ``.target`` line and
 the names it mangles per compilation), so each build is compiled once and
@@ -79,27 +82,46 @@ def ptxas_stats(ptxas, ptx, arch, cuobjdump=None):
         return int(m.group(1)) if m else 0
 
     loop_instructions, loop_fmas = fma_loop(sass) if sass else (None, None)
+    stage_loads, stage_instructions = staging_loop(sass) if sass else (None, None)
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"), stack_frame=number(r"(\d+) bytes stack frame"),
                 shared_static=number(r"(\d+) bytes smem"), loop_instructions=loop_instructions, loop_fmas=loop_fmas,
-                loop_per_fma=round(loop_instructions / loop_fmas, 2) if loop_fmas else None, sass_error=sass_error)
+                loop_per_fma=round(loop_instructions / loop_fmas, 2) if loop_fmas else None,
+                stage_loads=stage_loads, stage_per_element=round(stage_instructions / stage_loads, 1)
+                if stage_loads else None, sass_error=sass_error)
 
 
-def fma_loop(sass):
-    """(instructions, FMAs) of the innermost loop (a backward branch with no other inside
-    it) that holds the most FMAs, in cuobjdump's listing of one kernel; (0, 0) if none."""
+def innermost_loops(sass):
+    """The bodies (instruction texts, in order) of the innermost loops (a backward branch with
+    no other inside it) in cuobjdump's listing of one kernel."""
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(m.group(1), 16), at) for at, text in code for m in [re.search(r"\bBRA 0x([0-9a-f]+)", text)]
              if m and int(m.group(1), 16) <= at]
+    return [[text for at, text in code if lo <= at <= hi] for lo, hi in loops
+            if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+
+
+def fma_loop(sass):
+    """(instructions, FMAs) of the innermost loop that holds the most FMAs; (0, 0) if none."""
     best = (0, 0)
-    for lo, hi in loops:
-        if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops):
-            continue  # holds another loop
-        body = [text for at, text in code if lo <= at <= hi]
+    for body in innermost_loops(sass):
         fmas = sum(1 for text in body if re.search(r"\b[HFD]FMA2?\b", text))
         if fmas > best[1]:
             best = (len(body), fmas)
     return best
+
+
+def staging_loop(sass):
+    """(loads, instructions) of the step's staging loop (fused.stage: loads through L2,
+    ``.STRONG.GPU``, into shared memory): the loads it issues before its first store, which
+    is how many a thread has in flight (fused.STAGE_LOADS, if the compiler keeps them
+    together), and its instructions; (0, 0) if there is no such loop."""
+    for body in innermost_loops(sass):
+        stores = [i for i, text in enumerate(body) if text.lstrip("@!P0123456789T ").startswith("STS")]
+        loads = [i for i, text in enumerate(body) if "LDG" in text and "STRONG.GPU" in text]
+        if stores and loads:
+            return sum(1 for i in loads if i < stores[0]), len(body)
+    return 0, 0
 
 
 def builds():

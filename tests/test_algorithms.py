@@ -93,6 +93,46 @@ def test_fused_steps_with_split_dot_products(sim, monkeypatch, cell, dtype, tole
     assert compare(cell, "fused", 3, H, 3, B, lengths, bidirectional=True, dtype=dtype) < tolerance
 
 
+def stage_kernel():
+    """A kernel that fills its shared memory with ``sentinel``, stages src[t] there with
+    fused.stage and copies all of it out (``cuda`` a global: the simulator swaps a
+    kernel's global numba.cuda for its own)."""
+    global cuda
+    from gpurnn.backend import load_numba_cuda
+    from gpurnn.cuda import fused
+
+    cuda = load_numba_cuda()
+
+    @cuda.jit
+    def stage_and_read(src, t, rows, width, offset, pitch, sentinel, out):
+        sm = cuda.shared.array(0, src.dtype)
+        for i in range(cuda.threadIdx.x, out.size, cuda.blockDim.x):
+            sm[i] = sentinel
+        cuda.syncthreads()
+        fused.stage(sm, offset, pitch, src, t, rows, width)
+        for i in range(cuda.threadIdx.x, out.size, cuda.blockDim.x):
+            out[i] = sm[i]
+    return stage_and_read
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("rows, width, threads", [(1, 1, 32), (3, 33, 32), (8, 16, 64), (20, 5, 32), (17, 70, 32),
+                                                  (9, 32, 32), (2, 100, 64)])
+def test_stage_puts_every_element_of_a_step_where_the_tiles_read_it(sim, dtype, rows, width, threads):
+    """fused.stage: a step's rows into shared memory, ``pitch`` apart from ``offset`` on,
+    each thread holding STAGE_LOADS loads: rows fewer than its loads and not a multiple of
+    them, several rows at once (width < threads), several columns a thread (width >
+    threads). Nothing else in shared memory is written: the padding and what lies past the
+    rows keep what they held."""
+    offset, pitch, t, sentinel = 3, width + 3, 1, -7.0
+    src = np.arange(3 * rows * (width + 2), dtype=dtype).reshape(3, rows, width + 2)  # rows wider than read
+    out = np.zeros(offset + rows * pitch + 5, dtype)
+    stage_kernel()[1, threads, 0, out.nbytes](src, t, rows, width, offset, pitch, sentinel, out)
+    expected = np.full_like(out, sentinel)
+    expected[offset:offset + rows * pitch].reshape(rows, pitch)[:, :width] = src[t, :, :width]
+    np.testing.assert_array_equal(out, expected)
+
+
 def most_words_in_a_bank(reads):
     """The most different 4-byte words one of the 32 banks is asked for by one warp's loads,
     given as (first byte, bytes) a thread: above 1, the GPU reads them one after another."""

@@ -45,6 +45,12 @@ threads' sums (in the compute type). The dot loops index with unsigned integers
 (see gate_dots), and ptxas is bounded to 128 registers a thread (RECURRENCE_JIT);
 kernels/ptx_report.py counts the loops' machine instructions an FMA.
 
+Latency: a step is a chain of waits on memory, so each is cut to one. The staged operand
+comes in with STAGE_LOADS loads in flight a thread (stage), from blocks of at least
+MIN_THREADS threads; what the pointwise update reads after the dot products (gx forward;
+dy, the saved gates and states backward) is asked into L1 before the staging (fused) or
+before the barrier that ends the step before (persistent: ``prefetch_step``).
+
 Barrier (``grid_barrier``): block thread 0 makes the block's writes visible
 (``threadfence``), counts its arrival in sync[0] with an atomic add, and polls
 until every block has arrived; states written by other blocks are then read
@@ -71,6 +77,10 @@ cuda = load_numba_cuda()
 SPIN_LIMIT = 1 << 24  # polls of the barrier counter (~2-4 s) before a block gives up
 SHARED_LIMIT = 48 << 10  # bytes of shared memory a block may use (no opt-in to more)
 MAX_THREADS = 256
+STAGE_LOADS = 8  # loads a thread has in flight while staging a step's operand (stage)
+# threads a block has at least (block_shape); the simulator runs a thread as a Python
+# thread, so there a block has as few as its elements need
+MIN_THREADS = 32 if _simulating() else MAX_THREADS
 SPLIT = 4  # threads that share an element's dot products where a block has them to spare
 # (threads a block, blocks an SM) ptxas must leave room for, which bounds a thread's
 # registers to 128: a launch puts a block on each SM it may use, and two directions of a
@@ -90,11 +100,18 @@ if _simulating():  # the simulator has no cache-hinted loads or sleeps; its bloc
     @cuda.jit(device=True)
     def pause():
         pass
+
+    @cuda.jit(device=True)
+    def prefetch(a, i):
+        a[i]  # a hint on the GPU; here it checks the index, which the GPU would not
 else:
     # The intrinsics behind cuda.ldcg / cuda.ldcv: those overloads compile through a
     # dispatcher that asks the driver for the GPU's compute capability, so a kernel
     # using them could not be compiled to PTX on a machine without a GPU.
-    from numba.cuda.cache_hints import ldcg_intrinsic, ldcv_intrinsic
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.cache_hints import _get_element_pointer, ldcg_intrinsic, ldcv_intrinsic
+    from numba.cuda.extending import intrinsic
 
     @cuda.jit(device=True, inline=True)
     def fresh(a, i):
@@ -107,6 +124,18 @@ else:
     @cuda.jit(device=True, inline=True)
     def pause():
         cuda.nanosleep(32)
+
+    @intrinsic
+    def prefetch(typingctx, a, i):
+        """``prefetch.global.L1`` of a[i] (a tuple of unsigned indices): the line comes into
+        L1 while the thread goes on; numba has no prefetch of its own. The element's
+        address as numba's cache-hinted loads compute it."""
+        def codegen(context, builder, sig, args):
+            ptr = _get_element_pointer(context, builder, sig.args[1], args[1], sig.args[0], args[0])
+            hint = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type]), "prefetch.global.L1 [$0];", "l",
+                                side_effect=True)
+            builder.call(hint, [ptr])
+        return types.void(a, i), codegen
 
 
 @cuda.jit(device=True, inline=True)
@@ -139,6 +168,47 @@ def _element(e, j0, U):
     """(b, j) of the block's e-th element: its U units of one batch row after another."""
     b = e // U
     return b, j0 + e - b * U
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_step(a, t, j0, U, G, H):
+    """Ask L1 for a[t, b, g*H + j] of the block's elements (every batch row b, units
+    j0 <= j < j0 + U) and g < G: what a step's pointwise update reads once its dot products
+    are done (forward gx; backward dy and the saved gates), so that those loads wait on L1,
+    not on memory (DESIGN.md section 5). Issued before the step's staging, or, in a
+    persistent kernel, before the barrier that ends the step before it."""
+    for e in range(cuda.threadIdx.x, a.shape[1] * U, cuda.blockDim.x):
+        b, j = _element(e, j0, U)
+        for g in range(G):
+            prefetch(a, (uint32(t), uint32(b), uint32(g * H + j)))
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_rnn_backward(t, reverse, j0, U, h, dy):
+    """prefetch_step of what kernels.rnn_point_backward reads: dy[t] and h_t."""
+    prefetch_step(dy, t, j0, U, 1, h.shape[2])
+    prefetch_step(h, t + 1 - reverse, j0, U, 1, h.shape[2])
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_lstm_backward(t, reverse, j0, U, c, gates, dy):
+    """prefetch_step of what kernels.lstm_point_backward reads: the step's gates, dy[t], c_t
+    and c_{t-1}."""
+    H = c.shape[2]
+    prefetch_step(gates, t, j0, U, 4, H)
+    prefetch_step(dy, t, j0, U, 1, H)
+    prefetch_step(c, t + 1 - reverse, j0, U, 1, H)
+    prefetch_step(c, t + reverse, j0, U, 1, H)
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_gru_backward(t, reverse, j0, U, h, gates, dy):
+    """prefetch_step of what kernels.gru_point_backward reads: the step's gates (r, z, n,
+    U_n h + b_hn), dy[t] and h_{t-1}."""
+    H = h.shape[2]
+    prefetch_step(gates, t, j0, U, 4, H)
+    prefetch_step(dy, t, j0, U, 1, H)
+    prefetch_step(h, t + reverse, j0, U, 1, H)
 
 
 def split_of(elements, n, spread, itemsize):
@@ -177,21 +247,31 @@ pitch_on_device = cuda.jit(device=True, inline=True)(staged_pitch)
 @cuda.jit(device=True, inline=True)
 def stage(sm, offset, pitch, src, t, rows, width):
     """sm[offset + b*pitch + k] = src[t, b, k] for b < rows, k < width, then a block barrier:
-    the block's threads load the step's recurrent operand together (coalesced, many loads
-    in flight) and every element's dot product then reads it from shared memory."""
-    threads = cuda.blockDim.x
-    b = cuda.threadIdx.x // width  # the thread's first element (b, k) of the flat rows * width ...
-    k = cuda.threadIdx.x - b * width
-    db = threads // width  # ... and how far ``threads`` elements on is: no division an element
-    dk = threads - db * width
-    while b < rows:
-        # unsigned indices: numba checks a signed one for a negative value at every load
-        sm[uint64(offset + b * pitch + k)] = fresh(src, (uint32(t), uint32(b), uint32(k)))
-        b += db
-        k += dk
-        if k >= width:
-            k -= width
-            b += 1
+    the block's threads load the step's recurrent operand together and every element's
+    dot product then reads it from shared memory. A row's columns go to neighbouring
+    threads (coalesced), ``lanes`` rows at once; a thread keeps STAGE_LOADS loads in
+    flight before it stores any: a load from L2 takes a few hundred cycles, and with one
+    at a time (a store waits for its load) staging h_prev was most of a step (DESIGN.md
+    section 5: 4.8 us of a persistent LSTM's step at C)."""
+    across = uint32(min(cuda.blockDim.x, width))  # threads a row, a column each ...
+    lanes = uint32(cuda.blockDim.x) // across  # ... and rows staged at once
+    lane = uint32(cuda.threadIdx.x) // across
+    k = uint32(cuda.threadIdx.x) % across
+    last = uint32(rows - 1)
+    held = cuda.local.array(STAGE_LOADS, src.dtype)  # registers: the loops below unroll
+    # unsigned indices: numba checks a signed one for a negative value at every load
+    while lane < lanes and k < uint32(width):
+        b = lane
+        while b <= last:
+            for m in range(STAGE_LOADS):  # past the rows: the last row's element again, so every load is issued
+                r = uint32(b + uint32(m) * lanes)
+                held[m] = fresh(src, (uint32(t), r if r < last else last, uint32(k)))
+            for m in range(STAGE_LOADS):
+                r = uint32(b + uint32(m) * lanes)
+                if r <= last:
+                    sm[uint64(offset) + uint32(r * pitch + k)] = held[m]
+            b = uint32(b + uint32(STAGE_LOADS) * lanes)
+        k = uint32(k + across)
     cuda.syncthreads()
 
 
@@ -429,6 +509,7 @@ def rnn_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, y, lengths, non
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
+    prefetch_step(gx, t, j0, min(H, j0 + units) - j0, 1, H)
     rnn_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, H, 0, sm, 0, b_ih, b_hh, h, y, lengths,
                      nonlinearity)
 
@@ -438,6 +519,7 @@ def lstm_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, c, gates, y, l
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
+    prefetch_step(gx, t, j0, min(H, j0 + units) - j0, 4, H)
     lstm_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, 4 * H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
                       lengths)
 
@@ -447,6 +529,7 @@ def gru_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, gates, y, lengt
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
+    prefetch_step(gx, t, j0, min(H, j0 + units) - j0, 3, H)
     gru_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, 3 * H, 0, sm, 0, b_ih, b_hh, h, gates, y,
                      lengths)
 
@@ -456,6 +539,7 @@ def rnn_backward_fused(t, t_next, has_next, reverse, units, w, h, dy, dh, dgates
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
+    prefetch_rnn_backward(t, reverse, j0, min(H, j0 + units) - j0, h, dy)
     rnn_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, h, dy, dh, dgates,
                       lengths, nonlinearity)
 
@@ -465,6 +549,7 @@ def lstm_backward_fused(t, t_next, has_next, reverse, units, w, c, gates, dy, dh
     H = c.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, c.dtype)
+    prefetch_lstm_backward(t, reverse, j0, min(H, j0 + units) - j0, c, gates, dy)
     lstm_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, c, gates, dy, dh,
                        dc, dgates, lengths)
 
@@ -474,6 +559,7 @@ def gru_backward_fused(t, t_next, has_next, reverse, units, w, h, gates, dy, dh,
     H = h.shape[2]
     j0 = cuda.blockIdx.x * units
     sm = cuda.shared.array(0, h.dtype)
+    prefetch_gru_backward(t, reverse, j0, min(H, j0 + units) - j0, h, gates, dy)
     gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, h, gates, dy, dh,
                       dgates, lengths)
 
@@ -550,12 +636,16 @@ def rnn_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h,
     j0 = cuda.blockIdx.x * units
     j1 = min(H, j0 + units)
     sw = cuda.shared.array(0, h.dtype)
+    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), j0, j1 - j0, 1, H)
     _stage_rows(sw, w_hh, 1, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
         rnn_forward_tile(t, reverse, j0, j1, units, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
                          nonlinearity)
-        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+        if s + 1 == stop - start:
+            break  # the launch's end orders the last step
+        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), j0, j1 - j0, 1, H)
+        if not grid_barrier(sync, s + 1):
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
 
@@ -566,12 +656,16 @@ def lstm_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h
     j0 = cuda.blockIdx.x * units
     j1 = min(H, j0 + units)
     sw = cuda.shared.array(0, h.dtype)
+    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), j0, j1 - j0, 4, H)
     _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
         lstm_forward_tile(t, reverse, j0, j1, units, gx, sw, 4 * units, j0, sw, 4 * units * H, b_ih, b_hh, h, c,
                           gates, y, lengths)
-        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+        if s + 1 == stop - start:
+            break  # the launch's end orders the last step
+        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), j0, j1 - j0, 4, H)
+        if not grid_barrier(sync, s + 1):
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
 
@@ -582,12 +676,16 @@ def gru_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h,
     j0 = cuda.blockIdx.x * units
     j1 = min(H, j0 + units)
     sw = cuda.shared.array(0, h.dtype)
+    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), j0, j1 - j0, 3, H)
     _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
         gru_forward_tile(t, reverse, j0, j1, units, gx, sw, 3 * units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates, y,
                          lengths)
-        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+        if s + 1 == stop - start:
+            break  # the launch's end orders the last step
+        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), j0, j1 - j0, 3, H)
+        if not grid_barrier(sync, s + 1):
             _poison_forward(start, stop, reverse, j0, j1, h, y)
             return
 
@@ -599,12 +697,16 @@ def rnn_backward_persistent(start, stop, first, reverse, units, w_hh, h, dy, dh,
     j0 = cuda.blockIdx.x * units
     j1 = min(H, j0 + units)
     sw = cuda.shared.array(0, h.dtype)
+    prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, j0, j1 - j0, h, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
         rnn_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, units * H, h, dy,
                           dh, dgates, lengths, nonlinearity)
-        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+        if s + 1 == stop - start:
+            break  # the launch's end orders the last step
+        prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, j0, j1 - j0, h, dy)
+        if not grid_barrier(sync, s + 1):
             _poison_backward(j0, j1, dh)
             return
 
@@ -616,12 +718,16 @@ def lstm_backward_persistent(start, stop, first, reverse, units, w_hh, c, gates,
     j0 = cuda.blockIdx.x * units
     j1 = min(H, j0 + units)
     sw = cuda.shared.array(0, c.dtype)
+    prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, j0, j1 - j0, c, gates, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
         lstm_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, 4 * units * H, c,
                            gates, dy, dh, dc, dgates, lengths)
-        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+        if s + 1 == stop - start:
+            break  # the launch's end orders the last step
+        prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, j0, j1 - j0, c, gates, dy)
+        if not grid_barrier(sync, s + 1):
             _poison_backward(j0, j1, dh)
             return
 
@@ -632,12 +738,16 @@ def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, 
     j0 = cuda.blockIdx.x * units
     j1 = min(H, j0 + units)
     sw = cuda.shared.array(0, h.dtype)
+    prefetch_gru_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, j0, j1 - j0, h, gates, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
         gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, 3 * units * H, h,
                           gates, dy, dh, dgates, lengths)
-        if s + 1 < stop - start and not grid_barrier(sync, s + 1):  # the launch's end orders the last step
+        if s + 1 == stop - start:
+            break  # the launch's end orders the last step
+        prefetch_gru_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, j0, j1 - j0, h, gates, dy)
+        if not grid_barrier(sync, s + 1):
             _poison_backward(j0, j1, dh)
             return
 
@@ -661,11 +771,13 @@ def unit_major(w_hh, out):
 def block_shape(cell, phase, B, H, units, itemsize):
     """(split, threads) of a block of ``units`` hidden units of every batch row: the threads
     that share an element's dot products (split_of, as the tiles work it out), and the
-    threads that makes, in whole warps."""
+    threads that makes, in whole warps, but never fewer than MIN_THREADS: staging a step's
+    operand needs loads in flight (LSTM D: a block of 32 threads would wait for L2 four
+    times a step forward and 16 times backward; of 256, once and twice)."""
     G = GATE_BLOCKS[cell]
     n, spread = (H, G * units) if phase == "forward" else (G * H, units)
     split = split_of(B * units, n, spread, itemsize)
-    return split, min(MAX_THREADS, -(-B * units * split // 32) * 32)
+    return split, min(MAX_THREADS, max(MIN_THREADS, -(-B * units * split // 32) * 32))
 
 
 def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
