@@ -72,7 +72,7 @@ class Direction:
     dh, dc: [B, H_out], [B, H] gradient carried back through h (and c)
     table: [V, G*H]   E W_ih^T, when the input is Embedded (else None)
     dtable: [V, G*H]  dgx summed per symbol, when the input is Embedded
-    sync: [2] int32   barrier counter and failure flag of the persistent kernels
+    sync: [1 + B] int32  the persistent kernels' failure flag and barrier counters (one a batch tile)
 
     An LSTM with a projection (P > 0, torch's proj_size) has a state h_t = (o * tanh(c_t)) W_hr^T
     of P values; each step the cell writes o * tanh(c_t) into h_cell, one GEMM projects it
@@ -140,7 +140,7 @@ class Direction:
             dgates=None, dh=None, dc=None,
             table=xp.empty((vocab, G * H), dtype) if vocab else None,
             c_step=c_step,
-            sync=xp.zeros(2, xp.int32),
+            sync=xp.zeros(1 + B, xp.int32),
             cell=cell,
             h_cell=h_cell_step,
             h_cell_step=h_cell_step,

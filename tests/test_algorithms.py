@@ -94,8 +94,8 @@ def test_fused_steps_with_split_dot_products(sim, monkeypatch, cell, dtype, tole
 
 
 def stage_kernel():
-    """A kernel that fills its shared memory with ``sentinel``, stages src[t] there with
-    fused.stage and copies all of it out (``cuda`` a global: the simulator swaps a
+    """A kernel that fills its shared memory with ``sentinel``, stages rows r0.. of src[t]
+    there with fused.stage and copies all of it out (``cuda`` a global: the simulator swaps a
     kernel's global numba.cuda for its own)."""
     global cuda
     from gpurnn.backend import load_numba_cuda
@@ -104,12 +104,12 @@ def stage_kernel():
     cuda = load_numba_cuda()
 
     @cuda.jit
-    def stage_and_read(src, t, rows, width, offset, pitch, sentinel, out):
+    def stage_and_read(src, t, r0, rows, width, offset, pitch, sentinel, out):
         sm = cuda.shared.array(0, src.dtype)
         for i in range(cuda.threadIdx.x, out.size, cuda.blockDim.x):
             sm[i] = sentinel
         cuda.syncthreads()
-        fused.stage(sm, offset, pitch, src, t, rows, width)
+        fused.stage(sm, offset, pitch, src, t, r0, rows, width)
         for i in range(cuda.threadIdx.x, out.size, cuda.blockDim.x):
             out[i] = sm[i]
     return stage_and_read
@@ -119,18 +119,56 @@ def stage_kernel():
 @pytest.mark.parametrize("rows, width, threads", [(1, 1, 32), (3, 33, 32), (8, 16, 64), (20, 5, 32), (17, 70, 32),
                                                   (9, 32, 32), (2, 100, 64)])
 def test_stage_puts_every_element_of_a_step_where_the_tiles_read_it(sim, dtype, rows, width, threads):
-    """fused.stage: a step's rows into shared memory, ``pitch`` apart from ``offset`` on,
-    each thread holding STAGE_LOADS loads: rows fewer than its loads and not a multiple of
+    """fused.stage: a batch tile's rows of a step into shared memory, ``pitch`` apart from
+    ``offset`` on, each thread holding STAGE_LOADS loads: rows fewer than its loads and not a multiple of
     them, several rows at once (width < threads), several columns a thread (width >
     threads). Nothing else in shared memory is written: the padding and what lies past the
     rows keep what they held."""
-    offset, pitch, t, sentinel = 3, width + 3, 1, -7.0
-    src = np.arange(3 * rows * (width + 2), dtype=dtype).reshape(3, rows, width + 2)  # rows wider than read
+    offset, pitch, t, r0, sentinel = 3, width + 3, 1, 2, -7.0
+    src = np.arange(3 * (r0 + rows + 1) * (width + 2), dtype=dtype).reshape(3, r0 + rows + 1, width + 2)
     out = np.zeros(offset + rows * pitch + 5, dtype)
-    stage_kernel()[1, threads, 0, out.nbytes](src, t, rows, width, offset, pitch, sentinel, out)
+    stage_kernel()[1, threads, 0, out.nbytes](src, t, r0, rows, width, offset, pitch, sentinel, out)
     expected = np.full_like(out, sentinel)
-    expected[offset:offset + rows * pitch].reshape(rows, pitch)[:, :width] = src[t, :, :width]
+    expected[offset:offset + rows * pitch].reshape(rows, pitch)[:, :width] = src[t, r0:r0 + rows, :width]
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("cell, dtype, tolerance", [("rnn", "float64", 1e-12), ("lstm", "float64", 1e-12),
+                                                     ("gru", "float64", 1e-12), ("gru", "float32", 1e-5)])
+def test_fused_steps_with_the_batch_in_tiles(sim, monkeypatch, cell, dtype, tolerance):
+    """With SMs to spare for its size, a step's blocks each own a tile of the batch's rows
+    (fused.batch_tiles), the last one ragged here (3 rows in tiles of 2): every element's
+    state, output and gradient as the NumPy model's; lengths, both directions, two layers."""
+    from gpurnn.cuda import ops
+
+    monkeypatch.setattr(sim.ops, "sm_count", 64)
+    B, H = 3, 5
+    for phase in ("forward", "backward"):
+        tile = ops._fused_grid(cell, phase, B, H, np.dtype(dtype).itemsize, 64)[1]
+        assert tile == 2, (phase, tile)  # the case this test is for
+    lengths = np.array([3, 1, 2])
+    assert compare(cell, "fused", 2, H, 3, B, lengths, num_layers=2, bidirectional=True, dtype=dtype) < tolerance
+
+
+def test_batch_tiles_balance_staging_against_weight_reads():
+    """fused.batch_tiles on an H100's 132 SMs: RNN C's blocks stage 8 of its 32 rows (4
+    tiles, blocks of 8 units keep their four threads an element); LSTM D's W_hh is too
+    large for more than one tile to pay; LSTM C would lose its split with 4 units a block.
+    A tile is never empty, nor more tiles than rows."""
+    from gpurnn.cuda import fused
+
+    assert fused.batch_tiles("rnn", "forward", 32, 256, 4, 132) == 4
+    assert fused.grid_shape("rnn", "forward", 32, 256, 4, 132, 4) == (8, 8, 128, 256)
+    assert fused.block_shape("rnn", "forward", 8, 256, 8, 4)[0] == fused.SPLIT
+    assert fused.batch_tiles("rnn", "backward", 32, 256, 4, 132) == 4
+    assert fused.batch_tiles("lstm", "forward", 8, 128, 4, 132) == 1
+    assert fused.batch_tiles("lstm", "forward", 32, 256, 4, 132) == 1
+    for B in (1, 2, 3, 5, 64):
+        for cell in ("rnn", "lstm", "gru"):
+            tiles = fused.batch_tiles(cell, "forward", B, 7, 4, 1000)
+            units, tile, blocks, threads = fused.grid_shape(cell, "forward", B, 7, 4, 1000, tiles)
+            assert 1 <= tiles <= B and (-(-B // tile) - 1) * tile < B  # every tile holds a row
+            assert blocks == -(-7 // units) * -(-B // tile)
 
 
 def most_words_in_a_bank(reads):
@@ -210,10 +248,42 @@ def test_persistent_barrier_gives_up_instead_of_hanging(sim, monkeypatch):
     h, y = np.zeros((T + 1, B, H)), np.zeros((T, B, H))
     sync = np.zeros(2, np.int32)
     lengths = np.full(B, T, np.int32)
-    sim.ops._launch_grid(fused.rnn_forward_persistent, 2, 32, 0, T, 0, 1, gx, w_hh, b, b, h, y, lengths, 0, sync,
+    sim.ops._launch_grid(fused.rnn_forward_persistent, 2, 32, 0, T, 0, 1, B, gx, w_hh, b, b, h, y, lengths, 0, sync,
                          shared=fused.shared_bytes("rnn", "forward", "persistent", B, H, 1, 8))
-    assert sync[1] == 1
+    assert sync[0] == 1
     assert np.isnan(y).all() and np.isnan(h[1:]).all()
+
+
+def test_persistent_tiles_wait_only_on_their_own_blocks(sim, monkeypatch):
+    """A persistent step reads only its batch tile's rows, so a block waits at the barrier
+    only for its tile's blocks. In the simulator, which runs blocks one after another, two
+    tiles of one block each finish their steps on their own (a barrier among all blocks
+    would give up), and every state and output equals a one-block launch's; lengths."""
+    from gpurnn.cuda import fused
+
+    monkeypatch.setattr(fused, "SPIN_LIMIT", 50)  # a barrier waiting on the other tile gives up soon
+    T, B, H = 4, 2, 3
+    rng = np.random.default_rng(1)
+    gx, w_hh, b_ih, b_hh = (rng.standard_normal(shape) for shape in ((T, B, H), (H, H), H, H))
+    lengths = np.array([4, 2], np.int32)
+
+    def launch(tile):
+        h, y = np.zeros((T + 1, B, H)), np.zeros((T, B, H))
+        h[0] = rng.standard_normal((B, H)) if tile == B else first_state
+        sync = np.zeros(1 + B, np.int32)
+        sim.ops._launch_grid(fused.rnn_forward_persistent, B // tile, 32, 0, T, 0, H, tile, gx, w_hh, b_ih, b_hh,
+                             h, y, lengths, 0, sync,
+                             shared=fused.shared_bytes("rnn", "forward", "persistent", tile, H, H, 8))
+        assert sync[0] == 0  # no barrier gave up
+        return h, y
+
+    first_state = None
+    whole_h, whole_y = launch(B)
+    first_state = whole_h[0]
+    tiled_h, tiled_y = launch(1)
+    np.testing.assert_array_equal(tiled_h, whole_h)
+    np.testing.assert_array_equal(tiled_y, whole_y)
+    assert np.abs(whole_y).sum() > 0
 
 
 def test_forced_algorithm_that_cannot_run_a_shape_says_why(sim):

@@ -3,12 +3,12 @@
 Two algorithms besides the graph of cuBLAS step GEMMs and pointwise kernels
 (``gpurnn.cuda.kernels``), for shapes too small to fill the GPU:
 
-- **fused**: one launch per step. Block k owns hidden units [k*U, (k+1)*U) of
-  every batch row; a group of ``split`` threads of it (one, or SPLIT where the
-  block has threads to spare: split_of) computes, for one element (b, j), the
-  dot products of h_prev[b] with the rows of W_hh of unit j (one per gate
-  block), and the group's first thread applies the cell's pointwise step to
-  them. Backward, the group first computes the recurrent part of the element's
+- **fused**: one launch per step. A block owns U hidden units of a tile of the
+  batch's rows (``batch_tiles``: RNN C's blocks stage 8 rows, not 32); a group of
+  ``split`` threads of it (one, or SPLIT where the block has threads to spare:
+  split_of) computes, for one element (b, j), the dot products of h_prev[b] with
+  the rows of W_hh of unit j (one per gate block), and the group's first thread
+  applies the cell's pointwise step to them. Backward, the group first computes the recurrent part of the element's
   gradient, (dgates_{t'} W_hh)[b, j] of the step t' BPTT ran just before, then
   its first thread runs the cell's pointwise backward; the last step's product
   is one GEMM after the loop.
@@ -51,13 +51,15 @@ MIN_THREADS threads; what the pointwise update reads after the dot products (gx 
 dy, the saved gates and states backward) is asked into L1 before the staging (fused) or
 before the barrier that ends the step before (persistent: ``prefetch_step``).
 
-Barrier (``grid_barrier``): block thread 0 makes the block's writes visible
-(``threadfence``), counts its arrival in sync[0] with an atomic add, and polls
-until every block has arrived; states written by other blocks are then read
+Barrier (``tile_barrier``): a step reads the rows of its batch tile that the
+tile's blocks wrote the step before, so only they wait on each other (GRNN's
+barrier; tiles run on independently). Block thread 0 makes the block's writes
+visible (``threadfence``), counts its arrival in its tile's counter with an
+atomic add, and polls until all the tile's blocks have arrived; states written by other blocks are then read
 through L2 (``ld.global.cg``), never a possibly stale L1 line. The host only
 launches a persistent grid whose blocks can all be resident at once (see
 ``CudaOps.persistent_plan``), so the barrier cannot wait on a block that is not
-running; should it wait SPIN_LIMIT polls all the same, it sets sync[1], every
+running; should it wait SPIN_LIMIT polls all the same, it sets sync[0], every
 block writes NaN into what it had left to write and returns: a visible error,
 never a hang.
 """
@@ -139,20 +141,22 @@ else:
 
 
 @cuda.jit(device=True, inline=True)
-def grid_barrier(sync, generation):
-    """Wait until all blocks of the grid have arrived here ``generation`` times.
-    sync: [2] int32 (arrivals, failure flag). False if the wait failed (see module doc)."""
+def tile_barrier(sync, tile_index, blocks, generation):
+    """Wait until the ``blocks`` blocks of batch tile ``tile_index`` have arrived here
+    ``generation`` times. sync: [1 + tiles] int32 (failure flag, then each tile's
+    arrivals). False if the wait failed (see module doc)."""
     passed = cuda.shared.array(1, int32)
     cuda.syncthreads()  # the block's writes of this step are issued
     if cuda.threadIdx.x == 0:
         cuda.threadfence()  # ... and visible to every block before we count as arrived
-        cuda.atomic.add(sync, 0, 1)
-        target = generation * cuda.gridDim.x
+        counter = 1 + tile_index
+        cuda.atomic.add(sync, counter, 1)
+        target = generation * blocks
         ok = 1
         polls = 0
-        while poll(sync, 0) < target:
-            if poll(sync, 1) != 0 or polls >= SPIN_LIMIT:
-                cuda.atomic.max(sync, 1, 1)  # tell the other blocks to stop waiting too
+        while poll(sync, counter) < target:
+            if poll(sync, 0) != 0 or polls >= SPIN_LIMIT:
+                cuda.atomic.max(sync, 0, 1)  # tell the other blocks to stop waiting too
                 ok = 0
                 break
             polls += 1
@@ -164,51 +168,71 @@ def grid_barrier(sync, generation):
 
 
 @cuda.jit(device=True, inline=True)
-def _element(e, j0, U):
-    """(b, j) of the block's e-th element: its U units of one batch row after another."""
-    b = e // U
-    return b, j0 + e - b * U
+def _block_of(units, tile, B, H):
+    """The calling block's part of a step, blk = (j0, j1, r0, r1): hidden units [j0, j1) of
+    batch rows [r0, r1). The grid's blocks go over groups of ``units`` units first, then over
+    the batch in tiles of ``tile`` rows."""
+    groups = (H + units - 1) // units
+    tile_index = cuda.blockIdx.x // groups
+    j0 = (cuda.blockIdx.x - tile_index * groups) * units
+    r0 = tile_index * tile
+    return j0, min(H, j0 + units), r0, min(B, r0 + tile)
 
 
 @cuda.jit(device=True, inline=True)
-def prefetch_step(a, t, j0, U, G, H):
-    """Ask L1 for a[t, b, g*H + j] of the block's elements (every batch row b, units
-    j0 <= j < j0 + U) and g < G: what a step's pointwise update reads once its dot products
-    are done (forward gx; backward dy and the saved gates), so that those loads wait on L1,
-    not on memory (DESIGN.md section 5). Issued before the step's staging, or, in a
-    persistent kernel, before the barrier that ends the step before it."""
-    for e in range(cuda.threadIdx.x, a.shape[1] * U, cuda.blockDim.x):
-        b, j = _element(e, j0, U)
+def _element(e, blk):
+    """(b, j) of the block's e-th element: its units of one batch row after another."""
+    j0, j1, r0, r1 = blk
+    U = j1 - j0
+    b = e // U
+    return r0 + b, j0 + e - b * U
+
+
+@cuda.jit(device=True, inline=True)
+def _elements(blk):
+    """How many elements (b, j) the block blk owns."""
+    return (blk[1] - blk[0]) * (blk[3] - blk[2])
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_step(a, t, blk, G, H):
+    """Ask L1 for a[t, b, g*H + j] of the block's elements (b, j) and g < G: what a step's
+    pointwise update reads once its dot products are done (forward gx; backward dy and the
+    saved gates), so that those loads wait on L1, not on memory (DESIGN.md section 5).
+    Issued before the step's staging, or, in a persistent kernel, before the barrier that
+    ends the step before it."""
+    for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
+        b, j = _element(e, blk)
         for g in range(G):
             prefetch(a, (uint32(t), uint32(b), uint32(g * H + j)))
 
 
 @cuda.jit(device=True, inline=True)
-def prefetch_rnn_backward(t, reverse, j0, U, h, dy):
+def prefetch_rnn_backward(t, reverse, blk, h, dy):
     """prefetch_step of what kernels.rnn_point_backward reads: dy[t] and h_t."""
-    prefetch_step(dy, t, j0, U, 1, h.shape[2])
-    prefetch_step(h, t + 1 - reverse, j0, U, 1, h.shape[2])
+    prefetch_step(dy, t, blk, 1, h.shape[2])
+    prefetch_step(h, t + 1 - reverse, blk, 1, h.shape[2])
 
 
 @cuda.jit(device=True, inline=True)
-def prefetch_lstm_backward(t, reverse, j0, U, c, gates, dy):
+def prefetch_lstm_backward(t, reverse, blk, c, gates, dy):
     """prefetch_step of what kernels.lstm_point_backward reads: the step's gates, dy[t], c_t
     and c_{t-1}."""
     H = c.shape[2]
-    prefetch_step(gates, t, j0, U, 4, H)
-    prefetch_step(dy, t, j0, U, 1, H)
-    prefetch_step(c, t + 1 - reverse, j0, U, 1, H)
-    prefetch_step(c, t + reverse, j0, U, 1, H)
+    prefetch_step(gates, t, blk, 4, H)
+    prefetch_step(dy, t, blk, 1, H)
+    prefetch_step(c, t + 1 - reverse, blk, 1, H)
+    prefetch_step(c, t + reverse, blk, 1, H)
 
 
 @cuda.jit(device=True, inline=True)
-def prefetch_gru_backward(t, reverse, j0, U, h, gates, dy):
+def prefetch_gru_backward(t, reverse, blk, h, gates, dy):
     """prefetch_step of what kernels.gru_point_backward reads: the step's gates (r, z, n,
     U_n h + b_hn), dy[t] and h_{t-1}."""
     H = h.shape[2]
-    prefetch_step(gates, t, j0, U, 4, H)
-    prefetch_step(dy, t, j0, U, 1, H)
-    prefetch_step(h, t + reverse, j0, U, 1, H)
+    prefetch_step(gates, t, blk, 4, H)
+    prefetch_step(dy, t, blk, 1, H)
+    prefetch_step(h, t + reverse, blk, 1, H)
 
 
 def split_of(elements, n, spread, itemsize):
@@ -245,8 +269,8 @@ pitch_on_device = cuda.jit(device=True, inline=True)(staged_pitch)
 
 
 @cuda.jit(device=True, inline=True)
-def stage(sm, offset, pitch, src, t, rows, width):
-    """sm[offset + b*pitch + k] = src[t, b, k] for b < rows, k < width, then a block barrier:
+def stage(sm, offset, pitch, src, t, r0, rows, width):
+    """sm[offset + b*pitch + k] = src[t, r0 + b, k] for b < rows, k < width, then a block barrier:
     the block's threads load the step's recurrent operand together and every element's
     dot product then reads it from shared memory. A row's columns go to neighbouring
     threads (coalesced), ``lanes`` rows at once; a thread keeps STAGE_LOADS loads in
@@ -265,7 +289,7 @@ def stage(sm, offset, pitch, src, t, rows, width):
         while b <= last:
             for m in range(STAGE_LOADS):  # past the rows: the last row's element again, so every load is issued
                 r = uint32(b + uint32(m) * lanes)
-                held[m] = fresh(src, (uint32(t), r if r < last else last, uint32(k)))
+                held[m] = fresh(src, (uint32(t), uint32(r0 + (r if r < last else last)), uint32(k)))
             for m in range(STAGE_LOADS):
                 r = uint32(b + uint32(m) * lanes)
                 if r <= last:
@@ -366,25 +390,25 @@ def scratch_after(sm, used):
 
 
 @cuda.jit(device=True, inline=True)
-def tile_setup(sm, hs_off, src, t, staged, rows, width, units, spread):
+def tile_setup(sm, hs_off, src, t, staged, r0, rows, width, units, spread):
     """What every tile does first: the split (split_of) and the row pitch, then, when
-    ``staged``, src[t]'s rows into sm[hs_off:]; returns (split, pitch, red, red_at), the
+    ``staged``, src[t]'s rows [r0, r0 + rows) into sm[hs_off:]; returns (split, pitch, red, red_at), the
     last two the split sums' place past the staged rows (scratch_after)."""
     split = split_on_device(rows * units, width, spread, sm.itemsize)
     pitch = pitch_on_device(width, sm.itemsize, split)
     if staged:
-        stage(sm, hs_off, pitch, src, t, rows, width)
+        stage(sm, hs_off, pitch, src, t, r0, rows, width)
     red, red_at = scratch_after(sm, hs_off + rows * pitch)
     return split, pitch, red, red_at
 
 
 @cuda.jit(device=True, inline=True)
-def round_element(first, split, j0, U, rows):
+def round_element(first, split, blk):
     """(live, b, j): the element of the calling thread's group in the round that starts
-    at element ``first``; live False past the block's rows * U elements."""
+    at element ``first``; live False past the block's elements."""
     e = first + cuda.threadIdx.x // split
-    live = e < rows * U
-    b, j = _element(e if live else 0, j0, U)
+    live = e < _elements(blk)
+    b, j = _element(e if live else 0, blk)
     return live, b, j
 
 
@@ -392,31 +416,32 @@ def round_element(first, split, j0, U, rows):
 # Every thread of the block runs the same number of element rounds (element_dots waits at
 # block barriers): round r gives group g of ``split`` threads element r*groups + g, if any.
 @cuda.jit(device=True, inline=True)
-def rnn_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, y, lengths,
+def rnn_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, y, lengths,
                      nonlinearity):
-    """Step t for units [j0, j1) of every batch row (shapes as kernels.rnn_forward; a block
-    of ``units`` units); h_prev is staged at sm[hs_off:], B rows of ``staged_pitch``."""
-    B, H = h.shape[1], h.shape[2]
-    U = j1 - j0
-    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, B, H, units, units)
-    for first in range(0, B * U, cuda.blockDim.x // split):
-        live, b, j = round_element(first, split, j0, U, B)
-        rec = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w, j - w_base, w_cols, 1, split,
+    """Step t for the block's units [j0, j1) and batch rows [r0, r1), blk (shapes as
+    kernels.rnn_forward; a block of ``units`` units); h_prev's rows r0..r1-1 are staged at
+    sm[hs_off:], ``staged_pitch`` apart."""
+    H = h.shape[2]
+    r0, r1 = blk[2], blk[3]
+    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, units)
+    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, blk)
+        rec = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w, j - w_base, w_cols, 1, split,
                            red, red_at)[0]  # a padded row carries its state: no product needed
         if live and cuda.threadIdx.x % split == 0:
             rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity)
 
 
 @cuda.jit(device=True, inline=True)
-def lstm_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, c, gates, y,
+def lstm_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, c, gates, y,
                       lengths):
-    """Step t for units [j0, j1) of every batch row (shapes as kernels.lstm_forward)."""
-    B, H = h.shape[1], h.shape[2]
-    U = j1 - j0
-    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, B, H, units, 4 * units)
-    for first in range(0, B * U, cuda.blockDim.x // split):
-        live, b, j = round_element(first, split, j0, U, B)
-        rec_i, rec_f, rec_g, rec_o = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w,
+    """As rnn_forward_tile, shapes as kernels.lstm_forward."""
+    H = h.shape[2]
+    r0, r1 = blk[2], blk[3]
+    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, 4 * units)
+    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, blk)
+        rec_i, rec_f, rec_g, rec_o = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w,
                                                   (j - w_base) * 4, w_cols, 4, split, red, red_at)
         if live and cuda.threadIdx.x % split == 0:
             lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b_hh, h, c, gates, y,
@@ -424,15 +449,15 @@ def lstm_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_o
 
 
 @cuda.jit(device=True, inline=True)
-def gru_forward_tile(t, reverse, j0, j1, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, gates, y,
+def gru_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off, b_ih, b_hh, h, gates, y,
                      lengths):
-    """Step t for units [j0, j1) of every batch row (shapes as kernels.gru_forward)."""
-    B, H = h.shape[1], h.shape[2]
-    U = j1 - j0
-    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, B, H, units, 3 * units)
-    for first in range(0, B * U, cuda.blockDim.x // split):
-        live, b, j = round_element(first, split, j0, U, B)
-        rec_r, rec_z, rec_n, _ = element_dots(live and t < lengths[b], sm, hs_off + b * pitch, H, w,
+    """As rnn_forward_tile, shapes as kernels.gru_forward."""
+    H = h.shape[2]
+    r0, r1 = blk[2], blk[3]
+    split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, 3 * units)
+    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, blk)
+        rec_r, rec_z, rec_n, _ = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w,
                                               (j - w_base) * 3, w_cols, 3, split, red, red_at)
         if live and cuda.threadIdx.x % split == 0:
             gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths)
@@ -447,127 +472,125 @@ def recurrent_grad(live, sm, row, GH, w, col, w_cols, split, red, red_at):
 
 
 @cuda.jit(device=True, inline=True)
-def rnn_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w_base, sm, hs_off, h, dy, dh,
+def rnn_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_base, sm, hs_off, h, dy, dh,
                       dgates, lengths, nonlinearity):
-    """BPTT step t for units [j0, j1): dh[b, j] (+ the recurrent gradient from step t_next
-    when has_next, its dgates staged at sm[hs_off:]) is the gradient carried in; shapes as
-    kernels.rnn_backward."""
-    B = h.shape[1]
-    U = j1 - j0
+    """BPTT step t for the block's elements (blk, as rnn_forward_tile): dh[b, j] (+ the
+    recurrent gradient from step t_next when has_next, its dgates staged at sm[hs_off:]) is
+    the gradient carried in; shapes as kernels.rnn_backward."""
+    r0, r1 = blk[2], blk[3]
     GH = dgates.shape[2]
-    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, B, GH, units, units)
-    for first in range(0, B * U, cuda.blockDim.x // split):
-        live, b, j = round_element(first, split, j0, U, B)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
+    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
-            rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
+            rec = recurrent_grad(live, sm, hs_off + (b - r0) * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
         if live and cuda.threadIdx.x % split == 0:
             rnn_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, h, dy, dh, dgates, lengths, nonlinearity)
 
 
 @cuda.jit(device=True, inline=True)
-def lstm_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w_base, sm, hs_off, c, gates, dy,
+def lstm_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_base, sm, hs_off, c, gates, dy,
                        dh, dc, dgates, lengths):
     """As rnn_backward_tile, for kernels.lstm_backward's buffers."""
-    B = c.shape[1]
-    U = j1 - j0
+    r0, r1 = blk[2], blk[3]
     GH = dgates.shape[2]
-    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, B, GH, units, units)
-    for first in range(0, B * U, cuda.blockDim.x // split):
-        live, b, j = round_element(first, split, j0, U, B)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
+    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
-            rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
+            rec = recurrent_grad(live, sm, hs_off + (b - r0) * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
         if live and cuda.threadIdx.x % split == 0:
             lstm_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, c, gates, dy, dh, dc, dgates, lengths)
 
 
 @cuda.jit(device=True, inline=True)
-def gru_backward_tile(t, t_next, has_next, reverse, j0, j1, units, w, w_cols, w_base, sm, hs_off, h, gates, dy,
+def gru_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_base, sm, hs_off, h, gates, dy,
                       dh, dgates, lengths):
     """As rnn_backward_tile, for kernels.gru_backward's buffers (the product reads the first
     3H columns of dgates, the recurrent projection's gradient)."""
-    B = h.shape[1]
-    U = j1 - j0
+    r0, r1 = blk[2], blk[3]
     GH = 3 * h.shape[2]
-    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, B, GH, units, units)
-    for first in range(0, B * U, cuda.blockDim.x // split):
-        live, b, j = round_element(first, split, j0, U, B)
+    split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
+    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+        live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
-            rec = recurrent_grad(live, sm, hs_off + b * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
+            rec = recurrent_grad(live, sm, hs_off + (b - r0) * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
         if live and cuda.threadIdx.x % split == 0:
             gru_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, h, gates, dy, dh, dgates, lengths)
 
 
 # ------------------------------------------------------------ fused step kernels
-# Launch with ceil(H / units) blocks and, as dynamic shared memory, room for the staged
-# operand: B rows of staged_pitch(H) elements forward, of staged_pitch(G*H) backward.
+# Launch with ceil(H / units) * ceil(B / tile) blocks (grid_shape) and, as dynamic shared
+# memory, room for the staged operand: ``tile`` rows of staged_pitch(H) elements forward,
+# of staged_pitch(G*H) backward (shared_bytes).
 # w_t: W_hh as [H, H, G] flat (unit_major); w: W_hh [G*H, H] flat.
 @cuda.jit(cache=True, **RECURRENCE_JIT)
-def rnn_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, y, lengths, nonlinearity):
+def rnn_forward_fused(t, reverse, units, tile, gx, w_t, b_ih, b_hh, h, y, lengths, nonlinearity):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
+    blk = _block_of(units, tile, h.shape[1], H)
     sm = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, t, j0, min(H, j0 + units) - j0, 1, H)
-    rnn_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, H, 0, sm, 0, b_ih, b_hh, h, y, lengths,
+    prefetch_step(gx, t, blk, 1, H)
+    rnn_forward_tile(t, reverse, blk, units, gx, w_t, H, 0, sm, 0, b_ih, b_hh, h, y, lengths,
                      nonlinearity)
 
 
 @cuda.jit(cache=True, **RECURRENCE_JIT)
-def lstm_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, c, gates, y, lengths):
+def lstm_forward_fused(t, reverse, units, tile, gx, w_t, b_ih, b_hh, h, c, gates, y, lengths):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
+    blk = _block_of(units, tile, h.shape[1], H)
     sm = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, t, j0, min(H, j0 + units) - j0, 4, H)
-    lstm_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, 4 * H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
+    prefetch_step(gx, t, blk, 4, H)
+    lstm_forward_tile(t, reverse, blk, units, gx, w_t, 4 * H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
                       lengths)
 
 
 @cuda.jit(cache=True, **RECURRENCE_JIT)
-def gru_forward_fused(t, reverse, units, gx, w_t, b_ih, b_hh, h, gates, y, lengths):
+def gru_forward_fused(t, reverse, units, tile, gx, w_t, b_ih, b_hh, h, gates, y, lengths):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
+    blk = _block_of(units, tile, h.shape[1], H)
     sm = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, t, j0, min(H, j0 + units) - j0, 3, H)
-    gru_forward_tile(t, reverse, j0, min(H, j0 + units), units, gx, w_t, 3 * H, 0, sm, 0, b_ih, b_hh, h, gates, y,
+    prefetch_step(gx, t, blk, 3, H)
+    gru_forward_tile(t, reverse, blk, units, gx, w_t, 3 * H, 0, sm, 0, b_ih, b_hh, h, gates, y,
                      lengths)
 
 
 @cuda.jit(cache=True, **RECURRENCE_JIT)
-def rnn_backward_fused(t, t_next, has_next, reverse, units, w, h, dy, dh, dgates, lengths, nonlinearity):
+def rnn_backward_fused(t, t_next, has_next, reverse, units, tile, w, h, dy, dh, dgates, lengths, nonlinearity):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
+    blk = _block_of(units, tile, h.shape[1], H)
     sm = cuda.shared.array(0, h.dtype)
-    prefetch_rnn_backward(t, reverse, j0, min(H, j0 + units) - j0, h, dy)
-    rnn_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, h, dy, dh, dgates,
+    prefetch_rnn_backward(t, reverse, blk, h, dy)
+    rnn_backward_tile(t, t_next, has_next, reverse, blk, units, w, H, 0, sm, 0, h, dy, dh, dgates,
                       lengths, nonlinearity)
 
 
 @cuda.jit(cache=True, **RECURRENCE_JIT)
-def lstm_backward_fused(t, t_next, has_next, reverse, units, w, c, gates, dy, dh, dc, dgates, lengths):
+def lstm_backward_fused(t, t_next, has_next, reverse, units, tile, w, c, gates, dy, dh, dc, dgates, lengths):
     H = c.shape[2]
-    j0 = cuda.blockIdx.x * units
+    blk = _block_of(units, tile, c.shape[1], H)
     sm = cuda.shared.array(0, c.dtype)
-    prefetch_lstm_backward(t, reverse, j0, min(H, j0 + units) - j0, c, gates, dy)
-    lstm_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, c, gates, dy, dh,
+    prefetch_lstm_backward(t, reverse, blk, c, gates, dy)
+    lstm_backward_tile(t, t_next, has_next, reverse, blk, units, w, H, 0, sm, 0, c, gates, dy, dh,
                        dc, dgates, lengths)
 
 
 @cuda.jit(cache=True, **RECURRENCE_JIT)
-def gru_backward_fused(t, t_next, has_next, reverse, units, w, h, gates, dy, dh, dgates, lengths):
+def gru_backward_fused(t, t_next, has_next, reverse, units, tile, w, h, gates, dy, dh, dgates, lengths):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
+    blk = _block_of(units, tile, h.shape[1], H)
     sm = cuda.shared.array(0, h.dtype)
-    prefetch_gru_backward(t, reverse, j0, min(H, j0 + units) - j0, h, gates, dy)
-    gru_backward_tile(t, t_next, has_next, reverse, j0, min(H, j0 + units), units, w, H, 0, sm, 0, h, gates, dy, dh,
+    prefetch_gru_backward(t, reverse, blk, h, gates, dy)
+    gru_backward_tile(t, t_next, has_next, reverse, blk, units, w, H, 0, sm, 0, h, gates, dy, dh,
                       dgates, lengths)
 
 
 # ------------------------------------------------------------ persistent kernels
-# Launch with ceil(H / units) blocks, all co-resident, and as dynamic shared memory the
-# block's G*units*H elements of W_hh followed by the staged operand (as the fused
-# kernels'); sync[0] must be 0. Steps [start, stop) of a span, in the direction's order
+# Launch with ceil(H / units) * ceil(B / tile) blocks, all co-resident, and as dynamic
+# shared memory the block's G*units*H elements of W_hh followed by the staged operand (as the fused
+# kernels'); sync (one more than the batch's tiles) must be 0. Steps [start, stop) of a span, in the direction's order
 # (forward: backwards in t when reverse; BPTT the other way).
 @cuda.jit(device=True, inline=True)
 def _stage_rows(sw, w_hh, G, j0, U, units):
@@ -609,146 +632,148 @@ def _backward_steps_of(start, stop, reverse, s):
 
 
 @cuda.jit(device=True, inline=True)
-def _poison_forward(start, stop, reverse, j0, j1, h, y):
+def _poison_forward(start, stop, reverse, blk, h, y):
     """After a failed barrier: NaN in every output and state of the span this block owns."""
-    B = h.shape[1]
-    U = j1 - j0
     for t in range(start, stop):
-        for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
-            b, j = _element(e, j0, U)
+        for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
+            b, j = _element(e, blk)
             y[t, b, j] = narrow(math.nan, y)
             h[t + 1 - reverse, b, j] = narrow(math.nan, h)
 
 
 @cuda.jit(device=True, inline=True)
-def _poison_backward(j0, j1, dh):
+def _poison_backward(blk, dh):
     """After a failed barrier: NaN in the carried gradient this block owns."""
-    B = dh.shape[0]
-    U = j1 - j0
-    for e in range(cuda.threadIdx.x, B * U, cuda.blockDim.x):
-        b, j = _element(e, j0, U)
+    for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
+        b, j = _element(e, blk)
         dh[b, j] = narrow(math.nan, dh)
 
 
 @cuda.jit(**RECURRENCE_JIT)
-def rnn_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, y, lengths, nonlinearity, sync):
+def rnn_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_hh, h, y, lengths, nonlinearity, sync):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
-    j1 = min(H, j0 + units)
+    blk = _block_of(units, tile, h.shape[1], H)
+    j0, j1 = blk[0], blk[1]
+    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), j0, j1 - j0, 1, H)
+    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), blk, 1, H)
     _stage_rows(sw, w_hh, 1, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        rnn_forward_tile(t, reverse, j0, j1, units, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
+        rnn_forward_tile(t, reverse, blk, units, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
                          nonlinearity)
         if s + 1 == stop - start:
             break  # the launch's end orders the last step
-        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), j0, j1 - j0, 1, H)
-        if not grid_barrier(sync, s + 1):
-            _poison_forward(start, stop, reverse, j0, j1, h, y)
+        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), blk, 1, H)
+        if not tile_barrier(sync, tile_index, groups, s + 1):
+            _poison_forward(start, stop, reverse, blk, h, y)
             return
 
 
 @cuda.jit(**RECURRENCE_JIT)
-def lstm_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, c, gates, y, lengths, sync):
+def lstm_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_hh, h, c, gates, y, lengths, sync):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
-    j1 = min(H, j0 + units)
+    blk = _block_of(units, tile, h.shape[1], H)
+    j0, j1 = blk[0], blk[1]
+    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), j0, j1 - j0, 4, H)
+    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), blk, 4, H)
     _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        lstm_forward_tile(t, reverse, j0, j1, units, gx, sw, 4 * units, j0, sw, 4 * units * H, b_ih, b_hh, h, c,
+        lstm_forward_tile(t, reverse, blk, units, gx, sw, 4 * units, j0, sw, 4 * units * H, b_ih, b_hh, h, c,
                           gates, y, lengths)
         if s + 1 == stop - start:
             break  # the launch's end orders the last step
-        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), j0, j1 - j0, 4, H)
-        if not grid_barrier(sync, s + 1):
-            _poison_forward(start, stop, reverse, j0, j1, h, y)
+        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), blk, 4, H)
+        if not tile_barrier(sync, tile_index, groups, s + 1):
+            _poison_forward(start, stop, reverse, blk, h, y)
             return
 
 
 @cuda.jit(**RECURRENCE_JIT)
-def gru_forward_persistent(start, stop, reverse, units, gx, w_hh, b_ih, b_hh, h, gates, y, lengths, sync):
+def gru_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_hh, h, gates, y, lengths, sync):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
-    j1 = min(H, j0 + units)
+    blk = _block_of(units, tile, h.shape[1], H)
+    j0, j1 = blk[0], blk[1]
+    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), j0, j1 - j0, 3, H)
+    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), blk, 3, H)
     _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        gru_forward_tile(t, reverse, j0, j1, units, gx, sw, 3 * units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates, y,
+        gru_forward_tile(t, reverse, blk, units, gx, sw, 3 * units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates, y,
                          lengths)
         if s + 1 == stop - start:
             break  # the launch's end orders the last step
-        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), j0, j1 - j0, 3, H)
-        if not grid_barrier(sync, s + 1):
-            _poison_forward(start, stop, reverse, j0, j1, h, y)
+        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), blk, 3, H)
+        if not tile_barrier(sync, tile_index, groups, s + 1):
+            _poison_forward(start, stop, reverse, blk, h, y)
             return
 
 
 @cuda.jit(**RECURRENCE_JIT)
-def rnn_backward_persistent(start, stop, first, reverse, units, w_hh, h, dy, dh, dgates, lengths, nonlinearity,
+def rnn_backward_persistent(start, stop, first, reverse, units, tile, w_hh, h, dy, dh, dgates, lengths, nonlinearity,
                             sync):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
-    j1 = min(H, j0 + units)
+    blk = _block_of(units, tile, h.shape[1], H)
+    j0, j1 = blk[0], blk[1]
+    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, j0, j1 - j0, h, dy)
+    prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, h, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, units * H, h, dy,
+        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, units * H, h, dy,
                           dh, dgates, lengths, nonlinearity)
         if s + 1 == stop - start:
             break  # the launch's end orders the last step
-        prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, j0, j1 - j0, h, dy)
-        if not grid_barrier(sync, s + 1):
-            _poison_backward(j0, j1, dh)
+        prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, blk, h, dy)
+        if not tile_barrier(sync, tile_index, groups, s + 1):
+            _poison_backward(blk, dh)
             return
 
 
 @cuda.jit(**RECURRENCE_JIT)
-def lstm_backward_persistent(start, stop, first, reverse, units, w_hh, c, gates, dy, dh, dc, dgates, lengths,
+def lstm_backward_persistent(start, stop, first, reverse, units, tile, w_hh, c, gates, dy, dh, dc, dgates, lengths,
                              sync):
     H = c.shape[2]
-    j0 = cuda.blockIdx.x * units
-    j1 = min(H, j0 + units)
+    blk = _block_of(units, tile, c.shape[1], H)
+    j0, j1 = blk[0], blk[1]
+    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
     sw = cuda.shared.array(0, c.dtype)
-    prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, j0, j1 - j0, c, gates, dy)
+    prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, c, gates, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, 4 * units * H, c,
+        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, 4 * units * H, c,
                            gates, dy, dh, dc, dgates, lengths)
         if s + 1 == stop - start:
             break  # the launch's end orders the last step
-        prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, j0, j1 - j0, c, gates, dy)
-        if not grid_barrier(sync, s + 1):
-            _poison_backward(j0, j1, dh)
+        prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, blk, c, gates, dy)
+        if not tile_barrier(sync, tile_index, groups, s + 1):
+            _poison_backward(blk, dh)
             return
 
 
 @cuda.jit(**RECURRENCE_JIT)
-def gru_backward_persistent(start, stop, first, reverse, units, w_hh, h, gates, dy, dh, dgates, lengths, sync):
+def gru_backward_persistent(start, stop, first, reverse, units, tile, w_hh, h, gates, dy, dh, dgates, lengths, sync):
     H = h.shape[2]
-    j0 = cuda.blockIdx.x * units
-    j1 = min(H, j0 + units)
+    blk = _block_of(units, tile, h.shape[1], H)
+    j0, j1 = blk[0], blk[1]
+    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_gru_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, j0, j1 - j0, h, gates, dy)
+    prefetch_gru_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, h, gates, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        gru_backward_tile(t, t_next, s > 0 or not first, reverse, j0, j1, units, sw, units, j0, sw, 3 * units * H, h,
+        gru_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, 3 * units * H, h,
                           gates, dy, dh, dgates, lengths)
         if s + 1 == stop - start:
             break  # the launch's end orders the last step
-        prefetch_gru_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, j0, j1 - j0, h, gates, dy)
-        if not grid_barrier(sync, s + 1):
-            _poison_backward(j0, j1, dh)
+        prefetch_gru_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, blk, h, gates, dy)
+        if not tile_barrier(sync, tile_index, groups, s + 1):
+            _poison_backward(blk, dh)
             return
 
 
@@ -768,27 +793,58 @@ def unit_major(w_hh, out):
     out.reshape(H, H, G)[...] = w_hh.reshape(G, H, H).transpose(2, 1, 0)
 
 
-def block_shape(cell, phase, B, H, units, itemsize):
-    """(split, threads) of a block of ``units`` hidden units of every batch row: the threads
-    that share an element's dot products (split_of, as the tiles work it out), and the
-    threads that makes, in whole warps, but never fewer than MIN_THREADS: staging a step's
-    operand needs loads in flight (LSTM D: a block of 32 threads would wait for L2 four
-    times a step forward and 16 times backward; of 256, once and twice)."""
+def block_shape(cell, phase, rows, H, units, itemsize):
+    """(split, threads) of a block of ``units`` hidden units of ``rows`` batch rows: the
+    threads that share an element's dot products (split_of, as the tiles work it out), and
+    the threads that makes, in whole warps, but never fewer than MIN_THREADS: staging a
+    step's operand needs loads in flight (LSTM D: a block of 32 threads would wait for L2
+    four times a step forward and 16 times backward; of 256, once and twice)."""
     G = GATE_BLOCKS[cell]
     n, spread = (H, G * units) if phase == "forward" else (G * H, units)
-    split = split_of(B * units, n, spread, itemsize)
-    return split, min(MAX_THREADS, max(MIN_THREADS, -(-B * units * split // 32) * 32))
+    split = split_of(rows * units, n, spread, itemsize)
+    return split, min(MAX_THREADS, max(MIN_THREADS, -(-rows * units * split // 32) * 32))
 
 
-def shared_bytes(cell, phase, algorithm, B, H, units, itemsize):
-    """Dynamic shared memory of a launch of blocks of ``units`` units: the staged operand
-    (h_prev rows forward, the previous step's dgates rows backward), after the block's
-    W_hh when persistent, then, when threads share an element, their sums (G a thread, in
-    the type the buffers compute in)."""
+def grid_shape(cell, phase, B, H, itemsize, blocks, tiles):
+    """(units, tile, blocks, threads) of a step spread over about ``blocks`` blocks with the
+    batch cut into ``tiles`` tiles: a block owns ``units`` units of ``tile`` rows."""
+    tile = -(-B // tiles)
+    tiles = -(-B // tile)
+    units = -(-H // max(1, blocks // tiles))
+    return units, tile, -(-H // units) * tiles, block_shape(cell, phase, tile, H, units, itemsize)[1]
+
+
+def batch_tiles(cell, phase, B, H, itemsize, blocks):
+    """How many tiles to cut the batch into for a step over about ``blocks`` blocks. Each
+    block stages its tile's rows of the step's operand, so a step moves blocks/tiles * B
+    rows from L2 (RNN C on an H100, one tile: 132 blocks of all 32 rows, 4 MiB a step); and
+    each tile reads all of W_hh (the fused steps from L2 every step; the persistent kernels
+    hold tiles copies on chip). The two balance at tiles ~ sqrt(blocks * B / (G * H))
+    (RNN C: 4, LSTM D: 1), taken as a power of two, and fewer where a block of more units
+    would lose the threads that share its dot products (split_of), whose loop would then
+    run SPLIT times longer."""
     G = GATE_BLOCKS[cell]
-    split, threads = block_shape(cell, phase, B, H, units, itemsize)
+    tiles = 1
+    while tiles * 2 <= min(B, math.sqrt(blocks * B / (G * H))):
+        tiles *= 2
+
+    def split(n):
+        units, tile = grid_shape(cell, phase, B, H, itemsize, blocks, n)[:2]
+        return block_shape(cell, phase, tile, H, units, itemsize)[0]
+    while tiles > 1 and split(tiles) < split(1):
+        tiles //= 2
+    return tiles
+
+
+def shared_bytes(cell, phase, algorithm, rows, H, units, itemsize):
+    """Dynamic shared memory of a launch of blocks of ``units`` units of ``rows`` batch rows:
+    the staged operand (h_prev rows forward, the previous step's dgates rows backward),
+    after the block's W_hh when persistent, then, when threads share an element, their sums
+    (G a thread, in the type the buffers compute in)."""
+    G = GATE_BLOCKS[cell]
+    split, threads = block_shape(cell, phase, rows, H, units, itemsize)
     weights = G * units * H if algorithm == "persistent" else 0
-    used = (weights + B * staged_pitch(H if phase == "forward" else G * H, itemsize, split)) * itemsize
+    used = (weights + rows * staged_pitch(H if phase == "forward" else G * H, itemsize, split)) * itemsize
     if split == 1:
         return used
     acc = 4 if itemsize == 2 else itemsize
@@ -808,14 +864,14 @@ def signatures(cell, phase, algorithm, dtype, inference=False):
     a3 = types.Array(f, 3, "A")
     lengths, sync = types.Array(types.int32, 1, "C"), types.Array(types.int32, 1, "C")
     if phase == "forward":
-        head = (i64, i64, i64) if algorithm == "fused" else (i64, i64, i64, i64)  # t, reverse, units / span
+        head = (i64,) * (4 if algorithm == "fused" else 5)  # t, reverse / start, stop, reverse; units, tile
         w = c1 if algorithm == "fused" else c2
         c = a3 if inference else c3
         gx = c3 if inference or cell != "gru" else a3  # the GRU's training gx: the first 3H columns of gates' rows
         tail = {"rnn": (gx, w, c1, c1, c3, a3, lengths, i64), "lstm": (gx, w, c1, c1, c3, c, a3, a3, lengths),
                 "gru": (gx, w, c1, c1, c3, a3, a3, lengths)}[cell]
     else:
-        head = (i64, i64, flag, i64, i64)  # t, t_next, has_next, reverse, units / start, stop, first, ...
+        head = (i64, i64, flag, i64, i64, i64)  # t, t_next, has_next, reverse, units, tile / start, stop, first, ...
         w = c1 if algorithm == "fused" else c2
         tail = {"rnn": (w, c3, a3, c2, c3, lengths, i64), "lstm": (w, c3, c3, a3, c2, c2, c3, lengths),
                 "gru": (w, c3, c3, a3, c2, c3, lengths)}[cell]

@@ -455,25 +455,26 @@ class CudaOps:
         """Forward step t of one direction in one launch (gpurnn.cuda.fused), reading W_hh
         from ws.w_hh_t, which the caller has refreshed (fused_weights); buffers as the step kernels'."""
         T, B, H = self._check_direction(cell, t, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates)
-        units, blocks, threads = _fused_grid(cell, "forward", B, H, ws.h.dtype.itemsize,
-                                             self.sm_count // self._lanes_running)
-        shared = self.fused_shared(cell, "forward", ws.h.dtype, B, H, units)
+        units, tile, blocks, threads = _fused_grid(cell, "forward", B, H, ws.h.dtype.itemsize,
+                                                   self.sm_count // self._lanes_running)
+        shared = self.fused_shared(cell, "forward", ws.h.dtype, tile, H, units)
         args = {"rnn": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, y, lengths,
                         kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
                 "lstm": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, ws.c, gates, y, lengths),
                 "gru": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, gates, y, lengths)}[cell]
-        self._launch_grid(fused.FUSED[cell, "forward"], blocks, threads, t, reverse, units, *args, shared=shared)
+        self._launch_grid(fused.FUSED[cell, "forward"], blocks, threads, t, reverse, units, tile, *args,
+                          shared=shared)
 
     def fused_backward(self, cell, nonlinearity, t, has_next, reverse, ws, dy, w_hh, lengths):
         """BPTT step t of one direction in one launch: first the recurrent gradient of the
         step BPTT ran before (when has_next), then the cell's pointwise backward."""
         T, B, H = self._check_direction(cell, t, reverse, ws, dy, lengths, w_hh=w_hh)
-        units, blocks, threads = _fused_grid(cell, "backward", B, H, ws.h.dtype.itemsize,
-                                             self.sm_count // self._lanes_running)
-        shared = self.fused_shared(cell, "backward", ws.h.dtype, B, H, units)
+        units, tile, blocks, threads = _fused_grid(cell, "backward", B, H, ws.h.dtype.itemsize,
+                                                   self.sm_count // self._lanes_running)
+        shared = self.fused_shared(cell, "backward", ws.h.dtype, tile, H, units)
         t_next = t - 1 if reverse else t + 1
         self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
-                          w_hh.reshape(-1), *self._backward_buffers(cell, nonlinearity, ws, dy, lengths),
+                          tile, w_hh.reshape(-1), *self._backward_buffers(cell, nonlinearity, ws, dy, lengths),
                           shared=shared)
 
     def fused_weights(self, w_hh, out):
@@ -481,13 +482,13 @@ class CudaOps:
         read it (fused.unit_major)."""
         fused.unit_major(w_hh, out)
 
-    def fused_shared(self, cell, phase, dtype, B, H, units):
-        """Shared memory of a fused step of blocks of ``units`` units (its staged operand), or
-        NotApplicable past the limit."""
-        shared = fused.shared_bytes(cell, phase, "fused", B, H, units, np.dtype(dtype).itemsize)
+    def fused_shared(self, cell, phase, dtype, rows, H, units):
+        """Shared memory of a fused step of blocks of ``units`` units of ``rows`` batch rows
+        (its staged operand), or NotApplicable past the limit."""
+        shared = fused.shared_bytes(cell, phase, "fused", rows, H, units, np.dtype(dtype).itemsize)
         if shared > fused.SHARED_LIMIT:
-            raise NotApplicable(f"fused {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name}: a block stages "
-                                f"the step's [{B}, {H if phase == 'forward' else GATE_BLOCKS[cell] * H}] operand in "
+            raise NotApplicable(f"fused {cell} {phase} at H={H}, {np.dtype(dtype).name}: a block stages "
+                                f"the step's [{rows}, {H if phase == 'forward' else GATE_BLOCKS[cell] * H}] rows in "
                                 f"{shared >> 10} KiB of shared memory, over the {fused.SHARED_LIMIT >> 10} KiB "
                                 f"a block may use")
         return shared
@@ -518,33 +519,40 @@ class CudaOps:
         B, H = ws.h.shape[1], ws.h.shape[2]
         kernel = fused.PERSISTENT[cell, phase]
         signature = None if self.simulate else tuple(  # the launch's own types decide its registers
-            kernel.typeof_pyval(self._wrap(a)) for a in (*head, 0, *args, ws.sync))
-        units, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H, self._lanes_running,
-                                                              kernel, signature)
-        ws.sync[:1] = 0  # the barrier counts this launch's arrivals from zero
-        self._launch_grid(kernel, blocks, threads, *head, units, *args, ws.sync, shared=shared)
+            kernel.typeof_pyval(self._wrap(a)) for a in (*head, 0, 0, *args, ws.sync))
+        units, tile, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H,
+                                                                    self._lanes_running, kernel, signature)
+        ws.sync[1:] = 0  # the barriers count this launch's arrivals from zero
+        self._launch_grid(kernel, blocks, threads, *head, units, tile, *args, ws.sync, shared=shared)
 
     def persistent_plan(self, cell, phase, dtype, B, H, lanes, kernel=None, signature=None):
-        """(units per block, blocks, threads, shared bytes) of a persistent launch whose
-        blocks all fit on the GPU at once, with the SMs shared among the ``lanes`` that
-        may run at the same time; ``NotApplicable`` saying why when there is none."""
+        """(units per block, rows per batch tile, blocks, threads, shared bytes) of a
+        persistent launch whose blocks all fit on the GPU at once, with the SMs shared among
+        the ``lanes`` that may run at the same time; ``NotApplicable`` saying why when there
+        is none. Tries fused.batch_tiles' tiles first, then fewer; for each, a block an SM,
+        then fewer blocks of more units."""
         itemsize = np.dtype(dtype).itemsize
-        spread = _fused_grid(cell, phase, B, H, itemsize, self.sm_count // lanes)[0]  # a block an SM, then fewer
+        sms = self.sm_count // lanes
         tried, reasons = set(), []
-        for units in range(spread, H + 1):
-            blocks = -(-H // units)
-            if blocks in tried:
-                continue  # the same grid with more shared memory a block
-            tried.add(blocks)
-            shared = fused.shared_bytes(cell, phase, "persistent", B, H, units, itemsize)
-            if shared > fused.SHARED_LIMIT:
-                reasons.append(f"{blocks} blocks of {units} units need {shared >> 10} KiB of shared memory each")
-                continue
-            threads = fused.block_shape(cell, phase, B, H, units, itemsize)[1]
-            resident = self._resident_blocks(kernel, signature, threads, shared) // lanes
-            if blocks <= resident:
-                return units, blocks, threads, shared
-            reasons.append(f"{blocks} blocks of {units} units, only {resident} fit at once")
+        tiles = fused.batch_tiles(cell, phase, B, H, itemsize, sms)
+        while tiles >= 1:
+            spread, tile = fused.grid_shape(cell, phase, B, H, itemsize, sms, tiles)[:2]
+            for units in range(spread, H + 1):
+                blocks = -(-H // units) * -(-B // tile)
+                if (blocks, tile) in tried:
+                    continue  # the same grid with more shared memory a block
+                tried.add((blocks, tile))
+                shared = fused.shared_bytes(cell, phase, "persistent", tile, H, units, itemsize)
+                if shared > fused.SHARED_LIMIT:
+                    reasons.append(f"{blocks} blocks of {units} units of {tile} rows need {shared >> 10} KiB "
+                                   f"of shared memory each")
+                    continue
+                threads = fused.block_shape(cell, phase, tile, H, units, itemsize)[1]
+                resident = self._resident_blocks(kernel, signature, threads, shared) // lanes
+                if blocks <= resident:
+                    return units, tile, blocks, threads, shared
+                reasons.append(f"{blocks} blocks of {units} units of {tile} rows, only {resident} fit at once")
+            tiles //= 2
         raise NotApplicable(f"persistent {cell} {phase} at B={B}, H={H}, {np.dtype(dtype).name} ({lanes} lane(s) "
                             f"running): no grid fits on the GPU at once within {fused.SHARED_LIMIT >> 10} KiB of "
                             f"shared memory a block, e.g. {reasons[0]}; {reasons[-1]}")
@@ -713,9 +721,9 @@ class CudaOps:
             raise NotApplicable(f"a projected LSTM (proj_size={cfg.P}) runs only 'graph': the fused and "
                                 f"persistent kernels hold the square W_hh of an unprojected state")
         if algorithm == "fused":
-            units = _fused_grid(cfg.cell, phase, ws.B, cfg.H, ws.h0.dtype.itemsize,
-                                self.sm_count // self._lanes_running)[0]
-            self.fused_shared(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H, units)
+            units, tile = _fused_grid(cfg.cell, phase, ws.B, cfg.H, ws.h0.dtype.itemsize,
+                                      self.sm_count // self._lanes_running)[:2]
+            self.fused_shared(cfg.cell, phase, ws.h0.dtype, tile, cfg.H, units)
         if algorithm != "persistent":
             return
         kernel = fused.PERSISTENT[cfg.cell, phase]
@@ -752,7 +760,7 @@ class CudaOps:
             self.algorithm = "graph"
             for a, copy in zip(accumulates, saved):
                 a[...] = copy
-        if any(int(d.sync[1]) for d in ws.dirs):  # a persistent barrier gave up: never choose it
+        if any(int(d.sync[0]) for d in ws.dirs):  # a persistent barrier gave up: never choose it
             for d in ws.dirs:
                 d.sync[...] = 0
             return float("inf"), [self.xp.full(1, np.nan)]
@@ -815,9 +823,9 @@ def _device_key(cupy):
 
 
 def _fused_grid(cell, phase, B, H, itemsize, sms):
-    """(units per block, blocks, threads) of a step spread over ``sms`` SMs, a block each."""
-    units = -(-H // max(1, sms))
-    return units, -(-H // units), fused.block_shape(cell, phase, B, H, units, itemsize)[1]
+    """(units per block, rows per batch tile, blocks, threads) of a step spread over ``sms``
+    SMs, a block each (fused.grid_shape with fused.batch_tiles' tiles)."""
+    return fused.grid_shape(cell, phase, B, H, itemsize, sms, fused.batch_tiles(cell, phase, B, H, itemsize, sms))
 
 
 def _check_step(t, reverse, state, G, lengths, **bufs):
