@@ -47,9 +47,10 @@ kernels/ptx_report.py counts the loops' machine instructions an FMA.
 
 Latency: a step is a chain of waits on memory, so each is cut to one. The staged operand
 comes in with STAGE_LOADS loads in flight a thread (stage), from blocks of at least
-MIN_THREADS threads; what the pointwise update reads after the dot products (gx forward;
-dy, the saved gates and states backward) is asked into L1 before the staging (fused) or
-before the barrier that ends the step before (persistent: ``prefetch_step``).
+MIN_THREADS threads; what the pointwise update reads after the dot products (gx and the
+state it updates forward; dy, the saved gates and states backward) is asked into L1
+before the staging (fused) or before the barrier that ends the step before (persistent:
+``prefetch_step``).
 
 Barrier (``tile_barrier``): a step reads the rows of its batch tile that the
 tile's blocks wrote the step before, so only they wait on each other (GRNN's
@@ -197,14 +198,30 @@ def _elements(blk):
 @cuda.jit(device=True, inline=True)
 def prefetch_step(a, t, blk, G, H):
     """Ask L1 for a[t, b, g*H + j] of the block's elements (b, j) and g < G: what a step's
-    pointwise update reads once its dot products are done (forward gx; backward dy and the
-    saved gates), so that those loads wait on L1, not on memory (DESIGN.md section 5).
+    pointwise update reads once its dot products are done (forward gx and the state it
+    updates; backward dy and the saved gates and states), so that those loads wait on L1, not on memory (DESIGN.md section 5).
     Issued before the step's staging, or, in a persistent kernel, before the barrier that
     ends the step before it."""
     for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
         b, j = _element(e, blk)
         for g in range(G):
             prefetch(a, (uint32(t), uint32(b), uint32(g * H + j)))
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_lstm_forward(t, reverse, blk, gx, c):
+    """prefetch_step of what kernels.lstm_point_forward reads: gx[t] and c_{t-1}."""
+    H = c.shape[2]
+    prefetch_step(gx, t, blk, 4, H)
+    prefetch_step(c, t + reverse, blk, 1, H)
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_gru_forward(t, reverse, blk, gx, h):
+    """prefetch_step of what kernels.gru_point_forward reads: gx[t] and h_{t-1}."""
+    H = h.shape[2]
+    prefetch_step(gx, t, blk, 3, H)
+    prefetch_step(h, t + reverse, blk, 1, H)
 
 
 @cuda.jit(device=True, inline=True)
@@ -542,7 +559,7 @@ def lstm_forward_fused(t, reverse, units, tile, gx, w_t, b_ih, b_hh, h, c, gates
     H = h.shape[2]
     blk = _block_of(units, tile, h.shape[1], H)
     sm = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, t, blk, 4, H)
+    prefetch_lstm_forward(t, reverse, blk, gx, c)
     lstm_forward_tile(t, reverse, blk, units, gx, w_t, 4 * H, 0, sm, 0, b_ih, b_hh, h, c, gates, y,
                       lengths)
 
@@ -552,7 +569,7 @@ def gru_forward_fused(t, reverse, units, tile, gx, w_t, b_ih, b_hh, h, gates, y,
     H = h.shape[2]
     blk = _block_of(units, tile, h.shape[1], H)
     sm = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, t, blk, 3, H)
+    prefetch_gru_forward(t, reverse, blk, gx, h)
     gru_forward_tile(t, reverse, blk, units, gx, w_t, 3 * H, 0, sm, 0, b_ih, b_hh, h, gates, y,
                      lengths)
 
@@ -677,7 +694,7 @@ def lstm_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b
     j0, j1 = blk[0], blk[1]
     groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), blk, 4, H)
+    prefetch_lstm_forward(_forward_step_of(start, stop, reverse, 0), reverse, blk, gx, c)
     _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
@@ -685,7 +702,7 @@ def lstm_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b
                           gates, y, lengths)
         if s + 1 == stop - start:
             break  # the launch's end orders the last step
-        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), blk, 4, H)
+        prefetch_lstm_forward(_forward_step_of(start, stop, reverse, s + 1), reverse, blk, gx, c)
         if not tile_barrier(sync, tile_index, groups, s + 1):
             _poison_forward(start, stop, reverse, blk, h, y)
             return
@@ -698,7 +715,7 @@ def gru_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_
     j0, j1 = blk[0], blk[1]
     groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), blk, 3, H)
+    prefetch_gru_forward(_forward_step_of(start, stop, reverse, 0), reverse, blk, gx, h)
     _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
@@ -706,7 +723,7 @@ def gru_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_
                          lengths)
         if s + 1 == stop - start:
             break  # the launch's end orders the last step
-        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), blk, 3, H)
+        prefetch_gru_forward(_forward_step_of(start, stop, reverse, s + 1), reverse, blk, gx, h)
         if not tile_barrier(sync, tile_index, groups, s + 1):
             _poison_forward(start, stop, reverse, blk, h, y)
             return
