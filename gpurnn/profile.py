@@ -94,7 +94,9 @@ def gemm_ceiling(backend, dtype):
 def profile_layer(cell, hidden, layers=1, seq_len=100, batch=64, input_size=None, bidirectional=False,
                   backward=True, dtype="float32", repeats=10, backend=None, seed=0, **cell_kwargs):
     """Profile one layer stack; returns a dict with the total per call, each phase's
-    seconds, FLOPs and share of the GEMM ceiling, and the algorithms that ran."""
+    seconds, FLOPs and share of the GEMM ceiling, the algorithms that ran, and the
+    CUDA backend's fused and persistent launch shapes (``grids``: per phase, the last
+    layer's)."""
     from gpurnn.layers import GRU, LSTM, RNN
 
     backend = get_backend(backend)
@@ -117,6 +119,8 @@ def profile_layer(cell, hidden, layers=1, seq_len=100, batch=64, input_size=None
     total = _per_call(backend, call, repeats)
     profiler = Profiler()
     ops.profiler = profiler
+    grids = getattr(ops, "grids", {})  # the CUDA backend's fused and persistent launches
+    grids.clear()
     try:
         call()
         times = profiler.collect(xp) if backend.name == "cuda" else dict(profiler.times)
@@ -125,6 +129,7 @@ def profile_layer(cell, hidden, layers=1, seq_len=100, batch=64, input_size=None
     flops = phase_flops(cell, input_size, hidden, layers, 2 if bidirectional else 1, seq_len, batch, backward)
     ceiling = gemm_ceiling(backend, np.dtype(dtype))
     return dict(backend=backend.name, math_mode=math_mode(), algorithms=model.algorithms, total_s=total,
+                grids={phase: dict(grid) for (_, phase), grid in grids.items()},
                 phases={p: dict(seconds=times[p], flops=flops[p],
                                 ceiling_share=(flops[p] / times[p] / ceiling) if times[p] else 0.0)
                         for p in PHASES if flops[p]},
@@ -144,4 +149,8 @@ def report(result, cell, sizes):
                      f"{100 * p['ceiling_share']:>10.1f}%")
     lines.append("phases timed in one eager call (CUDA: events on each phase's own stream, so overlapping "
                  "phases can sum past the call)")
+    for phase, g in result.get("grids", {}).items():
+        lines.append(f"{phase} {g['algorithm']} launch: {g['blocks']} blocks ({g['groups']} of {g['units']} "
+                     f"units x {g['tiles']} batch tiles of {g['tile']} rows), {g['threads']} threads and "
+                     f"{g['shared'] / 1024:.1f} KiB of shared memory a block")
     return lines

@@ -24,7 +24,7 @@ module refuses the type).
 ``--algorithms``: "auto" lets gpurnn choose per shape (the default); naming
 graph, fused or persistent forces it (gpurnn.set_rnn_algorithm) and adds a row
 per algorithm, marked "n/a" where it cannot run the shape. Each row records the
-algorithm that ran.
+algorithm that ran, and the fused and persistent launches' shapes (``grids``).
 """
 
 import argparse
@@ -229,14 +229,17 @@ def bench_row(cell, name, mode, repeats):
               "dW": max(rel(ours.grads[k].get(), host(p.grad)) for k, p in peer.named_parameters())}
 
     rows = []
+    grids = ours.backend.ops.grids  # the fused and persistent launches' shapes (CudaOps._record_grid)
     for what, ours_fn, peer_fn in (("fwd", ours_fwd, peer_fwd), ("fwd+bwd", ours_train, peer_train)):
         ours.train(what == "fwd+bwd")
+        grids.clear()
         o = time_ms(ours_fn, repeats)
         p = time_ms(peer_fn, repeats)
         rows.append(dict(cell=cell, config=name, T=T, B=B, H=H, layers=L, bidirectional=bidirectional,
                          mode=mode, pass_=what, gpurnn_ms=o[0], gpurnn_min_ms=o[1], gpurnn_max_ms=o[2],
                          peer_ms=p[0], peer_min_ms=p[1], peer_max_ms=p[2], ratio=o[0] / p[0],
-                         rel_err=errors, chosen=dict(ours.algorithms)))
+                         rel_err=errors, chosen=dict(ours.algorithms),
+                         grids={phase: dict(g) for (_, phase), g in grids.items()}))
     return rows
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpurnn import profile
-from helpers import backend_or_skip, make
+from helpers import backend_or_skip, forced_algorithm, make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +33,28 @@ def test_profile_layer_times_every_phase():
     assert result["total_s"] > 0 and result["ceiling_flops"] > 0
     inference = profile.profile_layer("lstm", 8, seq_len=4, batch=2, repeats=1, backward=False, backend="numpy")
     assert set(inference["phases"]) == {"input", "steps"} and inference["algorithms"] == {"inference": "graph"}
+
+
+def test_profile_reports_the_fused_and_persistent_launch_shapes(monkeypatch):
+    """What a fused or persistent recurrence launched, as gpurnn profile prints it: blocks of
+    units of a batch tile, threads and shared memory a block (the simulator's persistent
+    kernels fit one block; its fused steps, given SMs enough, cut the batch in tiles)."""
+    sim = backend_or_skip("cudasim", "cudasim unavailable in this process")
+    monkeypatch.setattr(sim.ops, "sm_count", 64)
+    with forced_algorithm("fused"):
+        result = profile.profile_layer("rnn", 5, seq_len=3, batch=3, repeats=1, dtype="float64", backend="cudasim")
+    forward = result["grids"]["forward"]
+    assert forward["algorithm"] == "fused" and set(result["grids"]) == {"forward", "backward"}
+    assert (forward["tiles"], forward["tile"], forward["units"], forward["groups"]) == (2, 2, 1, 5)
+    assert forward["blocks"] == 10 and forward["threads"] % 32 == 0 and forward["shared"] > 0
+    lines = profile.report(result, "rnn", "T=3 B=3")
+    assert "forward fused launch: 10 blocks (5 of 1 units x 2 batch tiles of 2 rows), 32 threads and" in lines[-2]
+    with forced_algorithm("persistent"):
+        result = profile.profile_layer("gru", 4, seq_len=2, batch=2, repeats=1, dtype="float64", backend="cudasim")
+    assert {p: (g["algorithm"], g["blocks"]) for p, g in result["grids"].items()} == {
+        "forward": ("persistent", 1), "backward": ("persistent", 1)}
+    numpy_run = profile.profile_layer("gru", 4, seq_len=2, batch=2, repeats=1, backend="numpy")
+    assert numpy_run["grids"] == {} and not any("launch:" in ln for ln in profile.report(numpy_run, "gru", ""))
 
 
 def test_profile_command_prints_the_breakdown():

@@ -79,6 +79,7 @@ class CudaOps:
         self._nvtx = None
         self._lanes_running = 1  # lanes whose work may run at the same time as the current one's
         self._resident = {}  # (kernel, signature, threads, shared bytes) -> blocks resident at once
+        self.grids = {}  # (cell, phase) -> the last fused or persistent launch's shape (_record_grid)
         self._wrapped = {}
         self._transpose_faster = {}
         self._bfloat16_missing = None  # asked once on a GPU: "" when CuPy has bfloat16 arrays, else why not
@@ -458,6 +459,7 @@ class CudaOps:
         units, tile, blocks, threads = _fused_grid(cell, "forward", B, H, ws.h.dtype.itemsize,
                                                    self.sm_count // self._lanes_running)
         shared = self.fused_shared(cell, "forward", ws.h.dtype, tile, H, units)
+        self._record_grid(cell, "forward", "fused", B, H, units, tile, threads, shared)
         args = {"rnn": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, y, lengths,
                         kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
                 "lstm": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, ws.c, gates, y, lengths),
@@ -472,10 +474,19 @@ class CudaOps:
         units, tile, blocks, threads = _fused_grid(cell, "backward", B, H, ws.h.dtype.itemsize,
                                                    self.sm_count // self._lanes_running)
         shared = self.fused_shared(cell, "backward", ws.h.dtype, tile, H, units)
+        self._record_grid(cell, "backward", "fused", B, H, units, tile, threads, shared)
         t_next = t - 1 if reverse else t + 1
         self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
                           tile, w_hh.reshape(-1), *self._backward_buffers(cell, nonlinearity, ws, dy, lengths),
                           shared=shared)
+
+    def _record_grid(self, cell, phase, algorithm, B, H, units, tile, threads, shared):
+        """Keep a launch's shape where ``gpurnn profile`` and the benchmarks read it: ``groups``
+        of ``units`` hidden units times ``tiles`` of ``tile`` batch rows, a block each, of
+        ``threads`` threads and ``shared`` bytes of dynamic shared memory."""
+        groups, tiles = -(-H // units), -(-B // tile)
+        self.grids[cell, phase] = dict(algorithm=algorithm, blocks=groups * tiles, groups=groups, units=units,
+                                       tiles=tiles, tile=tile, threads=threads, shared=shared)
 
     def fused_weights(self, w_hh, out):
         """Write W_hh [G*H, H] into out, the workspace's [H, G*H], as the fused forward steps
@@ -522,6 +533,7 @@ class CudaOps:
             kernel.typeof_pyval(self._wrap(a)) for a in (*head, 0, 0, *args, ws.sync))
         units, tile, blocks, threads, shared = self.persistent_plan(cell, phase, ws.h.dtype, B, H,
                                                                     self._lanes_running, kernel, signature)
+        self._record_grid(cell, phase, "persistent", B, H, units, tile, threads, shared)
         ws.sync[1:] = 0  # the barriers count this launch's arrivals from zero
         self._launch_grid(kernel, blocks, threads, *head, units, tile, *args, ws.sync, shared=shared)
 
