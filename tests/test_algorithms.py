@@ -286,6 +286,27 @@ def test_persistent_tiles_wait_only_on_their_own_blocks(sim, monkeypatch):
     assert np.abs(whole_y).sum() > 0
 
 
+def test_persistent_plan_on_a_gpu_cuts_rnn_c_into_four_tiles(sim, monkeypatch):
+    """The plan a GPU of 132 SMs, two blocks resident an SM, gets (the simulator fits one
+    block, so its driver query is stood in for): RNN C in 4 tiles of 8 rows, 32 groups of 8
+    units, all 128 blocks resident; where they do not all fit, blocks of more units, the
+    tiles kept; LSTM C's backward, whose staged dgates rows outgrow shared memory at any
+    tiling, says so."""
+    from gpurnn.cuda import fused
+    from gpurnn.cuda.ops import NotApplicable
+
+    monkeypatch.setattr(sim.ops, "sm_count", 132)
+    monkeypatch.setattr(sim.ops, "_resident_blocks", lambda kernel, signature, threads, shared: 264)
+    units, tile, blocks, threads, shared = sim.ops.persistent_plan("rnn", "forward", np.float32, 32, 256, 1)
+    assert (units, tile, blocks, threads) == (8, 8, 128, 256)  # 64 elements, 4 threads each
+    assert shared == fused.shared_bytes("rnn", "forward", "persistent", 8, 256, 8, 4) <= fused.SHARED_LIMIT
+    monkeypatch.setattr(sim.ops, "_resident_blocks", lambda kernel, signature, threads, shared: 100)
+    units, tile, blocks = sim.ops.persistent_plan("rnn", "forward", np.float32, 32, 256, 1)[:3]
+    assert tile == 8 and blocks == 4 * -(-256 // units) <= 100  # still 4 tiles, fewer groups
+    with pytest.raises(NotApplicable, match="shared memory"):
+        sim.ops.persistent_plan("lstm", "backward", np.float32, 32, 256, 1)
+
+
 def test_forced_algorithm_that_cannot_run_a_shape_says_why(sim):
     model = make("lstm", 3, 200, backend="cudasim", dtype="float64")
     with forced_algorithm("persistent"), pytest.raises(ValueError, match=r"'persistent' .*cannot run this forward.*KiB"):
