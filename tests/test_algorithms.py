@@ -311,15 +311,26 @@ def test_forced_algorithm_that_cannot_run_a_shape_says_why(sim):
     model = make("lstm", 3, 200, backend="cudasim", dtype="float64")
     with forced_algorithm("persistent"), pytest.raises(ValueError, match=r"'persistent' .*cannot run this forward.*KiB"):
         model(np.zeros((2, 2, 3)))
-    wide = make("lstm", 3, 100, backend="cudasim", dtype="float64")  # backward stages [16, 400] dgates: 50 KiB
-    wide(np.zeros((1, 16, 3)))
-    with forced_algorithm("fused"), pytest.raises(ValueError, match=r"'fused' .*cannot run this backward.*\[16, 400\]"):
-        wide.backward(np.zeros((1, 16, 100)))
+    wide = make("lstm", 3, 1600, backend="cudasim", dtype="float64")  # backward stages a [1, 6400] dgates row: 50 KiB
+    wide(np.zeros((1, 1, 3)))
+    with forced_algorithm("fused"), pytest.raises(ValueError, match=r"'fused' .*cannot run this backward.*\[1, 6400\]"):
+        wide.backward(np.zeros((1, 1, 1600)))
     numpy_model = make("lstm", 3, 4, backend="numpy")
     with forced_algorithm("fused"), pytest.raises(ValueError, match="numpy backend runs only 'graph'"):
         numpy_model(np.zeros((2, 2, 3), np.float32))
     with pytest.raises(ValueError, match="name: expected one of"):
         gpurnn.set_rnn_algorithm("cudnn")
+
+
+def test_fused_steps_cut_the_batch_finer_where_its_rows_outgrow_shared_memory(sim):
+    """16 backward dgates rows of 4H = 400 float64 are 50 KiB, past a block's 48: the fused
+    backward cuts the batch in tiles of 8 rows instead, and matches the NumPy model."""
+    from gpurnn.cuda import fused, ops
+
+    units, tile = ops._fused_grid("lstm", "backward", 16, 100, 8, sim.ops.sm_count)[:2]
+    assert tile == 8 and fused.shared_bytes("lstm", "backward", "fused", tile, 100, units, 8) <= fused.SHARED_LIMIT
+    assert fused.shared_bytes("lstm", "backward", "fused", 16, 100, units, 8) > fused.SHARED_LIMIT
+    assert compare("lstm", "fused", 2, 100, 1, 16) < 1e-12
 
 
 def test_env_forces_the_algorithm_and_rejects_unknown_names(sim, monkeypatch):

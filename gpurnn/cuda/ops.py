@@ -835,9 +835,16 @@ def _device_key(cupy):
 
 
 def _fused_grid(cell, phase, B, H, itemsize, sms):
-    """(units per block, rows per batch tile, blocks, threads) of a step spread over ``sms``
-    SMs, a block each (fused.grid_shape with fused.batch_tiles' tiles)."""
-    return fused.grid_shape(cell, phase, B, H, itemsize, sms, fused.batch_tiles(cell, phase, B, H, itemsize, sms))
+    """(units per block, rows per batch tile, blocks, threads) of a fused step spread over
+    ``sms`` SMs, a block each (fused.grid_shape with fused.batch_tiles' tiles), in more
+    tiles where a tile's staged rows would outgrow a block's shared memory (LSTM C's
+    backward: 32 dgates rows of 4H are 128 KiB, 8 rows 32)."""
+    tiles = fused.batch_tiles(cell, phase, B, H, itemsize, sms)
+    grid = fused.grid_shape(cell, phase, B, H, itemsize, sms, tiles)
+    while grid[1] > 1 and fused.shared_bytes(cell, phase, "fused", grid[1], H, grid[0], itemsize) > fused.SHARED_LIMIT:
+        tiles *= 2
+        grid = fused.grid_shape(cell, phase, B, H, itemsize, sms, tiles)
+    return grid
 
 
 def _check_step(t, reverse, state, G, lengths, **bufs):
