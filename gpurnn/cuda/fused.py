@@ -113,7 +113,8 @@ else:
     # using them could not be compiled to PTX on a machine without a GPU.
     from llvmlite import ir
     from numba import types
-    from numba.cuda.cache_hints import _get_element_pointer, ldcg_intrinsic, ldcv_intrinsic
+    from numba.cuda import cgutils
+    from numba.cuda.cache_hints import ldcg_intrinsic, ldcv_intrinsic
     from numba.cuda.extending import intrinsic
 
     @cuda.jit(device=True, inline=True)
@@ -130,11 +131,18 @@ else:
 
     @intrinsic
     def prefetch(typingctx, a, i):
-        """``prefetch.global.L1`` of a[i] (a tuple of unsigned indices): the line comes into
-        L1 while the thread goes on; numba has no prefetch of its own. The element's
-        address as numba's cache-hinted loads compute it."""
+        """``prefetch.global.L1`` of a[i] (a tuple of unsigned indices, one an axis): the
+        line comes into L1 while the thread goes on; numba has no prefetch of its own."""
+        if not (isinstance(a, types.Array) and isinstance(i, types.UniTuple) and i.count == a.ndim
+                and isinstance(i.dtype, types.Integer) and not i.dtype.signed):
+            return None
+
         def codegen(context, builder, sig, args):
-            ptr = _get_element_pointer(context, builder, sig.args[1], args[1], sig.args[0], args[0])
+            array_type, index_type = sig.args
+            array = context.make_array(array_type)(context, builder, args[0])
+            indices = [context.cast(builder, v, index_type.dtype, types.intp)
+                       for v in cgutils.unpack_tuple(builder, args[1], count=index_type.count)]
+            ptr = cgutils.get_item_pointer(context, builder, array_type, array, indices)
             hint = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type]), "prefetch.global.L1 [$0];", "l",
                                 side_effect=True)
             builder.call(hint, [ptr])
@@ -199,9 +207,9 @@ def _elements(blk):
 def prefetch_step(a, t, blk, G, H):
     """Ask L1 for a[t, b, g*H + j] of the block's elements (b, j) and g < G: what a step's
     pointwise update reads once its dot products are done (forward gx and the state it
-    updates; backward dy and the saved gates and states), so that those loads wait on L1, not on memory (DESIGN.md section 5).
-    Issued before the step's staging, or, in a persistent kernel, before the barrier that
-    ends the step before it."""
+    updates; backward dy and the saved gates and states), so that those loads wait on L1,
+    not on memory (DESIGN.md section 5). Issued before the step's staging, or, in a
+    persistent kernel, before the barrier that ends the step before it."""
     for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
         b, j = _element(e, blk)
         for g in range(G):
