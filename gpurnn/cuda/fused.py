@@ -151,8 +151,8 @@ else:
 
 @cuda.jit(device=True, inline=True)
 def tile_barrier(sync, tile_index, blocks, generation):
-    """Wait until the ``blocks`` blocks of batch tile ``tile_index`` have arrived here
-    ``generation`` times. sync: [1 + tiles] int32 (failure flag, then each tile's
+    """Wait until the ``blocks`` blocks of batch tile ``tile_index`` (_tile_of) have arrived
+    here ``generation`` times. sync: [1 + tiles] int32 (failure flag, then each tile's
     arrivals). False if the wait failed (see module doc)."""
     passed = cuda.shared.array(1, int32)
     cuda.syncthreads()  # the block's writes of this step are issued
@@ -177,12 +177,18 @@ def tile_barrier(sync, tile_index, blocks, generation):
 
 
 @cuda.jit(device=True, inline=True)
+def _tile_of(units, H):
+    """(tile index, blocks a tile) of the calling block: the grid's blocks go over the
+    ceil(H / units) groups of ``units`` units first, then over the batch's tiles."""
+    groups = (H + units - 1) // units
+    return cuda.blockIdx.x // groups, groups
+
+
+@cuda.jit(device=True, inline=True)
 def _block_of(units, tile, B, H):
     """The calling block's part of a step, blk = (j0, j1, r0, r1): hidden units [j0, j1) of
-    batch rows [r0, r1). The grid's blocks go over groups of ``units`` units first, then over
-    the batch in tiles of ``tile`` rows."""
-    groups = (H + units - 1) // units
-    tile_index = cuda.blockIdx.x // groups
+    batch rows [r0, r1), its tile (_tile_of) holding ``tile`` rows."""
+    tile_index, groups = _tile_of(units, H)
     j0 = (cuda.blockIdx.x - tile_index * groups) * units
     r0 = tile_index * tile
     return j0, min(H, j0 + units), r0, min(B, r0 + tile)
@@ -679,7 +685,7 @@ def rnn_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_
     H = h.shape[2]
     blk = _block_of(units, tile, h.shape[1], H)
     j0, j1 = blk[0], blk[1]
-    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
+    tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
     prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), blk, 1, H)
     _stage_rows(sw, w_hh, 1, j0, j1 - j0, units)
@@ -700,7 +706,7 @@ def lstm_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b
     H = h.shape[2]
     blk = _block_of(units, tile, h.shape[1], H)
     j0, j1 = blk[0], blk[1]
-    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
+    tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
     prefetch_lstm_forward(_forward_step_of(start, stop, reverse, 0), reverse, blk, gx, c)
     _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
@@ -721,7 +727,7 @@ def gru_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_
     H = h.shape[2]
     blk = _block_of(units, tile, h.shape[1], H)
     j0, j1 = blk[0], blk[1]
-    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
+    tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
     prefetch_gru_forward(_forward_step_of(start, stop, reverse, 0), reverse, blk, gx, h)
     _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
@@ -743,7 +749,7 @@ def rnn_backward_persistent(start, stop, first, reverse, units, tile, w_hh, h, d
     H = h.shape[2]
     blk = _block_of(units, tile, h.shape[1], H)
     j0, j1 = blk[0], blk[1]
-    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
+    tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
     prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, h, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
@@ -765,7 +771,7 @@ def lstm_backward_persistent(start, stop, first, reverse, units, tile, w_hh, c, 
     H = c.shape[2]
     blk = _block_of(units, tile, c.shape[1], H)
     j0, j1 = blk[0], blk[1]
-    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
+    tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, c.dtype)
     prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, c, gates, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
@@ -786,7 +792,7 @@ def gru_backward_persistent(start, stop, first, reverse, units, tile, w_hh, h, g
     H = h.shape[2]
     blk = _block_of(units, tile, h.shape[1], H)
     j0, j1 = blk[0], blk[1]
-    groups, tile_index = (H + units - 1) // units, blk[2] // tile  # the tile's blocks
+    tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
     prefetch_gru_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, h, gates, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
