@@ -139,12 +139,10 @@ def test_fused_steps_with_the_batch_in_tiles(sim, monkeypatch, cell, dtype, tole
     """With SMs to spare for its size, a step's blocks each own a tile of the batch's rows
     (fused.batch_tiles), the last one ragged here (3 rows in tiles of 2): every element's
     state, output and gradient as the NumPy model's; lengths, both directions, two layers."""
-    from gpurnn.cuda import ops
-
     monkeypatch.setattr(sim.ops, "sm_count", 64)
     B, H = 3, 5
     for phase in ("forward", "backward"):
-        tile = ops._fused_grid(cell, phase, B, H, np.dtype(dtype).itemsize, 64)[1]
+        tile = sim.ops.fused_plan(cell, phase, dtype, B, H)[1]
         assert tile == 2, (phase, tile)  # the case this test is for
     lengths = np.array([3, 1, 2])
     assert compare(cell, "fused", 2, H, 3, B, lengths, num_layers=2, bidirectional=True, dtype=dtype) < tolerance
@@ -325,9 +323,9 @@ def test_forced_algorithm_that_cannot_run_a_shape_says_why(sim):
 def test_fused_steps_cut_the_batch_finer_where_its_rows_outgrow_shared_memory(sim):
     """16 backward dgates rows of 4H = 400 float64 are 50 KiB, past a block's 48: the fused
     backward cuts the batch in tiles of 8 rows instead, and matches the NumPy model."""
-    from gpurnn.cuda import fused, ops
+    from gpurnn.cuda import fused
 
-    units, tile = ops._fused_grid("lstm", "backward", 16, 100, 8, sim.ops.sm_count)[:2]
+    units, tile = sim.ops.fused_plan("lstm", "backward", "float64", 16, 100)[:2]
     assert tile == 8 and fused.shared_bytes("lstm", "backward", "fused", tile, 100, units, 8) <= fused.SHARED_LIMIT
     assert fused.shared_bytes("lstm", "backward", "fused", 16, 100, units, 8) > fused.SHARED_LIMIT
     assert compare("lstm", "fused", 2, 100, 1, 16) < 1e-12

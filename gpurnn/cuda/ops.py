@@ -456,9 +456,7 @@ class CudaOps:
         """Forward step t of one direction in one launch (gpurnn.cuda.fused), reading W_hh
         from ws.w_hh_t, which the caller has refreshed (fused_weights); buffers as the step kernels'."""
         T, B, H = self._check_direction(cell, t, reverse, ws, y, lengths, b_ih=b_ih, b_hh=b_hh, gates=gates)
-        units, tile, blocks, threads = _fused_grid(cell, "forward", B, H, ws.h.dtype.itemsize,
-                                                   self.sm_count // self._lanes_running)
-        shared = self.fused_shared(cell, "forward", ws.h.dtype, tile, H, units)
+        units, tile, blocks, threads, shared = self.fused_plan(cell, "forward", ws.h.dtype, B, H)
         self._record_grid(cell, "forward", "fused", B, H, units, tile, threads, shared)
         args = {"rnn": (ws.gx, ws.w_hh_t.reshape(-1), b_ih, b_hh, ws.h, y, lengths,
                         kernels.NONLINEARITY_CODES.get(nonlinearity, 0)),
@@ -471,9 +469,7 @@ class CudaOps:
         """BPTT step t of one direction in one launch: first the recurrent gradient of the
         step BPTT ran before (when has_next), then the cell's pointwise backward."""
         T, B, H = self._check_direction(cell, t, reverse, ws, dy, lengths, w_hh=w_hh)
-        units, tile, blocks, threads = _fused_grid(cell, "backward", B, H, ws.h.dtype.itemsize,
-                                                   self.sm_count // self._lanes_running)
-        shared = self.fused_shared(cell, "backward", ws.h.dtype, tile, H, units)
+        units, tile, blocks, threads, shared = self.fused_plan(cell, "backward", ws.h.dtype, B, H)
         self._record_grid(cell, "backward", "fused", B, H, units, tile, threads, shared)
         t_next = t - 1 if reverse else t + 1
         self._launch_grid(fused.FUSED[cell, "backward"], blocks, threads, t, t_next, bool(has_next), reverse, units,
@@ -493,16 +489,26 @@ class CudaOps:
         read it (fused.unit_major)."""
         fused.unit_major(w_hh, out)
 
-    def fused_shared(self, cell, phase, dtype, rows, H, units):
-        """Shared memory of a fused step of blocks of ``units`` units of ``rows`` batch rows
-        (its staged operand), or NotApplicable past the limit."""
-        shared = fused.shared_bytes(cell, phase, "fused", rows, H, units, np.dtype(dtype).itemsize)
-        if shared > fused.SHARED_LIMIT:
-            raise NotApplicable(f"fused {cell} {phase} at H={H}, {np.dtype(dtype).name}: a block stages "
-                                f"the step's [{rows}, {H if phase == 'forward' else GATE_BLOCKS[cell] * H}] rows in "
-                                f"{shared >> 10} KiB of shared memory, over the {fused.SHARED_LIMIT >> 10} KiB "
-                                f"a block may use")
-        return shared
+    def fused_plan(self, cell, phase, dtype, B, H):
+        """(units per block, rows per batch tile, blocks, threads, shared bytes) of a fused
+        step spread over the SMs its lane may use, a block each (fused.grid_shape with
+        fused.batch_tiles' tiles), in more tiles where a tile's staged rows would outgrow a
+        block's shared memory (LSTM C's backward: 32 dgates rows of 4H are 128 KiB, 8 rows
+        32); NotApplicable where even one row's do."""
+        itemsize = np.dtype(dtype).itemsize
+        sms = self.sm_count // self._lanes_running
+        tiles = fused.batch_tiles(cell, phase, B, H, itemsize, sms)
+        while True:
+            units, tile, blocks, threads = fused.grid_shape(cell, phase, B, H, itemsize, sms, tiles)
+            shared = fused.shared_bytes(cell, phase, "fused", tile, H, units, itemsize)
+            if shared <= fused.SHARED_LIMIT:
+                return units, tile, blocks, threads, shared
+            if tile == 1:
+                raise NotApplicable(f"fused {cell} {phase} at H={H}, {np.dtype(dtype).name}: a block stages "
+                                    f"the step's [{tile}, {H if phase == 'forward' else GATE_BLOCKS[cell] * H}] "
+                                    f"rows in {shared >> 10} KiB of shared memory, over the "
+                                    f"{fused.SHARED_LIMIT >> 10} KiB a block may use")
+            tiles *= 2
 
     def persistent_forward(self, cell, nonlinearity, span, reverse, ws, w_hh, b_ih, b_hh, gates, y, lengths):
         """Forward steps [start, stop) of one direction in one launch, W_hh on chip."""
@@ -733,9 +739,7 @@ class CudaOps:
             raise NotApplicable(f"a projected LSTM (proj_size={cfg.P}) runs only 'graph': the fused and "
                                 f"persistent kernels hold the square W_hh of an unprojected state")
         if algorithm == "fused":
-            units, tile = _fused_grid(cfg.cell, phase, ws.B, cfg.H, ws.h0.dtype.itemsize,
-                                      self.sm_count // self._lanes_running)[:2]
-            self.fused_shared(cfg.cell, phase, ws.h0.dtype, tile, cfg.H, units)
+            self.fused_plan(cfg.cell, phase, ws.h0.dtype, ws.B, cfg.H)
         if algorithm != "persistent":
             return
         kernel = fused.PERSISTENT[cfg.cell, phase]
@@ -832,19 +836,6 @@ def _device_key(cupy):
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     return (f"{name} | CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()} | CuPy {cupy.__version__} | "
             f"numba-cuda {numba_cuda.__version__}")
-
-
-def _fused_grid(cell, phase, B, H, itemsize, sms):
-    """(units per block, rows per batch tile, blocks, threads) of a fused step spread over
-    ``sms`` SMs, a block each (fused.grid_shape with fused.batch_tiles' tiles), in more
-    tiles where a tile's staged rows would outgrow a block's shared memory (LSTM C's
-    backward: 32 dgates rows of 4H are 128 KiB, 8 rows 32)."""
-    tiles = fused.batch_tiles(cell, phase, B, H, itemsize, sms)
-    grid = fused.grid_shape(cell, phase, B, H, itemsize, sms, tiles)
-    while grid[1] > 1 and fused.shared_bytes(cell, phase, "fused", grid[1], H, grid[0], itemsize) > fused.SHARED_LIMIT:
-        tiles *= 2
-        grid = fused.grid_shape(cell, phase, B, H, itemsize, sms, tiles)
-    return grid
 
 
 def _check_step(t, reverse, state, G, lengths, **bufs):
