@@ -18,7 +18,8 @@ instructions issued one after another by few warps, so instructions an FMA is th
 figure to watch without a GPU (``loop_per_fma``; None without cuobjdump); and of the loop
 that stages a step's h_prev or dgates rows into shared memory, the loads a thread has in
 flight (``stage_loads``: a load from L2 takes hundreds of cycles) and its instructions an
-element (``stage_per_element``).
+element (``stage_per_element``). Every build's row lists the PTX instructions that order
+memory between blocks (``memory_order``: the persistent kernels' barrier).
 
 NVVM writes the same PTX for sm_80 and sm_90 (apart from the ``.target`` line and
 the names it mangles per compilation), so each build is compiled once and
@@ -170,11 +171,17 @@ def same_ptx_for_every_arch(job):
     return len({body(_ptx(job, arch)) for arch in ARCHS}) == 1
 
 
+def memory_order(ptx):
+    """The distinct instructions of a build's PTX that order memory between blocks (fences,
+    atomics, acquire loads): what the persistent kernels' barrier is made of."""
+    return sorted(set(re.findall(r"^\s*((?:membar|fence|red|atom|ld\.global\.acquire)\.[\w.]+)", ptx, re.MULTILINE)))
+
+
 def compile_one(job, ptxas, cuobjdump):
     """Rows of one build, for each arch (run in a worker process: numba compiles in one thread)."""
     label, source, key, dtype = job
     ptx = _ptx(job, ARCHS[0])
-    return [dict(kernel=label, dtype=dtype, arch=f"sm_{arch[0]}{arch[1]}",
+    return [dict(kernel=label, dtype=dtype, arch=f"sm_{arch[0]}{arch[1]}", memory_order=memory_order(ptx),
                  **ptxas_stats(ptxas, _target(ptx, arch), arch, cuobjdump if source == "fused" else None))
             for arch in ARCHS]
 

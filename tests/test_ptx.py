@@ -44,6 +44,21 @@ def test_every_kernel_compiles_without_spills(tmp_path):
         else:
             assert 0 < r["registers"] <= 64, r  # lean enough for full occupancy at 128 threads
     lean_loops_in_machine_code(report)
+    barrier_is_release_acquire(rows)
+
+
+def barrier_is_release_acquire(rows):
+    """The persistent kernels' barrier (fused.tile_barrier) in PTX: an acq_rel fence and a
+    relaxed add to arrive, acquire loads to wait (and the failure flag's atomic max), as
+    CUTLASS's inter-block barrier; no sequentially consistent ``membar.gl`` (a threadfence)
+    anywhere in a recurrence. The kernels without a barrier order nothing between blocks."""
+    barrier = ["atom.global.max.s32", "fence.acq_rel.gpu", "ld.global.acquire.gpu.b32",
+               "red.relaxed.gpu.global.add.s32"]
+    for r in rows:
+        if "persistent" in r["kernel"].split():
+            assert r["memory_order"] == barrier, r
+        elif "fused" in r["kernel"].split():
+            assert r["memory_order"] == [], r
 
 
 def lean_loops_in_machine_code(report):

@@ -54,10 +54,13 @@ before the staging (fused) or before the barrier that ends the step before (pers
 
 Barrier (``tile_barrier``): a step reads the rows of its batch tile that the
 tile's blocks wrote the step before, so only they wait on each other (GRNN's
-barrier; tiles run on independently). Block thread 0 makes the block's writes
-visible (``threadfence``), counts its arrival in its tile's counter with an
-atomic add, and polls until all the tile's blocks have arrived; states written by other blocks are then read
-through L2 (``ld.global.cg``), never a possibly stale L1 line. The host only
+barrier; tiles run on independently). After a block barrier, block thread 0 counts
+the block's arrival in its tile's counter as a release (``release_add``: an acq_rel
+fence, then an add nobody waits on) and polls the counter with acquire loads
+(``acquire``) until all the tile's blocks have arrived, then a block barrier again:
+CUTLASS's inter-block barrier, which the PTX memory model guarantees (a
+``threadfence`` is a sequentially consistent fence, and a volatile poll needs another
+after it). States written by other blocks are read through L2 (``ld.global.cg``). The host only
 launches a persistent grid whose blocks can all be resident at once (see
 ``CudaOps.persistent_plan``), so the barrier cannot wait on a block that is not
 running; should it wait SPIN_LIMIT polls all the same, it sets sync[0], every
@@ -97,8 +100,12 @@ if _simulating():  # the simulator has no cache-hinted loads or sleeps; its bloc
         return a[i]
 
     @cuda.jit(device=True)
-    def poll(a, i):
+    def acquire(a, i):
         return a[i]
+
+    @cuda.jit(device=True)
+    def release_add(a, i, v):
+        cuda.atomic.add(a, i, v)
 
     @cuda.jit(device=True)
     def pause():
@@ -108,13 +115,13 @@ if _simulating():  # the simulator has no cache-hinted loads or sleeps; its bloc
     def prefetch(a, i):
         a[i]  # a hint on the GPU; here it checks the index, which the GPU would not
 else:
-    # The intrinsics behind cuda.ldcg / cuda.ldcv: those overloads compile through a
-    # dispatcher that asks the driver for the GPU's compute capability, so a kernel
-    # using them could not be compiled to PTX on a machine without a GPU.
+    # The intrinsic behind cuda.ldcg: that overload compiles through a dispatcher that
+    # asks the driver for the GPU's compute capability, so a kernel using it could not be
+    # compiled to PTX on a machine without a GPU.
     from llvmlite import ir
     from numba import types
     from numba.cuda import cgutils
-    from numba.cuda.cache_hints import ldcg_intrinsic, ldcv_intrinsic
+    from numba.cuda.cache_hints import ldcg_intrinsic
     from numba.cuda.extending import intrinsic
 
     @cuda.jit(device=True, inline=True)
@@ -122,12 +129,24 @@ else:
         return ldcg_intrinsic(a, i)  # through L2: other blocks of this launch may have just written a[i]
 
     @cuda.jit(device=True, inline=True)
-    def poll(a, i):
-        return ldcv_intrinsic(a, i)  # never cached: the counter changes under us
-
-    @cuda.jit(device=True, inline=True)
     def pause():
         cuda.nanosleep(32)
+
+    def _pointer(context, builder, array_type, array, index_types, indices):
+        """The address of array[indices] (numba's own arithmetic, no bounds check)."""
+        array = context.make_array(array_type)(context, builder, array)
+        indices = [context.cast(builder, v, t, types.intp) for t, v in zip(index_types, indices)]
+        return cgutils.get_item_pointer(context, builder, array_type, array, indices)
+
+    def _asm(builder, result, text, constraints, args):
+        """Inline PTX that the compiler keeps in place among the memory accesses around it."""
+        asm = ir.InlineAsm(ir.FunctionType(result, [a.type for a in args]), text, constraints + ",~{memory}",
+                           side_effect=True)
+        return builder.call(asm, args)
+
+    def _int32_counter(a, i):
+        return (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.int32
+                and isinstance(i, types.Integer))
 
     @intrinsic
     def prefetch(typingctx, a, i):
@@ -138,15 +157,41 @@ else:
             return None
 
         def codegen(context, builder, sig, args):
-            array_type, index_type = sig.args
-            array = context.make_array(array_type)(context, builder, args[0])
-            indices = [context.cast(builder, v, index_type.dtype, types.intp)
-                       for v in cgutils.unpack_tuple(builder, args[1], count=index_type.count)]
-            ptr = cgutils.get_item_pointer(context, builder, array_type, array, indices)
-            hint = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type]), "prefetch.global.L1 [$0];", "l",
-                                side_effect=True)
-            builder.call(hint, [ptr])
+            count = sig.args[1].count
+            indices = cgutils.unpack_tuple(builder, args[1], count=count)
+            ptr = _pointer(context, builder, sig.args[0], args[0], [sig.args[1].dtype] * count, indices)
+            builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type]), "prefetch.global.L1 [$0];", "l",
+                                      side_effect=True), [ptr])
         return types.void(a, i), codegen
+
+    @intrinsic
+    def acquire(typingctx, a, i):
+        """a[i] of an int32 array, loaded with acquire semantics (``ld.global.acquire.gpu``):
+        once it reads what a release_add wrote, what the writer's block wrote before
+        that is visible to this thread, and through a block barrier to its block."""
+        if not _int32_counter(a, i):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _pointer(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
+            return _asm(builder, ir.IntType(32), "ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr])
+        return types.int32(a, i), codegen
+
+    @intrinsic
+    def release_add(typingctx, a, i, v):
+        """a[i] += v on an int32 array as a release (``fence.acq_rel.gpu`` then a relaxed
+        ``red``, CUTLASS's inter-block barrier): the block's writes, ordered before it by a
+        block barrier, are visible to whoever acquires the new count; nothing waits for
+        the result."""
+        if not (_int32_counter(a, i) and isinstance(v, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _pointer(context, builder, sig.args[0], args[0], sig.args[1:2], args[1:2])
+            value = context.cast(builder, args[2], sig.args[2], types.int32)
+            _asm(builder, ir.VoidType(), "fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.s32 [$0], $1;", "l,r",
+                 [ptr, value])
+        return types.void(a, i, v), codegen
 
 
 @cuda.jit(device=True, inline=True)
@@ -155,24 +200,22 @@ def tile_barrier(sync, tile_index, blocks, generation):
     here ``generation`` times. sync: [1 + tiles] int32 (failure flag, then each tile's
     arrivals). False if the wait failed (see module doc)."""
     passed = cuda.shared.array(1, int32)
-    cuda.syncthreads()  # the block's writes of this step are issued
+    cuda.syncthreads()  # the block's writes of this step come before thread 0's release
     if cuda.threadIdx.x == 0:
-        cuda.threadfence()  # ... and visible to every block before we count as arrived
         counter = 1 + tile_index
-        cuda.atomic.add(sync, counter, 1)
+        release_add(sync, counter, 1)  # arrived: whoever acquires this count sees the block's writes
         target = generation * blocks
         ok = 1
         polls = 0
-        while poll(sync, counter) < target:
-            if poll(sync, 0) != 0 or polls >= SPIN_LIMIT:
+        while acquire(sync, counter) < target:
+            if acquire(sync, 0) != 0 or polls >= SPIN_LIMIT:
                 cuda.atomic.max(sync, 0, 1)  # tell the other blocks to stop waiting too
                 ok = 0
                 break
             polls += 1
             pause()
-        cuda.threadfence()
         passed[0] = ok
-    cuda.syncthreads()
+    cuda.syncthreads()  # the tile's writes, acquired by thread 0, are visible to the whole block
     return passed[0] != 0
 
 
