@@ -49,8 +49,9 @@ Latency: a step is a chain of waits on memory, so each is cut to one. The staged
 comes in with STAGE_LOADS loads in flight a thread (stage), from blocks of at least
 MIN_THREADS threads; what the pointwise update reads after the dot products (gx and the
 state it updates forward; dy, the saved gates and states backward) is asked into L1
-before the staging (fused) or before the barrier that ends the step before (persistent:
-``prefetch_step``).
+before the staging (``prefetch_step``), so its wait overlaps the staging's. In a persistent
+kernel that is after the barrier: the barrier's acquire loads invalidate L1 (SASS
+``CCTL.IVALL``), which would drop lines fetched before it.
 
 Barrier (``tile_barrier``): a step reads the rows of its batch tile that the
 tile's blocks wrote the step before, so only they wait on each other (GRNN's
@@ -257,8 +258,8 @@ def prefetch_step(a, t, blk, G, H):
     """Ask L1 for a[t, b, g*H + j] of the block's elements (b, j) and g < G: what a step's
     pointwise update reads once its dot products are done (forward gx and the state it
     updates; backward dy and the saved gates and states), so that those loads wait on L1,
-    not on memory (DESIGN.md section 5). Issued before the step's staging, or, in a
-    persistent kernel, before the barrier that ends the step before it."""
+    not on memory (DESIGN.md section 5). Issued before the step's staging (a persistent
+    kernel's after its barrier, which empties L1)."""
     for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
         b, j = _element(e, blk)
         for g in range(G):
@@ -730,18 +731,15 @@ def rnn_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_
     j0, j1 = blk[0], blk[1]
     tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, _forward_step_of(start, stop, reverse, 0), blk, 1, H)
     _stage_rows(sw, w_hh, 1, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        rnn_forward_tile(t, reverse, blk, units, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
-                         nonlinearity)
-        if s + 1 == stop - start:
-            break  # the launch's end orders the last step
-        prefetch_step(gx, _forward_step_of(start, stop, reverse, s + 1), blk, 1, H)
-        if not tile_barrier(sync, tile_index, groups, s + 1):
+        if s > 0 and not tile_barrier(sync, tile_index, groups, s):
             _poison_forward(start, stop, reverse, blk, h, y)
             return
+        prefetch_step(gx, t, blk, 1, H)  # after the barrier, whose acquire loads empty L1
+        rnn_forward_tile(t, reverse, blk, units, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
+                         nonlinearity)
 
 
 @cuda.jit(**RECURRENCE_JIT)
@@ -751,18 +749,15 @@ def lstm_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b
     j0, j1 = blk[0], blk[1]
     tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_lstm_forward(_forward_step_of(start, stop, reverse, 0), reverse, blk, gx, c)
     _stage_rows(sw, w_hh, 4, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        lstm_forward_tile(t, reverse, blk, units, gx, sw, 4 * units, j0, sw, 4 * units * H, b_ih, b_hh, h, c,
-                          gates, y, lengths)
-        if s + 1 == stop - start:
-            break  # the launch's end orders the last step
-        prefetch_lstm_forward(_forward_step_of(start, stop, reverse, s + 1), reverse, blk, gx, c)
-        if not tile_barrier(sync, tile_index, groups, s + 1):
+        if s > 0 and not tile_barrier(sync, tile_index, groups, s):
             _poison_forward(start, stop, reverse, blk, h, y)
             return
+        prefetch_lstm_forward(t, reverse, blk, gx, c)  # after the barrier, whose acquire loads empty L1
+        lstm_forward_tile(t, reverse, blk, units, gx, sw, 4 * units, j0, sw, 4 * units * H, b_ih, b_hh, h, c,
+                          gates, y, lengths)
 
 
 @cuda.jit(**RECURRENCE_JIT)
@@ -772,18 +767,15 @@ def gru_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_
     j0, j1 = blk[0], blk[1]
     tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_gru_forward(_forward_step_of(start, stop, reverse, 0), reverse, blk, gx, h)
     _stage_rows(sw, w_hh, 3, j0, j1 - j0, units)
     for s in range(stop - start):
         t = _forward_step_of(start, stop, reverse, s)
-        gru_forward_tile(t, reverse, blk, units, gx, sw, 3 * units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates, y,
-                         lengths)
-        if s + 1 == stop - start:
-            break  # the launch's end orders the last step
-        prefetch_gru_forward(_forward_step_of(start, stop, reverse, s + 1), reverse, blk, gx, h)
-        if not tile_barrier(sync, tile_index, groups, s + 1):
+        if s > 0 and not tile_barrier(sync, tile_index, groups, s):
             _poison_forward(start, stop, reverse, blk, h, y)
             return
+        prefetch_gru_forward(t, reverse, blk, gx, h)  # after the barrier, whose acquire loads empty L1
+        gru_forward_tile(t, reverse, blk, units, gx, sw, 3 * units, j0, sw, 3 * units * H, b_ih, b_hh, h, gates, y,
+                         lengths)
 
 
 @cuda.jit(**RECURRENCE_JIT)
@@ -794,18 +786,15 @@ def rnn_backward_persistent(start, stop, first, reverse, units, tile, w_hh, h, d
     j0, j1 = blk[0], blk[1]
     tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, h, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, units * H, h, dy,
-                          dh, dgates, lengths, nonlinearity)
-        if s + 1 == stop - start:
-            break  # the launch's end orders the last step
-        prefetch_rnn_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, blk, h, dy)
-        if not tile_barrier(sync, tile_index, groups, s + 1):
+        if s > 0 and not tile_barrier(sync, tile_index, groups, s):
             _poison_backward(blk, dh)
             return
+        prefetch_rnn_backward(t, reverse, blk, h, dy)  # after the barrier, whose acquire loads empty L1
+        rnn_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, units * H, h, dy,
+                          dh, dgates, lengths, nonlinearity)
 
 
 @cuda.jit(**RECURRENCE_JIT)
@@ -816,18 +805,15 @@ def lstm_backward_persistent(start, stop, first, reverse, units, tile, w_hh, c, 
     j0, j1 = blk[0], blk[1]
     tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, c.dtype)
-    prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, c, gates, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, 4 * units * H, c,
-                           gates, dy, dh, dc, dgates, lengths)
-        if s + 1 == stop - start:
-            break  # the launch's end orders the last step
-        prefetch_lstm_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, blk, c, gates, dy)
-        if not tile_barrier(sync, tile_index, groups, s + 1):
+        if s > 0 and not tile_barrier(sync, tile_index, groups, s):
             _poison_backward(blk, dh)
             return
+        prefetch_lstm_backward(t, reverse, blk, c, gates, dy)  # after the barrier, whose acquire loads empty L1
+        lstm_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, 4 * units * H, c,
+                           gates, dy, dh, dc, dgates, lengths)
 
 
 @cuda.jit(**RECURRENCE_JIT)
@@ -837,18 +823,15 @@ def gru_backward_persistent(start, stop, first, reverse, units, tile, w_hh, h, g
     j0, j1 = blk[0], blk[1]
     tile_index, groups = _tile_of(units, H)  # whom the barrier waits for
     sw = cuda.shared.array(0, h.dtype)
-    prefetch_gru_backward(_backward_steps_of(start, stop, reverse, 0)[0], reverse, blk, h, gates, dy)
     _stage_columns(sw, w_hh, j0, j1 - j0, units)
     for s in range(stop - start):
         t, t_next = _backward_steps_of(start, stop, reverse, s)
-        gru_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, 3 * units * H, h,
-                          gates, dy, dh, dgates, lengths)
-        if s + 1 == stop - start:
-            break  # the launch's end orders the last step
-        prefetch_gru_backward(_backward_steps_of(start, stop, reverse, s + 1)[0], reverse, blk, h, gates, dy)
-        if not tile_barrier(sync, tile_index, groups, s + 1):
+        if s > 0 and not tile_barrier(sync, tile_index, groups, s):
             _poison_backward(blk, dh)
             return
+        prefetch_gru_backward(t, reverse, blk, h, gates, dy)  # after the barrier, whose acquire loads empty L1
+        gru_backward_tile(t, t_next, s > 0 or not first, reverse, blk, units, sw, units, j0, sw, 3 * units * H, h,
+                          gates, dy, dh, dgates, lengths)
 
 
 FUSED = {("rnn", "forward"): rnn_forward_fused, ("lstm", "forward"): lstm_forward_fused,
