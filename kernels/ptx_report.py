@@ -19,7 +19,8 @@ figure to watch without a GPU (``loop_per_fma``; None without cuobjdump); and of
 that stages a step's h_prev or dgates rows into shared memory, the loads a thread has in
 flight (``stage_loads``: a load from L2 takes hundreds of cycles) and its instructions an
 element (``stage_per_element``). Every build's row lists the PTX instructions that order
-memory between blocks (``memory_order``: the persistent kernels' barrier).
+memory between blocks (``memory_order``: the persistent kernels' barrier) and, where there
+is a barrier, the prefetches written before it (``prefetches_before_barrier``: lost lines).
 
 NVVM writes the same PTX for sm_80 and sm_90 (apart from the ``.target`` line and
 the names it mangles per compilation), so each build is compiled once and
@@ -177,11 +178,20 @@ def memory_order(ptx):
     return sorted(set(re.findall(r"^\s*((?:membar|fence|red|atom|ld\.global\.acquire)\.[\w.]+)", ptx, re.MULTILINE)))
 
 
+def prefetches_before_barrier(ptx):
+    """Prefetches written before the persistent barrier's arrival (``red``) in the PTX's text:
+    the barrier's acquire loads invalidate L1, so a line prefetched before it is lost (the
+    kernels' loop bodies are laid out barrier first, prefetches after)."""
+    arrival = re.search(r"^\s*red\.", ptx, re.MULTILINE)
+    return len(re.findall(r"^\s*prefetch\.", ptx[:arrival.start()], re.MULTILINE)) if arrival else None
+
+
 def compile_one(job, ptxas, cuobjdump):
     """Rows of one build, for each arch (run in a worker process: numba compiles in one thread)."""
     label, source, key, dtype = job
     ptx = _ptx(job, ARCHS[0])
     return [dict(kernel=label, dtype=dtype, arch=f"sm_{arch[0]}{arch[1]}", memory_order=memory_order(ptx),
+                 prefetches_before_barrier=prefetches_before_barrier(ptx),
                  **ptxas_stats(ptxas, _target(ptx, arch), arch, cuobjdump if source == "fused" else None))
             for arch in ARCHS]
 

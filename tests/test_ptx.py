@@ -57,6 +57,7 @@ def barrier_is_release_acquire(rows):
     for r in rows:
         if "persistent" in r["kernel"].split():
             assert r["memory_order"] == barrier, r
+            assert r["prefetches_before_barrier"] == 0, r  # its acquire loads empty L1: prefetch after it
         elif "fused" in r["kernel"].split():
             assert r["memory_order"] == [], r
 
