@@ -174,8 +174,9 @@ def same_ptx_for_every_arch(job):
 
 def memory_order(ptx):
     """The distinct instructions of a build's PTX that order memory between blocks (fences,
-    atomics, acquire loads): what the persistent kernels' barrier is made of."""
-    return sorted(set(re.findall(r"^\s*((?:membar|fence|red|atom|ld\.global\.acquire)\.[\w.]+)", ptx, re.MULTILINE)))
+    atomics, acquire and relaxed loads): what the persistent kernels' barrier is made of."""
+    return sorted(set(re.findall(r"^\s*((?:membar|fence|red|atom|ld\.global\.(?:acquire|relaxed))\.[\w.]+)", ptx,
+                                 re.MULTILINE)))
 
 
 def prefetches_before_barrier(ptx):

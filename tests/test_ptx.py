@@ -49,11 +49,12 @@ def test_every_kernel_compiles_without_spills(tmp_path):
 
 def barrier_is_release_acquire(rows):
     """The persistent kernels' barrier (fused.tile_barrier) in PTX: an acq_rel fence and a
-    relaxed add to arrive, acquire loads to wait (and the failure flag's atomic max), as
-    CUTLASS's inter-block barrier; no sequentially consistent ``membar.gl`` (a threadfence)
+    relaxed add to arrive, relaxed loads to poll and one acquire load once all have arrived
+    (and the failure flag's atomic max), as CUTLASS's inter-block barrier but polling without
+    acquire's L1 invalidation; no sequentially consistent ``membar.gl`` (a threadfence)
     anywhere in a recurrence. The kernels without a barrier order nothing between blocks."""
     barrier = ["atom.global.max.s32", "fence.acq_rel.gpu", "ld.global.acquire.gpu.b32",
-               "red.relaxed.gpu.global.add.s32"]
+               "ld.global.relaxed.gpu.b32", "red.relaxed.gpu.global.add.s32"]
     for r in rows:
         if "persistent" in r["kernel"].split():
             assert r["memory_order"] == barrier, r

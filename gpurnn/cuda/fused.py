@@ -57,8 +57,8 @@ Barrier (``tile_barrier``): a step reads the rows of its batch tile that the
 tile's blocks wrote the step before, so only they wait on each other (GRNN's
 barrier; tiles run on independently). After a block barrier, block thread 0 counts
 the block's arrival in its tile's counter as a release (``release_add``: an acq_rel
-fence, then an add nobody waits on) and polls the counter with acquire loads
-(``acquire``) until all the tile's blocks have arrived, then a block barrier again:
+fence, then an add nobody waits on), polls the counter with relaxed loads until all
+the tile's blocks have arrived, acquires it once (``acquire``), then a block barrier again:
 CUTLASS's inter-block barrier, which the PTX memory model guarantees (a
 ``threadfence`` is a sequentially consistent fence, and a volatile poll needs another
 after it). States written by other blocks are read through L2 (``ld.global.cg``). The host only
@@ -102,6 +102,10 @@ if _simulating():  # the simulator has no cache-hinted loads or sleeps; its bloc
 
     @cuda.jit(device=True)
     def acquire(a, i):
+        return a[i]
+
+    @cuda.jit(device=True)
+    def relaxed(a, i):
         return a[i]
 
     @cuda.jit(device=True)
@@ -179,6 +183,18 @@ else:
         return types.int32(a, i), codegen
 
     @intrinsic
+    def relaxed(typingctx, a, i):
+        """a[i] of an int32 array, a strong load from L2 that orders nothing
+        (``ld.global.relaxed.gpu``): to poll on without acquire's L1 invalidation."""
+        if not _int32_counter(a, i):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _pointer(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
+            return _asm(builder, ir.IntType(32), "ld.global.relaxed.gpu.b32 $0, [$1];", "=r,l", [ptr])
+        return types.int32(a, i), codegen
+
+    @intrinsic
     def release_add(typingctx, a, i, v):
         """a[i] += v on an int32 array as a release (``fence.acq_rel.gpu`` then a relaxed
         ``red``, CUTLASS's inter-block barrier): the block's writes, ordered before it by a
@@ -208,13 +224,17 @@ def tile_barrier(sync, tile_index, blocks, generation):
         target = generation * blocks
         ok = 1
         polls = 0
-        while acquire(sync, counter) < target:
-            if acquire(sync, 0) != 0 or polls >= SPIN_LIMIT:
+        # poll with relaxed loads: an acquire invalidates the SM's L1 (SASS CCTL.IVALL), also
+        # the lines another block on the SM has just prefetched
+        while relaxed(sync, counter) < target:
+            if relaxed(sync, 0) != 0 or polls >= SPIN_LIMIT:
                 cuda.atomic.max(sync, 0, 1)  # tell the other blocks to stop waiting too
                 ok = 0
                 break
             polls += 1
             pause()
+        if ok:
+            acquire(sync, counter)  # all arrived: one acquire of the count makes their writes visible here
         passed[0] = ok
     cuda.syncthreads()  # the tile's writes, acquired by thread 0, are visible to the whole block
     return passed[0] != 0
