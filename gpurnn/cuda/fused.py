@@ -169,30 +169,24 @@ else:
                                       side_effect=True), [ptr])
         return types.void(a, i), codegen
 
-    @intrinsic
-    def acquire(typingctx, a, i):
-        """a[i] of an int32 array, loaded with acquire semantics (``ld.global.acquire.gpu``):
-        once it reads what a release_add wrote, what the writer's block wrote before
-        that is visible to this thread, and through a block barrier to its block."""
-        if not _int32_counter(a, i):
-            return None
+    def _int32_load(order):
+        """An intrinsic load(a, i): a[i] of an int32 array, ``ld.global.<order>.gpu``."""
+        @intrinsic
+        def load(typingctx, a, i):
+            if not _int32_counter(a, i):
+                return None
 
-        def codegen(context, builder, sig, args):
-            ptr = _pointer(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
-            return _asm(builder, ir.IntType(32), "ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr])
-        return types.int32(a, i), codegen
+            def codegen(context, builder, sig, args):
+                ptr = _pointer(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
+                return _asm(builder, ir.IntType(32), f"ld.global.{order}.gpu.b32 $0, [$1];", "=r,l", [ptr])
+            return types.int32(a, i), codegen
+        return load
 
-    @intrinsic
-    def relaxed(typingctx, a, i):
-        """a[i] of an int32 array, a strong load from L2 that orders nothing
-        (``ld.global.relaxed.gpu``): to poll on without acquire's L1 invalidation."""
-        if not _int32_counter(a, i):
-            return None
-
-        def codegen(context, builder, sig, args):
-            ptr = _pointer(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
-            return _asm(builder, ir.IntType(32), "ld.global.relaxed.gpu.b32 $0, [$1];", "=r,l", [ptr])
-        return types.int32(a, i), codegen
+    # once an acquire reads what a release_add wrote, what the writer's block wrote before
+    # that is visible to this thread (and through a block barrier to its block); on sm_90 it
+    # also invalidates the SM's L1 (CCTL.IVALL)
+    acquire = _int32_load("acquire")
+    relaxed = _int32_load("relaxed")  # a strong load from L2 that orders nothing: to poll on
 
     @intrinsic
     def release_add(typingctx, a, i, v):
