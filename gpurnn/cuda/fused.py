@@ -59,9 +59,9 @@ barrier; tiles run on independently). After a block barrier, block thread 0 coun
 the block's arrival in its tile's counter as a release (``release_add``: an acq_rel
 fence, then an add nobody waits on), polls the counter with relaxed loads until all
 the tile's blocks have arrived, acquires it once (``acquire``), then a block barrier again:
-CUTLASS's inter-block barrier, which the PTX memory model guarantees (a
-``threadfence`` is a sequentially consistent fence, and a volatile poll needs another
-after it). States written by other blocks are read through L2 (``ld.global.cg``). The host only
+CUTLASS's inter-block barrier, as the PTX memory model orders it, and lighter than a
+``threadfence`` (a sequentially consistent fence) before the add and another after
+volatile polls. States written by other blocks are read through L2 (``ld.global.cg``). The host only
 launches a persistent grid whose blocks can all be resident at once (see
 ``CudaOps.persistent_plan``), so the barrier cannot wait on a block that is not
 running; should it wait SPIN_LIMIT polls all the same, it sets sync[0], every
@@ -183,8 +183,8 @@ else:
         return load
 
     # once an acquire reads what a release_add wrote, what the writer's block wrote before
-    # that is visible to this thread (and through a block barrier to its block); on sm_90 it
-    # also invalidates the SM's L1 (CCTL.IVALL)
+    # that is visible to this thread (and through a block barrier to its block); in SASS it
+    # is a load and then an invalidation of the SM's whole L1 (CCTL.IVALL)
     acquire = _int32_load("acquire")
     relaxed = _int32_load("relaxed")  # a strong load from L2 that orders nothing: to poll on
 
