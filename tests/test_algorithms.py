@@ -96,8 +96,8 @@ def test_fused_steps_with_split_dot_products(sim, monkeypatch, cell, dtype, tole
 @pytest.mark.parametrize("cell, algorithm", [("rnn", "fused"), ("lstm", "fused"), ("gru", "fused"),
                                              ("lstm", "persistent")])
 def test_steps_in_a_gpus_blocks_of_256_threads(sim, monkeypatch, cell, algorithm):
-    """On a GPU a block has at least 256 threads (fused.MIN_THREADS; the simulator keeps 32
-    for speed), so at small shapes most of a block's threads own no element: they must
+    """On a GPU a block has at least 256 threads (fused.MIN_THREADS; the simulator gives a
+    block only the threads its elements need, for speed), so at small shapes most of a block's threads own no element: they must
     still stage their share of the step's rows (persistent: of W_hh's rows forward and
     columns backward too), meet every barrier and write nothing. The GPU's block shapes
     here (fused: on a 132-SM GPU; persistent: the one block the simulator runs at a time),
@@ -228,12 +228,16 @@ def test_staged_rows_of_a_warp_read_different_banks(sim, itemsize, width, split)
 @pytest.mark.parametrize("phase", ["forward", "backward"])
 @pytest.mark.parametrize("B, H, units", [(8, 128, 1), (32, 256, 2), (1, 256, 2), (64, 512, 4), (3, 33, 3)])
 @pytest.mark.parametrize("itemsize", [2, 4, 8])
-def test_split_threads_read_a_blocks_weights_in_different_banks(sim, cell, phase, B, H, units, itemsize):
+def test_split_threads_read_a_blocks_weights_in_different_banks(sim, monkeypatch, cell, phase, B, H, units,
+                                                                itemsize):
     """A persistent block's weights in shared memory: forward [H, units, G], backward
     [G*H, units]. The ``split`` threads of an element read rows k, k+1, ... at once, and a
-    warp's groups read the units of their elements: no bank may be asked for two words."""
+    warp's groups read the units of their elements: no bank may be asked for two words.
+    (The GPU's block shapes: whole warps of at least fused.MIN_THREADS.)"""
     from gpurnn.cuda import fused
 
+    monkeypatch.setattr(fused, "MIN_THREADS", fused.MAX_THREADS)
+    monkeypatch.setattr(fused, "WARP", 32)
     G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
     split, threads = fused.block_shape(cell, phase, B, H, units, itemsize)
     assert split in (1, fused.SPLIT) and threads % 32 == 0 and threads <= fused.MAX_THREADS

@@ -338,9 +338,9 @@ class CudaOps:
     # ------------------------------------------------------------ kernels
     def _launch(self, kernel, B, H, *args):
         """One thread per element of [B, H], in blocks no wider (in whole warps) than the
-        work: a tiny step leaves no idle warps (and the simulator, a Python thread per
-        CUDA thread, runs 4x fewer at test sizes)."""
-        threads = min(THREADS, max(32, _round_up(B * H, 32)))
+        work: a tiny step leaves no idle warps. The simulator, a Python thread per CUDA
+        thread, runs exactly one an element."""
+        threads = min(THREADS, B * H if self.simulate else max(32, _round_up(B * H, 32)))
         self._launch_grid(kernel, -(-B * H // threads), threads, *args)
 
     def _launch_grid(self, kernel, blocks, threads, *args, shared=0):
