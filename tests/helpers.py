@@ -39,6 +39,56 @@ def forced_algorithm(name):
         gpurnn.set_rnn_algorithm(None)
 
 
+def blocks_run_together(monkeypatch):
+    """Make numba's simulator run each launch's blocks at the same time, as a GPU runs a grid
+    whose blocks are all resident, where it runs them one after another: the launch's last
+    block starts them all, each block's threads in Python threads of their own, and each
+    block gets shared memory of its own (the simulator keeps one a launch). A persistent
+    kernel's barrier among blocks opens only so."""
+    import threading
+
+    from numba.cuda.simulator import kernel, kernelapi
+
+    one_at_a_time = kernel.BlockManager
+    launch = []  # (manager, grid point, arguments) of the launch's blocks so far
+
+    class Together(one_at_a_time):
+        def run(self, grid_point, *args):
+            launch.append((self, grid_point, args))
+            if any(p != last - 1 for p, last in zip(grid_point, self._grid_dim)):
+                return  # the simulator calls the blocks in order, so the last one starts them all
+            blocks, errors = list(launch), []
+            launch.clear()
+
+            def run_block(manager, point, block_args):
+                try:
+                    one_at_a_time.run(manager, point, *block_args)
+                except BaseException as exc:  # raised again in the launching thread
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run_block, args=block, daemon=True) for block in blocks]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if errors:
+                raise errors[0]
+
+    lock = threading.Lock()
+
+    def shared(module):
+        index = threading.current_thread().blockIdx
+        block = (index.x, index.y, index.z)  # the simulator's Dim3 hashes by identity
+        with lock:
+            of_block = module.__dict__.setdefault("shared_of_block", {})
+            if block not in of_block:
+                of_block[block] = kernelapi.FakeCUDAShared(module._shared._dynshared_size)
+            return of_block[block]
+
+    monkeypatch.setattr(kernel, "BlockManager", Together)
+    monkeypatch.setattr(kernelapi.FakeCUDAModule, "shared", property(shared))
+
+
 def make(cell, *args, nonlinearity="tanh", **kwargs):
     if cell == "rnn":
         kwargs["nonlinearity"] = nonlinearity

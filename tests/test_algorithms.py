@@ -1,10 +1,10 @@
 """The recurrence algorithms (graph, fused, persistent) and the choice among them.
 
 Under numba's CUDA simulator: the fused step kernels and the persistent
-kernels (one block: the simulator runs blocks one after another, so a barrier
-between two could never open) against the NumPy spec, through whole models,
-forward and BPTT, odd shapes, lengths, reverse directions, every RNN
-nonlinearity; the bounded barrier giving up instead of hanging; the
+kernels (one block, or many run at once by blocks_run_together: the simulator runs
+blocks one after another, where a barrier between two never opens) against the
+NumPy spec, through whole models, forward and BPTT, odd shapes, lengths, reverse
+directions, every RNN nonlinearity; the bounded barrier giving up instead of hanging; the
 algorithm chooser with a fake timing table, its on-disk cache read back in a
 second process, and forced algorithms that cannot run a shape.
 """
@@ -20,7 +20,7 @@ import pytest
 import gpurnn
 from gpurnn.cells import NONLINEARITIES
 from gpurnn.cuda.algorithms import Choices, fastest
-from helpers import back, backend_or_skip, forced_algorithm, make, rel_err, run
+from helpers import back, backend_or_skip, blocks_run_together, forced_algorithm, make, rel_err, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -260,6 +260,25 @@ def test_persistent_kernels_match_numpy(sim, cell):
 def test_persistent_odd_shapes(sim):
     assert compare("gru", "persistent", 1, 1, 1, 1) < 1e-12
     assert compare("rnn", "persistent", 2, 33, 2, 3, nonlinearity="elu", num_layers=2) < 1e-12
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("sms, B, H", [(4, 3, 5), (32, 3, 5)])
+def test_persistent_blocks_exchange_states_through_the_barrier(sim, monkeypatch, cell, sms, B, H):
+    """A persistent launch as a GPU runs it: many blocks at once (blocks_run_together), each
+    with its units' slice of W_hh in shared memory (the ragged last group fewer units), its
+    batch tile's rows (the last tile fewer), reading each step the states and gradients the
+    other blocks of its tile wrote the step before, after the barrier. Every output, state
+    and gradient as the NumPy model's: lengths, both directions, two layers."""
+    blocks_run_together(monkeypatch)
+    monkeypatch.setattr(sim.ops, "sm_count", sms)
+    monkeypatch.setattr(sim.ops, "_resident_blocks", lambda *launch: 1000)  # a GPU's, not the simulator's 1
+    for phase in ("forward", "backward"):
+        units, tile = sim.ops.persistent_plan(cell, phase, np.float64, B, H, 1)[:2]
+        groups, tiles = -(-H // units), -(-B // tile)
+        assert groups > 1 and (units > 1 if sms == 4 else tiles > 1), (phase, units, tile)  # the case tested
+    lengths = np.array([3, 1, 2], np.int32)
+    assert compare(cell, "persistent", 2, H, 3, B, lengths, num_layers=2, bidirectional=True) < 1e-12
 
 
 def test_persistent_barrier_gives_up_instead_of_hanging(sim, monkeypatch):

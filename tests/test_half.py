@@ -20,7 +20,7 @@ from gpurnn import amp, cells, optim, precision
 from gpurnn.backend import NumpyOps
 from gpurnn.data import adding_problem
 
-from helpers import BFLOAT16, MODELS as CELLS, backend_or_skip, forced_algorithm, needs_ml_dtypes
+from helpers import BFLOAT16, MODELS as CELLS, backend_or_skip, blocks_run_together, forced_algorithm, needs_ml_dtypes
 
 HALF = ("float16", BFLOAT16)
 
@@ -158,12 +158,20 @@ def test_half_charlm_on_the_simulator_equals_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("algorithm", ["fused", "persistent"])
+@pytest.mark.parametrize("algorithm, blocks", [("fused", "one after another"), ("persistent", "one"),
+                                               ("persistent", "many at once")])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_half_fused_and_persistent_kernels_match_the_reference(algorithm, cell, dtype):
+def test_half_fused_and_persistent_kernels_match_the_reference(monkeypatch, algorithm, blocks, cell, dtype):
     """Their dot products sum in float32 in their own order (not the GEMM's): within one
-    half rounding of the NumPy half reference, element by element."""
+    half rounding of the NumPy half reference, element by element. A persistent launch
+    also as a GPU runs it, many blocks at once, each with its slice of the half W_hh."""
     sim = cudasim_backend()
+    if blocks == "many at once":
+        blocks_run_together(monkeypatch)
+        monkeypatch.setattr(sim.ops, "sm_count", 32)
+        monkeypatch.setattr(sim.ops, "_resident_blocks", lambda *launch: 1000)  # a GPU's, not the simulator's 1
+        for phase in ("forward", "backward"):
+            assert sim.ops.persistent_plan(cell, phase, np.dtype(dtype), 3, 6, 1)[2] > 2  # the case tested
     ref = CELLS[cell](3, 6, bidirectional=True, seed=8, backend="numpy", dtype=dtype)
     model = CELLS[cell](3, 6, bidirectional=True, seed=8, backend=sim, dtype=dtype)
     rng = np.random.default_rng(9)

@@ -19,8 +19,10 @@ Two algorithms besides the graph of cuBLAS step GEMMs and pointwise kernels
   dgates row that every block wrote).
 
 The per-step tiles (``*_forward_tile``, ``*_backward_tile``) are device
-functions shared by both, so the simulator tests the persistent body through
-the fused driver even though it cannot run a barrier between blocks.
+functions shared by both, so the simulator's fused launches test the persistent
+body too. (numba's simulator runs a launch's blocks one after another, where a barrier
+between two never opens: the tests run a persistent launch's blocks at once with
+tests/helpers.blocks_run_together.)
 
 The weights reach a tile flat, a unit's gates side by side:
 - forward: w[k * w_cols + (j - w_base) * G + g] = W_hh[g*H + j, k] (fused: all
