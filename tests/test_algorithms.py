@@ -268,8 +268,9 @@ def test_persistent_blocks_exchange_states_through_the_barrier(sim, monkeypatch,
     """A persistent launch as a GPU runs it: many blocks at once (blocks_run_together), each
     with its units' slice of W_hh in shared memory (the ragged last group fewer units), its
     batch tile's rows (the last tile fewer), reading each step the states and gradients the
-    other blocks of its tile wrote the step before, after the barrier. Every output, state
-    and gradient as the NumPy model's: lengths, both directions, two layers."""
+    other blocks of its tile wrote the step before, after the barrier; a launch per span of
+    steps, whose barriers count from zero again. Every output, state and gradient as the
+    NumPy model's: lengths, both directions and two layers, and a wavefront of three."""
     blocks_run_together(monkeypatch)
     monkeypatch.setattr(sim.ops, "sm_count", sms)
     monkeypatch.setattr(sim.ops, "_resident_blocks", lambda *launch: 1000)  # a GPU's, not the simulator's 1
@@ -279,6 +280,7 @@ def test_persistent_blocks_exchange_states_through_the_barrier(sim, monkeypatch,
         assert groups > 1 and (units > 1 if sms == 4 else tiles > 1), (phase, units, tile)  # the case tested
     lengths = np.array([3, 1, 2], np.int32)
     assert compare(cell, "persistent", 2, H, 3, B, lengths, num_layers=2, bidirectional=True) < 1e-12
+    assert compare(cell, "persistent", 2, H, 4, B, lengths, num_layers=3) < 1e-12
 
 
 def test_persistent_barrier_gives_up_instead_of_hanging(sim, monkeypatch):
