@@ -72,6 +72,7 @@ never a hang.
 """
 
 import math
+import time
 
 from numba import int32, uint32, uint64
 
@@ -118,7 +119,7 @@ if _simulating():  # the simulator has no cache-hinted loads or sleeps; its bloc
 
     @cuda.jit(device=True)
     def pause():
-        pass
+        time.sleep(0)  # hand the interpreter to the threads of the blocks being waited for
 
     @cuda.jit(device=True)
     def prefetch(a, i):
