@@ -283,22 +283,25 @@ def test_persistent_blocks_exchange_states_through_the_barrier(sim, monkeypatch,
     assert compare(cell, "persistent", 2, H, 4, B, lengths, num_layers=3) < 1e-12
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
-def test_persistent_split_dot_products_in_many_blocks(sim, monkeypatch, cell):
+@pytest.mark.parametrize("cell, dtype, tolerance", [("rnn", "float32", 1e-5), ("lstm", "float32", 1e-5),
+                                                     ("lstm", "float16", 2e-3)])
+def test_persistent_split_dot_products_in_many_blocks(sim, monkeypatch, cell, dtype, tolerance):
     """As on a GPU at LSTM D: blocks of a few units, whose threads to spare share each
     element's dot products (fused.split_of), reading the block's slice of W_hh in shared
     memory ([H, units, G] forward, [G*H, units] backward); many blocks at once. (One block
-    never splits: its weight rows are too wide for the banks.) float32, lengths."""
+    never splits: its weight rows are too wide for the banks.) Lengths; float16 against
+    the NumPy half reference (its sums in another order: within a half rounding)."""
     from gpurnn.cuda import fused
 
     blocks_run_together(monkeypatch)
     monkeypatch.setattr(sim.ops, "sm_count", 16)
     monkeypatch.setattr(sim.ops, "_resident_blocks", lambda *launch: 1000)
     B, H = 2, 32
+    itemsize = np.dtype(dtype).itemsize
     for phase in ("forward", "backward"):
-        units, tile, blocks = sim.ops.persistent_plan(cell, phase, np.float32, B, H, 1)[:3]
-        assert blocks > 1 and fused.block_shape(cell, phase, tile, H, units, 4)[0] == fused.SPLIT  # the case tested
-    assert compare(cell, "persistent", 3, H, 2, B, np.array([2, 1], np.int32), dtype="float32") < 1e-5
+        units, tile, blocks = sim.ops.persistent_plan(cell, phase, np.dtype(dtype), B, H, 1)[:3]
+        assert blocks > 1 and fused.block_shape(cell, phase, tile, H, units, itemsize)[0] == fused.SPLIT  # the case
+    assert compare(cell, "persistent", 3, H, 2, B, np.array([2, 1], np.int32), dtype=dtype) < tolerance
 
 
 def test_persistent_barrier_gives_up_instead_of_hanging(sim, monkeypatch):
