@@ -20,7 +20,8 @@ that stages a step's h_prev or dgates rows into shared memory, the loads a threa
 flight (``stage_loads``: a load from L2 takes hundreds of cycles) and its instructions an
 element (``stage_per_element``). Every build's row lists the PTX instructions that order
 memory between blocks (``memory_order``: the persistent kernels' barrier) and, where there
-is a barrier, the prefetches written before it (``prefetches_before_barrier``: lost lines).
+is a barrier, the prefetches written before it (``prefetches_before_barrier``: lost lines);
+and every build's 64-bit integer divisions (``wide_divisions``).
 
 NVVM writes the same PTX for sm_80 and sm_90 (apart from the ``.target`` line and
 the names it mangles per compilation), so each build is compiled once and
@@ -187,12 +188,20 @@ def prefetches_before_barrier(ptx):
     return len(re.findall(r"^\s*prefetch\.", ptx[:arrival.start()], re.MULTILINE)) if arrival else None
 
 
+def wide_divisions(ptx):
+    """64-bit integer divisions and remainders in a build's PTX: each a routine of ~70
+    instructions on the GPU (ptxas adds a 32-bit path for small operands, with a branch),
+    where a 32-bit one is ~15. numba divides Python ints in 64 bits, and range() with a
+    step set at run time divides to count its trips."""
+    return len(re.findall(r"^\s*(?:div|rem)\.[su]64", ptx, re.MULTILINE))
+
+
 def compile_one(job, ptxas, cuobjdump):
     """Rows of one build, for each arch (run in a worker process: numba compiles in one thread)."""
     label, source, key, dtype = job
     ptx = _ptx(job, ARCHS[0])
     return [dict(kernel=label, dtype=dtype, arch=f"sm_{arch[0]}{arch[1]}", memory_order=memory_order(ptx),
-                 prefetches_before_barrier=prefetches_before_barrier(ptx),
+                 prefetches_before_barrier=prefetches_before_barrier(ptx), wide_divisions=wide_divisions(ptx),
                  **ptxas_stats(ptxas, _target(ptx, arch), arch, cuobjdump if source == "fused" else None))
             for arch in ARCHS]
 

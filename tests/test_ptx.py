@@ -45,6 +45,7 @@ def test_every_kernel_compiles_without_spills(tmp_path):
             assert 0 < r["registers"] <= 64, r  # lean enough for full occupancy at 128 threads
     lean_loops_in_machine_code(report)
     barrier_is_release_acquire(rows)
+    steps_divide_in_32_bits(rows)
 
 
 def barrier_is_release_acquire(rows):
@@ -61,6 +62,18 @@ def barrier_is_release_acquire(rows):
             assert r["prefetches_before_barrier"] == 0, r  # its acquire loads empty L1: prefetch after it
         elif "fused" in r["kernel"].split():
             assert r["memory_order"] == [], r
+
+
+def steps_divide_in_32_bits(rows):
+    """No 64-bit integer division in a step's kernel: a step maps its threads to elements
+    (b, j) with a few divisions, and as numba's int64 (or a range() whose step is set at run
+    time) each was a ~70-instruction routine on the step's path, before its first load
+    (14-40 of them in a fused or persistent build's machine code before v24, one in each
+    pointwise step kernel). Only the embedding's gather and one-hot keep 64 bits: a table
+    may hold 2**32 elements."""
+    for r in rows:
+        if r["kernel"] not in ("gather_rows", "one_hot"):
+            assert r["wide_divisions"] == 0, r
 
 
 def lean_loops_in_machine_code(report):

@@ -243,8 +243,8 @@ def tile_barrier(sync, tile_index, blocks, generation):
 def _tile_of(units, H):
     """(tile index, blocks a tile) of the calling block: the grid's blocks go over the
     ceil(H / units) groups of ``units`` units first, then over the batch's tiles."""
-    groups = (H + units - 1) // units
-    return cuda.blockIdx.x // groups, groups
+    groups = uint32(uint32(H + units - 1) // uint32(units))  # 32 bits: see _element
+    return int32(uint32(cuda.blockIdx.x) // groups), int32(groups)
 
 
 @cuda.jit(device=True, inline=True)
@@ -259,11 +259,13 @@ def _block_of(units, tile, B, H):
 
 @cuda.jit(device=True, inline=True)
 def _element(e, blk):
-    """(b, j) of the block's e-th element: its units of one batch row after another."""
+    """(b, j) of the block's e-th element: its units of one batch row after another. In
+    32 bits: a 64-bit division is a slow routine on a GPU (and Python's floor division of
+    signed numbers adds sign fixes to it), on the path of every step."""
     j0, j1, r0, r1 = blk
-    U = j1 - j0
-    b = e // U
-    return r0 + b, j0 + e - b * U
+    U = uint32(j1 - j0)
+    b = uint32(uint32(e) // U)
+    return r0 + b, j0 + uint32(uint32(e) - b * U)
 
 
 @cuda.jit(device=True, inline=True)
@@ -279,10 +281,12 @@ def prefetch_step(a, t, blk, G, H):
     updates; backward dy and the saved gates and states), so that those loads wait on L1,
     not on memory (DESIGN.md section 5). Issued before the step's staging (a persistent
     kernel's after its barrier, which empties L1)."""
-    for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
+    e, elements = uint32(cuda.threadIdx.x), uint32(_elements(blk))
+    while e < elements:  # not range(): its trip count is a 64-bit division
         b, j = _element(e, blk)
         for g in range(G):
             prefetch(a, (uint32(t), uint32(b), uint32(g * H + j)))
+        e = uint32(e + uint32(cuda.blockDim.x))
 
 
 @cuda.jit(device=True, inline=True)
@@ -354,7 +358,7 @@ def staged_pitch(width, itemsize, split):
     words_each = 2 if itemsize == 8 else 1  # words an element
     u = max(1, split * words_each // per_word)
     words = (width * words_each + per_word - 1) // per_word
-    words += (u - words % (2 * u) + 2 * u) % (2 * u)  # = u mod 2u
+    words += (u - words) & (2 * u - 1)  # = u mod 2u (2u a power of two, as split is: no division)
     return words * per_word // words_each
 
 
@@ -448,7 +452,7 @@ def element_dots(live, sm, at, n, w, w_at, w_cols, G, split, red, red_at):
     red[red_at:] (one block barrier before, one after: every thread of the block must
     call this together). The first lane's result is the element's; ``live`` False: no
     terms (sums of zero)."""
-    lane = cuda.threadIdx.x % split
+    lane = _lane(split)
     a0 = a1 = a2 = a3 = constants(sm)[0]
     if live and split == 1:
         a0, a1, a2, a3 = gate_dots(sm, at, n, w, w_at, w_cols, G)
@@ -497,13 +501,33 @@ def tile_setup(sm, hs_off, src, t, staged, r0, rows, width, units, spread):
 
 
 @cuda.jit(device=True, inline=True)
+def _lane(split):
+    """The calling thread's place in its group of ``split`` threads (1 or SPLIT, a power of
+    two: a mask, not a division)."""
+    return uint32(cuda.threadIdx.x) & uint32(split - 1)
+
+
+@cuda.jit(device=True, inline=True)
+def _groups(n, split):
+    """n // split for split 1 or SPLIT: a shift by a constant, not a division."""
+    return uint32(uint32(n) // uint32(SPLIT)) if split == SPLIT else uint32(n)
+
+
+@cuda.jit(device=True, inline=True)
 def round_element(first, split, blk):
     """(live, b, j): the element of the calling thread's group in the round that starts
     at element ``first``; live False past the block's elements."""
-    e = first + cuda.threadIdx.x // split
-    live = e < _elements(blk)
-    b, j = _element(e if live else 0, blk)
+    e = uint32(first + _groups(cuda.threadIdx.x, split))
+    live = e < uint32(_elements(blk))
+    b, j = _element(e if live else uint32(0), blk)
     return live, b, j
+
+
+@cuda.jit(device=True, inline=True)
+def next_round(first, split):
+    """The first element of the round after the one starting at ``first``: a round gives
+    each group of ``split`` threads an element."""
+    return uint32(first + _groups(cuda.blockDim.x, split))
 
 
 # ------------------------------------------------------------------- forward tiles
@@ -518,12 +542,14 @@ def rnn_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off, 
     H = h.shape[2]
     r0, r1 = blk[2], blk[3]
     split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, units)
-    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+    first = uint32(0)
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
         live, b, j = round_element(first, split, blk)
         rec = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w, j - w_base, w_cols, 1, split,
                            red, red_at)[0]  # a padded row carries its state: no product needed
-        if live and cuda.threadIdx.x % split == 0:
+        if live and _lane(split) == 0:
             rnn_point_forward(t, reverse, b, j, gx, rec, b_ih, b_hh, h, y, lengths, nonlinearity)
+        first = next_round(first, split)
 
 
 @cuda.jit(device=True, inline=True)
@@ -533,13 +559,15 @@ def lstm_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off,
     H = h.shape[2]
     r0, r1 = blk[2], blk[3]
     split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, 4 * units)
-    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+    first = uint32(0)
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
         live, b, j = round_element(first, split, blk)
         rec_i, rec_f, rec_g, rec_o = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w,
                                                   (j - w_base) * 4, w_cols, 4, split, red, red_at)
-        if live and cuda.threadIdx.x % split == 0:
+        if live and _lane(split) == 0:
             lstm_point_forward(t, reverse, b, j, gx, rec_i, rec_f, rec_g, rec_o, b_ih, b_hh, h, c, gates, y,
                                lengths)
+        first = next_round(first, split)
 
 
 @cuda.jit(device=True, inline=True)
@@ -549,12 +577,14 @@ def gru_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off, 
     H = h.shape[2]
     r0, r1 = blk[2], blk[3]
     split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, 3 * units)
-    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+    first = uint32(0)
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
         live, b, j = round_element(first, split, blk)
         rec_r, rec_z, rec_n, _ = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w,
                                               (j - w_base) * 3, w_cols, 3, split, red, red_at)
-        if live and cuda.threadIdx.x % split == 0:
+        if live and _lane(split) == 0:
             gru_point_forward(t, reverse, b, j, gx, rec_r, rec_z, rec_n, b_ih, b_hh, h, gates, y, lengths)
+        first = next_round(first, split)
 
 
 # ------------------------------------------------------------------ backward tiles
@@ -574,13 +604,15 @@ def rnn_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_bas
     r0, r1 = blk[2], blk[3]
     GH = dgates.shape[2]
     split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
-    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+    first = uint32(0)
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
         live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
             rec = recurrent_grad(live, sm, hs_off + (b - r0) * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
-        if live and cuda.threadIdx.x % split == 0:
+        if live and _lane(split) == 0:
             rnn_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, h, dy, dh, dgates, lengths, nonlinearity)
+        first = next_round(first, split)
 
 
 @cuda.jit(device=True, inline=True)
@@ -590,13 +622,15 @@ def lstm_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_ba
     r0, r1 = blk[2], blk[3]
     GH = dgates.shape[2]
     split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
-    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+    first = uint32(0)
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
         live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
             rec = recurrent_grad(live, sm, hs_off + (b - r0) * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
-        if live and cuda.threadIdx.x % split == 0:
+        if live and _lane(split) == 0:
             lstm_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, c, gates, dy, dh, dc, dgates, lengths)
+        first = next_round(first, split)
 
 
 @cuda.jit(device=True, inline=True)
@@ -607,13 +641,15 @@ def gru_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_bas
     r0, r1 = blk[2], blk[3]
     GH = 3 * h.shape[2]
     split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
-    for first in range(0, _elements(blk), cuda.blockDim.x // split):
+    first = uint32(0)
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
         live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
             rec = recurrent_grad(live, sm, hs_off + (b - r0) * pitch, GH, w, j - w_base, w_cols, split, red, red_at)
-        if live and cuda.threadIdx.x % split == 0:
+        if live and _lane(split) == 0:
             gru_point_backward(t, reverse, b, j, wide(dh[b, j]) + rec, h, gates, dy, dh, dgates, lengths)
+        first = next_round(first, split)
 
 
 # ------------------------------------------------------------ fused step kernels
@@ -691,22 +727,26 @@ def _stage_rows(sw, w_hh, G, j0, U, units):
     """sw[k * G*units + u*G + g] = W_hh[g*H + j0 + u, k]: the block's rows, transposed, a
     unit's gates side by side."""
     H = w_hh.shape[1]
-    for e in range(cuda.threadIdx.x, G * U * H, cuda.blockDim.x):
-        k = e // (G * U)
-        rest = e - k * G * U
-        u = rest // G
-        g = rest - u * G
+    e, n, GU = uint32(cuda.threadIdx.x), uint32(G * U * H), uint32(G * U)
+    while e < n:  # 32 bits, not range(): see _element
+        k = uint32(e // GU)
+        rest = uint32(e - k * GU)
+        u = uint32(rest // uint32(G))
+        g = uint32(rest - u * uint32(G))
         sw[k * G * units + u * G + g] = w_hh[g * H + j0 + u, k]
+        e = uint32(e + uint32(cuda.blockDim.x))
     cuda.syncthreads()
 
 
 @cuda.jit(device=True, inline=True)
 def _stage_columns(sw, w_hh, j0, U, units):
     """sw[k * units + u] = W_hh[k, j0 + u] for k < G*H: the block's columns."""
-    for e in range(cuda.threadIdx.x, w_hh.shape[0] * U, cuda.blockDim.x):
-        k = e // U
-        u = e - k * U
+    e, n = uint32(cuda.threadIdx.x), uint32(w_hh.shape[0] * U)
+    while e < n:  # 32 bits, not range(): see _element
+        k = uint32(e // uint32(U))
+        u = uint32(e - k * uint32(U))
         sw[k * units + u] = w_hh[k, j0 + u]
+        e = uint32(e + uint32(cuda.blockDim.x))
     cuda.syncthreads()
 
 
@@ -729,18 +769,22 @@ def _backward_steps_of(start, stop, reverse, s):
 def _poison_forward(start, stop, reverse, blk, h, y):
     """After a failed barrier: NaN in every output and state of the span this block owns."""
     for t in range(start, stop):
-        for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
+        e = uint32(cuda.threadIdx.x)
+        while e < uint32(_elements(blk)):
             b, j = _element(e, blk)
             y[t, b, j] = narrow(math.nan, y)
             h[t + 1 - reverse, b, j] = narrow(math.nan, h)
+            e = uint32(e + uint32(cuda.blockDim.x))
 
 
 @cuda.jit(device=True, inline=True)
 def _poison_backward(blk, dh):
     """After a failed barrier: NaN in the carried gradient this block owns."""
-    for e in range(cuda.threadIdx.x, _elements(blk), cuda.blockDim.x):
+    e = uint32(cuda.threadIdx.x)
+    while e < uint32(_elements(blk)):
         b, j = _element(e, blk)
         dh[b, j] = narrow(math.nan, dh)
+        e = uint32(e + uint32(cuda.blockDim.x))
 
 
 @cuda.jit(**RECURRENCE_JIT)

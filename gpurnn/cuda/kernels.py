@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import config, float64, types
+from numba import config, float64, int64, types, uint32
 from numba.cuda.extending import intrinsic
 
 from gpurnn.backend import load_numba_cuda
@@ -175,6 +175,15 @@ def store_gates(gates, t, b, j, H, v0, v1, v2, v3):
     gates[t, b, 3 * H + j] = narrow(v3, gates)
 
 
+@cuda.jit(device=True, inline=True)
+def row_and_column(i, columns):
+    """(i // columns, i % columns) in 32 bits (a step's B*H elements are far fewer than
+    2**32): numba divides Python ints in 64 bits, a ~70-instruction routine on a GPU, on the
+    path of every step before its first load."""
+    row = uint32(uint32(i) // uint32(columns))
+    return int64(row), int64(uint32(i) - row * uint32(columns))
+
+
 # --------------------------------------------------------------------------- RNN
 # Each cell's step is a device function of one element (b, j), given the
 # recurrent projection of that element (rec: (h_prev W_hh^T)[b, j] per gate
@@ -213,7 +222,7 @@ def rnn_forward(t, reverse, gx, gh, b_ih, b_hh, h, y, lengths, nonlinearity):
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx < B * H:
-        b, j = idx // H, idx % H
+        b, j = row_and_column(idx, H)
         rnn_point_forward(t, reverse, b, j, gx, wide(gh[b, j]), b_ih, b_hh, h, y, lengths, nonlinearity)
 
 
@@ -223,7 +232,7 @@ def rnn_backward(t, reverse, h, dy, dh, dgates, lengths, nonlinearity):
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx < B * H:
-        b, j = idx // H, idx % H
+        b, j = row_and_column(idx, H)
         rnn_point_backward(t, reverse, b, j, wide(dh[b, j]), h, dy, dh, dgates, lengths, nonlinearity)
 
 
@@ -284,7 +293,7 @@ def lstm_forward(t, reverse, gx, gh, b_ih, b_hh, h, c, gates, y, lengths):
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx < B * H:
-        b, j = idx // H, idx % H
+        b, j = row_and_column(idx, H)
         lstm_point_forward(t, reverse, b, j, gx, wide(gh[b, j]), wide(gh[b, H + j]), wide(gh[b, 2 * H + j]),
                            wide(gh[b, 3 * H + j]), b_ih, b_hh, h, c, gates, y, lengths)
 
@@ -296,7 +305,7 @@ def lstm_backward(t, reverse, c, gates, dy, dh, dc, dgates, lengths):
     B, H = c.shape[1], c.shape[2]
     idx = cuda.grid(1)
     if idx < B * H:
-        b, j = idx // H, idx % H
+        b, j = row_and_column(idx, H)
         lstm_point_backward(t, reverse, b, j, wide(dh[b, j]), c, gates, dy, dh, dc, dgates, lengths)
 
 
@@ -307,7 +316,7 @@ def project_forward(t, reverse, hp, h, y, lengths):
     B, P = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx < B * P:
-        b, j = idx // P, idx % P
+        b, j = row_and_column(idx, P)
         prev, nxt = t + reverse, t + 1 - reverse
         if t >= lengths[b]:  # padded step: carry the state, output 0
             h[nxt, b, j] = h[prev, b, j]
@@ -323,7 +332,7 @@ def project_backward(t, reverse, dy, dh, dproj, lengths):
     B, P = dh.shape[0], dh.shape[1]
     idx = cuda.grid(1)
     if idx < B * P:
-        b, j = idx // P, idx % P
+        b, j = row_and_column(idx, P)
         zero = constants(dh)[0]
         if t >= lengths[b]:  # padded step: the gradient passes through untouched
             dproj[t, b, j] = narrow(zero, dproj)
@@ -387,7 +396,7 @@ def gru_forward(t, reverse, gx, gh, b_ih, b_hh, h, gates, y, lengths):
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx < B * H:
-        b, j = idx // H, idx % H
+        b, j = row_and_column(idx, H)
         gru_point_forward(t, reverse, b, j, gx, wide(gh[b, j]), wide(gh[b, H + j]), wide(gh[b, 2 * H + j]),
                           b_ih, b_hh, h, gates, y, lengths)
 
@@ -399,7 +408,7 @@ def gru_backward(t, reverse, h, gates, dy, dh, dgates, lengths):
     B, H = h.shape[1], h.shape[2]
     idx = cuda.grid(1)
     if idx < B * H:
-        b, j = idx // H, idx % H
+        b, j = row_and_column(idx, H)
         gru_point_backward(t, reverse, b, j, wide(dh[b, j]), h, gates, dy, dh, dgates, lengths)
 
 
