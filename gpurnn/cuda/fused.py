@@ -94,6 +94,7 @@ STAGE_LOADS = 8  # loads a thread has in flight while staging a step's operand (
 # is tested there too, test_steps_in_a_gpus_blocks_of_256_threads)
 MIN_THREADS, WARP = (1, 1) if _simulating() else (MAX_THREADS, 32)
 SPLIT = 4  # threads that share an element's dot products where a block has them to spare
+assert SPLIT & (SPLIT - 1) == 0, "a power of two: _lane masks by it, staged_pitch rounds by it"
 # (threads a block, blocks an SM) ptxas must leave room for, which bounds a thread's
 # registers to 128: a launch puts a block on each SM it may use, and two directions of a
 # bidirectional layer (lanes of their own) may share the SMs. The simulator takes none.
