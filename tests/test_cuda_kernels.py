@@ -200,6 +200,9 @@ def test_launch_with_mismatched_buffers_is_refused(sim):
         ops.lstm_forward(0, 0, *good[:4], bufs["h"].astype(np.float32), *good[5:], lengths)
     with pytest.raises(ValueError, match="gemm: shapes do not chain"):
         ops.gemm(np.ones((2, 3)), np.ones((4, 5)), np.ones((2, 5)))
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1), (2, 1 << 16, 1 << 16), (0, 0, 0))  # [T+1, B, H], no memory
+    with pytest.raises(ValueError, match=r"B\*H elements must be fewer than 2\*\*32 .*B=65536, H=65536"):
+        ops.lstm_forward(0, 0, *good[:4], huge, *good[5:], lengths)  # the kernels number elements in 32 bits
     assert all(np.array_equal(bufs[k], before[k]) for k in bufs)  # nothing was written
 
 

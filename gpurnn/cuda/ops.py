@@ -845,6 +845,9 @@ def _check_step(t, reverse, state, G, lengths, **bufs):
     if len(shape) != 3:
         raise ValueError(f"kernel launch: state buffer must be [T+1, B, H], got shape {shape}")
     T, B, H = shape[0] - 1, shape[1], shape[2]
+    if B * H >= 2**32:
+        raise ValueError(f"kernel launch: a step's B*H elements must be fewer than 2**32 (the step kernels "
+                         f"number them in 32 bits), got B={B}, H={H}: {B * H}")
     if not 0 <= t < T or reverse not in (0, 1):
         raise ValueError(f"kernel launch: t must be in [0, {T}) and reverse 0 or 1, got t={t}, reverse={reverse}")
     saved = 4 if G in (3, 4) else 0
