@@ -276,62 +276,66 @@ def _elements(blk):
 
 
 @cuda.jit(device=True, inline=True)
-def prefetch_step(a, t, blk, G, H):
-    """Ask L1 for a[t, b, g*H + j] of the block's elements (b, j) and g < G: what a step's
-    pointwise update reads once its dot products are done (forward gx and the state it
-    updates; backward dy and the saved gates and states), so that those loads wait on L1,
-    not on memory (DESIGN.md section 5). Issued before the step's staging (a persistent
-    kernel's after its barrier, which empties L1)."""
+def prefetch_rows(a, t, b, j, G, H):
+    """Ask L1 for a[t, b, g*H + j], g < G (none for G = 0)."""
+    for g in range(G):
+        prefetch(a, (uint32(t), uint32(b), uint32(g * H + j)))
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_step(blk, H, a0, t0, G0, a1, t1, G1, a2, t2, G2, a3, t3, G3):
+    """prefetch_rows(a_i, t_i, b, j, G_i, H) of the block's elements (b, j), i < 4 (G_i = 0
+    for an unused one): what a step's pointwise update reads once its dot products are
+    done (forward gx and the state it updates; backward dy and the saved gates and
+    states), so that those loads wait on L1, not on memory (DESIGN.md section 5). Issued
+    before the step's staging (a persistent kernel's after its barrier, which empties L1),
+    in one pass over the elements: each (b, j) costs a division."""
     e, elements = uint32(cuda.threadIdx.x), uint32(_elements(blk))
     while e < elements:  # not range(): its trip count is a 64-bit division
         b, j = _element(e, blk)
-        for g in range(G):
-            prefetch(a, (uint32(t), uint32(b), uint32(g * H + j)))
+        prefetch_rows(a0, t0, b, j, G0, H)
+        prefetch_rows(a1, t1, b, j, G1, H)
+        prefetch_rows(a2, t2, b, j, G2, H)
+        prefetch_rows(a3, t3, b, j, G3, H)
         e = uint32(e + uint32(cuda.blockDim.x))
+
+
+@cuda.jit(device=True, inline=True)
+def prefetch_rnn_forward(t, blk, gx):
+    """prefetch_step of what kernels.rnn_point_forward reads: gx[t] (its state it only writes)."""
+    prefetch_step(blk, gx.shape[2], gx, t, 1, gx, t, 0, gx, t, 0, gx, t, 0)
 
 
 @cuda.jit(device=True, inline=True)
 def prefetch_lstm_forward(t, reverse, blk, gx, c):
     """prefetch_step of what kernels.lstm_point_forward reads: gx[t] and c_{t-1}."""
-    H = c.shape[2]
-    prefetch_step(gx, t, blk, 4, H)
-    prefetch_step(c, t + reverse, blk, 1, H)
+    prefetch_step(blk, c.shape[2], gx, t, 4, c, t + reverse, 1, c, t, 0, c, t, 0)
 
 
 @cuda.jit(device=True, inline=True)
 def prefetch_gru_forward(t, reverse, blk, gx, h):
     """prefetch_step of what kernels.gru_point_forward reads: gx[t] and h_{t-1}."""
-    H = h.shape[2]
-    prefetch_step(gx, t, blk, 3, H)
-    prefetch_step(h, t + reverse, blk, 1, H)
+    prefetch_step(blk, h.shape[2], gx, t, 3, h, t + reverse, 1, h, t, 0, h, t, 0)
 
 
 @cuda.jit(device=True, inline=True)
 def prefetch_rnn_backward(t, reverse, blk, h, dy):
     """prefetch_step of what kernels.rnn_point_backward reads: dy[t] and h_t."""
-    prefetch_step(dy, t, blk, 1, h.shape[2])
-    prefetch_step(h, t + 1 - reverse, blk, 1, h.shape[2])
+    prefetch_step(blk, h.shape[2], dy, t, 1, h, t + 1 - reverse, 1, h, t, 0, h, t, 0)
 
 
 @cuda.jit(device=True, inline=True)
 def prefetch_lstm_backward(t, reverse, blk, c, gates, dy):
     """prefetch_step of what kernels.lstm_point_backward reads: the step's gates, dy[t], c_t
     and c_{t-1}."""
-    H = c.shape[2]
-    prefetch_step(gates, t, blk, 4, H)
-    prefetch_step(dy, t, blk, 1, H)
-    prefetch_step(c, t + 1 - reverse, blk, 1, H)
-    prefetch_step(c, t + reverse, blk, 1, H)
+    prefetch_step(blk, c.shape[2], gates, t, 4, dy, t, 1, c, t + 1 - reverse, 1, c, t + reverse, 1)
 
 
 @cuda.jit(device=True, inline=True)
 def prefetch_gru_backward(t, reverse, blk, h, gates, dy):
     """prefetch_step of what kernels.gru_point_backward reads: the step's gates (r, z, n,
     U_n h + b_hn), dy[t] and h_{t-1}."""
-    H = h.shape[2]
-    prefetch_step(gates, t, blk, 4, H)
-    prefetch_step(dy, t, blk, 1, H)
-    prefetch_step(h, t + reverse, blk, 1, H)
+    prefetch_step(blk, h.shape[2], gates, t, 4, dy, t, 1, h, t + reverse, 1, h, t, 0)
 
 
 def split_of(elements, n, spread, itemsize):
@@ -663,7 +667,7 @@ def rnn_forward_fused(t, reverse, units, tile, gx, w_t, b_ih, b_hh, h, y, length
     H = h.shape[2]
     blk = _block_of(units, tile, h.shape[1], H)
     sm = cuda.shared.array(0, h.dtype)
-    prefetch_step(gx, t, blk, 1, H)
+    prefetch_rnn_forward(t, blk, gx)
     rnn_forward_tile(t, reverse, blk, units, gx, w_t, H, 0, sm, 0, b_ih, b_hh, h, y, lengths,
                      nonlinearity)
 
@@ -801,7 +805,7 @@ def rnn_forward_persistent(start, stop, reverse, units, tile, gx, w_hh, b_ih, b_
         if s > 0 and not tile_barrier(sync, tile_index, groups, s):
             _poison_forward(start, stop, reverse, blk, h, y)
             return
-        prefetch_step(gx, t, blk, 1, H)  # after the barrier, whose acquire loads empty L1
+        prefetch_rnn_forward(t, blk, gx)  # after the barrier, whose acquire loads empty L1
         rnn_forward_tile(t, reverse, blk, units, gx, sw, units, j0, sw, units * H, b_ih, b_hh, h, y, lengths,
                          nonlinearity)
 
