@@ -270,6 +270,14 @@ def _element(e, blk):
 
 
 @cuda.jit(device=True, inline=True)
+def _next_of_thread(e):
+    """The index after ``e`` the calling thread takes, the block's threads taking one each in
+    turn from their own (unsigned, in a while loop: range() with a step set at run time
+    divides in 64 bits to count its trips)."""
+    return uint32(e + uint32(cuda.blockDim.x))
+
+
+@cuda.jit(device=True, inline=True)
 def _elements(blk):
     """How many elements (b, j) the block blk owns."""
     return (blk[1] - blk[0]) * (blk[3] - blk[2])
@@ -291,13 +299,13 @@ def prefetch_step(blk, H, a0, t0, G0, a1, t1, G1, a2, t2, G2, a3, t3, G3):
     before the step's staging (a persistent kernel's after its barrier, which empties L1),
     in one pass over the elements: each (b, j) costs a division."""
     e, elements = uint32(cuda.threadIdx.x), uint32(_elements(blk))
-    while e < elements:  # not range(): its trip count is a 64-bit division
+    while e < elements:
         b, j = _element(e, blk)
         prefetch_rows(a0, t0, b, j, G0, H)
         prefetch_rows(a1, t1, b, j, G1, H)
         prefetch_rows(a2, t2, b, j, G2, H)
         prefetch_rows(a3, t3, b, j, G3, H)
-        e = uint32(e + uint32(cuda.blockDim.x))
+        e = _next_of_thread(e)
 
 
 @cuda.jit(device=True, inline=True)
@@ -548,7 +556,7 @@ def rnn_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off, 
     r0, r1 = blk[2], blk[3]
     split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, units)
     first = uint32(0)
-    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see _next_of_thread
         live, b, j = round_element(first, split, blk)
         rec = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w, j - w_base, w_cols, 1, split,
                            red, red_at)[0]  # a padded row carries its state: no product needed
@@ -565,7 +573,7 @@ def lstm_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off,
     r0, r1 = blk[2], blk[3]
     split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, 4 * units)
     first = uint32(0)
-    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see _next_of_thread
         live, b, j = round_element(first, split, blk)
         rec_i, rec_f, rec_g, rec_o = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w,
                                                   (j - w_base) * 4, w_cols, 4, split, red, red_at)
@@ -583,7 +591,7 @@ def gru_forward_tile(t, reverse, blk, units, gx, w, w_cols, w_base, sm, hs_off, 
     r0, r1 = blk[2], blk[3]
     split, pitch, red, red_at = tile_setup(sm, hs_off, h, t + reverse, True, r0, r1 - r0, H, units, 3 * units)
     first = uint32(0)
-    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see _next_of_thread
         live, b, j = round_element(first, split, blk)
         rec_r, rec_z, rec_n, _ = element_dots(live and t < lengths[b], sm, hs_off + (b - r0) * pitch, H, w,
                                               (j - w_base) * 3, w_cols, 3, split, red, red_at)
@@ -610,7 +618,7 @@ def rnn_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_bas
     GH = dgates.shape[2]
     split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
     first = uint32(0)
-    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see _next_of_thread
         live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
@@ -628,7 +636,7 @@ def lstm_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_ba
     GH = dgates.shape[2]
     split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
     first = uint32(0)
-    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see _next_of_thread
         live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
@@ -647,7 +655,7 @@ def gru_backward_tile(t, t_next, has_next, reverse, blk, units, w, w_cols, w_bas
     GH = 3 * h.shape[2]
     split, pitch, red, red_at = tile_setup(sm, hs_off, dgates, t_next, has_next, r0, r1 - r0, GH, units, units)
     first = uint32(0)
-    while first < uint32(_elements(blk)):  # unsigned, not range(): see prefetch_step
+    while first < uint32(_elements(blk)):  # unsigned, not range(): see _next_of_thread
         live, b, j = round_element(first, split, blk)
         rec = constants(sm)[0]
         if has_next:
@@ -733,13 +741,13 @@ def _stage_rows(sw, w_hh, G, j0, U, units):
     unit's gates side by side."""
     H = w_hh.shape[1]
     e, n, GU = uint32(cuda.threadIdx.x), uint32(G * U * H), uint32(G * U)
-    while e < n:  # 32 bits, not range(): see _element
+    while e < n:  # 32 bits: see _element and _next_of_thread
         k = uint32(e // GU)
         rest = uint32(e - k * GU)
         u = uint32(rest // uint32(G))
         g = uint32(rest - u * uint32(G))
         sw[k * G * units + u * G + g] = w_hh[g * H + j0 + u, k]
-        e = uint32(e + uint32(cuda.blockDim.x))
+        e = _next_of_thread(e)
     cuda.syncthreads()
 
 
@@ -747,11 +755,11 @@ def _stage_rows(sw, w_hh, G, j0, U, units):
 def _stage_columns(sw, w_hh, j0, U, units):
     """sw[k * units + u] = W_hh[k, j0 + u] for k < G*H: the block's columns."""
     e, n = uint32(cuda.threadIdx.x), uint32(w_hh.shape[0] * U)
-    while e < n:  # 32 bits, not range(): see _element
+    while e < n:  # 32 bits: see _element and _next_of_thread
         k = uint32(e // uint32(U))
         u = uint32(e - k * uint32(U))
         sw[k * units + u] = w_hh[k, j0 + u]
-        e = uint32(e + uint32(cuda.blockDim.x))
+        e = _next_of_thread(e)
     cuda.syncthreads()
 
 
@@ -779,7 +787,7 @@ def _poison_forward(start, stop, reverse, blk, h, y):
             b, j = _element(e, blk)
             y[t, b, j] = narrow(math.nan, y)
             h[t + 1 - reverse, b, j] = narrow(math.nan, h)
-            e = uint32(e + uint32(cuda.blockDim.x))
+            e = _next_of_thread(e)
 
 
 @cuda.jit(device=True, inline=True)
@@ -789,7 +797,7 @@ def _poison_backward(blk, dh):
     while e < uint32(_elements(blk)):
         b, j = _element(e, blk)
         dh[b, j] = narrow(math.nan, dh)
-        e = uint32(e + uint32(cuda.blockDim.x))
+        e = _next_of_thread(e)
 
 
 @cuda.jit(**RECURRENCE_JIT)
