@@ -37,7 +37,8 @@ def _int_from(low, words):
 
 
 _positive_int = _int_from(1, "a positive integer")
-_seed = _int_from(0, "a non-negative integer")
+_non_negative_int = _int_from(0, "a non-negative integer")
+_seed = _non_negative_int
 
 
 def _fraction(text):
@@ -112,6 +113,9 @@ def build_parser():
                    help="the rnn cell's activation (lstm and gru have fixed ones)")
     t.add_argument("--hidden", type=_positive_int, help=f"hidden units per layer {_sized('hidden')}")
     t.add_argument("--layers", type=_positive_int, help=f"stacked recurrent layers {_sized('layers')}")
+    t.add_argument("--proj-size", type=_non_negative_int, default=0,
+                   help="lstm: project each layer's state to this many features, below --hidden (torch's "
+                        "proj_size; default 0: none)")
     t.add_argument("--dropout", type=_fraction, default=0.0,
                    help="dropout on the outputs of every stacked layer but the last, as torch.nn.LSTM's "
                         "(needs --layers 2 or more); off in held-out evaluation and sampling")
@@ -178,6 +182,8 @@ def build_parser():
     p.add_argument("--hidden", type=_positive_int, default=512, help="hidden units per layer")
     p.add_argument("--input-size", type=_positive_int, help="input features (default: --hidden)")
     p.add_argument("--layers", type=_positive_int, default=1, help="stacked recurrent layers")
+    p.add_argument("--proj-size", type=_non_negative_int, default=0,
+                   help="lstm: the projection's size, below --hidden (torch's proj_size; default 0: none)")
     p.add_argument("--bidirectional", action="store_true", help="two directions per layer")
     p.add_argument("--seq-len", type=_positive_int, default=100, help="time steps")
     p.add_argument("--batch", type=_positive_int, default=64, help="sequences in the batch")
@@ -225,7 +231,7 @@ def cmd_train(args, explicit):
     cfg = dict(task=args.task, text=args.text, cell=args.cell, nonlinearity=args.nonlinearity, optim=args.optim,
                clip_norm=None if args.clip_value else args.clip_norm, clip_value=args.clip_value,
                seed=args.seed, save_every=args.save_every, val_fraction=args.val_fraction, val_every=args.val_every,
-               precision=args.precision, dropout=args.dropout)
+               precision=args.precision, dropout=args.dropout, proj_size=args.proj_size)
     sizes = training.defaults(args.task, backend.name)
     for key in TRAIN_SIZES:
         cfg[key] = getattr(args, key) if getattr(args, key) is not None else sizes[key]
@@ -260,7 +266,8 @@ def cmd_sample(args):
     if cfg["task"] != "charlm" or not record.get("vocab"):
         raise training.TrainingError(f"{args.checkpoint}: a {cfg['task']} checkpoint; sample needs a charlm one")
     model = CharLM(len(record["vocab"]), cfg["hidden"], num_layers=cfg["layers"], cell=cfg["cell"],
-                   nonlinearity=cfg["nonlinearity"], backend=_backend(args.backend).name)
+                   nonlinearity=cfg["nonlinearity"], proj_size=cfg["proj_size"],
+                   backend=_backend(args.backend).name)
     try:
         model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
     except (ValueError, TypeError) as exc:
@@ -314,10 +321,17 @@ def cmd_profile(args):
     backend_module.set_math_mode(args.precision)
     backend_module.set_rnn_algorithm(None if args.algorithm == "auto" else args.algorithm)
     kwargs = _nonlinearity(args)
+    if args.proj_size:
+        if args.cell != "lstm":
+            raise DataError(f"--proj-size {args.proj_size}: only the lstm cell has a projection, not {args.cell}")
+        if args.proj_size >= args.hidden:
+            raise DataError(f"--proj-size {args.proj_size}: expected a size below --hidden ({args.hidden})")
+        kwargs["proj_size"] = args.proj_size
     result = profile.profile_layer(args.cell, args.hidden, args.layers, args.seq_len, args.batch, args.input_size,
                                    args.bidirectional, args.passes == "fwd+bwd", args.dtype, args.repeats, backend,
                                    **kwargs)
-    sizes = (f"T={args.seq_len} B={args.batch} I={args.input_size or args.hidden} H={args.hidden} L={args.layers}"
+    sizes = (f"T={args.seq_len} B={args.batch} I={args.input_size or args.hidden} H={args.hidden}"
+             f"{f' P={args.proj_size}' if args.proj_size else ''} L={args.layers}"
              f"{' bidirectional' if args.bidirectional else ''} {args.dtype} {args.passes}")
     print("\n".join(profile.report(result, args.cell, sizes)))
 

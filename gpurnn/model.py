@@ -19,13 +19,17 @@ from gpurnn.layers import GRU, LSTM, RNN
 CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 
-def _make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, seed, backend, nonlinearity):
+def _make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, seed, backend, nonlinearity, proj_size):
     checks.choice("cell", cell, tuple(CELLS))
     if cell != "rnn" and nonlinearity != "tanh":  # the LSTM's and GRU's activations are fixed: say so, not ignore it
         raise ValueError(f"nonlinearity: only cell='rnn' takes one, got {nonlinearity!r} with cell={cell!r}")
+    if cell != "lstm" and proj_size != 0:  # torch.nn.RNN and GRU have no projection either
+        raise ValueError(f"proj_size: only cell='lstm' takes one, got proj_size={proj_size!r} with cell={cell!r}")
     kwargs = dict(num_layers=num_layers, dropout=dropout, dtype=dtype, seed=seed, backend=backend)
     if cell == "rnn":
         kwargs["nonlinearity"] = nonlinearity
+    if cell == "lstm":
+        kwargs["proj_size"] = proj_size
     return CELLS[cell](input_size, hidden_size, **kwargs)
 
 
@@ -89,7 +93,8 @@ class _Composite:
 
 class CharLM(_Composite):
     """Embedding [V, E] -> RNN/LSTM/GRU stack -> Linear [H -> V] -> softmax cross-entropy
-    (mean over counted positions; ``ignore_index`` targets are not counted).
+    (mean over counted positions; ``ignore_index`` targets are not counted). An LSTM with
+    ``proj_size`` P > 0 (torch's projection) gives the head P features instead of H.
 
     fold_embedding: run the embedding inside the first layer's input projection
     (gpurnn.sequence's ``Embedded``; the same function, fewer FLOPs). None: fold
@@ -99,7 +104,7 @@ class CharLM(_Composite):
 
     def __init__(self, vocab_size, hidden_size, num_layers=1, cell="lstm", embedding_dim=None, dropout=0.0,
                  nonlinearity="tanh", ignore_index=None, dtype="float32", seed=None, backend=None,
-                 fold_embedding=None):
+                 fold_embedding=None, proj_size=0):
         self.vocab_size = checks.positive_int("vocab_size", vocab_size)
         checks.positive_int("hidden_size", hidden_size)
         embedding_dim = hidden_size if embedding_dim is None else checks.positive_int("embedding_dim", embedding_dim)
@@ -107,18 +112,20 @@ class CharLM(_Composite):
             checks.flag("fold_embedding", fold_embedding)
         self.fold_embedding = vocab_size <= embedding_dim if fold_embedding is None else fold_embedding
         self.config = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, cell=cell,
-                           embedding_dim=embedding_dim, dropout=dropout, nonlinearity=nonlinearity)
+                           embedding_dim=embedding_dim, dropout=dropout, nonlinearity=nonlinearity,
+                           proj_size=proj_size)
         seeds = _seeds(seed, 3)
         self.rnn = _make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, dtype, seeds[1], backend,
-                             nonlinearity)
+                             nonlinearity, proj_size)
         self.embedding = nn.Embedding(vocab_size, embedding_dim, dtype, seeds[0], backend)
-        self.head = nn.Linear(hidden_size, vocab_size, dtype=dtype, seed=seeds[2], backend=backend)
+        self.head = nn.Linear(self.rnn.proj_size or hidden_size, vocab_size, dtype=dtype, seed=seeds[2],
+                              backend=backend)
         self.loss_fn = nn.SoftmaxCrossEntropy("mean", ignore_index)
         self.backend = self.rnn.backend
         self._collect({"embedding": self.embedding, "rnn": self.rnn, "head": self.head})
 
     def _recurrent(self, inputs, state):
-        """The stack's output [T, B, H] and final state for ids [T, B]."""
+        """The stack's output [T, B, H or P] and final state for ids [T, B]."""
         shape = inputs.shape if hasattr(inputs, "shape") else np.shape(inputs)
         if len(shape) != 2:
             raise ValueError(f"inputs: expected ids of shape [T, B], got shape {tuple(shape)}")
@@ -165,16 +172,19 @@ class CharLM(_Composite):
 
 
 class SequenceRegressor(_Composite):
-    """inputs [T, B, I] -> recurrent stack -> linear on the last step's output -> MSE against [B, O]."""
+    """inputs [T, B, I] -> recurrent stack -> linear on the last step's output -> MSE against [B, O]
+    (an LSTM with ``proj_size`` P > 0 gives the head P features instead of H)."""
 
     def __init__(self, input_size, hidden_size, output_size=1, num_layers=1, cell="lstm", nonlinearity="tanh",
-                 dtype="float32", seed=None, backend=None, dropout=0.0):
+                 dtype="float32", seed=None, backend=None, dropout=0.0, proj_size=0):
         self.config = dict(input_size=input_size, hidden_size=hidden_size, output_size=output_size,
-                           num_layers=num_layers, cell=cell, nonlinearity=nonlinearity, dropout=dropout)
+                           num_layers=num_layers, cell=cell, nonlinearity=nonlinearity, dropout=dropout,
+                           proj_size=proj_size)
         seeds = _seeds(seed, 2)
         self.rnn = _make_rnn(cell, input_size, hidden_size, num_layers, dropout, dtype, seeds[0], backend,
-                             nonlinearity)
-        self.head = nn.Linear(hidden_size, output_size, dtype=dtype, seed=seeds[1], backend=backend)
+                             nonlinearity, proj_size)
+        self.head = nn.Linear(self.rnn.proj_size or hidden_size, output_size, dtype=dtype, seed=seeds[1],
+                              backend=backend)
         self.loss_fn = nn.MSELoss()
         self.backend = self.rnn.backend
         self._collect({"rnn": self.rnn, "head": self.head})

@@ -52,17 +52,19 @@ class Profiler:
         return dict(self.times)
 
 
-def phase_flops(cell, I, H, L, D, T, B, backward):
-    """Multiply-adds x 2 of each phase of one call."""
+def phase_flops(cell, I, H, L, D, T, B, backward, P=0):
+    """Multiply-adds x 2 of each phase of one call (P: an LSTM's projection size, 0: none)."""
     G = GATE_BLOCKS[cell]
+    H_out = P or H  # the state's width
     flops = {p: 0.0 for p in PHASES}
     for layer in range(L):
-        inp = I if layer == 0 else D * H
+        inp = I if layer == 0 else D * H_out
         for _ in range(D):
             flops["input"] += 2 * T * B * inp * G * H
-            flops["steps"] += 2 * T * B * H * G * H * (2 if backward else 1)  # backward: dgates W_hh per step
-            if backward:
-                flops["weights"] += 2 * T * B * G * H * (2 * inp + H + 2)  # dW_ih, dx, dW_hh, the biases
+            step = 2 * T * B * (H_out * G * H + H * P)  # h_prev W_hh^T, and the projection h_cell W_hr^T
+            flops["steps"] += step * (2 if backward else 1)  # backward: dgates W_hh and dproj W_hr per step
+            if backward:  # dW_ih, dx, dW_hh, the biases; dW_hr
+                flops["weights"] += 2 * T * B * (G * H * (2 * inp + H_out + 2) + P * H)
     return flops
 
 
@@ -92,8 +94,8 @@ def gemm_ceiling(backend, dtype):
 
 
 def profile_layer(cell, hidden, layers=1, seq_len=100, batch=64, input_size=None, bidirectional=False,
-                  backward=True, dtype="float32", repeats=10, backend=None, seed=0, **cell_kwargs):
-    """Profile one layer stack; returns a dict with the total per call, each phase's
+                  backward=True, dtype="float32", repeats=10, backend=None, seed=0, proj_size=0, **cell_kwargs):
+    """Profile one layer stack (an LSTM's projection: ``proj_size``); returns a dict with the total per call, each phase's
     seconds, FLOPs and share of the GEMM ceiling, the algorithms that ran, and the
     CUDA backend's fused and persistent launch shapes (``grids``: per phase, the last
     layer's)."""
@@ -101,13 +103,16 @@ def profile_layer(cell, hidden, layers=1, seq_len=100, batch=64, input_size=None
 
     backend = get_backend(backend)
     input_size = input_size or hidden
+    if proj_size:
+        cell_kwargs["proj_size"] = proj_size  # the LSTM's to check: the others take none
     model = {"rnn": RNN, "lstm": LSTM, "gru": GRU}[cell](input_size, hidden, num_layers=layers,
                                                          bidirectional=bidirectional, dtype=dtype, seed=seed,
                                                          backend=backend, **cell_kwargs)
     xp, ops = backend.xp, backend.ops
     rng = np.random.default_rng(seed)
     x = xp.asarray(rng.standard_normal((seq_len, batch, input_size)).astype(dtype))
-    d_out = xp.asarray(rng.standard_normal((seq_len, batch, (2 if bidirectional else 1) * hidden)).astype(dtype))
+    width = (2 if bidirectional else 1) * (proj_size or hidden)
+    d_out = xp.asarray(rng.standard_normal((seq_len, batch, width)).astype(dtype))
 
     model.train(backward)  # a forward alone is an inference forward: no activations kept
 
@@ -126,7 +131,8 @@ def profile_layer(cell, hidden, layers=1, seq_len=100, batch=64, input_size=None
         times = profiler.collect(xp) if backend.name == "cuda" else dict(profiler.times)
     finally:
         ops.profiler = None
-    flops = phase_flops(cell, input_size, hidden, layers, 2 if bidirectional else 1, seq_len, batch, backward)
+    flops = phase_flops(cell, input_size, hidden, layers, 2 if bidirectional else 1, seq_len, batch, backward,
+                        proj_size)
     ceiling = gemm_ceiling(backend, np.dtype(dtype))
     return dict(backend=backend.name, math_mode=math_mode(), algorithms=model.algorithms, total_s=total,
                 grids={phase: dict(grid) for (_, phase), grid in grids.items()},

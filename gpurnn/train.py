@@ -41,6 +41,8 @@ VAL_BATCHES = 4  # held-out batches of the adding and copy tasks
 VAL_METRIC = {"charlm": "bpc", "adding": "mse", "copy": "accuracy"}
 METRICS_HEADER = ["step", "loss", "grad_norm", "tokens_per_s", "val_loss"]
 MODEL_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision
+# settings added after the checkpoint format: what a checkpoint made before each had
+LATER_SETTINGS = {"precision": "fp32", "dropout": 0.0, "proj_size": 0}
 SMALLEST_LOSS_SCALE = 2.0 ** -24  # fp16's smallest subnormal: below it, scaling cannot be what overflows
 
 
@@ -87,8 +89,14 @@ class Task:
         if cfg["cell"] != "rnn" and cfg["nonlinearity"] != "tanh":
             raise TrainingError(f"--nonlinearity {cfg['nonlinearity']}: only the rnn cell has one, and this "
                                 f"model's cell is {cfg['cell']}")
+        proj_size = cfg.get("proj_size", 0)  # checkpoints from before --proj-size had none
+        if proj_size and cfg["cell"] != "lstm":
+            raise TrainingError(f"--proj-size {proj_size}: only the lstm cell has a projection, and this "
+                                f"model's cell is {cfg['cell']}")
+        if proj_size >= cfg["hidden"]:  # torch's rule: a projection narrows the state
+            raise TrainingError(f"--proj-size {proj_size}: expected a size below --hidden ({cfg['hidden']})")
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
-                      dropout=dropout, seed=cfg["seed"], backend=backend, dtype=self.dtype)
+                      dropout=dropout, seed=cfg["seed"], backend=backend, dtype=self.dtype, proj_size=proj_size)
         if self.name == "charlm":
             whole = CharCorpus.from_file(cfg["text"]) if cfg["text"] else CharCorpus.python_stdlib()
             if vocab is not None and whole.vocab != vocab:  # resuming: it must be the same text
@@ -208,6 +216,7 @@ def load_checkpoint(out_dir, name="checkpoint.npz"):
         record = json.loads(arrays.pop("record").tobytes().decode())
         if record.get("format") != 1:
             raise ValueError(f"unknown format {record.get('format')!r}")
+        record["config"] = {**LATER_SETTINGS, **record["config"]}
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as exc:
         raise TrainingError(f"{path}: cannot read the checkpoint, it is corrupt or truncated "
                             f"({type(exc).__name__}: {exc})") from None
@@ -284,8 +293,9 @@ def banner(cfg, backend, out_dir, world):
     """One line: the task, the model, where it runs and where its files go."""
     ranks = f", {world.size} ranks of a global batch of {cfg['batch']}" if world.size > 1 else ""
     dropout = f" (dropout {cfg['dropout']:g} between layers)" if cfg.get("dropout") else ""
+    projection = f" projected to {cfg['proj_size']}" if cfg.get("proj_size") else ""
     return (f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units"
-            f"{dropout} on {backend.name} ({backend.reason}){ranks}; output in {out_dir}")
+            f"{projection}{dropout} on {backend.name} ({backend.reason}){ranks}; output in {out_dir}")
 
 
 def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, world=None):
@@ -310,7 +320,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
         if clash:
             raise TrainingError(f"--resume: the checkpoint in {out_dir} was made with other settings: "
                                 + ", ".join(clash))
-        cfg = {**cfg, **saved, "steps": cfg["steps"]}  # a setting newer than the checkpoint keeps its default
+        cfg = {**cfg, **saved, "steps": cfg["steps"]}  # the checkpoint's settings, those it predates filled in
     log(banner(cfg, backend, out_dir, world))  # the model that trains: on --resume, the checkpoint's
     task = Task(cfg, backend, vocab=record["vocab"] if record else None, world=world)
     if root:

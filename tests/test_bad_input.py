@@ -194,7 +194,10 @@ def test_models_optimizers_and_losses_name_their_bad_arguments():
                            (dict(seed=2.5), TypeError, ["seed", "2.5"]),
                            (dict(cell=np.zeros(2)), ValueError, ["cell", "lstm"]),
                            (dict(backend=np.zeros(2)), ValueError, ["backend", "numpy"]),
-                           (dict(cell="gru", nonlinearity="relu"), ValueError, ["nonlinearity", "'relu'", "'gru'"])]:
+                           (dict(cell="gru", nonlinearity="relu"), ValueError, ["nonlinearity", "'relu'", "'gru'"]),
+                           (dict(cell="rnn", proj_size=4), ValueError, ["proj_size", "4", "'rnn'"]),
+                           (dict(proj_size=8), ValueError, ["proj_size", "below hidden_size (8)", "8"]),
+                           (dict(proj_size=-1), ValueError, ["proj_size", "-1"])]:
         with raises(exc, *words):
             gpurnn.CharLM(**{"vocab_size": 10, "hidden_size": 8, **kw})
     with raises(ValueError, "nonlinearity", "'relu'", "'lstm'"):  # fixed activations: said, not ignored

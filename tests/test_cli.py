@@ -1,5 +1,6 @@
 """The gpurnn command through subprocess: train, resume, sample, info, and bad input."""
 
+import json
 import os
 import re
 import signal
@@ -101,6 +102,48 @@ def test_dropout_between_layers(tmp_path, text):
     one_line_error(gpurnn("train", "--dropout", "1", "--out", str(tmp_path / "o"), *SMALL),
                    "--dropout", "[0, 1)", "1")
     assert not (tmp_path / "one").exists() and not (tmp_path / "o").exists()
+
+
+def test_projected_lstm(tmp_path, text):
+    """--proj-size projects each LSTM layer's state (torch's proj_size) and is kept in the
+    checkpoint: a resume with another size is refused, one without flags goes on, and the
+    checkpoint samples. A checkpoint from before the flag resumes as the unprojected model
+    it holds."""
+    out = tmp_path / "p8"
+    done = gpurnn("train", "--text", text, "--layers", "2", "--proj-size", "8", "--steps", "4", "--out", str(out),
+                  *SMALL)
+    assert done.returncode == 0, done.stderr
+    assert "2-layer lstm of 16 units projected to 8 on numpy" in done.stderr
+    with np.load(out / "checkpoint.npz") as z:
+        assert z["param/rnn.weight_hr_l1"].shape == (8, 16) and z["param/head.weight"].shape[1] == 8
+    one_line_error(gpurnn("train", "--text", text, "--layers", "2", "--proj-size", "4", "--steps", "6",
+                          "--out", str(out), "--resume", *SMALL), "--proj-size 4 (checkpoint: 8)")
+    resumed = gpurnn("train", "--text", text, "--steps", "6", "--out", str(out), "--resume", "--no-progress",
+                     "--backend", "numpy")
+    assert resumed.returncode == 0 and len(losses(out)) == 6, resumed.stderr
+    sample = gpurnn("sample", "--checkpoint", str(out), "--prime", "def", "--length", "20", "--backend", "numpy")
+    assert sample.returncode == 0 and sample.stdout.startswith("def"), sample.stderr
+
+    old = tmp_path / "old"  # its record rewritten as one from before --proj-size, --dropout and --precision
+    assert gpurnn("train", "--text", text, "--steps", "2", "--out", str(old), *SMALL).returncode == 0
+    arrays = dict(np.load(old / "checkpoint.npz"))
+    record = json.loads(arrays["record"].tobytes())
+    for later in ("proj_size", "dropout", "precision"):
+        del record["config"][later]
+    arrays["record"] = np.frombuffer(json.dumps(record).encode(), np.uint8)
+    np.savez(old / "checkpoint.npz", **arrays)
+    one_line_error(gpurnn("train", "--text", text, "--proj-size", "4", "--steps", "4", "--out", str(old),
+                          "--resume", *SMALL), "--proj-size 4 (checkpoint: 0)")
+    resumed = gpurnn("train", "--text", text, "--proj-size", "0", "--steps", "3", "--out", str(old), "--resume",
+                     *SMALL)
+    assert resumed.returncode == 0 and len(losses(old)) == 3, resumed.stderr
+    assert "1-layer lstm of 16 units on numpy" in resumed.stderr
+
+    for flags, words in [(["--cell", "gru", "--proj-size", "4"], ["--proj-size 4", "only the lstm cell", "gru"]),
+                         (["--proj-size", "16"], ["--proj-size 16", "below --hidden (16)"]),
+                         (["--proj-size", "-1"], ["--proj-size", "non-negative", "-1"])]:
+        one_line_error(gpurnn("train", "--text", text, *flags, "--out", str(tmp_path / "bad"), *SMALL), *words)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_tasks_adding_and_copy_train(tmp_path):

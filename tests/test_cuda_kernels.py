@@ -365,12 +365,13 @@ def test_gather_rows_and_one_hot_kernels_match_spec(sim):
 
 
 @pytest.mark.parametrize("V", [9, 5])  # unfolded (V > E = 6) and folded embedding
-def test_charlm_step_matches_numpy_backend(sim, V):
+@pytest.mark.parametrize("cell, P", [("gru", 0), ("lstm", 4)])  # and an LSTM projected to P
+def test_charlm_step_matches_numpy_backend(sim, V, cell, P):
     import gpurnn
 
     rng = np.random.default_rng(13)
     x, y = rng.integers(0, V, (5, 3)), rng.integers(0, V, (5, 3))
-    models = [gpurnn.CharLM(V, 6, num_layers=2, cell="gru", dtype="float64", seed=1, backend=b)
+    models = [gpurnn.CharLM(V, 6, num_layers=2, cell=cell, dtype="float64", seed=1, backend=b, proj_size=P)
               for b in ("numpy", "cudasim")]
     losses = []
     for m in models:

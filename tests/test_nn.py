@@ -122,14 +122,29 @@ def test_charlm_gradcheck(cell, fold):
     assert rel_err(lm.grads["head.weight"], numeric(g, lm.params["head.weight"])) < 1e-6
 
 
-@pytest.mark.parametrize("V", [9, 7])  # more symbols than embedding dimensions, and fewer: folded
-def test_charlm_matches_torch(V):
+def test_sequence_regressor_with_a_projected_lstm_gradcheck():
+    """The head reads the projection's P features of the last step, not H."""
+    rng = np.random.default_rng(7)
+    reg = gpurnn.SequenceRegressor(2, 5, output_size=2, num_layers=2, proj_size=3, dtype="float64", seed=1)
+    assert reg.params["head.weight"].shape == (2, 3) and reg.params["rnn.weight_hr_l1"].shape == (3, 5)
+    x, target = rng.standard_normal((4, 3, 2)), rng.standard_normal((3, 2))
+    reg.forward(x, target)
+    reg.backward()
+    f = lambda: reg.forward(x, target)[0]  # noqa: E731
+    for name, p in reg.params.items():
+        assert rel_err(reg.grads[name], numeric(f, p)) < 1e-6, name
+
+
+# more symbols than embedding dimensions, and fewer: folded; each with an LSTM projected to P
+@pytest.mark.parametrize("V, P", [(9, 0), (7, 0), (9, 5), (7, 3)])
+def test_charlm_matches_torch(V, P):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(6)
     H = 8
-    lm = gpurnn.CharLM(V, H, num_layers=2, cell="lstm", dtype="float64", seed=0)
-    assert lm.fold_embedding == (V <= H)
-    emb, rnn, head = torch.nn.Embedding(V, H).double(), torch.nn.LSTM(H, H, 2).double(), torch.nn.Linear(H, V).double()
+    lm = gpurnn.CharLM(V, H, num_layers=2, cell="lstm", dtype="float64", seed=0, proj_size=P)
+    assert lm.fold_embedding == (V <= H) and lm.params["head.weight"].shape == (V, P or H)
+    emb, rnn = torch.nn.Embedding(V, H).double(), torch.nn.LSTM(H, H, 2, proj_size=P).double()
+    head = torch.nn.Linear(P or H, V).double()
     sd = lm.state_dict()
     for prefix, module in (("embedding", emb), ("rnn", rnn), ("head", head)):
         module.load_state_dict({k: torch.from_numpy(host(sd[f"{prefix}.{k}"])) for k in module.state_dict()})

@@ -22,6 +22,12 @@ def test_phase_flops_count_every_gemm():
     assert f["input"] == 2 * 2 * 35 * 6 * (3 + 4)
     assert f["steps"] == 2 * 2 * 2 * 35 * 2 * 6 * 2
     assert f["weights"] == 2 * 2 * 35 * 6 * ((2 * 3 + 2 + 2) + (2 * 4 + 2 + 2))
+    # an LSTM of H=4 projected to P=2, two layers of two directions: G*H = 16, and layer 1
+    # reads D*P = 4; each step also projects (H -> P), and backward adds dW_hr's GEMM
+    f = profile.phase_flops("lstm", 3, 4, 2, 2, 5, 7, backward=True, P=2)
+    assert f["input"] == 2 * 2 * 35 * 16 * (3 + 4)
+    assert f["steps"] == 2 * 2 * 2 * 35 * (2 * 16 + 4 * 2) * 2
+    assert f["weights"] == 2 * 2 * 35 * ((16 * (2 * 3 + 2 + 2) + 2 * 4) + (16 * (2 * 4 + 2 + 2) + 2 * 4))
 
 
 def test_profile_layer_times_every_phase():
@@ -67,6 +73,19 @@ def test_profile_command_prints_the_breakdown():
     assert "algorithm: forward graph, backward graph" in lines[0]
     assert [ln.split()[0] for ln in lines[3:6]] == ["input", "steps", "weights"]
     assert all(ln.rstrip().endswith("%") for ln in lines[3:6])
+
+
+def test_profile_command_takes_an_lstm_projection():
+    done = subprocess.run([sys.executable, "-m", "gpurnn", "profile", "--hidden", "16", "--proj-size", "6",
+                           "--layers", "2", "--bidirectional", "--seq-len", "5", "--batch", "2", "--repeats", "1",
+                           "--backend", "numpy"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("lstm T=5 B=2 I=16 H=16 P=6 L=2 bidirectional float32 fwd+bwd on numpy")
+    for cell, size, words in [("gru", "6", "only the lstm cell has a projection, not gru"),
+                              ("lstm", "16", "expected a size below --hidden (16)")]:
+        refused = subprocess.run([sys.executable, "-m", "gpurnn", "profile", "--cell", cell, "--hidden", "16",
+                                  "--proj-size", size, "--backend", "numpy"], capture_output=True, text=True, cwd=ROOT)
+        assert refused.returncode == 2 and f"--proj-size {size}: {words}" in refused.stderr
 
 
 def test_profile_command_refuses_a_forced_algorithm_numpy_cannot_run():
