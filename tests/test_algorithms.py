@@ -283,6 +283,19 @@ def test_persistent_blocks_exchange_states_through_the_barrier(sim, monkeypatch,
     assert compare(cell, "persistent", 2, H, 4, B, lengths, num_layers=3) < 1e-12
 
 
+def test_the_gpu_tests_run_on_the_simulator_through_a_plugin(sim):
+    """tests/simulated_gpu.py serves the gpu-marked tests' CUDA backend from the simulator,
+    a launch's blocks run together: one persistent parity test of three LSTM layers (H = 17
+    over the simulator's 4 SMs: 4 blocks a launch) passes through it."""
+    test = "tests/test_gpu.py::test_every_algorithm_matches_numpy[float64-lstm-3-False-False-True-1-1-3-17-persistent]"
+    env = {k: v for k, v in os.environ.items() if k != "GPURNN_BACKEND"}  # gpu_check's suite stage sets it
+    env.update(NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "simulated_gpu", "-p", "no:cacheprovider", "-m", "gpu",
+                           "-n", "0", "-q", test], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "simulated_gpu: persistent launches of up to 4 blocks" in done.stdout
+
+
 @pytest.mark.parametrize("cell, dtype, tolerance", [("rnn", "float32", 1e-5), ("lstm", "float32", 1e-5),
                                                      ("lstm", "float16", 2e-3)])
 def test_persistent_split_dot_products_in_many_blocks(sim, monkeypatch, cell, dtype, tolerance):
