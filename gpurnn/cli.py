@@ -18,7 +18,7 @@ import sys
 
 from gpurnn import distributed
 from gpurnn.data import DataError
-from gpurnn.train import MODEL_DTYPES, TASKS, VAL_BATCHES
+from gpurnn.train import MODEL_DTYPES, TASKS, VAL_BATCHES, projection_problem
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -321,15 +321,12 @@ def cmd_profile(args):
     backend_module.set_math_mode(args.precision)
     backend_module.set_rnn_algorithm(None if args.algorithm == "auto" else args.algorithm)
     kwargs = _nonlinearity(args)
-    if args.proj_size:
-        if args.cell != "lstm":
-            raise DataError(f"--proj-size {args.proj_size}: only the lstm cell has a projection, not {args.cell}")
-        if args.proj_size >= args.hidden:
-            raise DataError(f"--proj-size {args.proj_size}: expected a size below --hidden ({args.hidden})")
-        kwargs["proj_size"] = args.proj_size
+    problem = projection_problem(args.cell, args.proj_size, args.hidden)
+    if problem:
+        raise DataError(problem)
     result = profile.profile_layer(args.cell, args.hidden, args.layers, args.seq_len, args.batch, args.input_size,
                                    args.bidirectional, args.passes == "fwd+bwd", args.dtype, args.repeats, backend,
-                                   **kwargs)
+                                   proj_size=args.proj_size, **kwargs)
     sizes = (f"T={args.seq_len} B={args.batch} I={args.input_size or args.hidden} H={args.hidden}"
              f"{f' P={args.proj_size}' if args.proj_size else ''} L={args.layers}"
              f"{' bidirectional' if args.bidirectional else ''} {args.dtype} {args.passes}")

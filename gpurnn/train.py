@@ -41,7 +41,8 @@ VAL_BATCHES = 4  # held-out batches of the adding and copy tasks
 VAL_METRIC = {"charlm": "bpc", "adding": "mse", "copy": "accuracy"}
 METRICS_HEADER = ["step", "loss", "grad_norm", "tokens_per_s", "val_loss"]
 MODEL_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision
-# settings added after the checkpoint format: what a checkpoint made before each had
+# settings added after the checkpoint format: what a checkpoint made before each had (and
+# what a caller's cfg without one means: train fills them in)
 LATER_SETTINGS = {"precision": "fp32", "dropout": 0.0, "proj_size": 0}
 SMALLEST_LOSS_SCALE = 2.0 ** -24  # fp16's smallest subnormal: below it, scaling cannot be what overflows
 
@@ -65,6 +66,15 @@ def defaults(task, backend_name):
     return dict(hidden=128 if gpu else 64, layers=1, seq_len=20, batch=64, steps=1500 if gpu else 800, lr=1e-2)
 
 
+def projection_problem(cell, proj_size, hidden):
+    """What is wrong with ``--proj-size`` for this model by torch's rules, or None."""
+    if proj_size and cell != "lstm":
+        return f"--proj-size {proj_size}: only the lstm cell has a projection, not {cell}"
+    if proj_size >= hidden:  # a projection narrows the state
+        return f"--proj-size {proj_size}: expected a size below --hidden ({hidden})"
+    return None
+
+
 class Task:
     """The model, its data and one training step's loss, for one of TASKS."""
 
@@ -77,26 +87,24 @@ class Task:
                                 f"{self.world.size} ranks")
         share = cfg["batch"] // self.world.size
         self.shard = slice(self.world.rank * share, (self.world.rank + 1) * share)  # this rank's sequences
-        self.dtype = MODEL_DTYPES[cfg.get("precision", "fp32")]
+        self.dtype = MODEL_DTYPES[cfg["precision"]]
         try:
             backend.ops.check_dtype(self.dtype)
         except TypeError as exc:  # bfloat16 on a GPU whose CuPy has no bfloat16 arrays
             raise TrainingError(f"--precision {cfg['precision']}: {exc}") from None
-        dropout = cfg.get("dropout", 0.0)  # checkpoints from before --dropout had none
+        dropout = cfg["dropout"]
         if dropout and cfg["layers"] < 2:  # torch.nn.LSTM only warns; a flag that does nothing should not pass
             raise TrainingError(f"--dropout {dropout}: dropout acts between stacked layers, and this model has "
                                 f"{cfg['layers']} (give --layers 2 or more, or no --dropout)")
         if cfg["cell"] != "rnn" and cfg["nonlinearity"] != "tanh":
             raise TrainingError(f"--nonlinearity {cfg['nonlinearity']}: only the rnn cell has one, and this "
                                 f"model's cell is {cfg['cell']}")
-        proj_size = cfg.get("proj_size", 0)  # checkpoints from before --proj-size had none
-        if proj_size and cfg["cell"] != "lstm":
-            raise TrainingError(f"--proj-size {proj_size}: only the lstm cell has a projection, and this "
-                                f"model's cell is {cfg['cell']}")
-        if proj_size >= cfg["hidden"]:  # torch's rule: a projection narrows the state
-            raise TrainingError(f"--proj-size {proj_size}: expected a size below --hidden ({cfg['hidden']})")
+        problem = projection_problem(cfg["cell"], cfg["proj_size"], cfg["hidden"])
+        if problem:
+            raise TrainingError(problem)
         common = dict(num_layers=cfg["layers"], cell=cfg["cell"], nonlinearity=cfg["nonlinearity"],
-                      dropout=dropout, seed=cfg["seed"], backend=backend, dtype=self.dtype, proj_size=proj_size)
+                      dropout=dropout, seed=cfg["seed"], backend=backend, dtype=self.dtype,
+                      proj_size=cfg["proj_size"])
         if self.name == "charlm":
             whole = CharCorpus.from_file(cfg["text"]) if cfg["text"] else CharCorpus.python_stdlib()
             if vocab is not None and whole.vocab != vocab:  # resuming: it must be the same text
@@ -292,8 +300,8 @@ def _draw(model, vocab, ids, length, temperature, rng):
 def banner(cfg, backend, out_dir, world):
     """One line: the task, the model, where it runs and where its files go."""
     ranks = f", {world.size} ranks of a global batch of {cfg['batch']}" if world.size > 1 else ""
-    dropout = f" (dropout {cfg['dropout']:g} between layers)" if cfg.get("dropout") else ""
-    projection = f" projected to {cfg['proj_size']}" if cfg.get("proj_size") else ""
+    dropout = f" (dropout {cfg['dropout']:g} between layers)" if cfg["dropout"] else ""
+    projection = f" projected to {cfg['proj_size']}" if cfg["proj_size"] else ""
     return (f"gpurnn train: {cfg['task']} with a {cfg['layers']}-layer {cfg['cell']} of {cfg['hidden']} units"
             f"{projection}{dropout} on {backend.name} ({backend.reason}){ranks}; output in {out_dir}")
 
@@ -311,6 +319,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     world = world or distributed.World(backend.name)
     root = world.is_root
     log = log if root else (lambda message: None)
+    cfg = {**LATER_SETTINGS, **cfg}
     record = arrays = None
     if resume:
         record, arrays = load_checkpoint(out_dir)
@@ -326,7 +335,7 @@ def train(cfg, backend, out_dir, resume, explicit=(), progress=True, log=print, 
     if root:
         os.makedirs(out_dir, exist_ok=True)  # only once the data and the model are known to work
     model = task.model
-    mode = cfg.get("precision", "fp32")
+    mode = cfg["precision"]
     # half models: the optimizer updates float32 master weights; fp16 also scales the loss
     master = amp.MasterWeights(model) if mode in ("fp16", "bf16") else None
     scaler = amp.LossScaler() if mode == "fp16" else None
